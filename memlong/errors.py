@@ -1,0 +1,43 @@
+"""Domain exceptions of the pure core.
+
+The core raises these; each service edge maps them to a gRPC status in one table
+(`services/common/status.py`). A client mistake is never INTERNAL or UNKNOWN.
+"""
+
+from __future__ import annotations
+
+
+class MemLongError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+
+class InvalidArgument(MemLongError):
+    """The caller sent something malformed. `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(MemLongError):
+    """The named object does not exist (or is not visible to the caller)."""
+
+
+class AlreadyExists(MemLongError):
+    """A create or a write conflicts with something already stored."""
+
+
+class ResourceExhausted(MemLongError):
+    """A size limit, quota or capacity would be exceeded."""
+
+
+class FailedPrecondition(MemLongError):
+    """The object is in a state that does not allow the operation."""
+
+
+class Unavailable(MemLongError):
+    """A dependency (ret-mem shard, decoder) cannot be reached right now."""
+
+
+class ModelUnavailable(MemLongError):
+    """Model weights or the retriever are missing; the message says what to install."""

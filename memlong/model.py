@@ -1,0 +1,302 @@
+"""MemLong retrieval causal attention on a Hugging Face LLaMA-family model.
+
+This is the one file that owns the forward pass. It reuses transformers' modules (embeddings,
+decoder layers, norms, rotary embedding) and swaps only the attention kernel through
+`AttentionInterface`, so any LLaMA-family checkpoint works without a copy of its modeling file.
+
+Per block of S new tokens, each layer attends to
+    [ retrieved memory (M tokens, retrieval layers only) ; local cache (n tokens) ; the block (S) ]
+in ONE softmax. Local attention is a sliding window: a token sees itself and the `local_window`
+tokens before it, so processing a text block by block equals one sliding-window forward over it.
+
+Positions. Memory keys are stored before RoPE and used unrotated, i.e. at position 0. The local window
+sits at positions 1..n+S (right-aligned across layers), so the distance between any query and memory is
+about one window: retrieved text looks like text "just before" the window, never like text at an
+absolute offset the model never saw. Re-positioning retrieved chunks into the sequence was reported to
+collapse the model (DESIGN §1), and the query-memory distance stays bounded however long the text is.
+
+Every retrieval layer reuses the memory layer's K/V (KV-head count, GQA) with its own Q and O projections.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from memlong.errors import InvalidArgument
+
+ATTN_NAME = "memlong"
+
+
+@dataclass(frozen=True)
+class MemLongConfig:
+    """MemLong settings. Layer indices are 0-based decoder layers of the wrapped model."""
+
+    mem_layer: int = 15  # layer whose pre-RoPE K/V are stored as memory; layers 0..mem_layer are frozen
+    ret_attn_layers: tuple[int, ...] = (15, 19, 23, 27)  # layers attending to [memory ; local]
+    chunk: int = 128  # tokens per memory chunk
+    top_k: int = 8  # chunks retrieved per chunk boundary
+    local_window: int = 1024  # previous tokens each token sees locally (plus itself)
+    memory_size: int = 32768  # tokens of memory per session (rounded down to whole chunks)
+    query: str = "prev_chunk"  # retrieval query: the chunk of text just before the tokens predicted
+    kv_dtype: str = "bfloat16"  # dtype of stored memory K/V
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
+        if self.mem_layer < 0:
+            raise InvalidArgument("mem_layer", f"must be >= 0, got {self.mem_layer}")
+        if not self.ret_attn_layers:
+            raise InvalidArgument("ret_attn_layers", "at least one retrieval layer is needed")
+        if self.ret_attn_layers[0] < self.mem_layer:
+            # Layers below the memory layer must not see memory: that keeps 0..mem_layer a pure
+            # function of the text, so stored K/V never depend on what was retrieved.
+            raise InvalidArgument("ret_attn_layers", "retrieval layers must be >= mem_layer")
+        for name in ("chunk", "top_k", "local_window", "memory_size"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
+        if self.memory_size < self.chunk:
+            raise InvalidArgument("memory_size", "must hold at least one chunk")
+        if self.query not in ("prev_chunk",):
+            raise InvalidArgument("query", f"unknown retrieval query mode {self.query!r}")
+        if self.kv_dtype not in ("float32", "float16", "bfloat16"):
+            raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MemLongConfig:
+        """Build from a mapping, rejecting unknown keys (they are almost always typos)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(values) - known
+        if unknown:
+            raise InvalidArgument(sorted(unknown)[0], f"unknown MemLong setting; known: {sorted(known)}")
+        return cls(**values)
+
+    def check_model(self, n_layers: int) -> None:
+        if self.ret_attn_layers[-1] >= n_layers or self.mem_layer >= n_layers:
+            raise InvalidArgument("ret_attn_layers", f"model has only {n_layers} layers")
+
+    @property
+    def memory_chunks(self) -> int:
+        return self.memory_size // self.chunk
+
+
+@dataclass
+class Memory:
+    """Retrieved memory for one block, shared by every retrieval layer.
+
+    k, v: (B, Hkv, M, D), keys before RoPE. mask: (B, S or 1, M) bool, True where a query may attend
+    (padding slots and chunks not retrieved for that query are False).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class LayerCache:
+    """The last `local_window` tokens of one layer: keys before RoPE and values, (B, Hkv, n, D)."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+@dataclass
+class Stream:
+    """Local state of one text being read: per-layer sliding caches. Memory lives elsewhere."""
+
+    caches: list[LayerCache]
+    tokens_seen: int = 0
+
+    def clone(self) -> Stream:
+        return Stream([LayerCache(c.k, c.v) for c in self.caches], self.tokens_seen)
+
+
+@dataclass
+class _Forward:
+    """What the attention kernel needs during one block forward (set in a context variable)."""
+
+    stream: Stream
+    window: int
+    ret_layers: frozenset[int]
+    mem_layer: int
+    memory: Memory | None
+    cos: torch.Tensor  # (B, P+S, D): rotary table for local positions 1..P+S
+    sin: torch.Tensor
+    span: int  # P + S: local positions in use this block
+    k_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, S, Hkv*D) from k_proj
+    mem_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # memory layer's (k_pre, v), (B, Hkv, S, D)
+
+
+_CURRENT: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("memlong_forward", default=None)
+
+
+def _local_mask(n: int, s: int, window: int, device: torch.device) -> torch.Tensor:
+    """(S, n+S) bool: query i (key index n+i) sees keys j with n+i-window <= j <= n+i."""
+    q = torch.arange(n, n + s, device=device)[:, None]
+    k = torch.arange(n + s, device=device)[None, :]
+    return (k <= q) & (k >= q - window)
+
+
+def memlong_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Joint softmax over [memory ; local cache ; block]. query (B, H, S, D) is already rotated."""
+    fwd = _CURRENT.get()
+    if fwd is None:
+        raise RuntimeError("memlong attention called outside MemLongModel.forward_block")
+    layer = module.layer_idx
+    b, n_heads, s, d = query.shape
+    n_kv = value.shape[1]
+    cache = fwd.stream.caches[layer]
+    n = cache.length
+
+    k_new = fwd.k_pre.pop(layer).view(b, s, n_kv, d).transpose(1, 2)  # (B, Hkv, S, D), before RoPE
+    if layer == fwd.mem_layer:
+        fwd.mem_kv = (k_new, value)
+    k_loc = k_new if cache.k is None else torch.cat([cache.k, k_new], dim=2)  # (B, Hkv, n+S, D)
+    v_loc = value if cache.v is None else torch.cat([cache.v, value], dim=2)
+    # Right-align this layer's window in the block's position table: keys at P-n+1..P+S.
+    cos, sin = fwd.cos[:, fwd.span - n - s :], fwd.sin[:, fwd.span - n - s :]
+    _, k_rot = apply_rotary_pos_emb(k_loc, k_loc, cos, sin)
+
+    mask = _local_mask(n, s, fwd.window, query.device)[None, None]  # (1, 1, S, n+S)
+    keys, values = k_rot, v_loc
+    if fwd.memory is not None and layer in fwd.ret_layers:
+        mem = fwd.memory
+        # Memory keys are not rotated: position 0, one window before the local text.
+        keys = torch.cat([mem.k.to(query.dtype), keys], dim=2)
+        values = torch.cat([mem.v.to(query.dtype), values], dim=2)
+        mem_mask = mem.mask[:, None].expand(b, 1, s, mem.k.shape[2])
+        mask = torch.cat([mem_mask, mask.expand(b, 1, s, n + s)], dim=-1)  # (B, 1, S, M+n+S)
+
+    groups = n_heads // n_kv
+    if groups > 1:  # GQA: memory and cache stay at the KV-head count; expand only here
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )  # (B, H, S, D)
+
+    keep = fwd.window
+    cache.k, cache.v = k_loc[:, :, -keep:], v_loc[:, :, -keep:]
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, memlong_attention)
+
+
+@dataclass
+class BlockOutput:
+    """hidden: (B, S, hidden) final-norm states (None for a lower-only pass).
+    mem_k, mem_v: (B, Hkv, S, D) the memory layer's K (before RoPE) and V of the block."""
+
+    hidden: torch.Tensor | None
+    mem_k: torch.Tensor
+    mem_v: torch.Tensor
+
+
+class MemLongModel(torch.nn.Module):
+    """A HF LLaMA-family causal LM read through MemLong's retrieval attention."""
+
+    def __init__(self, hf_model: torch.nn.Module, config: MemLongConfig) -> None:
+        super().__init__()
+        self.hf = hf_model
+        self.config = config
+        self.base = hf_model.model
+        hf_cfg = hf_model.config
+        config.check_model(hf_cfg.num_hidden_layers)
+        self.n_layers = hf_cfg.num_hidden_layers
+        self.n_kv_heads = hf_cfg.num_key_value_heads
+        self.head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+        hf_model.config._attn_implementation = ATTN_NAME
+        for i, layer in enumerate(self.base.layers):
+            layer.self_attn.k_proj.register_forward_hook(self._stash_k(i))
+
+    @staticmethod
+    def _stash_k(layer: int):
+        def hook(_module, _inputs, output):
+            fwd = _CURRENT.get()
+            if fwd is not None:
+                fwd.k_pre[layer] = output
+
+        return hook
+
+    @property
+    def kv_record_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one chunk's stored K/V: (2, Hkv, chunk, D)."""
+        return (2, self.n_kv_heads, self.config.chunk, self.head_dim)
+
+    def new_stream(self) -> Stream:
+        return Stream([LayerCache() for _ in range(self.n_layers)])
+
+    def forward_block(
+        self,
+        input_ids: torch.Tensor,
+        stream: Stream,
+        memory: Memory | None = None,
+        lower_only: bool = False,
+    ) -> BlockOutput:
+        """Read a block of new tokens (B, S), updating the stream's caches in place.
+
+        lower_only runs layers 0..mem_layer-1 and the memory layer's K/V projections only: all that
+        memory encoding needs (DESIGN §2.5). Those layers never see memory, so their caches and the
+        stored K/V equal what a full pass would produce.
+        """
+        cfg = self.config
+        hidden = self.base.embed_tokens(input_ids)  # (B, S, hidden)
+        b, s = input_ids.shape
+        top = cfg.mem_layer if lower_only else self.n_layers
+        span = max(c.length for c in stream.caches) + s
+        positions = torch.arange(1, span + 1, device=input_ids.device)[None].expand(b, span)
+        cos, sin = self.base.rotary_emb(hidden, positions)  # (B, P+S, D)
+        fwd = _Forward(
+            stream=stream,
+            window=cfg.local_window,
+            ret_layers=frozenset(cfg.ret_attn_layers),
+            mem_layer=cfg.mem_layer,
+            memory=memory,
+            cos=cos,
+            sin=sin,
+            span=span,
+        )
+        q_pos = (cos[:, -s:], sin[:, -s:])  # queries are the block: the last S positions
+        token = _CURRENT.set(fwd)
+        try:
+            for layer in self.base.layers[:top]:
+                hidden = layer(hidden, attention_mask=None, position_embeddings=q_pos)
+            if lower_only:
+                mem_layer = self.base.layers[cfg.mem_layer]
+                normed = mem_layer.input_layernorm(hidden)
+                k = mem_layer.self_attn.k_proj(normed)
+                fwd.k_pre.clear()
+                v = mem_layer.self_attn.v_proj(normed)
+                mem_k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+                mem_v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+                out = None
+            else:
+                assert fwd.mem_kv is not None
+                mem_k, mem_v = fwd.mem_kv
+                out = self.base.norm(hidden)
+        finally:
+            _CURRENT.reset(token)
+        stream.tokens_seen += s
+        return BlockOutput(hidden=out, mem_k=mem_k, mem_v=mem_v)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.hf.lm_head(hidden)

@@ -1,0 +1,35 @@
+"""Tiny models and helpers shared by the tests (no real weights)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from memlong.model import MemLongConfig, MemLongModel
+
+
+def tiny_llama(n_heads: int = 4, n_kv_heads: int = 2, n_layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    """A random LLaMA small enough for exact CPU checks (hidden 32)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def tiny_memlong(chunk: int = 4, window: int = 8, top_k: int = 2, **kw) -> MemLongModel:
+    hf = tiny_llama(**{k: v for k, v in kw.items() if k in ("n_heads", "n_kv_heads", "n_layers", "seed")})
+    cfg = MemLongConfig(
+        mem_layer=1, ret_attn_layers=(1, 3), chunk=chunk, top_k=top_k, local_window=window,
+        memory_size=chunk * 64, kv_dtype="float32",
+    )
+    return MemLongModel(hf, cfg)

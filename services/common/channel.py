@@ -1,0 +1,112 @@
+"""The one channel factory, and deadlines derived from the caller's remaining time.
+
+Channels are cached per (target, options) and shared: a channel multiplexes many calls and is
+expensive to build. Retries live in the service config and cover only the methods a caller declares
+idempotent; they fire on UNAVAILABLE only (the request never reached a handler or the server was
+going away).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from memlong.errors import Unavailable
+
+from .server import DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """What makes two channels different; hashable so channels can be cached by it."""
+
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # (full service name, method name) pairs safe to retry.
+    idempotent_methods: tuple[tuple[str, str], ...] = ()
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+
+    def service_config(self) -> str:
+        config: dict = {"methodConfig": []}
+        if self.idempotent_methods:
+            config["methodConfig"].append(
+                {
+                    "name": [{"service": s, "method": m} for s, m in self.idempotent_methods],
+                    "retryPolicy": {
+                        "maxAttempts": self.max_attempts,
+                        "initialBackoff": f"{self.initial_backoff_s}s",
+                        "maxBackoff": f"{self.max_backoff_s}s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            )
+        return json.dumps(config)
+
+    def grpc_options(self) -> list[tuple[str, object]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", self.service_config()),
+        ]
+
+
+_channels: dict[tuple[str, ChannelOptions], grpc.Channel] = {}
+_lock = threading.Lock()
+
+
+def get_channel(target: str, options: ChannelOptions | None = None) -> grpc.Channel:
+    """A shared insecure channel to `target` ("host:port"), created on first use."""
+    options = options or ChannelOptions()
+    key = (target, options)
+    with _lock:
+        channel = _channels.get(key)
+        if channel is None:
+            channel = grpc.insecure_channel(target, options=options.grpc_options())
+            _channels[key] = channel
+        return channel
+
+
+def close_channels(targets: Sequence[str] | None = None) -> None:
+    """Close cached channels (all, or those to the given targets)."""
+    with _lock:
+        for key in list(_channels):
+            if targets is None or key[0] in targets:
+                _channels.pop(key).close()
+
+
+class Deadline:
+    """An absolute deadline on the monotonic clock; hands out timeouts for downstream calls."""
+
+    def __init__(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    @classmethod
+    def from_context(cls, context: grpc.ServicerContext, default_s: float) -> Deadline:
+        """The deadline of the call being served (or `default_s` from now when it has none)."""
+        remaining = context.time_remaining()
+        return cls.after(default_s if remaining is None else remaining)
+
+    def remaining(self) -> float:
+        return self.expires_at - time.monotonic()
+
+    def timeout(self, cap_s: float | None = None, margin_s: float = 0.0) -> float:
+        """Timeout for a downstream call: never past this deadline (minus `margin_s`), at most `cap_s`.
+
+        Raises Unavailable when no time is left, so that no call is ever made without a deadline.
+        """
+        left = self.remaining() - margin_s
+        if left <= 0:
+            raise Unavailable("deadline already expired")
+        return left if cap_s is None else min(left, cap_s)

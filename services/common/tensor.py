@@ -1,0 +1,121 @@
+"""Tensor <-> numpy at the wire boundary: dtype allow-list, size checks, checksums.
+
+Decoding never copies the payload (`np.frombuffer` over the message's bytes) and never executes
+anything: a Tensor is dtype + shape + raw bytes + CRC-32. bfloat16 has no numpy dtype; it travels and
+decodes as its raw 16-bit patterns (`np.uint16`), which is what torch's `view(torch.bfloat16)` wants.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from memlong.common.v1 import tensor_pb2
+from memlong.errors import InvalidArgument, ResourceExhausted
+
+DType = tensor_pb2.DType
+
+# wire dtype -> (numpy dtype used in memory, name)
+_NUMPY: dict[int, tuple[np.dtype, str]] = {
+    DType.DTYPE_FLOAT32: (np.dtype("<f4"), "float32"),
+    DType.DTYPE_FLOAT16: (np.dtype("<f2"), "float16"),
+    DType.DTYPE_BFLOAT16: (np.dtype("<u2"), "bfloat16"),
+    DType.DTYPE_INT32: (np.dtype("<i4"), "int32"),
+    DType.DTYPE_INT64: (np.dtype("<i8"), "int64"),
+    DType.DTYPE_UINT8: (np.dtype("u1"), "uint8"),
+}
+_BY_NAME = {name: code for code, (_, name) in _NUMPY.items()}
+_BY_NUMPY = {
+    np.dtype("<f4"): DType.DTYPE_FLOAT32,
+    np.dtype("<f2"): DType.DTYPE_FLOAT16,
+    np.dtype("<i4"): DType.DTYPE_INT32,
+    np.dtype("<i8"): DType.DTYPE_INT64,
+    np.dtype("u1"): DType.DTYPE_UINT8,
+}
+
+MAX_RANK = 8
+MAX_DIM = 1 << 31
+
+
+def checksum(data: bytes | memoryview) -> int:
+    """CRC-32 (zlib polynomial) of a byte buffer, as carried in Tensor.checksum."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def dtype_code(name: str) -> int:
+    """Wire dtype for a name such as "bfloat16"; InvalidArgument for an unknown name."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise InvalidArgument("dtype", f"unknown dtype {name!r}; allowed: {sorted(_BY_NAME)}") from None
+
+
+def dtype_name(code: int) -> str:
+    """Name of a wire dtype; InvalidArgument for UNSPECIFIED or unknown codes."""
+    if code not in _NUMPY:
+        raise InvalidArgument("dtype", f"unsupported dtype code {code}")
+    return _NUMPY[code][1]
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of a dtype name."""
+    return _NUMPY[dtype_code(name)][0].itemsize
+
+
+def encode(array: np.ndarray, dtype: str | None = None) -> tensor_pb2.Tensor:
+    """numpy -> Tensor. `dtype` overrides the wire dtype (e.g. "bfloat16" for uint16 patterns)."""
+    code = dtype_code(dtype) if dtype is not None else _BY_NUMPY.get(array.dtype.newbyteorder("<"))
+    if code is None:
+        raise InvalidArgument("dtype", f"numpy dtype {array.dtype} has no wire dtype")
+    return encode_bytes(np.ascontiguousarray(array).tobytes(), code, array.shape)
+
+
+def encode_bytes(data: bytes, dtype: int, shape: Sequence[int]) -> tensor_pb2.Tensor:
+    """Raw bytes (already in wire layout) -> Tensor; the hot path builds replies this way."""
+    return tensor_pb2.Tensor(dtype=dtype, shape=shape, data=data, checksum=checksum(data))
+
+
+def decode(
+    tensor: tensor_pb2.Tensor,
+    field: str,
+    *,
+    dtypes: Sequence[int] | None = None,
+    shape: Sequence[int | None] | None = None,
+    max_bytes: int | None = None,
+) -> np.ndarray:
+    """Tensor -> read-only numpy view, validated. Every failure names `field`.
+
+    `dtypes` is the allow-list (default: all supported); `shape` the expected shape with None as a
+    wildcard; `max_bytes` an upper bound on the payload (ResourceExhausted above it).
+    """
+    if tensor.dtype not in _NUMPY:
+        raise InvalidArgument(f"{field}.dtype", f"unsupported dtype code {tensor.dtype}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        allowed = [dtype_name(d) for d in dtypes]
+        raise InvalidArgument(f"{field}.dtype", f"got {dtype_name(tensor.dtype)}, expected one of {allowed}")
+    dims = list(tensor.shape)
+    if len(dims) > MAX_RANK:
+        raise InvalidArgument(f"{field}.shape", f"rank {len(dims)} > {MAX_RANK}")
+    count = 1
+    for d in dims:
+        if d < 0 or d > MAX_DIM:
+            raise InvalidArgument(f"{field}.shape", f"dimension {d} out of range [0, {MAX_DIM}]")
+        count *= d  # Python ints: no overflow
+    np_dtype = _NUMPY[tensor.dtype][0]
+    if count * np_dtype.itemsize != len(tensor.data):
+        raise InvalidArgument(
+            f"{field}.data", f"shape {dims} x {np_dtype.itemsize} bytes != {len(tensor.data)} bytes"
+        )
+    if shape is not None:
+        if len(shape) != len(dims) or any(
+            e is not None and e != d for e, d in zip(shape, dims, strict=False)
+        ):
+            want = ["*" if e is None else e for e in shape]
+            raise InvalidArgument(f"{field}.shape", f"got {dims}, expected {want}")
+    if max_bytes is not None and len(tensor.data) > max_bytes:
+        raise ResourceExhausted(f"{field}: {len(tensor.data)} bytes > limit {max_bytes}")
+    if checksum(tensor.data) != tensor.checksum:
+        raise InvalidArgument(f"{field}.checksum", "CRC-32 of data does not match")
+    return np.frombuffer(tensor.data, dtype=np_dtype).reshape(dims)

@@ -1,0 +1,482 @@
+"""One shard: a MemoryBank of whole sessions plus durability (write-ahead log, snapshots, tombstones).
+
+Every mutation runs under its session's lock in this order: apply to the in-memory core (which
+validates and may refuse), append the log record, wait until it is fsynced, release the lock. So no
+reader ever sees a chunk that is not durable, and the log holds only operations that succeeded.
+If the log cannot be written the shard fails stop (Unavailable from then on).
+
+Eviction depends on retrieval counters, which are not logged; so the log records the *ids* each
+eviction removed (explicit or inside an append), and replay removes exactly those.
+
+Deleted session ids are written to a tombstone log before anything is removed and are never
+reused, so a delete survives restarts and stale snapshots. Without a data directory the shard is
+purely in memory (`LocalStore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from memlong.memory import MemoryBank, SearchResult, SessionMemory, check_session_id
+
+from . import snapshot
+from .store import SessionInfo, SessionSpec, as_records, check_lengths
+from .wal import ReplayReport, WriteAheadLog, replay
+
+log = logging.getLogger(__name__)
+
+IMPORT_TMP = 0  # LSN used to name an import's snapshot until its log record has an LSN
+
+
+@dataclass
+class RecoveryReport:
+    """What `Shard.open` found on disk."""
+
+    sessions: int = 0
+    snapshots_loaded: int = 0
+    snapshot_errors: int = 0
+    index_files_rejected: int = 0
+    wal_records: int = 0
+    wal_dropped_records: int = 0
+    wal_dropped_bytes: int = 0
+    tombstones: int = 0
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Meta:
+    spec: SessionSpec
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    applied_lsn: int = 0  # last log record reflected in memory
+    dirty: bool = True  # changed since its last snapshot
+    deleted: bool = False
+
+
+def _arr(buf: bytes, dtype: Any, *shape: int) -> np.ndarray:
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _session_dirname(session_id: str) -> str:
+    return session_id.encode().hex()  # ids may hold '.' and ':'; hex is always a safe file name
+
+
+class Shard:
+    """Sessions hashed to this shard, with their durability. Thread-safe."""
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: Path | None,
+        fsync: str = "grouped",
+        checkpoint_bytes: int = 1 << 30,
+    ) -> None:
+        self.name = name
+        self.root = None if data_dir is None else Path(data_dir) / name
+        self.fsync = fsync
+        self.checkpoint_bytes = checkpoint_bytes
+        self.bank = MemoryBank()
+        self._meta: dict[str, _Meta] = {}
+        self._deleted: set[str] = set()
+        self._lock = threading.RLock()  # session set, checkpoints
+        self._wal: WriteAheadLog | None = None
+        self._tombs: WriteAheadLog | None = None
+        self._failed: BaseException | None = None
+        self._checkpointing = threading.Lock()
+        self._checkpoint_at = checkpoint_bytes
+        self.ready = False
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready and self._failed is None
+
+    def open(self) -> RecoveryReport:
+        """Recover from disk (snapshots, then the log) and start logging. Never raises on bad data."""
+        t0 = time.perf_counter()
+        report = RecoveryReport()
+        if self.root is not None:
+            self._recover(report)
+        report.sessions = len(self._meta)
+        report.seconds = time.perf_counter() - t0
+        self.ready = True
+        return report
+
+    def close(self) -> None:
+        self.ready = False
+        for w in (self._wal, self._tombs):
+            if w is not None:
+                w.close()
+
+    # --------------------------------------------------------------------------------- access
+
+    def _session(self, session_id: str) -> _Meta:
+        if not self.ready:
+            raise Unavailable(f"shard {self.name} is not ready")
+        if self._failed is not None:
+            raise Unavailable(f"shard {self.name} stopped after a storage failure")
+        check_session_id(session_id)
+        meta = self._meta.get(session_id)
+        if meta is None:
+            raise NotFound(f"session {session_id!r} not found")
+        return meta
+
+    def _locked(self, session_id: str) -> tuple[_Meta, SessionMemory]:
+        """Acquire the session lock; the caller releases meta.lock."""
+        meta = self._session(session_id)
+        meta.lock.acquire()
+        if meta.deleted:
+            meta.lock.release()
+            raise NotFound(f"session {session_id!r} not found")
+        return meta, self.bank.get(session_id)
+
+    def _log(self, meta: _Meta, record: dict[str, Any]) -> None:
+        """Append a record for an already applied change; returns once durable."""
+        meta.dirty = True
+        if self._wal is None:
+            return
+        try:
+            meta.applied_lsn = self._wal.append(record)
+        except OSError as e:
+            self._failed = e
+            log.exception("shard %s: write-ahead log failed; failing stop", self.name)
+            raise Unavailable(f"shard {self.name}: storage failure") from e
+        if self._wal.bytes_written >= self._checkpoint_at and self._checkpointing.acquire(blocking=False):
+            self._checkpoint_at = self._wal.bytes_written + self.checkpoint_bytes
+            threading.Thread(target=self._background_checkpoint, name="checkpoint", daemon=True).start()
+
+    # ------------------------------------------------------------------------------ operations
+
+    def create_session(self, session_id: str, spec: SessionSpec) -> None:
+        check_session_id(session_id)
+        if not self.ready or self._failed is not None:
+            raise Unavailable(f"shard {self.name} is not ready")
+        with self._lock:
+            if session_id in self._deleted:
+                raise AlreadyExists(f"session {session_id!r} was deleted; session ids are not reused")
+            meta = _Meta(spec)
+            with meta.lock:
+                self.bank.create(session_id, spec.memory_config())
+                self._meta[session_id] = meta
+                try:
+                    self._log(meta, {"op": "create", "sid": session_id, "spec": spec.to_dict()})
+                except Unavailable:
+                    self._meta.pop(session_id, None)
+                    self.bank.delete(session_id)
+                    raise
+
+    def append(
+        self, session_id: str, ids: np.ndarray, embeddings: np.ndarray, kv: np.ndarray, lengths: np.ndarray
+    ) -> int:
+        """Store chunks (see SessionMemory.append); returns how many were new. Durable on return."""
+        meta, mem = self._locked(session_id)
+        try:
+            records = as_records(meta.spec, kv)
+            check_lengths(meta.spec, np.asarray(lengths))
+            n = len(ids)
+            before = mem.ids() if len(mem) + n > meta.spec.memory_size else None
+            n_before = len(mem)
+            n_new = mem.append(ids, embeddings, records, lengths)
+            if n_new == 0:
+                return 0
+            evicted = np.empty(0, np.int64)
+            if before is not None and len(mem) != n_before + n_new:
+                evicted = np.setdiff1d(before, mem.ids(), assume_unique=True)
+            new = slice(n - n_new, n)  # replays form a prefix of the batch
+            self._log(
+                meta,
+                {
+                    "op": "append",
+                    "sid": session_id,
+                    "ids": np.ascontiguousarray(ids[new], np.int64).tobytes(),
+                    "emb": np.ascontiguousarray(embeddings[new], np.float32).tobytes(),
+                    "rec": np.ascontiguousarray(records[new]).tobytes(),
+                    "len": np.ascontiguousarray(lengths[new], np.int32).tobytes(),
+                    "evicted": evicted.astype(np.int64).tobytes(),
+                },
+            )
+            return n_new
+        finally:
+            meta.lock.release()
+
+    def search(self, session_id: str, queries: np.ndarray, top_k: int) -> SearchResult:
+        meta, mem = self._locked(session_id)
+        try:
+            return mem.search(queries, top_k)
+        finally:
+            meta.lock.release()
+
+    def fetch(self, session_id: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        meta, mem = self._locked(session_id)
+        try:
+            return mem.fetch(ids)
+        finally:
+            meta.lock.release()
+
+    def _set_pin(self, session_id: str, ids: np.ndarray, on: bool) -> None:
+        meta, mem = self._locked(session_id)
+        try:
+            ids = np.asarray(ids, np.int64)
+            (mem.pin if on else mem.unpin)(ids)
+            self._log(meta, {"op": "pin", "sid": session_id, "ids": ids.tobytes(), "on": on})
+        finally:
+            meta.lock.release()
+
+    def pin(self, session_id: str, ids: np.ndarray) -> None:
+        self._set_pin(session_id, ids, True)
+
+    def unpin(self, session_id: str, ids: np.ndarray) -> None:
+        self._set_pin(session_id, ids, False)
+
+    def evict(self, session_id: str, n_free: int | None = None) -> np.ndarray:
+        meta, mem = self._locked(session_id)
+        try:
+            evicted = mem.evict(n_free)
+            if len(evicted):
+                self._log(meta, {"op": "evict", "sid": session_id, "ids": evicted.astype(np.int64).tobytes()})
+            return evicted
+        finally:
+            meta.lock.release()
+
+    def info(self, session_id: str) -> SessionInfo:
+        meta, mem = self._locked(session_id)
+        try:
+            stats = {k: float(v) for k, v in mem.stats().items()}
+            return SessionInfo(session_id, meta.spec, len(mem), self.name, stats)
+        finally:
+            meta.lock.release()
+
+    def sessions(self) -> list[str]:
+        return self.bank.sessions()
+
+    def delete_session(self, session_id: str) -> None:
+        """Delete for good: tombstone (durable) first, then memory and snapshots."""
+        with self._lock:
+            meta, _ = self._locked(session_id)
+            try:
+                if self._tombs is not None:
+                    try:
+                        self._tombs.append({"sid": session_id})
+                    except OSError as e:
+                        self._failed = e
+                        raise Unavailable(f"shard {self.name}: storage failure") from e
+                meta.deleted = True
+                self._deleted.add(session_id)
+                self._meta.pop(session_id, None)
+                self.bank.delete(session_id)
+            finally:
+                meta.lock.release()
+            if self.root is not None:
+                shutil.rmtree(self.root / "snapshots" / _session_dirname(session_id), ignore_errors=True)
+
+    def export_session(self, session_id: str) -> tuple[SessionSpec, dict[str, Any]]:
+        meta, mem = self._locked(session_id)
+        try:
+            return meta.spec, mem.export_state()
+        finally:
+            meta.lock.release()
+
+    def import_session(self, session_id: str, spec: SessionSpec, state: dict[str, Any]) -> int:
+        """Create a session from an export; durable (snapshot + log record) on return."""
+        check_session_id(session_id)
+        if not self.ready or self._failed is not None:
+            raise Unavailable(f"shard {self.name} is not ready")
+        mem = SessionMemory.from_state(state)
+        if mem.config != spec.memory_config():
+            raise InvalidArgument("state", "memory settings do not match the session spec")
+        with self._lock:
+            if session_id in self._deleted or session_id in self._meta:
+                raise AlreadyExists(f"session {session_id!r} exists or was deleted")
+            meta = _Meta(spec)
+            with meta.lock:
+                tmp = None
+                if self.root is not None:
+                    sdir = self.root / "snapshots" / _session_dirname(session_id)
+                    tmp = snapshot.write(sdir, IMPORT_TMP, spec.to_dict(), mem.export_state(), final=False)
+                self.bank.adopt(session_id, mem)
+                self._meta[session_id] = meta
+                self._log(meta, {"op": "import", "sid": session_id})
+                if tmp is not None:
+                    snapshot.publish(tmp, meta.applied_lsn)
+                meta.dirty = False
+        return len(mem)
+
+    # ----------------------------------------------------------------------------- checkpoint
+
+    def _background_checkpoint(self) -> None:
+        try:
+            self.checkpoint(already_locked=True)
+        except Exception:  # noqa: BLE001 - a failed checkpoint leaves the log intact
+            log.exception("shard %s: checkpoint failed", self.name)
+
+    def checkpoint(self, already_locked: bool = False) -> int:
+        """Snapshot every changed session, then drop the log segments the snapshots cover."""
+        if self._wal is None or self.root is None:
+            return 0
+        if not already_locked:
+            self._checkpointing.acquire()
+        try:
+            with self._lock:
+                cut = self._wal.rotate()
+                written = 0
+                for sid, meta in list(self._meta.items()):
+                    with meta.lock:
+                        if not meta.dirty or meta.deleted:
+                            continue
+                        sdir = self.root / "snapshots" / _session_dirname(sid)
+                        snapshot.write(
+                            sdir, meta.applied_lsn, meta.spec.to_dict(), self.bank.get(sid).export_state()
+                        )
+                        snapshot.remove_older(sdir, meta.applied_lsn)
+                        meta.dirty = False
+                        written += 1
+                self._wal.remove_segments_upto(cut)
+                return written
+        finally:
+            self._checkpointing.release()
+
+    # ------------------------------------------------------------------------------- recovery
+
+    def _recover(self, report: RecoveryReport) -> None:
+        assert self.root is not None
+        snaps, waldir, tombdir = self.root / "snapshots", self.root / "wal", self.root / "tombstones"
+        snaps.mkdir(parents=True, exist_ok=True)
+        tomb_report = ReplayReport()
+        self._deleted = (
+            {rec.get("sid") for _, rec in replay(tombdir, tomb_report)} if tombdir.exists() else set()
+        )
+        report.tombstones = len(self._deleted)
+        max_lsn = 0
+        for sdir in sorted(snaps.iterdir()):
+            sid = self._load_session_dir(sdir, report)
+            if sid is not None:
+                max_lsn = max(max_lsn, self._meta[sid].applied_lsn)
+        wal_report = ReplayReport()
+        if waldir.exists():
+            for lsn, rec in replay(waldir, wal_report):
+                self._replay_one(lsn, rec, snaps, report)
+            segs = sorted(waldir.glob("*.wal"))
+            if segs:
+                max_lsn = max(max_lsn, int(segs[-1].stem) - 1)
+        report.wal_records = wal_report.records
+        report.wal_dropped_records = wal_report.dropped_records
+        report.wal_dropped_bytes = wal_report.dropped_bytes
+        report.errors += wal_report.errors + tomb_report.errors
+        for sdir in snaps.iterdir():  # leftovers: unacknowledged imports, deleted sessions
+            sid = bytes.fromhex(sdir.name).decode(errors="replace") if _is_hex(sdir.name) else None
+            if sid not in self._meta:
+                shutil.rmtree(sdir, ignore_errors=True)
+            else:
+                for p in sdir.glob("*.tmp"):
+                    shutil.rmtree(p, ignore_errors=True)
+        self._wal = WriteAheadLog(waldir, self.fsync)
+        self._wal.open(max(max_lsn, wal_report.last_lsn) + 1)
+        self._tombs = WriteAheadLog(tombdir, "per-append")
+        self._tombs.open(tomb_report.last_lsn + 1)
+
+    def _load_session_dir(self, sdir: Path, report: RecoveryReport) -> str | None:
+        if not _is_hex(sdir.name):
+            return None
+        sid = bytes.fromhex(sdir.name).decode(errors="replace")
+        if sid in self._deleted:
+            shutil.rmtree(sdir, ignore_errors=True)
+            return None
+        for lsn in snapshot.generations(sdir):
+            try:
+                snap = snapshot.read(sdir / f"{lsn:020d}")
+                spec = SessionSpec.from_dict(snap.spec)
+                mem = SessionMemory.from_state(snap.state)
+            except (snapshot.SnapshotError, InvalidArgument, KeyError, TypeError, ValueError) as e:
+                report.snapshot_errors += 1
+                report.errors.append(f"snapshot {sdir.name}/{lsn}: {e}")
+                continue
+            if len(mem) and not snap.index_ok:
+                report.index_files_rejected += 1
+            self.bank.adopt(sid, mem)
+            self._meta[sid] = _Meta(spec, applied_lsn=lsn, dirty=False)
+            report.snapshots_loaded += 1
+            return sid
+        return None
+
+    def _replay_one(self, lsn: int, rec: dict[str, Any], snaps: Path, report: RecoveryReport) -> None:
+        sid, op = rec.get("sid"), rec.get("op")
+        if sid in self._deleted:
+            return
+        meta = self._meta.get(sid)
+        if meta is not None and lsn <= meta.applied_lsn:
+            return
+        try:
+            if op == "create":
+                if meta is None:
+                    self.bank.create(sid, SessionSpec.from_dict(rec["spec"]).memory_config())
+                    self._meta[sid] = meta = _Meta(SessionSpec.from_dict(rec["spec"]))
+            elif op == "import":
+                tmp = snaps / _session_dirname(sid) / f"{IMPORT_TMP:020d}.tmp"
+                if tmp.exists():
+                    snapshot.publish(tmp, lsn)
+                if meta is not None:
+                    self._meta.pop(sid)
+                    self.bank.delete(sid)
+                loaded = self._load_session_dir(snaps / _session_dirname(sid), report)
+                if loaded is None:
+                    raise FailedPrecondition(f"import snapshot of {sid!r} at lsn {lsn} is missing")
+                meta = self._meta[sid]
+            elif meta is None:
+                raise NotFound(f"record {op!r} for unknown session {sid!r}")
+            else:
+                self._apply(sid, meta, op, rec)
+            meta.applied_lsn = lsn
+            meta.dirty = True
+        except Exception as e:  # noqa: BLE001 - recovery counts what it cannot apply and goes on
+            report.errors.append(f"lsn {lsn} {op} {sid}: {type(e).__name__}: {e}")
+
+    def _apply(self, sid: str, meta: _Meta, op: str, rec: dict[str, Any]) -> None:
+        spec = meta.spec
+        if op == "append":
+            ids = _arr(rec["ids"], np.int64, -1)
+            evicted = _arr(rec["evicted"], np.int64, -1)
+            if len(evicted):
+                self._remove(sid, evicted)
+            self.bank.get(sid).append(
+                ids,
+                _arr(rec["emb"], np.float32, len(ids), spec.dim),
+                _arr(rec["rec"], np.uint8, len(ids), spec.record_bytes),
+                _arr(rec["len"], np.int32, len(ids)),
+            )
+        elif op == "pin":
+            mem = self.bank.get(sid)
+            ids = _arr(rec["ids"], np.int64, -1)
+            (mem.pin if rec["on"] else mem.unpin)(ids)
+        elif op == "evict":
+            self._remove(sid, _arr(rec["ids"], np.int64, -1))
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
+    def _remove(self, sid: str, ids: np.ndarray) -> None:
+        """Remove exactly `ids` (replay of a logged eviction), through the core's public state API."""
+        state = self.bank.get(sid).export_state()
+        keep = ~np.isin(state["ids"], ids)
+        for key in ("ids", "embeddings", "records", "lengths", "counters", "pinned"):
+            state[key] = state[key][keep]
+        state["eviction_rounds"] += 1
+        state["evicted_chunks"] += int((~keep).sum())
+        self.bank.delete(sid)
+        self.bank.adopt(sid, SessionMemory.from_state(state))
+
+
+def _is_hex(name: str) -> bool:
+    try:
+        bytes.fromhex(name)
+    except ValueError:
+        return False
+    return bool(name)

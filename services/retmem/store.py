@@ -1,0 +1,163 @@
+"""What a decoder needs from memory, served in-process or over gRPC alike.
+
+`MemoryStore` is the small protocol both `LocalStore` (an in-process shard, no disk) and
+`services.retmem.client.RetMemClient` satisfy, so the decoder can switch between them. K/V travel as
+opaque per-chunk records: `(n, record_bytes)` uint8 in, `SearchResult.records` `(q, k, record_bytes)`
+uint8 out; `kv_view` reinterprets them as `(…, 2, n_kv_heads, chunk_tokens, head_dim)` without copying.
+No grpc and no file system here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
+
+import numpy as np
+
+from memlong.errors import InvalidArgument
+from memlong.memory import MemoryConfig, SearchResult
+
+# K/V element types a session may hold, with their in-memory numpy dtype (bf16 as raw uint16).
+KV_DTYPES: dict[str, np.dtype] = {
+    "bfloat16": np.dtype("<u2"),
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+}
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """A session's fixed settings: embedding width, K/V layout of one chunk, capacity, eviction."""
+
+    dim: int
+    kv_shape: tuple[int, ...]  # (2, n_kv_heads, chunk_tokens, head_dim)
+    kv_dtype: str = "bfloat16"
+    memory_size: int = 256  # chunks
+    protect_newest: float = 0.25
+    drop_oldest: float = 0.05
+    evict_free: float = 0.25
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.kv_shape)
+        object.__setattr__(self, "kv_shape", tuple(int(d) for d in shape))
+        if len(shape) != 4 or shape[0] != 2 or any(int(d) <= 0 or int(d) > 1 << 20 for d in shape):
+            raise InvalidArgument(
+                "spec.kv_shape", f"must be (2, n_kv_heads, chunk_tokens, head_dim), got {shape}"
+            )
+        if self.kv_dtype not in KV_DTYPES:
+            raise InvalidArgument(
+                "spec.kv_dtype", f"must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}"
+            )
+        try:
+            self.memory_config()
+        except InvalidArgument as e:
+            raise InvalidArgument(f"spec.{e.field}", str(e).partition(": ")[2]) from None
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.kv_shape[2]
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one chunk's K/V."""
+        return math.prod(self.kv_shape) * KV_DTYPES[self.kv_dtype].itemsize
+
+    def memory_config(self) -> MemoryConfig:
+        return MemoryConfig(
+            dim=self.dim,
+            record_bytes=self.record_bytes,
+            memory_size=self.memory_size,
+            protect_newest=self.protect_newest,
+            drop_oldest=self.drop_oldest,
+            evict_free=self.evict_free,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kv_shape"] = list(self.kv_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SessionSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise InvalidArgument("spec", f"unknown keys {sorted(unknown)}")
+        return cls(**{**d, "kv_shape": tuple(d["kv_shape"])})
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What GetSession reports."""
+
+    session_id: str
+    spec: SessionSpec
+    num_chunks: int
+    shard: str
+    stats: dict[str, float]
+
+
+def as_records(spec: SessionSpec, kv: np.ndarray, field: str = "kv") -> np.ndarray:
+    """K/V batch -> (n, record_bytes) uint8 without copying when contiguous.
+
+    Accepts (n, record_bytes) uint8 records or typed (n, *kv_shape) arrays of the session's dtype
+    (uint16 bit patterns for bfloat16).
+    """
+    if kv.dtype == np.uint8 and kv.ndim == 2:
+        if kv.shape[1] != spec.record_bytes:
+            raise InvalidArgument(field, f"records must be (n, {spec.record_bytes}), got {kv.shape}")
+        return np.ascontiguousarray(kv)
+    want = KV_DTYPES[spec.kv_dtype]
+    if kv.dtype != want or kv.shape[1:] != spec.kv_shape:
+        raise InvalidArgument(
+            field,
+            f"must be (n, {', '.join(map(str, spec.kv_shape))}) {spec.kv_dtype}, got {kv.shape} {kv.dtype}",
+        )
+    kv = np.ascontiguousarray(kv)
+    return kv.view(np.uint8).reshape(len(kv), spec.record_bytes)
+
+
+def kv_view(spec: SessionSpec, records: np.ndarray) -> np.ndarray:
+    """(…, record_bytes) uint8 -> (…, 2, n_kv_heads, chunk_tokens, head_dim) typed view (no copy)."""
+    lead = records.shape[:-1]
+    return np.ascontiguousarray(records).view(KV_DTYPES[spec.kv_dtype]).reshape(*lead, *spec.kv_shape)
+
+
+def check_lengths(spec: SessionSpec, lengths: np.ndarray) -> None:
+    """Valid token counts cannot exceed the chunk size (the core checks >= 1)."""
+    if lengths.size and int(lengths.max()) > spec.chunk_tokens:
+        raise InvalidArgument("lengths", f"must be <= chunk_tokens {spec.chunk_tokens}")
+
+
+class MemoryStore(Protocol):
+    """Memory as the decoder uses it; `LocalStore` and `RetMemClient` both implement it."""
+
+    def create_session(self, session_id: str, spec: SessionSpec) -> None: ...
+
+    def append(
+        self, session_id: str, ids: np.ndarray, embeddings: np.ndarray, kv: np.ndarray, lengths: np.ndarray
+    ) -> int: ...
+
+    def search(self, session_id: str, queries: np.ndarray, top_k: int) -> SearchResult: ...
+
+    def fetch(self, session_id: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def pin(self, session_id: str, ids: np.ndarray) -> None: ...
+
+    def unpin(self, session_id: str, ids: np.ndarray) -> None: ...
+
+    def evict(self, session_id: str, n_free: int | None = None) -> np.ndarray: ...
+
+    def info(self, session_id: str) -> SessionInfo: ...
+
+    def delete_session(self, session_id: str) -> None: ...
+
+
+def LocalStore(name: str = "local") -> Any:  # noqa: N802 - reads as a class at call sites
+    """An in-process MemoryStore: a shard with no disk (nothing survives the process)."""
+    from .shard import Shard
+
+    shard = Shard(name, data_dir=None)
+    shard.open()
+    return shard

@@ -54,6 +54,9 @@ class ChannelOptions:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.enable_retries", 1),
+            # Requests larger than the retry buffer are never retried; K/V batches are MBs.
+            ("grpc.per_rpc_retry_buffer_size", self.max_message_bytes),
+            ("grpc.retry_buffer_size", 4 * self.max_message_bytes),
             ("grpc.service_config", self.service_config()),
         ]
 

@@ -248,6 +248,10 @@ class Shard:
         finally:
             meta.lock.release()
 
+    def spec(self, session_id: str) -> SessionSpec:
+        """The session's fixed settings (no lock: a spec never changes)."""
+        return self._session(session_id).spec
+
     def info(self, session_id: str) -> SessionInfo:
         meta, mem = self._locked(session_id)
         try:

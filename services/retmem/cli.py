@@ -1,0 +1,69 @@
+"""`memlong retmem serve ...` (and `python -m services.retmem serve ...`).
+
+Prints `RETMEM_PORT=<port>` on stdout once listening (useful with --port 0), recovers, serves until
+SIGTERM or SIGINT, then stops gracefully (health first, in-flight calls finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .routing import parse_addresses
+from .server import RetMemConfig, RetMemServer
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `retmem` command group to a parent CLI."""
+    retmem = subparsers.add_parser("retmem", help="the ret-mem memory service")
+    sub = retmem.add_subparsers(dest="retmem_command", required=True)
+    serve = sub.add_parser("serve", help="serve shards over gRPC")
+    serve.add_argument("--port", type=int, default=50061, help="0 picks a free port")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--data-dir", type=Path, required=True)
+    serve.add_argument("--shards", default="shard0", help="comma-separated shard names hosted here")
+    serve.add_argument("--all-shards", default="", help="name=host:port,... of every shard in the ring")
+    serve.add_argument("--fsync", choices=("per-append", "grouped"), default="grouped")
+    serve.add_argument("--max-message-mb", type=int, default=64)
+    serve.add_argument("--checkpoint-mb", type=int, default=1024, help="log bytes between snapshots")
+    serve.add_argument("--grace-s", type=float, default=10.0)
+    serve.set_defaults(func=serve_command)
+
+
+def config_from_args(args: argparse.Namespace) -> RetMemConfig:
+    return RetMemConfig(
+        data_dir=args.data_dir,
+        shards=tuple(s for s in args.shards.split(",") if s),
+        host=args.host,
+        port=args.port,
+        all_shards=parse_addresses(args.all_shards),
+        fsync=args.fsync,
+        max_message_bytes=args.max_message_mb << 20,
+        checkpoint_bytes=args.checkpoint_mb << 20,
+        grace_s=args.grace_s,
+    )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = RetMemServer(config_from_args(args))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    port = server.start(recover_in_background=True)
+    sys.stdout.write(f"RETMEM_PORT={port}\n")
+    sys.stdout.flush()
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memlong")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)

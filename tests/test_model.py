@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memlong.model import Memory, MemLongConfig, MemLongModel
+from memlong.model import MemLongConfig, MemLongModel, Memory
 from tests.factories import tiny_llama, tiny_memlong
 
 
@@ -50,8 +50,10 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
 def test_empty_memory_equals_stock_transformers(heads):
     stock = tiny_llama(n_heads=heads[0], n_kv_heads=heads[1])
-    model = MemLongModel(copy.deepcopy(stock), MemLongConfig(mem_layer=1, ret_attn_layers=(1, 3), chunk=4,
-                                                             local_window=64, memory_size=64))
+    model = MemLongModel(
+        copy.deepcopy(stock),
+        MemLongConfig(mem_layer=1, ret_attn_layers=(1, 3), chunk=4, local_window=64, memory_size=64),
+    )
     stock.config._attn_implementation = "sdpa"
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -68,7 +70,10 @@ def test_blockwise_equals_one_sliding_window_forward(block):
     with torch.no_grad():
         want = naive_forward(model, ids, window=6, mem=None)
         stream = model.new_stream()
-        parts = [model.logits(model.forward_block(ids[:, i : i + block], stream).hidden) for i in range(0, 40, block)]
+        parts = [
+            model.logits(model.forward_block(ids[:, i : i + block], stream).hidden)
+            for i in range(0, 40, block)
+        ]
     torch.testing.assert_close(torch.cat(parts, dim=1), want, atol=1e-5, rtol=0)
 
 

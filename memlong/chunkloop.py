@@ -1,0 +1,307 @@
+"""The chunk loop: read a text through MemLong (ingest, score, generate).
+
+A `Reader` owns one text stream's local state (per-layer sliding caches, the tokens not yet in memory)
+and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a ret-mem client.
+
+- Tokens leave the local window in whole chunks; each such chunk's memory-layer K/V (before RoPE) and a
+  retriever embedding of its own text are appended to memory.
+- Retrieval happens once per chunk boundary, never per token. The query is the text of the chunk just
+  before the boundary (`query="prev_chunk"`): only text before the tokens being predicted.
+- `ingest` runs layers 0..mem_layer only, in large blocks, with the same sliding window as scoring, so
+  memory from ingest equals memory from scoring the same text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from memlong.errors import InvalidArgument
+from memlong.model import MemLongModel, Memory
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class SearchResultLike(Protocol):
+    ids: np.ndarray  # (q, k) int64, -1 padding, chronological per row
+    scores: np.ndarray  # (q, k) float32
+    records: np.ndarray  # (q, k, record_bytes) uint8
+    lengths: np.ndarray  # (q, k) int32
+
+
+class MemoryPort(Protocol):
+    """What the chunk loop needs from a memory: satisfied by SessionMemory and the ret-mem client."""
+
+    def append(
+        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
+    ) -> int: ...
+
+    def search(self, queries: np.ndarray, top_k: int) -> SearchResultLike: ...
+
+
+class Embedder(Protocol):
+    dim: int
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass
+class ReaderStats:
+    """Counters of one reader, reported by benchmarks and services."""
+
+    tokens_ingested: int = 0
+    tokens_scored: int = 0
+    retrievals: int = 0
+    retrieval_s: float = 0.0
+    chunks_stored: int = 0
+    store_s: float = 0.0
+    compute_s: float = 0.0
+    bytes_retrieved: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. temperature 0 means greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens", "must be >= 1")
+        if self.temperature < 0:
+            raise InvalidArgument("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgument("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidArgument("top_k", "must be >= 0")
+
+
+def kv_to_records(k: torch.Tensor, v: torch.Tensor, dtype: str) -> np.ndarray:
+    """(n, Hkv, c, D) K and V -> (n, record_bytes) uint8 records of the (2, Hkv, c, D) stack."""
+    stacked = torch.stack([k, v], dim=1).to(_TORCH_DTYPES[dtype]).contiguous()  # (n, 2, Hkv, c, D)
+    return stacked.view(torch.uint8).reshape(stacked.shape[0], -1).numpy()
+
+
+def records_to_kv(records: np.ndarray, shape: tuple[int, int, int, int], dtype: str) -> torch.Tensor:
+    """(..., record_bytes) uint8 -> (..., 2, Hkv, c, D) tensor of the stored dtype (no copy)."""
+    flat = torch.from_numpy(np.ascontiguousarray(records))
+    return flat.view(_TORCH_DTYPES[dtype]).reshape(*records.shape[:-1], *shape)
+
+
+class Reader:
+    """Reads one text stream through a MemLong model and a memory (None: local window only)."""
+
+    def __init__(
+        self,
+        model: MemLongModel,
+        retriever: Embedder,
+        tokenizer,
+        memory: MemoryPort | None,
+        *,
+        next_chunk_id: int = 0,
+        ingest_block: int = 1024,
+    ) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.retriever = retriever
+        self.tokenizer = tokenizer
+        self.memory = memory
+        self.ingest_block = max(self.cfg.chunk, ingest_block // self.cfg.chunk * self.cfg.chunk)
+        self.stats = ReaderStats()
+        self.next_chunk_id = next_chunk_id
+        self._reset_local()
+
+    def _reset_local(self) -> None:
+        self.stream = self.model.new_stream()
+        self.position = 0  # tokens read since the local state began
+        self._pend_start = 0  # position of the first token not yet in memory
+        self._pend_tokens: list[int] = []
+        self._pend_k: list[torch.Tensor] = []  # (Hkv, s, D) parts, concatenated lazily
+        self._pend_v: list[torch.Tensor] = []
+        self._history: list[int] = []  # the last `chunk` tokens read: the retrieval query's text
+        self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
+        self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
+
+    def fork(self, memory: MemoryPort | None) -> Reader:
+        """A reader with a copy of this one's local state and another memory (None for sliding-only)."""
+        other = Reader(self.model, self.retriever, self.tokenizer, memory, next_chunk_id=self.next_chunk_id)
+        other.ingest_block = self.ingest_block
+        other.stream = self.stream.clone()
+        other.position, other._pend_start = self.position, self._pend_start
+        other._pend_tokens = list(self._pend_tokens)
+        other._pend_k, other._pend_v = list(self._pend_k), list(self._pend_v)
+        other._history = list(self._history)
+        other._last_logp = self._last_logp
+        return other
+
+    # -- memory traffic -------------------------------------------------------------------------------
+
+    def _absorb(self, tokens: Sequence[int], mem_k: torch.Tensor, mem_v: torch.Tensor) -> None:
+        """Queue a block's memory-layer K/V, then store every chunk that has left the local window."""
+        self._pend_tokens.extend(tokens)
+        self._pend_k.append(mem_k[0])
+        self._pend_v.append(mem_v[0])
+        self._history = (self._history + list(tokens))[-self.cfg.chunk :]
+        c, w = self.cfg.chunk, self.cfg.local_window
+        n_out = max(0, (self.position - w - self._pend_start) // c)  # whole chunks older than the window
+        if n_out:
+            self._store(n_out * c)
+
+    def _store(self, n_tokens: int) -> None:
+        """Move the oldest n_tokens pending tokens into memory as chunks (the last may be partial)."""
+        c = self.cfg.chunk
+        k = torch.cat(self._pend_k, dim=1) if len(self._pend_k) > 1 else self._pend_k[0]  # (Hkv, n, D)
+        v = torch.cat(self._pend_v, dim=1) if len(self._pend_v) > 1 else self._pend_v[0]
+        toks = self._pend_tokens[:n_tokens]
+        self._pend_k, self._pend_v = [k[:, n_tokens:]], [v[:, n_tokens:]]
+        self._pend_tokens = self._pend_tokens[n_tokens:]
+        self._pend_start += n_tokens
+        if self.memory is None:
+            return
+        n_chunks = -(-n_tokens // c)
+        pad = n_chunks * c - n_tokens
+        k, v = k[:, :n_tokens], v[:, :n_tokens]
+        if pad:
+            k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+            v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+        hkv, _, d = k.shape
+        k = k.view(hkv, n_chunks, c, d).transpose(0, 1)  # (n, Hkv, c, D)
+        v = v.view(hkv, n_chunks, c, d).transpose(0, 1)
+        texts = [self.tokenizer.decode(toks[i * c : (i + 1) * c]) for i in range(n_chunks)]
+        lengths = np.array([min(c, n_tokens - i * c) for i in range(n_chunks)], dtype=np.int32)
+        ids = np.arange(self.next_chunk_id, self.next_chunk_id + n_chunks, dtype=np.int64)
+        t0 = time.perf_counter()
+        emb = self.retriever.embed(texts)
+        self.memory.append(ids, emb, kv_to_records(k, v, self.cfg.kv_dtype), lengths)
+        self.stats.store_s += time.perf_counter() - t0
+        self.stats.chunks_stored += n_chunks
+        self.next_chunk_id += n_chunks
+
+    def flush(self) -> None:
+        """Store everything read so far (a last partial chunk too) and clear the local window.
+
+        Used between requests of a served session: memory outlives the decoder, the local window does not.
+        """
+        if self._pend_tokens:
+            self._store(len(self._pend_tokens))
+        self._reset_local()
+
+    def _retrieve(self) -> Memory | None:
+        """Top-k chunks for the next chunk, queried with the text before it; None when nothing to use."""
+        if self.memory is None or not self._history or self._pend_start == 0 and self.next_chunk_id == 0:
+            return None
+        t0 = time.perf_counter()
+        query = self.retriever.embed([self.tokenizer.decode(self._history)])
+        res = self.memory.search(query, self.cfg.top_k)
+        self.stats.retrievals += 1
+        self.stats.bytes_retrieved += int(res.records.nbytes)
+        valid = res.ids[0] >= 0
+        if not valid.any():
+            self.stats.retrieval_s += time.perf_counter() - t0
+            return None
+        shape = self.model.kv_record_shape
+        kv = records_to_kv(res.records[0][valid], shape, self.cfg.kv_dtype).float()  # (k, 2, Hkv, c, D)
+        n, _, hkv, c, d = kv.shape
+        mem_k = kv[:, 0].permute(1, 0, 2, 3).reshape(1, hkv, n * c, d)  # chronological chunk order
+        mem_v = kv[:, 1].permute(1, 0, 2, 3).reshape(1, hkv, n * c, d)
+        slot = torch.arange(c)[None, :] < torch.from_numpy(res.lengths[0][valid]).long()[:, None]  # (k, c)
+        self.stats.retrieval_s += time.perf_counter() - t0
+        return Memory(k=mem_k, v=mem_v, mask=slot.reshape(1, 1, n * c))
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def _blocks(self, n: int, size: int) -> Iterator[tuple[int, int]]:
+        """Split n tokens into blocks that end on chunk boundaries, at most `size` tokens each."""
+        i = 0
+        while i < n:
+            boundary = (self.position + i) // self.cfg.chunk * self.cfg.chunk + size
+            step = min(boundary - (self.position + i), n - i)
+            yield i, step
+            i += step
+
+    @torch.no_grad()
+    def ingest(self, tokens: Sequence[int]) -> None:
+        """Encode tokens into memory with the lower layers only (no LM head, no retrieval)."""
+        t0 = time.perf_counter()
+        for i, step in self._blocks(len(tokens), self.ingest_block):
+            block = list(tokens[i : i + step])
+            out = self.model.forward_block(torch.tensor([block]), self.stream, lower_only=True)
+            self.position += step
+            self._absorb(block, out.mem_k, out.mem_v)
+        self._last_logp = None  # the LM head did not run: the next token cannot be scored
+        self.stats.tokens_ingested += len(tokens)
+        self.stats.compute_s += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def score(self, tokens: Sequence[int]) -> torch.Tensor:
+        """(n,) log p(token | everything read before it); NaN where nothing was read before."""
+        t0 = time.perf_counter()
+        out: list[torch.Tensor] = []
+        block_size = self.cfg.chunk if self.memory is not None else self.ingest_block
+        for i, step in self._blocks(len(tokens), block_size):
+            block = list(tokens[i : i + step])
+            logp = self._read_block(block)  # (step, V): log-probs of the token after each position
+            ids = torch.tensor(block)
+            first = self._last_logp[ids[0]] if self._last_logp is not None else torch.tensor(float("nan"))
+            rest = logp[:-1].gather(1, ids[1:, None])[:, 0]
+            out.append(torch.cat([first.reshape(1), rest]))
+            self._last_logp = logp[-1]
+        self.stats.tokens_scored += len(tokens)
+        self.stats.compute_s += time.perf_counter() - t0
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _read_block(self, block: list[int]) -> torch.Tensor:
+        if self.position % self.cfg.chunk == 0:
+            self._block_memory = self._retrieve()
+        out = self.model.forward_block(torch.tensor([block]), self.stream, memory=self._block_memory)
+        self.position += len(block)
+        self._absorb(block, out.mem_k, out.mem_v)
+        return torch.log_softmax(self.model.logits(out.hidden[0]).float(), dim=-1)
+
+    @torch.no_grad()
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Read the prompt, then yield new tokens one at a time (retrieval at chunk boundaries only)."""
+        if prompt:
+            self.score(prompt)
+        if self._last_logp is None:
+            raise InvalidArgument("prompt", "generation needs at least one token of prompt after an ingest")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        text = ""
+        for _ in range(params.max_new_tokens):
+            token = _sample(self._last_logp, params, gen)
+            yield token
+            if token in params.stop_token_ids:
+                return
+            if params.stop_strings:
+                text += self.tokenizer.decode([token])
+                if any(s in text for s in params.stop_strings):
+                    return
+            logp = self._read_block([token])
+            self._last_logp = logp[-1]
+
+
+def _sample(logp: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    if p.temperature == 0:
+        return int(torch.argmax(logp))
+    logits = logp / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

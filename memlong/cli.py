@@ -1,0 +1,158 @@
+"""The `memlong` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from memlong.errors import MemLongError
+
+# Sub-command groups contributed by other modules: each exposes register(subparsers).
+PLUGINS = ("services.retmem.cli", "services.decoder.cli", "services.gateway.cli", "memlong.client_cli")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """'2k,4096' -> (2048, 4096)."""
+    return tuple(int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in text.strip().split(","))
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MemLong settings")
+    g.add_argument("--model", default=None, help="HF LLaMA-family checkpoint dir (default: packaged SmolLM2)")
+    g.add_argument("--mem-layer", type=int, default=15)
+    g.add_argument("--ret-layers", default="15,19,23,27", help="comma-separated retrieval layers")
+    g.add_argument("--chunk", type=int, default=128)
+    g.add_argument("--top-k", type=int, default=8)
+    g.add_argument("--local-window", type=int, default=1024)
+    g.add_argument("--memory-size", type=int, default=1 << 20, help="memory tokens per session")
+    g.add_argument("--mem-position", choices=("zero", "prefix"), default="zero")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+
+
+def memlong_config(args: argparse.Namespace):
+    from memlong.model import MemLongConfig
+
+    return MemLongConfig(
+        mem_layer=args.mem_layer,
+        ret_attn_layers=tuple(int(x) for x in args.ret_layers.split(",")),
+        chunk=args.chunk,
+        top_k=args.top_k,
+        local_window=args.local_window,
+        memory_size=args.memory_size,
+        mem_position=args.mem_position,
+    )
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from memlong.eval.common import Stack
+    from memlong.eval.ppl import PPLSettings, run_ppl, write_ppl
+
+    _threads(args)
+    settings = PPLSettings(
+        book=args.book,
+        lengths=_ints(args.lengths),
+        windows=args.windows,
+        score_tokens=args.score_tokens,
+        methods=tuple(args.methods.split(",")),
+        full_max=args.full_max,
+    )
+    stack = Stack.load(memlong_config(args), args.model)
+    records, speeds = run_ppl(stack, settings)
+    write_ppl(
+        Path(args.out),
+        settings,
+        records,
+        speeds,
+        {"model": stack.source, "memlong": memlong_config(args).__dict__},
+    )
+    print((Path(args.out) / "ppl.md").read_text())
+    return 0
+
+
+def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    from memlong.eval.common import Stack
+    from memlong.eval.passkey import PasskeySettings, run_passkey, write_passkey
+
+    _threads(args)
+    settings = PasskeySettings(
+        book=args.book,
+        lengths=_ints(args.lengths),
+        trials=args.trials,
+        seed=args.seed,
+        methods=tuple(args.methods.split(",")),
+    )
+    stack = Stack.load(memlong_config(args), args.model)
+    records = run_passkey(stack, settings)
+    write_passkey(
+        Path(args.out), settings, records, {"model": stack.source, "memlong": memlong_config(args).__dict__}
+    )
+    print((Path(args.out) / "passkey.md").read_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memlong", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval", required=True)
+    ppl = ev.add_parser("ppl", help="perplexity: full vs sliding vs memlong on the same tokens")
+    ppl.add_argument("--book", default="kjv", help="kjv, shakespeare or a path to a UTF-8 text file")
+    ppl.add_argument("--lengths", default="2k,4k,8k,16k,32k,64k")
+    ppl.add_argument("--windows", type=int, default=4)
+    ppl.add_argument("--score-tokens", type=int, default=256, help="scored tokens at the end of each window")
+    ppl.add_argument("--methods", default="full,sliding,memlong")
+    ppl.add_argument("--full-max", type=int, default=8192, help="longest context for full attention")
+    ppl.add_argument("--out", default="bench/results")
+    _model_args(ppl)
+    ppl.set_defaults(func=cmd_eval_ppl)
+
+    pk = ev.add_parser("passkey", help="passkey retrieval accuracy")
+    pk.add_argument("--book", default="kjv")
+    pk.add_argument("--lengths", default="4k,8k,16k,32k,64k")
+    pk.add_argument("--trials", type=int, default=20)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--methods", default="sliding,memlong")
+    pk.add_argument("--out", default="bench/results")
+    _model_args(pk)
+    pk.set_defaults(func=cmd_eval_passkey)
+
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that part of the system is not built into this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MemLongError as exc:
+        print(f"memlong: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"memlong: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

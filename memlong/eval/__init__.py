@@ -1,0 +1,1 @@
+"""Quality and speed evaluations: perplexity on long books and passkey retrieval."""

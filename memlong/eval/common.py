@@ -1,0 +1,159 @@
+"""Shared pieces of the evaluations: the loaded stack, fresh memories, RSS sampling, result files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memlong.chunkloop import Reader
+from memlong.data import book_text
+from memlong.memory import MemoryConfig, SessionMemory
+from memlong.model import MemLongConfig, MemLongModel
+from memlong.retriever import Retriever
+from memlong.weights import default_cache_dir, load_decoder
+
+
+@dataclass
+class Stack:
+    """Model, tokenizer and retriever loaded once per evaluation run."""
+
+    model: MemLongModel
+    tokenizer: object
+    retriever: Retriever
+    source: str
+
+    @classmethod
+    def load(cls, config: MemLongConfig, model_path: str | None = None) -> Stack:
+        dec = load_decoder(model_path)
+        return cls(MemLongModel(dec.model, config), dec.tokenizer, Retriever(), dec.source)
+
+    def fresh_memory(self) -> SessionMemory:
+        rec = (
+            int(np.prod(self.model.kv_record_shape))
+            * torch.tensor([], dtype=getattr(torch, self.model.config.kv_dtype)).element_size()
+        )
+        return SessionMemory(
+            MemoryConfig(
+                dim=self.retriever.dim, record_bytes=rec, memory_size=self.model.config.memory_chunks
+            )
+        )
+
+    def reader(self, with_memory: bool = True) -> Reader:
+        return Reader(
+            self.model, self.retriever, self.tokenizer, self.fresh_memory() if with_memory else None
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_book(self, name: str) -> list[int]:
+        """Token ids of a whole book, cached on disk (tokenising a 1M-token book takes a minute)."""
+        text = book_text(name)
+        key = hashlib.sha256(text.encode() + self.source.encode()).hexdigest()[:16]
+        path = default_cache_dir() / "tokens" / f"{Path(name).name}-{key}.npy"
+        if path.is_file():
+            return np.load(path, allow_pickle=False).tolist()
+        ids = self.encode(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, np.asarray(ids, dtype=np.int32), allow_pickle=False)
+        os.replace(tmp, path)
+        return ids
+
+
+@contextlib.contextmanager
+def stock_attention(model: MemLongModel) -> Iterator[None]:
+    """Run the wrapped HF model with its stock SDPA attention (the full-attention baseline)."""
+    cfg = model.hf.config
+    saved = cfg._attn_implementation
+    cfg._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = saved
+
+
+@torch.no_grad()
+def full_attention_logprobs(model: MemLongModel, tokens: list[int], last: int) -> torch.Tensor:
+    """log p of the last `last` tokens under plain full causal attention over all of `tokens`."""
+    with stock_attention(model):
+        hidden = model.base(torch.tensor([tokens])).last_hidden_state[0, -last - 1 : -1]  # (last, hidden)
+    logp = torch.log_softmax(model.logits(hidden).float(), dim=-1)
+    return logp.gather(1, torch.tensor(tokens[-last:])[:, None])[:, 0]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples resident memory every 5 ms in a thread; `peak` is the maximum seen inside the block."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+
+    def __enter__(self) -> PeakRSS:
+        self._stop = threading.Event()
+        self.peak = rss_bytes()
+
+        def run() -> None:
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, rss_bytes())
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_json(path: Path, payload: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
+    return head + body
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)

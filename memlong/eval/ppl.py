@@ -1,0 +1,185 @@
+"""Perplexity on a long book: full attention vs sliding window vs MemLong, on the same tokens.
+
+For every context length L and every window end E (several, spread over the book), a window holds
+book[E-L : E]. Every method scores the SAME final `score_tokens` of each window:
+
+- full:    one causal forward over the whole window (only where L <= full_max).
+- sliding: the chunk loop with no memory: local window only.
+- memlong: the same chunk loop and local window, plus memory of everything before the local window.
+
+sliding and memlong share one lower-layer ingest of the window's prefix (layers 0..mem_layer never see
+memory, so it is identical for both); both then read the last `local_window` tokens before the scored
+span with every layer, and score. Memory is fresh per window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from memlong.eval.common import (
+    PeakRSS,
+    Stack,
+    full_attention_logprobs,
+    machine_info,
+    markdown_table,
+    write_json,
+)
+
+METHODS = ("full", "sliding", "memlong")
+
+
+@dataclass(frozen=True)
+class PPLSettings:
+    book: str = "kjv"
+    lengths: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
+    windows: int = 4
+    score_tokens: int = 256
+    methods: tuple[str, ...] = METHODS
+    full_max: int = 8192
+    start: int = 0  # first token of the book region the windows are drawn from
+
+
+def window_ends(n_tokens: int, settings: PPLSettings) -> list[int]:
+    """Window ends spread evenly over the book so that the longest window fits before the first."""
+    first = settings.start + max(settings.lengths)
+    if first > n_tokens:
+        raise ValueError(f"book has {n_tokens} tokens; the longest window needs {first}")
+    span = n_tokens - first
+    return [first + span * i // max(1, settings.windows) for i in range(settings.windows)]
+
+
+def run_ppl(stack: Stack, settings: PPLSettings, label_suffix: str = "") -> tuple[list[dict], list[dict]]:
+    """Returns (ppl records, speed records)."""
+    cfg = stack.model.config
+    tokens = stack.encode_book(settings.book)
+    ends = window_ends(len(tokens), settings)
+    w, s = cfg.local_window, settings.score_tokens
+    if (w + s) % cfg.chunk or any(length % cfg.chunk for length in settings.lengths):
+        raise ValueError("local_window + score_tokens and every length must be multiples of the chunk size")
+    nll: dict[tuple[str, int], list[float]] = {}
+    speed: dict[tuple[str, int], dict] = {}
+    jobs = [(length, end) for length in settings.lengths for end in ends]
+    for length, end in tqdm(jobs, desc="ppl windows", unit="window"):
+        window = tokens[end - length : end]
+        prefix, tail = window[: length - w - s], window[length - w - s :]
+        if "full" in settings.methods and length <= settings.full_max:
+            with PeakRSS() as rss:
+                t0 = time.perf_counter()
+                lp = full_attention_logprobs(stack.model, window, s)
+                dt = time.perf_counter() - t0
+            _add(
+                nll,
+                speed,
+                ("full", length),
+                lp,
+                {"score_tok_s": length / dt, "peak_rss_mb": rss.peak / 2**20},
+            )
+        want = [m for m in ("sliding", "memlong") if m in settings.methods]
+        if not want:
+            continue
+        with PeakRSS() as rss:
+            reader = stack.reader(with_memory="memlong" in want)
+            t0 = time.perf_counter()
+            reader.ingest(prefix)
+            ingest_s = time.perf_counter() - t0
+            ingest_rss = rss.peak
+        for method in want:
+            r = reader if method == "memlong" else reader.fork(None)
+            with PeakRSS() as rss:
+                t0 = time.perf_counter()
+                lp = r.score(tail)[-s:]
+                dt = time.perf_counter() - t0
+            _add(
+                nll,
+                speed,
+                (method, length),
+                lp,
+                {
+                    "ingest_tok_s": len(prefix) / ingest_s if prefix else None,
+                    "score_tok_s": len(tail) / dt,
+                    "peak_rss_mb": max(rss.peak, ingest_rss) / 2**20,
+                    "retrievals": r.stats.retrievals,
+                    "retrieval_s": r.stats.retrieval_s,
+                },
+            )
+    records, speeds = [], []
+    for (method, length), values in nll.items():
+        records.append(
+            {
+                "book": settings.book,
+                "method": method + label_suffix,
+                "context_tokens": length,
+                "scored_tokens": len(values),
+                "windows": len(ends),
+                "local_window": w if method != "full" else length,
+                "top_k": cfg.top_k if method == "memlong" else 0,
+                "chunk": cfg.chunk,
+                "query": cfg.query if method == "memlong" else "none",
+                "mem_layer": cfg.mem_layer,
+                "ret_attn_layers": list(cfg.ret_attn_layers),
+                "mem_position": cfg.mem_position,
+                "ppl": math.exp(sum(values) / len(values)),
+            }
+        )
+        runs = speed[(method, length)]["runs"]
+        speeds.append({"method": method + label_suffix, "context_tokens": length, **_mean(runs)})
+    return records, speeds
+
+
+def _add(nll, speed, key, logp: torch.Tensor, stats: dict) -> None:
+    if torch.isnan(logp).any():
+        raise RuntimeError(f"{key}: unscored tokens in the scored span")
+    nll.setdefault(key, []).extend((-logp).tolist())
+    speed.setdefault(key, {"runs": []})["runs"].append(stats)
+
+
+def _mean(runs: list[dict]) -> dict:
+    out = {}
+    for k in runs[0]:
+        vals = [r[k] for r in runs if r[k] is not None]
+        out[k] = max(vals) if k == "peak_rss_mb" else (sum(vals) / len(vals) if vals else None)
+    return out
+
+
+def write_ppl(
+    out_dir: Path, settings: PPLSettings, records: list[dict], speeds: list[dict], extra: dict
+) -> None:
+    meta = {"settings": asdict(settings), "machine": machine_info(), **extra}
+    write_json(out_dir / "ppl.json", records)
+    write_json(out_dir / "ppl_meta.json", meta)
+    write_json(out_dir / "speed.json", {"meta": meta, "records": speeds})
+    cols = ["method", "context_tokens", "scored_tokens", "local_window", "top_k", "chunk", "query", "ppl"]
+    (out_dir / "ppl.md").write_text(markdown_table(sorted(records, key=_order), cols))
+    scols = ["method", "context_tokens", "ingest_tok_s", "score_tok_s", "peak_rss_mb"]
+    (out_dir / "speed.md").write_text(markdown_table(sorted(speeds, key=_order), scols))
+    plot_ppl(out_dir / "ppl.png", records)
+
+
+def _order(r: dict) -> tuple:
+    return (r["method"], r["context_tokens"])
+
+
+def plot_ppl(path: Path, records: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["method"] for r in records}):
+        pts = sorted((r["context_tokens"], r["ppl"]) for r in records if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("perplexity (same scored tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+"""The chunk loop on a tiny model: ingest, score and generate against references."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from memlong.chunkloop import Reader, SamplingParams, records_to_kv
+from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong, tiny_memory
+from tests.test_model import naive_forward
+
+
+def _reader(model, memory=True, retriever=None):
+    retriever = retriever or RecordingRetriever()
+    mem = tiny_memory(model, retriever) if memory else None
+    return Reader(model, retriever, TinyTokenizer(), mem, ingest_block=8)
+
+
+def _tokens(n, seed=0):
+    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_scoring_without_memory_equals_one_sliding_window_forward():
+    model = tiny_memlong(chunk=4, window=8)
+    toks = _tokens(50)
+    got = _reader(model, memory=False).score(toks)
+    with torch.no_grad():
+        logp = torch.log_softmax(naive_forward(model, torch.tensor([toks]), window=8, mem=None)[0], -1)
+    want = logp[:-1].gather(1, torch.tensor(toks[1:])[:, None])[:, 0]
+    assert torch.isnan(got[0])
+    torch.testing.assert_close(got[1:], want, atol=1e-5, rtol=0)
+
+
+def test_chunks_enter_memory_only_after_leaving_the_window_and_queries_are_causal():
+    model = tiny_memlong(chunk=4, window=8)
+    retriever = RecordingRetriever()
+    reader = _reader(model, retriever=retriever)
+    queries = []
+    search = reader.memory.search
+    reader.memory.search = lambda q, k: queries.append(q.copy()) or search(q, k)
+    toks = _tokens(40, seed=1)
+    reader.score(toks)
+    # 40 tokens read, window 8: chunks [0,4) .. [28,32) have left the window -> 8 chunks stored.
+    assert reader.stats.chunks_stored == 8 and len(reader.memory) == 8
+    # One retrieval per chunk boundary once memory is non-empty: chunk [0,4) leaves the window of the
+    # token at 12 (which sees 4..12), so boundaries 12, 16, ..., 36.
+    assert reader.stats.retrievals == len(queries) == 7
+    for boundary, query in zip(range(12, 40, 4), queries, strict=True):
+        want = retriever.embed(
+            [TinyTokenizer().decode(toks[boundary - 4 : boundary])]
+        )  # text before the chunk
+        np.testing.assert_array_equal(query, want)
+
+
+def test_ingest_stores_the_same_memory_as_scoring():
+    model = tiny_memlong(chunk=4, window=8)
+    toks = _tokens(64, seed=2)
+    a, b = _reader(model), _reader(model)
+    a.ingest(toks)
+    b.score(toks)
+    ids = a.memory.ids()
+    assert (ids == b.memory.ids()).all() and len(ids) == 14
+    ra, _ = a.memory.fetch(ids)
+    rb, _ = b.memory.fetch(ids)
+    torch.testing.assert_close(
+        records_to_kv(ra, model.kv_record_shape, "float32"),
+        records_to_kv(rb, model.kv_record_shape, "float32"),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_memory_changes_predictions_and_flush_stores_the_partial_tail():
+    model = tiny_memlong(chunk=4, window=8)
+    toks = _tokens(46, seed=3)
+    with_mem, without = _reader(model), _reader(model, memory=False)
+    lp_mem, lp_loc = with_mem.score(toks), without.score(toks)
+    torch.testing.assert_close(
+        lp_mem[1:13], lp_loc[1:13], atol=1e-5, rtol=0
+    )  # memory empty before position 12
+    assert (lp_mem[13:] - lp_loc[13:]).abs().max() > 1e-4
+    with_mem.flush()
+    assert len(with_mem.memory) == 12  # 11 full chunks + a 2-token tail
+    _, lengths = with_mem.memory.fetch(with_mem.memory.ids()[-1:])
+    assert lengths.tolist() == [2]
+
+
+def test_greedy_generation_matches_scoring_and_retrieves_once_per_chunk():
+    model = tiny_memlong(chunk=4, window=8)
+    prompt = _tokens(30, seed=4)
+    gen_reader = _reader(model)
+    out = list(gen_reader.generate(prompt, SamplingParams(max_new_tokens=10)))
+    assert len(out) == 10
+    retrievals_prompt = _reader(model)
+    retrievals_prompt.score(prompt)
+    # 10 new tokens from position 30 cross boundaries 32, 36 (40 is never read: the 10th token is not fed).
+    assert gen_reader.stats.retrievals - retrievals_prompt.stats.retrievals == 2
+    # Teacher-forced: each generated token is the argmax after scoring the prompt and the tokens before it.
+    for j, token in enumerate(out):
+        check = _reader(model)
+        check.score(prompt + out[:j])
+        assert int(torch.argmax(check._last_logp)) == token
+
+
+def test_sampling_is_seeded_and_stops():
+    model = tiny_memlong(chunk=4, window=8)
+    prompt = _tokens(12, seed=5)
+    p = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20, seed=7)
+    a = list(_reader(model).generate(prompt, p))
+    b = list(_reader(model).generate(prompt, p))
+    assert a == b
+    stop = a[3]
+    c = list(_reader(model).generate(prompt, SamplingParams(**{**p.__dict__, "stop_token_ids": (stop,)})))
+    assert c == a[: a.index(stop) + 1]

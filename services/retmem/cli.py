@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--fsync", choices=("per-append", "grouped"), default="grouped")
     serve.add_argument("--max-message-mb", type=int, default=64)
     serve.add_argument("--checkpoint-mb", type=int, default=1024, help="log bytes between snapshots")
-    serve.add_argument("--grace-s", type=float, default=10.0)
+    serve.add_argument("--grace-s", type=float, default=10.0, help="wait for in-flight calls at stop")
+    serve.add_argument("--drain-s", type=float, default=1.0, help="NOT_SERVING before the listener closes")
     serve.set_defaults(func=serve_command)
 
 
@@ -45,6 +46,7 @@ def config_from_args(args: argparse.Namespace) -> RetMemConfig:
         max_message_bytes=args.max_message_mb << 20,
         checkpoint_bytes=args.checkpoint_mb << 20,
         grace_s=args.grace_s,
+        drain_s=args.drain_s,
     )
 
 

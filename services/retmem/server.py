@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health
 
-from memlong.errors import InvalidArgument
+from memlong.errors import InvalidArgument, Unavailable
 from memlong.retmem.v1 import retmem_pb2 as pb
 from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from services.common import tensor
@@ -54,6 +54,7 @@ class RetMemConfig:
     max_workers: int = 16
     checkpoint_bytes: int = 1 << 30
     grace_s: float = 10.0
+    drain_s: float = 0.0  # between health NOT_SERVING and closing the listener (probe period)
     checkpoint_on_stop: bool = True  # snapshot at graceful stop so retrieval counters survive it
 
     def __post_init__(self) -> None:
@@ -71,8 +72,12 @@ class RetMemServicer(pb_grpc.RetMemServicer):
     def __init__(self, shards: Mapping[str, Shard], placement: Placement) -> None:
         self.shards = shards
         self.placement = placement
+        self.accepting = threading.Event()
+        self.accepting.set()
 
     def _shard(self, session_id: str) -> Shard:
+        if not self.accepting.is_set():
+            raise Unavailable("ret-mem is stopping")
         return self.shards[self.placement.local_owner(session_id)]
 
     @grpc_errors
@@ -217,16 +222,27 @@ class RetMemServer:
         set_health(self.health, [SERVICE_NAME], serving=True)
         self.recovered.set()
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Health NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
-        grace = self.config.grace_s if grace_s is None else grace_s
+    def begin_stop(self) -> None:
+        """Phase 1: health NOT_SERVING and new calls UNAVAILABLE; in-flight calls go on."""
         set_health(self.health, [SERVICE_NAME], serving=False)
+        self.servicer.accepting.clear()
+
+    def finish_stop(self, grace_s: float | None = None) -> None:
+        """Phase 2: close the listener, wait up to `grace_s` for in-flight calls, snapshot, close logs."""
+        grace = self.config.grace_s if grace_s is None else grace_s
         if self.server is not None:
             self.server.stop(grace).wait()
         for shard in self.shards.values():
             if self.config.checkpoint_on_stop and shard.healthy:
                 shard.checkpoint()
             shard.close()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Graceful stop: begin_stop, let probes see NOT_SERVING for drain_s, finish_stop."""
+        self.begin_stop()
+        if self.config.drain_s > 0:
+            threading.Event().wait(self.config.drain_s)
+        self.finish_stop(grace_s)
 
     def serving_address(self) -> str:
         return f"{self.config.host}:{self.port}"

@@ -1,0 +1,331 @@
+"""C1-C5, D4, A3, routing and export/import over gRPC."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memlong import errors
+from memlong.common.v1 import tensor_pb2
+from memlong.retmem.v1 import retmem_pb2 as pb
+from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
+from services.common import tensor
+from services.retmem import wire
+from services.retmem.client import RetMemClient
+from services.retmem.routing import Ring
+from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+from services.retmem.shard import Shard
+
+from .conftest import chunks, tiny_spec
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_status(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        req = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        return health_pb2_grpc.HealthStub(ch).Check(req, timeout=2).status
+
+
+def stub_for(server: RetMemServer) -> pb_grpc.RetMemStub:
+    return pb_grpc.RetMemStub(grpc.insecure_channel(server.serving_address()))
+
+
+def test_c1_random_bytes_get_internal_and_server_keeps_serving(server, client) -> None:
+    spec = tiny_spec()
+    client.create_session("c1", spec)
+    rng = np.random.default_rng(11)
+    with grpc.insecure_channel(server.serving_address()) as ch:
+        for method in ("Append", "CreateSession", "GetSession"):
+            call = ch.unary_unary(f"/{SERVICE_NAME}/{method}")  # no serializer: raw bytes on the wire
+            for _ in range(5):
+                junk = b"\x07" + rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8).tobytes()
+                with pytest.raises(grpc.RpcError) as e:
+                    call(junk, timeout=5)
+                assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert health_status(server.serving_address()) == SERVING
+    assert client.append("c1", *chunks(rng, spec, 0, 2)) == 2
+
+
+def _bad_tensor(t: tensor_pb2.Tensor, **change) -> tensor_pb2.Tensor:
+    out = tensor_pb2.Tensor()
+    out.CopyFrom(t)
+    for k, v in change.items():
+        if k == "shape":
+            del out.shape[:]
+            out.shape.extend(v)
+        else:
+            setattr(out, k, v)
+    return out
+
+
+def test_c2_each_bad_field_is_invalid_argument_naming_it(server, client) -> None:
+    spec = tiny_spec()
+    client.create_session("c2", spec)
+    rng = np.random.default_rng(12)
+    client.append("c2", *chunks(rng, spec, 0, 4))
+    queries = rng.standard_normal((3, spec.dim)).astype(np.float32)
+    before = client.search("c2", queries, 3)
+    stats_before = client.info("c2").num_chunks
+    ids, emb, rec, lengths = chunks(rng, spec, 10, 1)
+    code = tensor.dtype_code("bfloat16")
+    good_emb = tensor.encode(emb[0])
+    good_kv = tensor.encode_bytes(rec[0].tobytes(), code, spec.kv_shape)
+
+    def chunk(**kw) -> pb.Chunk:
+        c = pb.Chunk(seq=10, embedding=good_emb, kv=good_kv, length=2)
+        for k, v in kw.items():
+            getattr(c, k).CopyFrom(v) if isinstance(v, tensor_pb2.Tensor) else setattr(c, k, v)
+        return c
+
+    nan = emb[0].copy()
+    nan[3] = np.nan
+    cases = {
+        "chunks[0].embedding.dtype": chunk(embedding=tensor.encode(emb[0].astype(np.float16))),
+        "chunks[0].embedding.data": chunk(embedding=_bad_tensor(good_emb, shape=[spec.dim + 1])),
+        "chunks[0].embedding.shape": chunk(embedding=tensor.encode(np.zeros(spec.dim + 2, np.float32))),
+        "chunks[0].kv.shape": chunk(kv=_bad_tensor(good_kv, shape=[-1, 1, 4, 2])),
+        "chunks[0].kv.checksum": chunk(kv=_bad_tensor(good_kv, checksum=good_kv.checksum ^ 1)),
+        "chunks[0].kv.dtype": chunk(kv=_bad_tensor(good_kv, dtype=tensor.dtype_code("float16"))),
+        "chunks[0].kv.dtype ": chunk(kv=_bad_tensor(good_kv, dtype=0)),
+        "embeddings": chunk(embedding=tensor.encode(nan)),
+        "lengths": chunk(length=0),
+        "lengths ": chunk(length=spec.chunk_tokens + 1),
+        "ids": chunk(seq=-5),
+    }
+    stub = stub_for(server)
+    huge = _bad_tensor(good_kv, shape=[1 << 40, 1 << 40, 1, 1])
+    cases["chunks[0].kv.shape "] = chunk(kv=huge)
+    for field, bad in cases.items():
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Append(pb.AppendRequest(session_id="c2", chunks=[bad]), timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert e.value.details().startswith(field.strip()), (field, e.value.details())
+    for sid in ("", "x" * 4096, "bad id/with slash"):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Append(pb.AppendRequest(session_id=sid, chunks=[chunk()]), timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("session_id")
+    bad_requests = {
+        "queries.shape": pb.SearchRequest(session_id="c2", queries=tensor.encode(queries[:, :-1]), top_k=2),
+        "top_k": pb.SearchRequest(session_id="c2", queries=tensor.encode(queries), top_k=0),
+        "queries.checksum": pb.SearchRequest(
+            session_id="c2", queries=_bad_tensor(tensor.encode(queries), checksum=1), top_k=2
+        ),
+    }
+    for field, req in bad_requests.items():
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Search(req, timeout=5))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field), field
+    bad_spec = wire.spec_to_proto(spec)
+    bad_spec.kv_dtype = 0
+    with pytest.raises(grpc.RpcError) as e:
+        stub.CreateSession(pb.CreateSessionRequest(session_id="c2b", spec=bad_spec), timeout=5)
+    assert e.value.details().startswith("spec.kv_dtype")
+    # Zero state change: same stored chunks, same answers (counters aside).
+    assert client.info("c2").num_chunks == stats_before
+    after = client.search("c2", queries, 3)
+    assert np.array_equal(before.ids, after.ids) and np.array_equal(before.records, after.records)
+    with pytest.raises(errors.NotFound):
+        client.info("c2b")
+
+
+def test_c3_over_size_limit_is_resource_exhausted(tmp_path: Path) -> None:
+    server = RetMemServer(RetMemConfig(data_dir=tmp_path, max_message_bytes=1 << 20))
+    server.start()
+    try:
+        client = RetMemClient({"shard0": server.serving_address()})  # client allows 64 MiB
+        spec = tiny_spec(memory_size=100_000)
+        client.create_session("c3", spec)
+        rng = np.random.default_rng(13)
+        with pytest.raises(errors.ResourceExhausted):
+            client.append("c3", *chunks(rng, spec, 0, 20_000))  # ~2.5 MB request
+        assert health_status(server.serving_address()) == SERVING
+        assert client.append("c3", *chunks(rng, spec, 0, 10)) == 10
+    finally:
+        server.stop(grace_s=1)
+
+
+def test_c4_unknown_deleted_and_deleted_after_restart_are_not_found(tmp_path: Path) -> None:
+    config = RetMemConfig(data_dir=tmp_path)
+    server = RetMemServer(config)
+    server.start()
+    client = RetMemClient({"shard0": server.serving_address()})
+    spec, q = tiny_spec(), np.zeros((1, 16), np.float32)
+    client.create_session("del", spec)
+    client.append("del", *chunks(np.random.default_rng(14), spec, 0, 3))
+    with pytest.raises(errors.NotFound):
+        client.search("never", q, 1)
+    client.delete_session("del")
+    with pytest.raises(errors.NotFound):
+        client.search("del", q, 1)
+    server.stop(grace_s=1)
+    server = RetMemServer(config)
+    server.start()
+    client = RetMemClient({"shard0": server.serving_address()})
+    for call in (lambda: client.search("del", q, 1), lambda: client.info("del"), lambda: client.delete_session("del")):
+        with pytest.raises(errors.NotFound):
+            call()
+    with pytest.raises(errors.AlreadyExists):  # ids of deleted sessions are never reused
+        client.create_session("del", spec)
+    server.stop(grace_s=1)
+
+
+def test_c5_idempotent_append(client: RetMemClient) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(15)
+    client.create_session("c5", spec)
+    batch = chunks(rng, spec, 0, 6)
+    assert client.append("c5", *batch) == 6
+    assert client.append("c5", *batch) == 0
+    ids, emb, rec, lengths = batch
+    more = chunks(rng, spec, 6, 3)
+    overlap = [np.concatenate([a[3:], b]) for a, b in zip(batch, more, strict=True)]
+    assert client.append("c5", *overlap) == 3
+    rec2 = rec.copy()
+    rec2[2, 0] ^= 0xFF
+    with pytest.raises(errors.AlreadyExists):
+        client.append("c5", ids, emb, rec2, lengths)
+    assert client.info("c5").num_chunks == 9
+
+
+def test_d4_health_not_serving_while_recovering(tmp_path: Path, monkeypatch) -> None:
+    gate = threading.Event()
+    real_open = Shard.open
+    monkeypatch.setattr(Shard, "open", lambda self: gate.wait(30) and real_open(self))
+    server = RetMemServer(RetMemConfig(data_dir=tmp_path))
+    server.start(recover_in_background=True)
+    target = server.serving_address()
+    try:
+        assert health_status(target) == NOT_SERVING
+        client = RetMemClient({"shard0": target}, timeout_s=2)
+        with pytest.raises(errors.Unavailable):
+            client.create_session("d4", tiny_spec())
+        gate.set()
+        assert server.recovered.wait(30)
+        assert health_status(target) == SERVING
+        client.create_session("d4", tiny_spec())
+        # The probe answers promptly under write load.
+        rng = np.random.default_rng(16)
+        stop = threading.Event()
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                client.append("d4", *chunks(rng, tiny_spec(), i, 8))
+                i += 8
+
+        t = threading.Thread(target=writer)
+        t.start()
+        statuses = [health_status(target) for _ in range(20)]
+        stop.set()
+        t.join(30)
+        assert statuses == [SERVING] * 20
+    finally:
+        gate.set()
+        server.stop(grace_s=1)
+
+
+def test_a3_graceful_stop(tmp_path: Path, monkeypatch) -> None:
+    server = RetMemServer(RetMemConfig(data_dir=tmp_path))
+    server.start()
+    target = server.serving_address()
+    client = RetMemClient({"shard0": target}, timeout_s=30)
+    spec, rng = tiny_spec(), np.random.default_rng(17)
+    client.create_session("a3", spec)
+    client.append("a3", *chunks(rng, spec, 0, 10))
+    entered, release = threading.Semaphore(0), threading.Event()
+    real_search = Shard.search
+
+    def slow_search(self, *a, **kw):
+        entered.release()
+        release.wait(30)
+        return real_search(self, *a, **kw)
+
+    monkeypatch.setattr(Shard, "search", slow_search)
+    results: list = []
+
+    def in_flight() -> None:
+        results.append(client.search("a3", rng.standard_normal((1, spec.dim)).astype(np.float32), 4))
+
+    callers = [threading.Thread(target=in_flight) for _ in range(3)]
+    for t in callers:
+        t.start()
+    for _ in callers:
+        assert entered.acquire(timeout=30)
+    watch = health_pb2_grpc.HealthStub(grpc.insecure_channel(target)).Watch(
+        health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30
+    )
+    assert next(watch).status == SERVING
+    server.begin_stop()  # what SIGTERM does first
+    assert next(watch).status == NOT_SERVING  # health flips while the listener is still open
+    with pytest.raises(errors.Unavailable):  # new calls are refused once stopping
+        RetMemClient({"shard0": target}, timeout_s=5).info("a3")
+    watch.cancel()  # the watch is itself an in-flight call
+    stopper = threading.Thread(target=server.finish_stop, kwargs={"grace_s": 30})
+    stopper.start()
+    release.set()
+    for t in callers:
+        t.join(30)
+    stopper.join(30)
+    assert len(results) == 3 and all(r.ids.shape == (1, 4) for r in results)
+
+
+def test_routing_refuses_foreign_sessions_and_client_routes(tmp_path: Path) -> None:
+    # Two processes' worth of servers, one shard each, plus the client ring over both.
+    a = RetMemServer(RetMemConfig(data_dir=tmp_path, shards=("a",)))
+    b = RetMemServer(RetMemConfig(data_dir=tmp_path, shards=("b",)))
+    a.start()
+    b.start()
+    addrs = {"a": a.serving_address(), "b": b.serving_address()}
+    try:
+        for srv in (a, b):  # tell each server the whole ring
+            srv.placement.__init__(srv.config.shards, addrs)
+        client = RetMemClient(addrs)
+        ring = Ring(["a", "b"])
+        spec = tiny_spec()
+        sids = [f"sess-{i}" for i in range(40)]
+        for sid in sids:
+            client.create_session(sid, spec)
+            assert client.info(sid).shard == ring.owner(sid)
+        assert {ring.owner(s) for s in sids} == {"a", "b"}
+        foreign = next(s for s in sids if ring.owner(s) == "b")
+        wrong = RetMemClient({"a": addrs["a"]})  # a client with a stale ring sends b's session to a
+        with pytest.raises(errors.FailedPrecondition, match="shard 'b'"):
+            wrong.info(foreign)
+    finally:
+        a.stop(grace_s=1)
+        b.stop(grace_s=1)
+
+
+def test_one_process_hosts_several_shards_and_sessions_move(tmp_path: Path) -> None:
+    server = RetMemServer(RetMemConfig(data_dir=tmp_path, shards=("x", "y", "z")))
+    server.start()
+    addr = server.serving_address()
+    client = RetMemClient({"x": addr, "y": addr, "z": addr})
+    spec, rng = tiny_spec(), np.random.default_rng(18)
+    owners = set()
+    for i in range(30):
+        client.create_session(f"m{i}", spec)
+        owners.add(client.info(f"m{i}").shard)
+    assert owners == {"x", "y", "z"}
+    client.append("m0", *chunks(rng, spec, 0, 12))
+    q = rng.standard_normal((2, spec.dim)).astype(np.float32)
+    before = client.search("m0", q, 5)
+    exported_spec, state = client.export_session("m0")
+    other = RetMemServer(RetMemConfig(data_dir=tmp_path / "other", shards=("x", "y", "z")))
+    other.start()
+    dest = RetMemClient({n: other.serving_address() for n in ("x", "y", "z")})
+    assert dest.import_session("m0", exported_spec, state) == 12
+    other.stop(grace_s=1)
+    other = RetMemServer(RetMemConfig(data_dir=tmp_path / "other", shards=("x", "y", "z")))
+    other.start()  # the import is durable
+    dest = RetMemClient({n: other.serving_address() for n in ("x", "y", "z")})
+    after = dest.search("m0", q, 5)
+    assert np.array_equal(before.ids, after.ids) and np.array_equal(before.records, after.records)
+    other.stop(grace_s=1)
+    server.stop(grace_s=1)

@@ -229,8 +229,21 @@ class MemLongModel(torch.nn.Module):
         self.n_kv_heads = hf_cfg.num_key_value_heads
         self.head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
         hf_model.config._attn_implementation = ATTN_NAME
-        for i, layer in enumerate(self.base.layers):
-            layer.self_attn.k_proj.register_forward_hook(self._stash_k(i))
+        self._hooked: list[tuple[torch.nn.Module, object]] = []
+        self._hook_k_proj()
+
+    def _hook_k_proj(self) -> None:
+        """Capture every layer's k_proj output (keys before RoPE) for the local cache and memory.
+
+        Re-run whenever a k_proj module is replaced (e.g. wrapped by a peft LoRA layer), so the captured
+        keys always include the adapter's contribution.
+        """
+        current = [layer.self_attn.k_proj for layer in self.base.layers]
+        if [m for m, _ in self._hooked] == current:
+            return
+        for _, handle in self._hooked:
+            handle.remove()
+        self._hooked = [(m, m.register_forward_hook(self._stash_k(i))) for i, m in enumerate(current)]
 
     @staticmethod
     def _stash_k(layer: int):
@@ -263,6 +276,7 @@ class MemLongModel(torch.nn.Module):
         stored K/V equal what a full pass would produce.
         """
         cfg = self.config
+        self._hook_k_proj()
         hidden = self.base.embed_tokens(input_ids)  # (B, S, hidden)
         b, s = input_ids.shape
         top = cfg.mem_layer if lower_only else self.n_layers

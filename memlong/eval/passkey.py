@@ -57,7 +57,9 @@ def run_passkey(stack: Stack, settings: PasskeySettings) -> list[dict]:
         correct = {m: 0 for m in settings.methods}
         base = stack.reader(with_memory="memlong" in settings.methods)
         done = 0
-        for (key, text), depth in tqdm(list(zip(needles, depths)), desc=f"passkey {length}", unit="trial"):
+        for (key, text), depth in tqdm(
+            list(zip(needles, depths, strict=True)), desc=f"passkey {length}", unit="trial"
+        ):
             base.ingest(hay[done:depth])
             done = depth
             seq = stack.encode(text) + hay[depth:n_hay] + question

@@ -154,10 +154,18 @@ class MemoryStore(Protocol):
     def delete_session(self, session_id: str) -> None: ...
 
 
-def LocalStore(name: str = "local") -> Any:  # noqa: N802 - reads as a class at call sites
-    """An in-process MemoryStore: a shard with no disk (nothing survives the process)."""
+def LocalStore(name: str = "local", faiss_threads: int | None = 1) -> Any:  # noqa: N802 - reads as a class
+    """An in-process MemoryStore: a shard with no disk (nothing survives the process).
+
+    `faiss_threads` sets FAISS's OpenMP threads process-wide (None leaves it alone): one query row
+    per call gains nothing from OpenMP, and spinning workers cost milliseconds on small machines.
+    """
+    import faiss
+
     from .shard import Shard
 
+    if faiss_threads is not None:
+        faiss.omp_set_num_threads(faiss_threads)
     shard = Shard(name, data_dir=None)
     shard.open()
     return shard

@@ -75,10 +75,25 @@ class ServerProcess:
     """`python -m services.retmem serve` in a subprocess, on port 0."""
 
     def __init__(self, data_dir: Path, shards: str = "shard0", fsync: str = "grouped", *extra: str) -> None:
-        cmd = [sys.executable, "-m", "services.retmem", "serve", "--port", "0", "--data-dir", str(data_dir),
-               "--shards", shards, "--fsync", fsync, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.retmem",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            "--shards",
+            shards,
+            "--fsync",
+            fsync,
+            *extra,
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         line = self.proc.stdout.readline()  # blocks until the server prints its port (or dies)
         if not line.startswith("RETMEM_PORT="):
             self.proc.kill()

@@ -29,7 +29,9 @@ def same(a, b) -> bool:
         return False
     x, y = a[1], b[1]
     if hasattr(x, "ids") and hasattr(y, "ids"):
-        return all(np.array_equal(getattr(x, f), getattr(y, f)) for f in ("ids", "scores", "records", "lengths"))
+        return all(
+            np.array_equal(getattr(x, f), getattr(y, f)) for f in ("ids", "scores", "records", "lengths")
+        )
     if isinstance(x, tuple):
         return all(np.array_equal(p, q) for p, q in zip(x, y, strict=True))
     if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
@@ -64,8 +66,23 @@ def test_b1_congruence_random_operations(tmp_path: Path) -> None:
             live[sid], history[sid] = 0, []
             continue
         sid = list(live)[rng.integers(len(live))]
-        op = rng.choice(["append", "append", "search", "search", "evict", "pin", "unpin", "fetch", "replay",
-                         "conflict", "delete", "info"], p=[.2, .1, .2, .1, .06, .06, .04, .06, .06, .04, .02, .06])
+        op = rng.choice(
+            [
+                "append",
+                "append",
+                "search",
+                "search",
+                "evict",
+                "pin",
+                "unpin",
+                "fetch",
+                "replay",
+                "conflict",
+                "delete",
+                "info",
+            ],
+            p=[0.2, 0.1, 0.2, 0.1, 0.06, 0.06, 0.04, 0.06, 0.06, 0.04, 0.02, 0.06],
+        )
         mem = bank.get(sid)
         stored = mem.ids()
         if op == "append":

@@ -29,8 +29,9 @@ def scan(client: RetMemClient, session_id: str, spec) -> dict[str, int]:
     return {"ids": ids, "duplicates": len(ids) - len(np.unique(ids)), "mismatches": mismatches}
 
 
-def append_until_killed(client: RetMemClient, spec, sessions: list[str], per_session: int, kill_after: int,
-                        kill) -> dict[str, tuple[set[int], set[int]]]:
+def append_until_killed(
+    client: RetMemClient, spec, sessions: list[str], per_session: int, kill_after: int, kill
+) -> dict[str, tuple[set[int], set[int]]]:
     """One thread per session appends single chunks; `kill` fires once `kill_after` acks are in.
 
     Returns, per session, (acknowledged ids, attempted ids)."""
@@ -72,7 +73,9 @@ def test_a0_sigkill_during_appends_loses_no_acknowledged_chunk(tmp_path: Path, f
     client = RetMemClient({"shard0": proc.target}, timeout_s=10)
     for s in sessions:
         client.create_session(s, spec)
-    outcome = append_until_killed(client, spec, sessions, 250, kill_after, lambda: proc.proc.send_signal(signal.SIGKILL))
+    outcome = append_until_killed(
+        client, spec, sessions, 250, kill_after, lambda: proc.proc.send_signal(signal.SIGKILL)
+    )
     assert proc.proc.wait(timeout=30) == -signal.SIGKILL
 
     proc = ServerProcess(tmp_path, fsync=fsync)
@@ -108,13 +111,23 @@ def _read(directory: Path) -> tuple[list[int], wal.ReplayReport]:
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncate_payload", "truncate_header", "flip_payload", "flip_header", "flip_crc", "garbage_tail", "zeros_tail"],
+    [
+        "truncate_payload",
+        "truncate_header",
+        "flip_payload",
+        "flip_header",
+        "flip_crc",
+        "garbage_tail",
+        "zeros_tail",
+    ],
 )
 def test_a2_torn_tail_is_dropped_and_counted(tmp_path: Path, damage: str) -> None:
     _write_records(tmp_path, 20)
     (seg,) = tmp_path.glob("*.wal")
     data = bytearray(seg.read_bytes())
-    last = len(data) - (wal.HEADER.size + len(__import__("msgpack").packb({"op": "x", "i": 19, "blob": b"\x13" * 100})))
+    last = len(data) - (
+        wal.HEADER.size + len(__import__("msgpack").packb({"op": "x", "i": 19, "blob": b"\x13" * 100}))
+    )
     expected = list(range(19))
     if damage == "truncate_payload":
         data = data[:-7]

@@ -110,7 +110,9 @@ def test_c2_each_bad_field_is_invalid_argument_naming_it(server, client) -> None
     for sid in ("", "x" * 4096, "bad id/with slash"):
         with pytest.raises(grpc.RpcError) as e:
             stub.Append(pb.AppendRequest(session_id=sid, chunks=[chunk()]), timeout=5)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("session_id")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(
+            "session_id"
+        )
     bad_requests = {
         "queries.shape": pb.SearchRequest(session_id="c2", queries=tensor.encode(queries[:, :-1]), top_k=2),
         "top_k": pb.SearchRequest(session_id="c2", queries=tensor.encode(queries), top_k=0),
@@ -121,7 +123,9 @@ def test_c2_each_bad_field_is_invalid_argument_naming_it(server, client) -> None
     for field, req in bad_requests.items():
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Search(req, timeout=5))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field), field
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field), (
+            field
+        )
     bad_spec = wire.spec_to_proto(spec)
     bad_spec.kv_dtype = 0
     with pytest.raises(grpc.RpcError) as e:
@@ -168,7 +172,11 @@ def test_c4_unknown_deleted_and_deleted_after_restart_are_not_found(tmp_path: Pa
     server = RetMemServer(config)
     server.start()
     client = RetMemClient({"shard0": server.serving_address()})
-    for call in (lambda: client.search("del", q, 1), lambda: client.info("del"), lambda: client.delete_session("del")):
+    for call in (
+        lambda: client.search("del", q, 1),
+        lambda: client.info("del"),
+        lambda: client.delete_session("del"),
+    ):
         with pytest.raises(errors.NotFound):
             call()
     with pytest.raises(errors.AlreadyExists):  # ids of deleted sessions are never reused

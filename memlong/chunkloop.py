@@ -9,12 +9,15 @@ and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a 
   before the boundary (`query="prev_chunk"`): only text before the tokens being predicted.
 - `ingest` runs layers 0..mem_layer only, in large blocks, with the same sliding window as scoring, so
   memory from ingest equals memory from scoring the same text.
+- Prefetch: when scoring a known text through a memory that offers `search_async` (the ret-mem port),
+  the next chunk's query is known before the current chunk is computed, so its retrieval runs in the
+  background while the model works. The answer is the same as a search made at the boundary.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +45,19 @@ class MemoryPort(Protocol):
     ) -> int: ...
 
     def search(self, queries: np.ndarray, top_k: int) -> SearchResultLike: ...
+
+
+class PrefetchingMemoryPort(MemoryPort, Protocol):
+    """A memory that can search in the background (optional; the Reader checks with hasattr).
+
+    `search_async(make_queries, top_k)` starts embedding + search at once and returns a function that
+    waits for the result. The result must equal `search(make_queries(), top_k)` made when the function
+    is called, i.e. it must include chunks appended after `search_async` was called.
+    """
+
+    def search_async(
+        self, make_queries: Callable[[], np.ndarray], top_k: int
+    ) -> Callable[[], SearchResultLike]: ...
 
 
 class Embedder(Protocol):
@@ -114,7 +130,6 @@ class Reader:
         ingest_block: int = 1024,
     ) -> None:
         self.model = model
-        self.cfg = model.config
         self.retriever = retriever
         self.tokenizer = tokenizer
         self.memory = memory
@@ -122,6 +137,11 @@ class Reader:
         self.stats = ReaderStats()
         self.next_chunk_id = next_chunk_id
         self._reset_local()
+
+    @property
+    def cfg(self):
+        """The model's current MemLong settings (read each time: `model.configured` may swap them)."""
+        return self.model.config
 
     def _reset_local(self) -> None:
         self.stream = self.model.new_stream()
@@ -133,6 +153,8 @@ class Reader:
         self._history: list[int] = []  # the last `chunk` tokens read: the retrieval query's text
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
+        # (position, query tokens, wait-for-result) of a retrieval started ahead of its boundary
+        self._prefetched: tuple[int, list[int], Callable[[], SearchResultLike]] | None = None
 
     def fork(self, memory: MemoryPort | None) -> Reader:
         """A reader with a copy of this one's local state and another memory (None for sliding-only)."""
@@ -198,13 +220,36 @@ class Reader:
             self._store(len(self._pend_tokens))
         self._reset_local()
 
+    def seed_query(self, tokens: Sequence[int]) -> None:
+        """Query memory with `tokens` at the first chunk boundary of an empty local window.
+
+        For a prompt whose continuation is generated: the prompt is given and only the answer is
+        predicted, so retrieving with the prompt is no look-ahead. Scoring never seeds (DESIGN §2.3).
+        """
+        if not self._history:
+            self._history = list(tokens)[-self.cfg.chunk :]
+
+    def _prefetch(self, position: int, query_tokens: list[int]) -> None:
+        """Start the retrieval for the boundary at `position` (query known ahead) in the background."""
+        search_async = getattr(self.memory, "search_async", None)
+        if search_async is None:
+            return
+        text = self.tokenizer.decode(query_tokens)
+        handle = search_async(lambda: self.retriever.embed([text]), self.cfg.top_k)
+        self._prefetched = (position, query_tokens, handle)
+
     def _retrieve(self) -> Memory | None:
         """Top-k chunks for the next chunk, queried with the text before it; None when nothing to use."""
+        pre, self._prefetched = self._prefetched, None
         if self.memory is None or not self._history or self._pend_start == 0 and self.next_chunk_id == 0:
             return None
         t0 = time.perf_counter()
-        query = self.retriever.embed([self.tokenizer.decode(self._history)])
-        res = self.memory.search(query, self.cfg.top_k)
+        if pre is not None and pre[0] == self.position and pre[1] == self._history:
+            res = pre[2]()
+            self.stats.extra["prefetched"] = self.stats.extra.get("prefetched", 0) + 1
+        else:
+            query = self.retriever.embed([self.tokenizer.decode(self._history)])
+            res = self.memory.search(query, self.cfg.top_k)
         self.stats.retrievals += 1
         self.stats.bytes_retrieved += int(res.records.nbytes)
         valid = res.ids[0] >= 0
@@ -250,8 +295,12 @@ class Reader:
         t0 = time.perf_counter()
         out: list[torch.Tensor] = []
         block_size = self.cfg.chunk if self.memory is not None else self.ingest_block
+        c = self.cfg.chunk
         for i, step in self._blocks(len(tokens), block_size):
             block = list(tokens[i : i + step])
+            end = self.position + step
+            if self.memory is not None and end % c == 0 and i + step < len(tokens):
+                self._prefetch(end, (self._history + block)[-c:])  # the next chunk's query is known
             logp = self._read_block(block)  # (step, V): log-probs of the token after each position
             ids = torch.tensor(block)
             first = self._last_logp[ids[0]] if self._last_logp is not None else torch.tensor(float("nan"))

@@ -19,6 +19,21 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in text.strip().split(","))
 
 
+def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
+    """'memlong_l15:ret_attn_layers=15;top_k=4' -> ('memlong_l15', (('ret_attn_layers', (15,)), ('top_k', 4)))."""
+    name, _, spec = text.partition(":")
+    items = []
+    for part in filter(None, spec.split(";")):
+        key, _, value = part.partition("=")
+        if key == "ret_attn_layers":
+            items.append((key, tuple(int(x) for x in value.split(","))))
+        elif key in ("top_k", "chunk", "local_window", "mem_layer"):
+            items.append((key, int(value)))
+        else:
+            items.append((key, value))
+    return name, tuple(items)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MemLong settings")
     g.add_argument("--model", default=None, help="HF LLaMA-family checkpoint dir (default: packaged SmolLM2)")
@@ -65,6 +80,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         score_tokens=args.score_tokens,
         methods=tuple(args.methods.split(",")),
         full_max=args.full_max,
+        variants=tuple(_variant(v) for v in args.variant),
     )
     stack = Stack.load(memlong_config(args), args.model)
     records, speeds = run_ppl(stack, settings)
@@ -113,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--score-tokens", type=int, default=256, help="scored tokens at the end of each window")
     ppl.add_argument("--methods", default="full,sliding,memlong")
     ppl.add_argument("--full-max", type=int, default=8192, help="longest context for full attention")
+    ppl.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="extra MemLong reading on the same tokens: NAME:ret_attn_layers=15;mem_position=prefix",
+    )
     ppl.add_argument("--out", default="bench/results")
     _model_args(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)

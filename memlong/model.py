@@ -20,7 +20,10 @@ Every retrieval layer reuses the memory layer's K/V (KV-head count, GQA) with it
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -244,6 +247,17 @@ class MemLongModel(torch.nn.Module):
         for _, handle in self._hooked:
             handle.remove()
         self._hooked = [(m, m.register_forward_hook(self._stash_k(i))) for i, m in enumerate(current)]
+
+    @contextlib.contextmanager
+    def configured(self, **overrides) -> Iterator[MemLongConfig]:
+        """Temporarily read with other settings (e.g. another set of retrieval layers) on the same weights."""
+        saved = self.config
+        self.config = dataclasses.replace(saved, **overrides)
+        self.config.check_model(self.n_layers)
+        try:
+            yield self.config
+        finally:
+            self.config = saved
 
     @staticmethod
     def _stash_k(layer: int):

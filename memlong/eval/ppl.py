@@ -43,6 +43,8 @@ class PPLSettings:
     methods: tuple[str, ...] = METHODS
     full_max: int = 8192
     start: int = 0  # first token of the book region the windows are drawn from
+    # Extra MemLong readings on the same ingest and tokens: (method name, ((setting, value), ...)).
+    variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
 
 def window_ends(n_tokens: int, settings: PPLSettings) -> list[int]:
@@ -80,56 +82,69 @@ def run_ppl(stack: Stack, settings: PPLSettings, label_suffix: str = "") -> tupl
                 lp,
                 {"score_tok_s": length / dt, "peak_rss_mb": rss.peak / 2**20},
             )
-        want = [m for m in ("sliding", "memlong") if m in settings.methods]
+        want = [m for m in ("sliding", "memlong") if m in settings.methods] + [
+            v[0] for v in settings.variants
+        ]
         if not want:
             continue
         with PeakRSS() as rss:
-            reader = stack.reader(with_memory="memlong" in want)
+            reader = stack.reader(with_memory=want != ["sliding"])
             t0 = time.perf_counter()
             reader.ingest(prefix)
             ingest_s = time.perf_counter() - t0
             ingest_rss = rss.peak
         for method in want:
-            r = reader if method == "memlong" else reader.fork(None)
-            with PeakRSS() as rss:
+            # Forks share the memory: chunks the tail adds are identical replays (idempotent appends).
+            r = reader.fork(None if method == "sliding" else reader.memory)
+            with PeakRSS() as rss, stack.model.configured(**_overrides(settings, method)):
                 t0 = time.perf_counter()
                 lp = r.score(tail)[-s:]
                 dt = time.perf_counter() - t0
-            _add(
-                nll,
-                speed,
-                (method, length),
-                lp,
-                {
-                    "ingest_tok_s": len(prefix) / ingest_s if prefix else None,
-                    "score_tok_s": len(tail) / dt,
-                    "peak_rss_mb": max(rss.peak, ingest_rss) / 2**20,
-                    "retrievals": r.stats.retrievals,
-                    "retrieval_s": r.stats.retrieval_s,
-                },
-            )
+            run = {
+                "ingest_tok_s": len(prefix) / ingest_s if prefix else None,
+                "score_tok_s": len(tail) / dt,
+                "peak_rss_mb": max(rss.peak, ingest_rss) / 2**20,
+                "retrievals": r.stats.retrievals,
+                "retrieval_s": r.stats.retrieval_s,
+            }
+            _add(nll, speed, (method, length), lp, run)
     records, speeds = [], []
     for (method, length), values in nll.items():
-        records.append(
+        with stack.model.configured(**_overrides(settings, method)) as mcfg:
+            records.append(_record(settings, mcfg, method + label_suffix, length, values, len(ends)))
+        speeds.append(
             {
-                "book": settings.book,
                 "method": method + label_suffix,
                 "context_tokens": length,
-                "scored_tokens": len(values),
-                "windows": len(ends),
-                "local_window": w if method != "full" else length,
-                "top_k": cfg.top_k if method == "memlong" else 0,
-                "chunk": cfg.chunk,
-                "query": cfg.query if method == "memlong" else "none",
-                "mem_layer": cfg.mem_layer,
-                "ret_attn_layers": list(cfg.ret_attn_layers),
-                "mem_position": cfg.mem_position,
-                "ppl": math.exp(sum(values) / len(values)),
+                **_mean(speed[(method, length)]["runs"]),
             }
         )
-        runs = speed[(method, length)]["runs"]
-        speeds.append({"method": method + label_suffix, "context_tokens": length, **_mean(runs)})
     return records, speeds
+
+
+def _overrides(settings: PPLSettings, method: str) -> dict:
+    return dict(dict(settings.variants).get(method, ()))
+
+
+def _record(
+    settings: PPLSettings, cfg, method: str, length: int, values: list[float], n_windows: int
+) -> dict:
+    memory = not method.startswith(("full", "sliding"))
+    return {
+        "book": settings.book,
+        "method": method,
+        "context_tokens": length,
+        "scored_tokens": len(values),
+        "windows": n_windows,
+        "local_window": length if method.startswith("full") else cfg.local_window,
+        "top_k": cfg.top_k if memory else 0,
+        "chunk": cfg.chunk,
+        "query": cfg.query if memory else "none",
+        "mem_layer": cfg.mem_layer,
+        "ret_attn_layers": list(cfg.ret_attn_layers) if memory else [],
+        "mem_position": cfg.mem_position if memory else "none",
+        "ppl": math.exp(sum(values) / len(values)),
+    }
 
 
 def _add(nll, speed, key, logp: torch.Tensor, stats: dict) -> None:

@@ -1,0 +1,142 @@
+"""One document read for training with exactly the chunk loop's semantics (memlong.chunkloop.Reader).
+
+The Reader scores with memory one chunk per block; training reads `block_chunks` chunks per block for
+bigger matrix products, and gives every query chunk its own retrieval through a (1, S, M) memory mask:
+- chunk k (tokens [k*c, (k+1)*c)) is in memory for the query chunk starting at token p iff
+  (k+1)*c <= p - local_window: it has left the local window, as the Reader stores it;
+- the retrieval query for the chunk at p is the retriever embedding of the text tokens[p-c:p] (the
+  Reader's `prev_chunk` history), which is also the stored embedding of chunk p/c-1: one embedding per
+  chunk serves both roles;
+- top-k by inner product over the stored chunks, ties to the older chunk, chronological order (the
+  memory bank's exact search); memory K/V are stored in `kv_dtype` and read back as float32;
+- memory is empty at the start of every document, never evicted within one (documents must fit in
+  `memory_size`), and detached: memory-layer K/V come from frozen layers and carry no gradient.
+Block sizes up to local_window + chunk keep this exact: every chunk a query in the block may retrieve
+left the window before the block began. Memory keys sit at position 0 (`mem_position="zero"`), where the
+order of memory slots does not matter, so the union of the block's retrieved chunks is attended once.
+Local caches are detached after every block (truncated backpropagation through the window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from memlong.chunkloop import _TORCH_DTYPES
+from memlong.errors import InvalidArgument
+from memlong.model import LayerCache, MemLongModel, Memory
+
+
+def chunk_texts(tokenizer, tokens: list[int], chunk: int) -> list[str]:
+    """Texts of the whole chunks of a document, decoded as the Reader decodes them."""
+    return [tokenizer.decode(tokens[i : i + chunk]) for i in range(0, len(tokens) - chunk + 1, chunk)]
+
+
+class DocumentPass:
+    """Reads one document block by block; call `blocks()` and `forward(p, s)` in order."""
+
+    def __init__(
+        self,
+        model: MemLongModel,
+        tokens: list[int],
+        chunk_emb: np.ndarray | None,
+        block_chunks: int,
+    ) -> None:
+        cfg = model.config
+        c, w = cfg.chunk, cfg.local_window
+        self.model, self.cfg = model, cfg
+        self.block = block_chunks * c
+        if block_chunks < 1 or self.block > w + c:
+            raise InvalidArgument("block_chunks", f"a block must be 1..{(w + c) // c} chunks")
+        if chunk_emb is not None:
+            if cfg.mem_position != "zero" and block_chunks > 1:
+                raise InvalidArgument("block_chunks", "mem_position='prefix' needs one chunk per block")
+            if len(tokens) // c > cfg.memory_chunks:
+                raise InvalidArgument("memory_size", "a training document must fit in memory (no eviction)")
+            if chunk_emb.shape[0] != len(tokens) // c:
+                raise InvalidArgument("chunk_emb", "one embedding per whole chunk of the document")
+        self.tokens = torch.tensor(tokens, dtype=torch.long)  # (N,)
+        self.emb = None if chunk_emb is None else torch.from_numpy(np.asarray(chunk_emb, dtype=np.float32))
+        self.stream = model.new_stream()
+        self.position = 0
+        n_pad = -(-len(tokens) // c) * c
+        self.kv = (
+            None
+            if chunk_emb is None
+            else torch.zeros(2, model.n_kv_heads, n_pad, model.head_dim, dtype=_TORCH_DTYPES[cfg.kv_dtype])
+        )  # (2, Hkv, N, D): memory-layer K (before RoPE) and V of every token read
+
+    @property
+    def n_inputs(self) -> int:
+        """Tokens read as inputs: all but the last, which is only ever a target."""
+        return len(self.tokens) - 1
+
+    def blocks(self) -> Iterator[tuple[int, int]]:
+        """(start, length) of the remaining blocks, from the current position."""
+        for p in range(self.position, self.n_inputs, self.block):
+            yield p, min(self.block, self.n_inputs - p)
+
+    def retrieved(self, p: int) -> list[int]:
+        """Chunk ids retrieved for the query chunk starting at token p (chronological)."""
+        cfg = self.cfg
+        n_stored = max(0, (p - cfg.local_window) // cfg.chunk)
+        if self.emb is None or n_stored == 0:
+            return []
+        scores = (self.emb[:n_stored] @ self.emb[p // cfg.chunk - 1]).numpy()  # (n_stored,)
+        order = np.lexsort((np.arange(n_stored), -scores))  # best first, older first on ties
+        return sorted(order[: cfg.top_k].tolist())
+
+    def memory(self, p: int, s: int) -> Memory | None:
+        """Memory for the block [p, p+s): the union of its chunks' retrievals, masked per query chunk."""
+        if self.kv is None:
+            return None
+        c = self.cfg.chunk
+        rows = [self.retrieved(q) for q in range(p, p + s, c)]
+        union = sorted(set().union(*rows))
+        if not union:
+            return None
+        col = {cid: i for i, cid in enumerate(union)}
+        hit = torch.zeros(len(rows), len(union), dtype=torch.bool)  # (query chunks, retrieved chunks)
+        for j, row in enumerate(rows):
+            hit[j, [col[cid] for cid in row]] = True
+        rows_len = torch.tensor([min(c, s - j * c) for j in range(len(rows))])
+        mask = hit.repeat_interleave(rows_len, dim=0).repeat_interleave(c, dim=1)  # (S, U*c)
+        hkv, d = self.kv.shape[1], self.kv.shape[3]
+        kv = self.kv.view(2, hkv, -1, c, d)[:, :, union].reshape(2, hkv, len(union) * c, d).float()
+        return Memory(k=kv[0][None], v=kv[1][None], mask=mask[None])
+
+    def forward(self, p: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (s, hidden), targets (s,)) for the block [p, p+s); advances the stream."""
+        if p != self.position:
+            raise RuntimeError(f"blocks must be read in order: at {self.position}, asked for {p}")
+        memory = self.memory(p, s)
+        out = self.model.forward_block(self.tokens[p : p + s][None], self.stream, memory)
+        if self.kv is not None:
+            self.kv[0, :, p : p + s] = out.mem_k[0].detach().to(self.kv.dtype)
+            self.kv[1, :, p : p + s] = out.mem_v[0].detach().to(self.kv.dtype)
+        for cache in self.stream.caches:  # the next block sees these values, not their history
+            cache.k, cache.v = cache.k.detach(), cache.v.detach()
+        self.position = p + s
+        return out.hidden[0], self.tokens[p + 1 : p + s + 1]
+
+    # -- checkpointing mid-document ---------------------------------------------------------------------
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {"position": torch.tensor(self.position)}
+        for i, cache in enumerate(self.stream.caches):
+            if cache.k is not None:
+                out[f"cache.{i}.k"], out[f"cache.{i}.v"] = cache.k.contiguous(), cache.v.contiguous()
+        if self.kv is not None:
+            out["kv"] = self.kv[:, :, : self.position].contiguous()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.position = int(state["position"])
+        self.stream.tokens_seen = self.position
+        for i in range(len(self.stream.caches)):
+            if f"cache.{i}.k" in state:
+                self.stream.caches[i] = LayerCache(state[f"cache.{i}.k"], state[f"cache.{i}.v"])
+        if self.kv is not None:
+            self.kv[:, :, : self.position] = state["kv"]

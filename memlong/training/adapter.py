@@ -101,7 +101,9 @@ def attach_lora(model: MemLongModel, spec: AdapterSpec) -> list[tuple[str, torch
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.lora_targets))
+    cfg = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.lora_targets)
+    )
     inject_adapter_in_model(cfg, model.hf)
     model._hook_k_proj()  # k_proj modules were replaced: capture keys from the LoRA-wrapped modules
     for p in model.hf.parameters():

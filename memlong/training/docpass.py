@@ -12,8 +12,9 @@ bigger matrix products, and gives every query chunk its own retrieval through a 
 - memory is empty at the start of every document, never evicted within one (documents must fit in
   `memory_size`), and detached: memory-layer K/V come from frozen layers and carry no gradient.
 Block sizes up to local_window + chunk keep this exact: every chunk a query in the block may retrieve
-left the window before the block began. Memory keys sit at position 0 (`mem_position="zero"`), where the
-order of memory slots does not matter, so the union of the block's retrieved chunks is attended once.
+left the window before the block began. With memory at position 0 (`mem_position="zero"`) the
+query-memory distance is the query's local position; `memory()` shifts each query chunk's memory keys so
+that distance equals the Reader's (tests/test_train.py checks log-probs against the Reader).
 Local caches are detached after every block (truncated backpropagation through the window).
 """
 
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from memlong.chunkloop import _TORCH_DTYPES
 from memlong.errors import InvalidArgument
@@ -89,23 +91,42 @@ class DocumentPass:
         return sorted(order[: cfg.top_k].tolist())
 
     def memory(self, p: int, s: int) -> Memory | None:
-        """Memory for the block [p, p+s): the union of its chunks' retrievals, masked per query chunk."""
+        """Memory for the block [p, p+s): each query chunk's own retrieval, masked to that chunk.
+
+        Memory keys are unrotated (position 0), so a query's distance to memory is its local position,
+        which grows with the tokens of the block before it. The Reader reads one chunk per block; to give
+        sub-chunk j exactly the Reader's distance, its memory keys are rotated to the position `off` by
+        which sub-chunk j sits further right in this block than in the Reader's.
+        """
         if self.kv is None:
             return None
-        c = self.cfg.chunk
-        rows = [self.retrieved(q) for q in range(p, p + s, c)]
-        union = sorted(set().union(*rows))
-        if not union:
-            return None
-        col = {cid: i for i, cid in enumerate(union)}
-        hit = torch.zeros(len(rows), len(union), dtype=torch.bool)  # (query chunks, retrieved chunks)
-        for j, row in enumerate(rows):
-            hit[j, [col[cid] for cid in row]] = True
-        rows_len = torch.tensor([min(c, s - j * c) for j in range(len(rows))])
-        mask = hit.repeat_interleave(rows_len, dim=0).repeat_interleave(c, dim=1)  # (S, U*c)
+        c, w = self.cfg.chunk, self.cfg.local_window
         hkv, d = self.kv.shape[1], self.kv.shape[3]
-        kv = self.kv.view(2, hkv, -1, c, d)[:, :, union].reshape(2, hkv, len(union) * c, d).float()
-        return Memory(k=kv[0][None], v=kv[1][None], mask=mask[None])
+        chunks = self.kv.view(2, hkv, -1, c, d)
+        n_local = min(p, w)  # cache length at the start of this block (all layers keep the same window)
+        keys, values, spans = [], [], []
+        for j, q in enumerate(range(p, p + s, c)):
+            row = self.retrieved(q)
+            if not row:
+                continue
+            kv = chunks[:, :, row].reshape(2, hkv, len(row) * c, d).float()  # (2, Hkv, m, D)
+            k = kv[0][None]  # (1, Hkv, m, D)
+            off = n_local + j * c - min(q, w)
+            if off:
+                pos = torch.full((1, k.shape[2]), off, dtype=torch.long)
+                cos, sin = self.model.base.rotary_emb(k, pos)
+                _, k = apply_rotary_pos_emb(k, k, cos, sin)
+            keys.append(k)
+            values.append(kv[1][None])
+            spans.append((j * c, min(s, (j + 1) * c), k.shape[2]))
+        if not keys:
+            return None
+        mask = torch.zeros(s, sum(m for _, _, m in spans), dtype=torch.bool)  # (S, M)
+        col = 0
+        for lo, hi, m in spans:
+            mask[lo:hi, col : col + m] = True
+            col += m
+        return Memory(k=torch.cat(keys, dim=2), v=torch.cat(values, dim=2), mask=mask[None])
 
     def forward(self, p: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden (s, hidden), targets (s,)) for the block [p, p+s); advances the stream."""

@@ -1,0 +1,376 @@
+"""MemLong stage-2 training: LoRA above the memory layer, long documents streamed in order.
+
+Every step reads the next block of the current document through `DocumentPass`, which follows the
+inference chunk loop exactly (sliding local window, memory = chunks that left the window, causal
+`prev_chunk` retrieval query, memory detached and cleared per document), and takes one optimiser step
+on the block's next-token loss. `use_memory=False` is the memory-free control (`lora_no_memory`): the
+same LoRA training reading the same blocks with the local window only.
+
+A run directory holds `metrics.jsonl` (one line per step / evaluation), `checkpoints/step-N/` (adapter,
+optimiser state, mid-document stream state, trainer state) and `LATEST` naming the newest checkpoint.
+Resuming restores all of it, so an interrupted run continues with the same weights it would have had.
+
+`load_adapter(model, path)` is what inference uses: it folds a trained adapter into the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from memlong.errors import InvalidArgument
+from memlong.model import MemLongModel
+from memlong.training.adapter import (
+    AdapterSpec,
+    attach_lora,
+    check_binding,
+    copy_into_lora,
+    merge_adapter,
+    read_adapter,
+    save_adapter,
+)
+from memlong.training.docpass import DocumentPass, chunk_texts
+
+log = logging.getLogger(__name__)
+
+# Shipped with the repository; the decoder loads it by default when its settings match (see load_adapter).
+DEFAULT_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "smollm2-135m-memlong"
+# Held-out Shakespeare plays: never trained on, used for every evaluation of the shipped adapters.
+HELDOUT_PLAYS = ("hamlet", "macbeth", "the-tempest", "twelfth-night", "julius-caesar")
+
+
+def load_adapter(model: MemLongModel, path: str | Path, check_base: bool = True) -> dict:
+    """Fold the adapter in directory `path` into `model`'s weights; returns its metadata.
+
+    Raises InvalidArgument when the adapter was trained for another base model, memory layer, retrieval
+    layers or memory position; warns when the window, chunk or top-k differ from training.
+    """
+    path = Path(path)
+    spec, meta, tensors = read_adapter(path)
+    check_binding(model, meta, path, check_base=check_base)
+    merge_adapter(model, spec, tensors)
+    log.info("loaded MemLong adapter %s (%s)", path, meta.get("method", "?"))
+    return meta
+
+
+def maybe_load_default_adapter(model: MemLongModel, enabled: bool = True) -> dict | None:
+    """Load the shipped adapter when present, enabled and trained for this model; else leave it as is."""
+    if not enabled or not (DEFAULT_ADAPTER / "adapter.json").is_file():
+        return None
+    try:
+        return load_adapter(model, DEFAULT_ADAPTER)
+    except InvalidArgument as exc:
+        log.warning("not loading the default adapter: %s", exc)
+        return None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (the MemLong settings live in the model's MemLongConfig)."""
+
+    use_memory: bool = True  # False: the lora_no_memory control
+    block_chunks: int = 4  # chunks per block (one optimiser step per block)
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    mem_layer_qo: bool = True  # LoRA on the memory layer's q/o (it is a retrieval layer by default)
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
+    max_steps: int = 300
+    max_minutes: float = 0.0  # stop (and checkpoint) after this much wall time; 0: no limit
+    grad_clip: float = 1.0
+    max_doc_tokens: int = 0  # read at most this many tokens of each document; 0: whole documents
+    eval_every: int = 50
+    eval_tokens: int = 4096  # tokens read from the start of each evaluation document
+    save_every: int = 25
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_chunks < 1 or self.max_steps < 1 or self.lr <= 0:
+            raise InvalidArgument("train", "block_chunks, max_steps and lr must be positive")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidArgument(sorted(unknown)[0], "unknown training setting")
+        return cls(**values)
+
+
+@dataclass
+class Document:
+    name: str
+    tokens: list[int]
+    chunk_emb: np.ndarray | None = None  # (n_chunks, dim) retriever embeddings of its whole chunks
+
+
+Embed = Callable[[list[str]], np.ndarray]
+
+
+def embed_documents(
+    docs: Sequence[Document], embed: Embed, tokenizer, chunk: int, cache: Path | None
+) -> None:
+    """Fill each document's chunk embeddings (cached on disk by content when `cache` is given)."""
+    import hashlib
+
+    for doc in docs:
+        texts = chunk_texts(tokenizer, doc.tokens, chunk)
+        path = None
+        if cache is not None:
+            key = hashlib.sha256(("\x00".join(texts)).encode()).hexdigest()[:16]
+            path = cache / f"{doc.name}-{chunk}-{key}.npy"
+            if path.is_file():
+                doc.chunk_emb = np.load(path, allow_pickle=False)
+                continue
+        doc.chunk_emb = np.concatenate(
+            [embed(texts[i : i + 64]) for i in range(0, len(texts), 64)] or [np.zeros((0, 1), np.float32)]
+        )
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, doc.chunk_emb, allow_pickle=False)
+            os.replace(tmp, path)
+
+
+def block_loss(model: MemLongModel, docpass: DocumentPass, p: int, s: int) -> tuple[torch.Tensor, int]:
+    """(mean next-token loss, tokens) of one block; the block's last input may have no target."""
+    hidden, targets = docpass.forward(p, s)
+    hidden = hidden[: len(targets)]
+    logits = model.logits(hidden).float()  # (s, V)
+    return torch.nn.functional.cross_entropy(logits, targets), len(targets)
+
+
+class Trainer:
+    """Trains one adapter over `docs` (read in the given order, whole, once) on a MemLong model."""
+
+    def __init__(
+        self,
+        model: MemLongModel,
+        config: TrainConfig,
+        docs: Sequence[Document],
+        eval_docs: Sequence[Document],
+        out_dir: Path,
+        extra_meta: dict | None = None,
+    ) -> None:
+        self.model, self.config = model, config
+        self.docs, self.eval_docs = list(docs), list(eval_docs)
+        self.out_dir = Path(out_dir)
+        self.extra_meta = extra_meta or {}
+        self.spec = AdapterSpec.for_model(model, config.lora_r, config.lora_alpha, config.mem_layer_qo)
+        self.params = attach_lora(model, self.spec)
+        model.train()
+        self.opt = torch.optim.AdamW(
+            [p for _, p in self.params], lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0
+        )
+        self.step = 0
+        self.doc_index = 0
+        self.tokens_trained = 0
+        self.elapsed = 0.0
+        self.docpass: DocumentPass | None = None
+        if config.use_memory and any(d.chunk_emb is None for d in [*self.docs, *self.eval_docs]):
+            raise InvalidArgument("docs", "training with memory needs chunk embeddings for every document")
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        t = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def _open(self, index: int) -> DocumentPass:
+        doc = self.docs[index]
+        tokens = doc.tokens[: self.config.max_doc_tokens or None]
+        emb = doc.chunk_emb[: len(tokens) // self.model.config.chunk] if self.config.use_memory else None
+        return DocumentPass(self.model, tokens, emb, self.config.block_chunks)
+
+    def train_step(self) -> dict | None:
+        """One block, one optimiser step; None when every document has been read."""
+        while True:
+            if self.docpass is None:
+                if self.doc_index >= len(self.docs):
+                    return None
+                self.docpass = self._open(self.doc_index)
+            nxt = next(self.docpass.blocks(), None)
+            if nxt is not None:
+                break
+            self.docpass, self.doc_index = None, self.doc_index + 1
+        p, s = nxt
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        t0 = time.perf_counter()
+        loss, n = block_loss(self.model, self.docpass, p, s)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in self.params], self.config.grad_clip)
+        self.opt.step()
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.tokens_trained += n
+        self.elapsed += dt
+        return {
+            "step": self.step,
+            "doc": self.docs[self.doc_index].name,
+            "position": p,
+            "loss": float(loss.detach()),
+            "tokens": n,
+            "tok_s": n / dt,
+            "lr": self.lr_at(self.step - 1),
+            "grad_norm": float(grad_norm),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean next-token loss on the first `eval_tokens` of each evaluation document, counted from the
+        first token that can have memory (after local_window + chunk tokens), same tokens either way."""
+        cfg = self.model.config
+        start = cfg.local_window + cfg.chunk
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for doc in self.eval_docs:
+            tokens = doc.tokens[: self.config.eval_tokens]
+            emb = doc.chunk_emb[: len(tokens) // cfg.chunk] if self.config.use_memory else None
+            dp = DocumentPass(self.model, tokens, emb, self.config.block_chunks)
+            for p, s in dp.blocks():
+                hidden, targets = dp.forward(p, s)
+                logits = self.model.logits(hidden[: len(targets)]).float()
+                nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")  # (s,)
+                keep = torch.arange(p + 1, p + 1 + len(targets)) >= start
+                total += float(nll[keep].sum())
+                count += int(keep.sum())
+        self.model.train(was_training)
+        loss = total / max(1, count)
+        return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(loss), "eval_tokens": count}
+
+    def run(self, progress: bool = True) -> dict:
+        """Train to max_steps, the time limit or the end of the data; returns the last evaluation."""
+        c = self.config
+        deadline = time.monotonic() + c.max_minutes * 60 if c.max_minutes else math.inf
+        if self.step == 0:
+            self._log(self.evaluate())
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not progress, desc="train", unit="step")
+        last_eval: dict = {}
+        stop = "max_steps"
+        while self.step < c.max_steps:
+            rec = self.train_step()
+            if rec is None:
+                stop = "data"
+                break
+            self._log(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_s']:.0f}", doc=rec["doc"][:16])
+            if self.step % c.eval_every == 0:
+                last_eval = self.evaluate()
+                self._log(last_eval)
+            if self.step % c.save_every == 0:
+                self.save_checkpoint()
+            if time.monotonic() > deadline:
+                stop = "time"
+                break
+        bar.close()
+        if not last_eval or last_eval["step"] != self.step:
+            last_eval = self.evaluate()
+            self._log(last_eval)
+        self.save_checkpoint()
+        self._log({"step": self.step, "stopped": stop, "tokens_trained": self.tokens_trained})
+        return last_eval
+
+    def _log(self, record: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 1), **record}) + "\n")
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def adapter_meta(self) -> dict:
+        return {
+            "method": "memlong_trained" if self.config.use_memory else "lora_no_memory",
+            "training": {
+                **asdict(self.config),
+                "steps": self.step,
+                "tokens_trained": self.tokens_trained,
+                "train_seconds": round(self.elapsed, 1),
+                "documents_done": [d.name for d in self.docs[: self.doc_index]],
+                "document_current": self.docs[self.doc_index].name
+                if self.doc_index < len(self.docs)
+                else None,
+                "heldout": [d.name for d in self.eval_docs],
+            },
+            **self.extra_meta,
+        }
+
+    def save_checkpoint(self) -> Path:
+        root = self.out_dir / "checkpoints"
+        final = root / f"step-{self.step:06d}"
+        tmp = root / f".tmp-step-{self.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(tmp, self.model, self.spec, self.adapter_meta())
+        opt = self.opt.state_dict()
+        tensors = {f"{i}.{k}": v.contiguous() for i, st in opt["state"].items() for k, v in st.items()}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        if self.docpass is not None:
+            save_file(self.docpass.state(), str(tmp / "stream.safetensors"))
+        state = {
+            "step": self.step,
+            "doc_index": self.doc_index,
+            "tokens_trained": self.tokens_trained,
+            "elapsed": self.elapsed,
+            "param_groups": opt["param_groups"],
+            "config": asdict(self.config),
+        }
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest = self.out_dir / "LATEST"
+        (self.out_dir / "LATEST.tmp").write_text(final.name + "\n")
+        os.replace(self.out_dir / "LATEST.tmp", latest)
+        old = sorted(p for p in root.glob("step-*") if p != final)
+        for p in old[: max(0, len(old) - self.config.keep_checkpoints + 1)]:
+            shutil.rmtree(p, ignore_errors=True)
+        return final
+
+    def resume(self, checkpoint: Path | None = None) -> bool:
+        """Restore the newest (or the given) checkpoint; False when there is none."""
+        if checkpoint is None:
+            latest = self.out_dir / "LATEST"
+            if not latest.is_file():
+                return False
+            checkpoint = self.out_dir / "checkpoints" / latest.read_text().strip()
+        spec, _, tensors = read_adapter(checkpoint)
+        if spec != self.spec:
+            raise InvalidArgument("resume", f"{checkpoint} holds a differently shaped adapter")
+        copy_into_lora(self.model, self.spec, tensors)
+        state = json.loads((checkpoint / "trainer.json").read_text())
+        flat = load_file(str(checkpoint / "optimizer.safetensors"))
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            i, name = key.split(".", 1)
+            opt_state.setdefault(int(i), {})[name] = value
+        self.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        self.step, self.doc_index = state["step"], state["doc_index"]
+        self.tokens_trained, self.elapsed = state["tokens_trained"], state["elapsed"]
+        self.docpass = None
+        if (checkpoint / "stream.safetensors").is_file() and self.doc_index < len(self.docs):
+            self.docpass = self._open(self.doc_index)
+            self.docpass.load_state(load_file(str(checkpoint / "stream.safetensors")))
+        log.info("resumed from %s at step %d", checkpoint, self.step)
+        return True
+
+    def export(self, path: Path) -> None:
+        """Write the current adapter (no optimiser or stream state) to `path`."""
+        save_adapter(Path(path), self.model, self.spec, self.adapter_meta())

@@ -1,0 +1,41 @@
+"""`memlong decoder serve ...`: one decoder replica (loads the model, calls ret-mem).
+
+Prints `DECODER_PORT=<port>` once listening; stops gracefully on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from .config import add_arguments, config_from_args
+from .server import DecoderServer
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `decoder` command group to a parent CLI."""
+    from memlong.cli import _model_args
+
+    decoder = subparsers.add_parser("decoder", help="the decoder service (owns the model)")
+    sub = decoder.add_subparsers(dest="decoder_command", required=True)
+    serve = sub.add_parser("serve", help="serve the Decoder API over gRPC")
+    add_arguments(serve)
+    _model_args(serve)
+    serve.set_defaults(func=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = DecoderServer.load(config_from_args(args))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    port = server.start()
+    sys.stdout.write(f"DECODER_PORT={port}\n")
+    sys.stdout.flush()
+    stop.wait()
+    server.stop()
+    return 0

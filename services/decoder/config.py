@@ -1,0 +1,94 @@
+"""The decoder service's settings: one frozen dataclass, validated, built from CLI and env in one place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from memlong.errors import InvalidArgument
+from memlong.model import MemLongConfig
+from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
+from services.retmem.routing import parse_addresses
+
+ENV_PREFIX = "MEMLONG_DECODER_"
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Settings of one decoder replica."""
+
+    retmem: Mapping[str, str]  # ret-mem shard name -> host:port (the whole ring)
+    memlong: MemLongConfig = field(default_factory=MemLongConfig)
+    model: str | None = None  # HF checkpoint dir; None: the packaged SmolLM2
+    host: str = "127.0.0.1"
+    port: int = 0
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    max_inflight: int = 4  # calls admitted at once; more get RESOURCE_EXHAUSTED (backpressure)
+    default_timeout_s: float = 600.0  # for calls that arrive without a deadline
+    retmem_timeout_s: float = 30.0  # cap of one ret-mem call (still never past the caller's deadline)
+    max_text_bytes: int = 64 << 20  # per call
+    prefetch: bool = True  # overlap the next chunk's retrieval with the current chunk's compute
+    ingest_progress_tokens: int = 2048  # tokens between two IngestProgress messages
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_workers: int = 16
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.retmem:
+            raise InvalidArgument("retmem", "at least one ret-mem shard address is needed")
+        if not 0 <= self.port < 65536:
+            raise InvalidArgument("port", f"out of range: {self.port}")
+        for name in ("max_inflight", "max_text_bytes", "ingest_progress_tokens", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
+        for name in ("default_timeout_s", "retmem_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise InvalidArgument("threads", "must be >= 0")
+        if self.max_workers < self.max_inflight + 2:
+            raise InvalidArgument("max_workers", "must exceed max_inflight by 2 (health, refusals)")
+
+    def describe(self) -> dict:
+        """JSON-able summary (for logs and benchmark records)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["memlong"] = self.memlong.__dict__
+        out["retmem"] = dict(self.retmem)
+        return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Decoder flags (every flag also reads MEMLONG_DECODER_<NAME> from the environment)."""
+    env = os.environ.get
+    p.add_argument("--host", default=env(ENV_PREFIX + "HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env(ENV_PREFIX + "PORT", "50071")), help="0: free port")
+    p.add_argument("--retmem", default=env(ENV_PREFIX + "RETMEM", ""), help="shard=host:port,... (the ring)")
+    p.add_argument("--max-inflight", type=int, default=int(env(ENV_PREFIX + "MAX_INFLIGHT", "4")))
+    p.add_argument("--no-prefetch", action="store_true", help="retrieve at the boundary, no overlap")
+    p.add_argument(
+        "--memlong-json",
+        default=env(ENV_PREFIX + "MEMLONG_JSON", ""),
+        help='MemLong settings as JSON, overriding the flags, e.g. {"top_k": 4}',
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> DecoderConfig:
+    """Build the config from parsed flags (memlong.cli's model flags plus add_arguments')."""
+    from memlong.cli import memlong_config
+
+    memlong = memlong_config(args)
+    if getattr(args, "memlong_json", ""):
+        memlong = MemLongConfig.from_dict({**memlong.__dict__, **json.loads(args.memlong_json)})
+    return DecoderConfig(
+        retmem=parse_addresses(args.retmem),
+        memlong=memlong,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        max_inflight=args.max_inflight,
+        prefetch=not args.no_prefetch,
+    )

@@ -1,0 +1,411 @@
+"""The decoder's core: one model, admission control, and the chunk loop per call. No gRPC here.
+
+Each call builds its own `Reader` (local window) over a `SessionPort` (its view of the ret-mem
+session), so calls never share mutable state except the model, which is used under one lock, taken
+per block of work: calls interleave fairly instead of queueing behind a long ingest. At most
+`max_inflight` calls are admitted; the next one is refused at once (ResourceExhausted), never parked.
+
+Served sessions keep no local window between calls: every call ends with `Reader.flush`, which stores
+what it read (ingest, or commit=True) and drops the window. Memory outlives the decoder; windows do not.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from memlong.chunkloop import Reader, SamplingParams
+from memlong.errors import InvalidArgument, MemLongError, ResourceExhausted, Unavailable
+from memlong.model import MemLongModel
+from services.common.channel import Deadline
+from services.retmem.client import RetMemClient
+from services.retmem.store import SessionSpec
+
+from .port import CallCancelled, SessionPort
+
+log = logging.getLogger(__name__)
+
+MEMORY_REQUIRED, MEMORY_IF_AVAILABLE, MEMORY_OFF = "required", "if_available", "off"
+SCORE_SLICE_CHUNKS = 16  # cancellation is checked at least this often when memory is off
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the core knows of the serving call: its deadline and whether anyone still waits."""
+
+    deadline: Deadline
+    alive: Callable[[], bool] = lambda: True
+
+
+@dataclass
+class MemoryReport:
+    memory_used: bool = False
+    note: str = ""
+    retrievals: int = 0
+    retrieved_ids: list[int] = field(default_factory=list)
+    retrieval_wait_s: float = 0.0
+    retrieval_total_s: float = 0.0
+    compute_s: float = 0.0
+    bytes_retrieved: int = 0
+    query: str = ""
+    queue_s: float = 0.0
+
+
+@dataclass
+class IngestProgress:
+    bytes_done: int
+    tokens_done: int
+    next_chunk_id: int
+    chunks_stored: int
+    compute_s: float
+    done: bool = False
+
+
+@dataclass
+class ScoreResult:
+    token_ids: list[int]
+    logprobs: list[float]
+    scored_tokens: int
+    perplexity: float
+    memory: MemoryReport
+    next_chunk_id: int
+
+
+@dataclass
+class GeneratedToken:
+    token_id: int
+    text: str
+    finish_reason: str = ""  # "", "length" or "stop" (last token only)
+    memory: MemoryReport | None = None
+
+
+def split_at_word(text: str) -> tuple[str, str]:
+    """(head, tail): cut before the last whitespace run that follows a non-space, so tokenising head
+    and tail apart gives the tokens of the whole (BPE pre-tokenisers attach a space to the next word)."""
+    for i in range(len(text) - 1, 0, -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return text[:i], text[i:]
+    return "", text
+
+
+class DecoderEngine:
+    """Serves ingest / score / generate for ret-mem sessions with one MemLong model."""
+
+    def __init__(
+        self,
+        model: MemLongModel,
+        tokenizer,
+        retriever,
+        memory: RetMemClient,
+        *,
+        max_inflight: int = 4,
+        prefetch: bool = True,
+        max_text_bytes: int = 64 << 20,
+        progress_tokens: int = 2048,
+        source: str = "",
+    ) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.tokenizer = tokenizer
+        self.retriever = retriever
+        self.memory = memory
+        self.max_text_bytes = max_text_bytes
+        self.progress_tokens = progress_tokens
+        self.source = source
+        self._model_lock = threading.Lock()
+        self._admit = threading.BoundedSemaphore(max_inflight)
+        self.max_inflight = max_inflight
+        self._prefetch_pool = ThreadPoolExecutor(max_inflight, "prefetch") if prefetch else None
+        self.cancelled_calls = 0  # calls stopped because their caller went away (tests read it)
+        self.cancel_event = threading.Event()
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids: tuple[int, ...] = (int(eos),) if isinstance(eos, int) else ()
+
+    # -- description --------------------------------------------------------------------------------
+
+    def session_spec(self) -> SessionSpec:
+        """The ret-mem spec a session must have for this model."""
+        return SessionSpec(
+            dim=int(self.retriever.dim),
+            kv_shape=self.model.kv_record_shape,
+            kv_dtype=self.cfg.kv_dtype,
+            memory_size=self.cfg.memory_chunks,
+        )
+
+    def vocab_size(self) -> int:
+        return int(self.model.hf.config.vocab_size)
+
+    # -- admission and the model lock ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        if not self._admit.acquire(blocking=False):
+            raise ResourceExhausted(f"decoder busy: {self.max_inflight} calls in flight; retry with backoff")
+        try:
+            yield
+        finally:
+            self._admit.release()
+
+    @contextlib.contextmanager
+    def _model(self, call: Call, report: MemoryReport | None = None) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if not self._model_lock.acquire(timeout=max(call.deadline.remaining(), 0.0)):
+            raise CallCancelled("deadline passed while waiting for the model")
+        if report is not None:
+            report.queue_s += time.perf_counter() - t0
+        try:
+            if not call.alive():
+                raise CallCancelled("the call was cancelled")
+            yield
+        finally:
+            self._model_lock.release()
+
+    def _cancelled(self, exc: CallCancelled) -> None:
+        self.cancelled_calls += 1
+        self.cancel_event.set()
+        log.info("call stopped: %s", exc)
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _text(self, data: bytes, name: str) -> str:
+        if len(data) > self.max_text_bytes:
+            raise ResourceExhausted(f"{name}: {len(data)} bytes > limit {self.max_text_bytes}")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(name, f"not valid UTF-8 at byte {exc.start}") from None
+
+    def _port(self, session_id: str, call: Call, commit: bool, keep_recent: bool = True) -> SessionPort:
+        return SessionPort(
+            self.memory,
+            session_id,
+            call.deadline,
+            commit=commit,
+            alive=call.alive,
+            executor=self._prefetch_pool,
+            keep_recent=keep_recent,
+        )
+
+    def _open(
+        self, session_id: str, mode: str, call: Call, commit: bool, report: MemoryReport
+    ) -> SessionPort | None:
+        """The call's memory port, or None (mode off, or ret-mem down in if_available mode)."""
+        if mode == MEMORY_OFF:
+            if commit:
+                raise InvalidArgument("commit", "cannot store text with memory_mode OFF")
+            report.note = "memory off (requested): local window only"
+            return None
+        try:
+            info = self.memory.info(session_id, call.deadline)
+        except Unavailable as exc:
+            if mode == MEMORY_IF_AVAILABLE and not commit:
+                report.note = f"ret-mem unreachable ({exc}); ran WITHOUT memory as the request allowed"
+                return None
+            raise Unavailable(
+                f"ret-mem unreachable for session {session_id!r}: {exc}. Retry later, or ask with "
+                "memory_mode IF_AVAILABLE to run without memory."
+            ) from exc
+        if info.spec != self.session_spec():
+            raise InvalidArgument("session_id", "session was created for another model or MemLong setting")
+        if info.num_chunks == 0:
+            report.note = "session memory is empty"
+        return self._port(session_id, call, commit)
+
+    def _reader(self, port: SessionPort | None, next_chunk_id: int) -> Reader:
+        if next_chunk_id < 0:
+            raise InvalidArgument("session.next_chunk_id", "must be >= 0")
+        return Reader(self.model, self.retriever, self.tokenizer, port, next_chunk_id=next_chunk_id)
+
+    @staticmethod
+    def _finish_report(report: MemoryReport, reader: Reader, port: SessionPort | None) -> None:
+        st = reader.stats
+        report.retrievals = st.retrievals
+        report.retrieval_wait_s = st.retrieval_s
+        report.compute_s = st.compute_s - st.retrieval_s
+        report.bytes_retrieved = st.bytes_retrieved
+        report.query = reader.cfg.query
+        if port is not None:
+            report.retrieved_ids = list(port.retrieved_ids)
+            report.retrieval_total_s = port.search_s
+            report.memory_used = bool(port.retrieved_ids)
+            if not report.memory_used and not report.note:
+                report.note = "no chunk boundary with anything to retrieve"
+
+    # -- ingest -------------------------------------------------------------------------------------
+
+    def ingest(
+        self, session_id: str, next_chunk_id: int, pieces: Iterator[bytes], call: Call
+    ) -> Iterator[IngestProgress]:
+        """Encode the concatenated UTF-8 pieces into the session's memory; yields progress."""
+        with self._admitted():
+            try:
+                yield from self._ingest(session_id, next_chunk_id, pieces, call)
+            except CallCancelled as exc:
+                self._cancelled(exc)
+                raise
+
+    def _ingest(self, session_id, next_chunk_id, pieces, call) -> Iterator[IngestProgress]:
+        self.memory.info(session_id, call.deadline)  # NOT_FOUND / UNAVAILABLE before any work
+        port = self._port(session_id, call, commit=True, keep_recent=False)
+        reader = self._reader(port, next_chunk_id)
+        utf8 = codecs.getincrementaldecoder("utf-8")()
+        pending, received, done_bytes = "", 0, 0
+
+        def progress(done: bool = False) -> IngestProgress:
+            st = reader.stats
+            return IngestProgress(
+                done_bytes, st.tokens_ingested, reader.next_chunk_id, st.chunks_stored, st.compute_s, done
+            )
+
+        def run(text: str, n_bytes: int) -> Iterator[IngestProgress]:
+            nonlocal done_bytes
+            tokens, base, step = self.encode(text), done_bytes, self.progress_tokens
+            for i in range(0, len(tokens), step):
+                with self._model(call):
+                    reader.ingest(tokens[i : i + step])
+                done_bytes = base + n_bytes * min(len(tokens), i + step) // len(tokens)
+                yield progress()
+            done_bytes = base + n_bytes
+
+        for piece in pieces:
+            received += len(piece)
+            if received > self.max_text_bytes:
+                raise ResourceExhausted(f"text: more than {self.max_text_bytes} bytes in one ingest")
+            try:
+                pending += utf8.decode(piece)
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(
+                    "text", f"not valid UTF-8 near byte {received - len(piece) + exc.start}"
+                ) from None
+            head, pending = split_at_word(pending)
+            if head:
+                yield from run(head, len(head.encode()))
+        try:
+            pending += utf8.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise InvalidArgument("text", "ends inside a UTF-8 character") from None
+        if pending:
+            yield from run(pending, len(pending.encode()))
+        with self._model(call):
+            reader.flush()  # the last partial chunk and the local window go to memory
+        yield progress(done=True)
+
+    # -- score --------------------------------------------------------------------------------------
+
+    def score(
+        self,
+        session_id: str,
+        next_chunk_id: int,
+        text: bytes,
+        call: Call,
+        *,
+        mode: str = MEMORY_REQUIRED,
+        commit: bool = False,
+    ) -> ScoreResult:
+        """log p of every token of `text` read after the session's memory (first token: NaN)."""
+        with self._admitted():
+            try:
+                return self._score(session_id, next_chunk_id, self._text(text, "text"), call, mode, commit)
+            except CallCancelled as exc:
+                self._cancelled(exc)
+                raise
+
+    def _score(self, session_id, next_chunk_id, text, call, mode, commit) -> ScoreResult:
+        tokens = self.encode(text)
+        if not tokens:
+            raise InvalidArgument("text", "has no tokens")
+        report = MemoryReport()
+        port = self._open(session_id, mode, call, commit, report)
+        reader = self._reader(port, next_chunk_id)
+        # With memory the port checks cancellation per chunk; without, slices give the check points.
+        step = len(tokens) if port is not None else SCORE_SLICE_CHUNKS * self.cfg.chunk
+        parts = []
+        for i in range(0, len(tokens), step):
+            with self._model(call, report):
+                parts.append(reader.score(tokens[i : i + step]))
+        if commit:
+            with self._model(call, report):
+                reader.flush()
+        logp = torch.cat(parts)
+        finite = logp[~torch.isnan(logp)]
+        ppl = math.exp(-float(finite.mean())) if len(finite) else float("nan")
+        self._finish_report(report, reader, port)
+        return ScoreResult(
+            token_ids=tokens,
+            logprobs=logp.tolist(),
+            scored_tokens=len(finite),
+            perplexity=ppl,
+            memory=report,
+            next_chunk_id=reader.next_chunk_id if commit else next_chunk_id,
+        )
+
+    # -- generate -----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        session_id: str,
+        next_chunk_id: int,
+        prompt: bytes,
+        params: SamplingParams,
+        call: Call,
+        *,
+        mode: str = MEMORY_REQUIRED,
+        ignore_eos: bool = False,
+    ) -> Iterator[GeneratedToken]:
+        """Stream new tokens after `prompt`; the last carries the finish reason and memory report."""
+        with self._admitted():
+            try:
+                yield from self._generate(session_id, next_chunk_id, prompt, params, call, mode, ignore_eos)
+            except CallCancelled as exc:
+                self._cancelled(exc)
+                raise
+
+    def _generate(self, session_id, next_chunk_id, prompt, params, call, mode, ignore_eos):
+        tokens = self.encode(self._text(prompt, "prompt"))
+        if not tokens:
+            raise InvalidArgument("prompt", "has no tokens")
+        if not ignore_eos and self.eos_ids:
+            params = SamplingParams(
+                **{**params.__dict__, "stop_token_ids": params.stop_token_ids + self.eos_ids}
+            )
+        report = MemoryReport()
+        port = self._open(session_id, mode, call, False, report)
+        reader = self._reader(port, next_chunk_id)
+        reader.seed_query(tokens)  # the prompt is given, only the answer is predicted
+        steps = reader.generate(tokens, params)
+        out: list[int] = []
+        text = ""
+        while True:
+            with self._model(call, report):
+                token = next(steps, None)
+            if token is None:
+                break
+            out.append(token)
+            full = self.tokenizer.decode(out)
+            delta, text = full[len(text) :] if full.startswith(text) else full, full
+            stop = token in params.stop_token_ids or any(s in text for s in params.stop_strings)
+            last = stop or len(out) >= params.max_new_tokens
+            if last:
+                self._finish_report(report, reader, port)
+                yield GeneratedToken(token, delta, "stop" if stop else "length", report)
+                return
+            yield GeneratedToken(token, delta)
+
+    def close(self) -> None:
+        if self._prefetch_pool is not None:
+            self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["Call", "CallCancelled", "DecoderEngine", "MemLongError"]

@@ -1,0 +1,160 @@
+"""One call's view of a ret-mem session: the chunk loop's `MemoryPort` over `RetMemClient`.
+
+- Every ret-mem call carries a timeout derived from the serving call's remaining time, and checks first
+  that the serving call is still wanted (a cancelled call stops at the next chunk boundary).
+- Chunks appended during the call are also kept here (`recent`) and merged into every search result.
+  That makes two things exact: reads that must not change the session (`commit=False`: score and
+  generate keep their own chunks to themselves), and prefetched searches issued before the current
+  chunk's own appends reached ret-mem (the union of two top-k lists contains the top-k of the union).
+- `search_async` runs query embedding and search on a background thread, so retrieval for the next
+  chunk overlaps the model's work on the current one.
+
+Not handled: a chunk evicted by ret-mem during the call can still be returned from `recent`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import grpc
+import numpy as np
+
+from memlong.errors import MemLongError, Unavailable
+from memlong.memory import SearchResult
+from services.common.channel import Deadline
+from services.retmem.client import RetMemClient
+
+
+class CallCancelled(Exception):
+    """The serving call was cancelled or ran out of time; its work stops here."""
+
+
+class SessionPort:
+    """MemoryPort for one serving call on one ret-mem session."""
+
+    def __init__(
+        self,
+        client: RetMemClient,
+        session_id: str,
+        deadline: Deadline,
+        *,
+        commit: bool,
+        alive: Callable[[], bool],
+        executor: Executor | None,
+        keep_recent: bool = True,
+    ) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.deadline = deadline
+        self.commit = commit
+        self.alive = alive
+        self.executor = executor
+        self.keep_recent = keep_recent
+        self._ids: list[np.ndarray] = []  # (n,) per append
+        self._emb: list[np.ndarray] = []  # (n, dim)
+        self._rec: list[np.ndarray] = []  # (n, record_bytes)
+        self._len: list[np.ndarray] = []  # (n,)
+        self.retrieved_ids: list[int] = []
+        self.search_s = 0.0  # time inside ret-mem searches, background included
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if not self.alive():
+            raise CallCancelled("the call was cancelled")
+        if self.deadline.remaining() <= 0:
+            raise CallCancelled("the call's deadline passed")
+
+    def _remote(self, fn: Callable, *args):
+        self._check()
+        try:
+            return fn(self.session_id, *args, deadline=self.deadline)
+        except Unavailable as exc:
+            raise Unavailable(f"ret-mem unreachable for session {self.session_id!r}: {exc}") from exc
+        except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                raise CallCancelled(f"ret-mem call ended: {err.code().name}") from err
+            raise
+
+    # -- MemoryPort ---------------------------------------------------------------------------------
+
+    def append(
+        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
+    ) -> int:
+        if self.keep_recent:
+            self._ids.append(np.array(ids, np.int64))
+            self._emb.append(np.array(embeddings, np.float32))
+            self._rec.append(np.array(records, np.uint8))
+            self._len.append(np.array(lengths, np.int32))
+        if self.commit:
+            return int(self._remote(self.client.append, ids, embeddings, records, lengths))
+        self._check()
+        return len(ids)
+
+    def search(self, queries: np.ndarray, top_k: int) -> SearchResult:
+        t0 = time.perf_counter()
+        remote = self._remote(self.client.search, queries, top_k)
+        self.search_s += time.perf_counter() - t0
+        return self._finish(queries, remote, top_k)
+
+    def search_async(self, make_queries: Callable[[], np.ndarray], top_k: int) -> Callable[[], SearchResult]:
+        if self.executor is None:
+            return lambda: self.search(make_queries(), top_k)
+
+        def run() -> tuple[np.ndarray, SearchResult]:
+            queries = make_queries()
+            t0 = time.perf_counter()
+            remote = self._remote(self.client.search, queries, top_k)
+            self.search_s += time.perf_counter() - t0
+            return queries, remote
+
+        future = self.executor.submit(run)
+
+        def wait() -> SearchResult:
+            try:
+                queries, remote = future.result(timeout=max(self.deadline.remaining(), 0.0))
+            except FutureTimeout as exc:
+                raise CallCancelled("the call's deadline passed during retrieval") from exc
+            except (MemLongError, CallCancelled):
+                raise
+            return self._finish(queries, remote, top_k)
+
+        return wait
+
+    # -- merging this call's own chunks -------------------------------------------------------------
+
+    def _finish(self, queries: np.ndarray, remote: SearchResult, top_k: int) -> SearchResult:
+        result = self._merge(np.asarray(queries, np.float32), remote, top_k) if self._ids else remote
+        self.retrieved_ids.extend(int(i) for i in result.ids.ravel() if i >= 0)
+        return result
+
+    def _merge(self, queries: np.ndarray, remote: SearchResult, top_k: int) -> SearchResult:
+        """Top-k of (remote rows ∪ this call's chunks) per query, ranked (score desc, id asc)."""
+        ids = np.concatenate(self._ids)  # (m,)
+        emb = np.concatenate(self._emb).astype(np.float64)  # (m, dim)
+        rec, lens = np.concatenate(self._rec), np.concatenate(self._len)  # (m, rb), (m,)
+        local = (emb[None] * queries.astype(np.float64)[:, None, :]).sum(axis=2).astype(np.float32)  # (q, m)
+        q = len(queries)
+        out = SearchResult(
+            ids=np.full((q, top_k), -1, np.int64),
+            scores=np.full((q, top_k), -np.inf, np.float32),
+            records=np.zeros((q, top_k, rec.shape[1]), np.uint8),
+            lengths=np.zeros((q, top_k), np.int32),
+        )
+        for row in range(q):
+            valid = remote.ids[row] >= 0
+            r_ids = remote.ids[row][valid]
+            fresh = ~np.isin(ids, r_ids)  # a chunk both here and in ret-mem counts once
+            cand_ids = np.concatenate([r_ids, ids[fresh]])
+            cand_scores = np.concatenate([remote.scores[row][valid], local[row][fresh]])
+            cand_rec = np.concatenate([remote.records[row][valid], rec[fresh]])
+            cand_len = np.concatenate([remote.lengths[row][valid], lens[fresh]])
+            best = np.lexsort((cand_ids, -cand_scores))[:top_k]
+            best = best[np.argsort(cand_ids[best])]  # chronological
+            n = len(best)
+            out.ids[row, :n], out.scores[row, :n] = cand_ids[best], cand_scores[best]
+            out.records[row, :n], out.lengths[row, :n] = cand_rec[best], cand_len[best]
+        return out

@@ -1,0 +1,252 @@
+"""The Decoder gRPC service: decode the request, call the engine, encode the reply.
+
+`DecoderServer.from_components(model, tokenizer, retriever, config)` builds a server around objects the
+caller already has (tests pass a tiny random model); `DecoderServer.load(config)` loads the model named
+in the config. Health is SERVING once the model is loaded and the server listens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import grpc
+from grpc_health.v1 import health
+
+from memlong.chunkloop import SamplingParams
+from memlong.decoder.v1 import decoder_pb2 as pb
+from memlong.decoder.v1 import decoder_pb2_grpc as pb_grpc
+from memlong.errors import InvalidArgument
+from memlong.model import MemLongModel
+from services.common.channel import Deadline
+from services.common.server import ServerOptions, Service, create_server, set_health
+from services.common.status import grpc_errors
+from services.retmem.client import RetMemClient
+
+from .config import DecoderConfig
+from .engine import MEMORY_IF_AVAILABLE, MEMORY_OFF, MEMORY_REQUIRED, Call, DecoderEngine, MemoryReport
+from .port import CallCancelled
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
+_MODES = {
+    pb.MEMORY_MODE_UNSPECIFIED: MEMORY_REQUIRED,
+    pb.MEMORY_MODE_REQUIRED: MEMORY_REQUIRED,
+    pb.MEMORY_MODE_IF_AVAILABLE: MEMORY_IF_AVAILABLE,
+    pb.MEMORY_MODE_OFF: MEMORY_OFF,
+}
+_FINISH = {"": pb.FINISH_REASON_UNSPECIFIED, "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
+
+
+def memory_mode(value: int) -> str:
+    if value not in _MODES:
+        raise InvalidArgument("memory_mode", f"unknown value {value}")
+    return _MODES[value]
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Proto -> core params; zero means the default for max_new_tokens and top_p."""
+    if msg.max_new_tokens < 0 or msg.max_new_tokens > 4096:
+        raise InvalidArgument("sampling.max_new_tokens", "must be in 0..4096 (0: default 32)")
+    if len(msg.stop_strings) > 16 or any(not s or len(s) > 256 for s in msg.stop_strings):
+        raise InvalidArgument("sampling.stop_strings", "at most 16 non-empty strings of <= 256 chars")
+    try:
+        return SamplingParams(
+            max_new_tokens=msg.max_new_tokens or 32,
+            temperature=msg.temperature,
+            top_p=msg.top_p or 1.0,
+            top_k=msg.top_k,
+            seed=msg.seed if msg.has_seed else None,
+            stop_token_ids=tuple(msg.stop_token_ids),
+            stop_strings=tuple(msg.stop_strings),
+        )
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"sampling.{exc.field}", str(exc).partition(": ")[2]) from None
+
+
+def report_to_proto(r: MemoryReport) -> pb.MemoryReport:
+    return pb.MemoryReport(
+        memory_used=r.memory_used,
+        note=r.note,
+        retrievals=r.retrievals,
+        retrieved_ids=r.retrieved_ids,
+        retrieval_wait_s=r.retrieval_wait_s,
+        compute_s=r.compute_s,
+        retrieval_total_s=r.retrieval_total_s,
+        bytes_retrieved=r.bytes_retrieved,
+        query=r.query,
+        queue_s=r.queue_s,
+    )
+
+
+def _session(ref: pb.SessionRef) -> tuple[str, int]:
+    if not ref.session_id:
+        raise InvalidArgument("session.session_id", "must be set")
+    if ref.next_chunk_id < 0:
+        raise InvalidArgument("session.next_chunk_id", "must be >= 0")
+    return ref.session_id, ref.next_chunk_id
+
+
+class DecoderServicer(pb_grpc.DecoderServicer):
+    def __init__(self, engine: DecoderEngine, config: DecoderConfig) -> None:
+        self.engine = engine
+        self.config = config
+
+    def _call(self, context: grpc.ServicerContext) -> Call:
+        return Call(Deadline.from_context(context, self.config.default_timeout_s), context.is_active)
+
+    @grpc_errors
+    def Describe(self, request, context):  # noqa: N802
+        spec = self.engine.session_spec()
+        return pb.DescribeResponse(
+            model=self.engine.source,
+            memlong_config_json=json.dumps(self.engine.cfg.__dict__),
+            dim=spec.dim,
+            kv_shape=spec.kv_shape,
+            kv_dtype=spec.kv_dtype,
+            memory_chunks=spec.memory_size,
+            vocab_size=self.engine.vocab_size(),
+        )
+
+    @grpc_errors
+    def Ingest(self, request_iterator, context):  # noqa: N802
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("session"):
+            raise InvalidArgument("session", "the first message must name the session")
+        session_id, next_id = _session(first.session)
+
+        def pieces() -> Iterator[bytes]:
+            yield first.text
+            for msg in request_iterator:
+                yield msg.text
+
+        try:
+            for p in self.engine.ingest(session_id, next_id, pieces(), self._call(context)):
+                yield pb.IngestProgress(
+                    bytes_done=p.bytes_done,
+                    tokens_done=p.tokens_done,
+                    next_chunk_id=p.next_chunk_id,
+                    done=p.done,
+                    chunks_stored=p.chunks_stored,
+                    compute_s=p.compute_s,
+                )
+        except CallCancelled as exc:
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+
+    @grpc_errors
+    def Score(self, request, context):  # noqa: N802
+        session_id, next_id = _session(request.session)
+        try:
+            r = self.engine.score(
+                session_id,
+                next_id,
+                request.text,
+                self._call(context),
+                mode=memory_mode(request.memory_mode),
+                commit=request.commit,
+            )
+        except CallCancelled as exc:
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        reply = pb.ScoreResponse(
+            scored_tokens=r.scored_tokens,
+            perplexity=r.perplexity,
+            memory=report_to_proto(r.memory),
+            next_chunk_id=r.next_chunk_id,
+        )
+        if request.return_logprobs:
+            reply.token_ids.extend(r.token_ids)
+            reply.logprobs.extend(r.logprobs)
+        return reply
+
+    @grpc_errors
+    def Generate(self, request, context):  # noqa: N802
+        session_id, next_id = _session(request.session)
+        params = sampling_from_proto(request.sampling)
+        stream = self.engine.generate(
+            session_id,
+            next_id,
+            request.prompt,
+            params,
+            self._call(context),
+            mode=memory_mode(request.memory_mode),
+            ignore_eos=request.sampling.ignore_eos,
+        )
+        try:
+            for t in stream:
+                msg = pb.GenerateResponse(
+                    token_id=t.token_id, text=t.text, finish_reason=_FINISH[t.finish_reason]
+                )
+                if t.memory is not None:
+                    msg.memory.CopyFrom(report_to_proto(t.memory))
+                yield msg
+        except CallCancelled as exc:
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+
+
+class DecoderServer:
+    """A decoder process: engine, gRPC server, health."""
+
+    def __init__(self, engine: DecoderEngine, config: DecoderConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.health = health.HealthServicer()
+        self.servicer = DecoderServicer(engine, config)
+        self.server: grpc.Server | None = None
+        self.port = 0
+
+    @classmethod
+    def from_components(
+        cls, model: MemLongModel, tokenizer, retriever, config: DecoderConfig, source: str = ""
+    ) -> DecoderServer:
+        client = RetMemClient(
+            config.retmem, timeout_s=config.retmem_timeout_s, max_message_bytes=config.max_message_bytes
+        )
+        engine = DecoderEngine(
+            model,
+            tokenizer,
+            retriever,
+            client,
+            max_inflight=config.max_inflight,
+            prefetch=config.prefetch,
+            max_text_bytes=config.max_text_bytes,
+            progress_tokens=config.ingest_progress_tokens,
+            source=source,
+        )
+        return cls(engine, config)
+
+    @classmethod
+    def load(cls, config: DecoderConfig) -> DecoderServer:
+        """Load the model named in the config (the packaged SmolLM2 by default) and the retriever."""
+        import torch
+
+        from memlong.eval.common import Stack
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        stack = Stack.load(config.memlong, config.model)
+        return cls.from_components(stack.model, stack.tokenizer, stack.retriever, config, stack.source)
+
+    def start(self, interceptors: tuple[grpc.ServerInterceptor, ...] = ()) -> int:
+        """Listen and serve; `interceptors` wrap every call (e.g. tracing, or recording in tests)."""
+        options = ServerOptions(
+            max_message_bytes=self.config.max_message_bytes,
+            max_workers=self.config.max_workers,
+            interceptors=tuple(interceptors),
+        )
+        services = [Service(SERVICE_NAME, pb_grpc.add_DecoderServicer_to_server, self.servicer)]
+        self.server, self.port = create_server(
+            f"{self.config.host}:{self.config.port}", services, options, self.health
+        )
+        set_health(self.health, [SERVICE_NAME], serving=True)
+        return self.port
+
+    def stop(self, grace_s: float | None = None) -> None:
+        set_health(self.health, [SERVICE_NAME], serving=False)
+        if self.server is not None:
+            self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        self.engine.close()
+
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"

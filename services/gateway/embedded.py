@@ -1,0 +1,126 @@
+"""The embedded default: ret-mem, one decoder and the gateway in one process, on loopback ports.
+
+    stack = EmbeddedStack.start(data_dir, memlong_config)   # loads the packaged model
+    client = memlong.Client(stack.gateway_address, stack.api_key)
+    ...
+    stack.stop()
+
+The API key for the local tenant comes from MEMLONG_API_KEYS, or from `<data_dir>/api_keys.json`
+(created with a random key on first start, readable only by its owner).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from memlong.model import MemLongConfig
+from services.decoder.config import DecoderConfig
+from services.decoder.server import DecoderServer
+from services.retmem.server import RetMemConfig, RetMemServer
+
+from .config import GatewayConfig, load_key_file, parse_keys
+from .server import GatewayServer
+
+LOCAL_TENANT = "local"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("MEMLONG_DATA", Path.home() / ".local" / "share" / "memlong"))
+
+
+def local_api_key(data_dir: Path) -> str:
+    """The local tenant's key, created on first use."""
+    path = data_dir / "api_keys.json"
+    if path.is_file():
+        keys = json.loads(path.read_text())["keys"]
+        return next(k for k, t in keys.items() if t == LOCAL_TENANT)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = "ml-" + secrets.token_urlsafe(24)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"keys": {key: LOCAL_TENANT}}, f)
+    os.replace(tmp, path)
+    return key
+
+
+@dataclass
+class EmbeddedStack:
+    retmem: RetMemServer
+    decoder: DecoderServer
+    gateway: GatewayServer
+    api_key: str
+    data_dir: Path
+
+    @classmethod
+    def start(
+        cls,
+        data_dir: Path,
+        memlong: MemLongConfig | None = None,
+        *,
+        model: str | None = None,
+        components: tuple | None = None,
+        ports: tuple[int, int, int] = (0, 0, 0),
+        host: str = "127.0.0.1",
+        threads: int = 0,
+        prefetch: bool = True,
+    ) -> EmbeddedStack:
+        """Start all three services. `components` = (model, tokenizer, retriever) skips loading (tests)."""
+        data_dir = Path(data_dir)
+        retmem = RetMemServer(RetMemConfig(data_dir=data_dir / "retmem", host=host, port=ports[0]))
+        retmem.start()
+        rm = {"shard0": retmem.serving_address()}
+        dcfg = DecoderConfig(
+            retmem=rm,
+            memlong=memlong or MemLongConfig(),
+            model=model,
+            host=host,
+            port=ports[1],
+            threads=threads,
+            prefetch=prefetch,
+        )
+        try:
+            if components is not None:
+                decoder = DecoderServer.from_components(*components, dcfg, source="given")
+            else:
+                decoder = DecoderServer.load(dcfg)
+            decoder.start()
+            api_key = local_api_key(data_dir)
+            keys = parse_keys(os.environ.get("MEMLONG_API_KEYS", ""))
+            keys.update(load_key_file(data_dir / "api_keys.json"))
+            gcfg = GatewayConfig(
+                decoders={"decoder0": decoder.address()},
+                retmem=rm,
+                key_hashes=keys,
+                data_dir=data_dir / "gateway",
+                host=host,
+                port=ports[2],
+            )
+            gateway = GatewayServer(gcfg)
+            gateway.start()
+        except BaseException:
+            retmem.stop(grace_s=0)
+            raise
+        return cls(retmem, decoder, gateway, api_key, data_dir)
+
+    @property
+    def gateway_address(self) -> str:
+        return self.gateway.address()
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "gateway": self.gateway.address(),
+            "decoder": self.decoder.address(),
+            "retmem": self.retmem.serving_address(),
+            "data_dir": str(self.data_dir),
+        }
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Front to back: the gateway stops taking calls first, ret-mem last (after its callers)."""
+        self.gateway.stop(grace_s)
+        self.decoder.stop(grace_s)
+        self.retmem.stop(grace_s)

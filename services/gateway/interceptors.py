@@ -1,0 +1,200 @@
+"""The gateway's cross-cutting concerns, each one server interceptor: status mapping, auth, deadlines.
+
+Order matters (the first interceptor is outermost): `StatusInterceptor` turns whatever the inner
+layers raise into a clear status; `AuthInterceptor` maps the API key to a tenant (UNAUTHENTICATED
+otherwise); `DeadlineInterceptor` fixes the call's deadline (the client's, capped; a default when the
+client sent none). Handlers read both through `current()`. Health and reflection pass untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from memlong.errors import MemLongError
+from services.common.channel import Deadline
+from services.common.status import status_for
+
+log = logging.getLogger(__name__)
+
+API_KEY_HEADER = "x-api-key"
+# Downstream statuses passed through as they are (the gateway adds nothing by re-labelling them).
+_PASS_THROUGH = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """Who is calling and until when."""
+
+    tenant: str
+    deadline: Deadline
+
+
+_CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("gateway_call", default=None)
+_TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("gateway_tenant", default=None)
+
+
+def current() -> CallInfo:
+    """The serving call's tenant and deadline (set by the interceptors)."""
+    info = _CALL.get()
+    if info is None:
+        raise RuntimeError("no call info: the gateway interceptors are not installed")
+    return info
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler, decorate: Callable[[Callable, bool], Callable]
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind whose behavior is decorate(behavior, streams_response)."""
+    ser, de = handler.response_serializer, handler.request_deserializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(decorate(handler.unary_unary, False), de, ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(decorate(handler.unary_stream, True), de, ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(decorate(handler.stream_unary, False), de, ser)
+    return grpc.stream_stream_rpc_method_handler(decorate(handler.stream_stream, True), de, ser)
+
+
+def _around(before: Callable[[grpc.ServicerContext], None]) -> Callable[[Callable, bool], Callable]:
+    """Decorator factory: run `before(context)` at the start of the call, then the behavior."""
+
+    def decorate(behavior: Callable, streams: bool) -> Callable:
+        if streams:
+
+            def stream(request, context):
+                before(context)
+                yield from behavior(request, context)
+
+            return stream
+
+        def unary(request, context):
+            before(context)
+            return behavior(request, context)
+
+        return unary
+
+    return decorate
+
+
+class _Interceptor(grpc.ServerInterceptor):
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix  # e.g. "/memlong.gateway.v1.Gateway/": only the public API is guarded
+
+    def applies(self, details: grpc.HandlerCallDetails) -> bool:
+        return details.method.startswith(self.prefix)
+
+
+class StatusInterceptor(_Interceptor):
+    """Domain exceptions -> their status (services.common.status); never UNKNOWN."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not self.applies(details):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+
+        def handle(exc: Exception, context: grpc.ServicerContext) -> None:
+            if isinstance(exc, MemLongError):
+                context.abort(status_for(exc), str(exc))
+            if isinstance(exc, grpc.RpcError) and exc.code() in _PASS_THROUGH:
+                context.abort(exc.code(), exc.details() or exc.code().name)
+            if getattr(getattr(context, "_state", None), "aborted", False):
+                raise exc  # context.abort() already set the status
+            log.exception("internal error in %s", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+        def decorate(behavior: Callable, streams: bool) -> Callable:
+            if streams:
+
+                def stream(request, context):
+                    try:
+                        yield from behavior(request, context)
+                    except Exception as exc:  # noqa: BLE001 - mapped above
+                        handle(exc, context)
+
+                return stream
+
+            def unary(request, context):
+                try:
+                    return behavior(request, context)
+                except Exception as exc:  # noqa: BLE001
+                    handle(exc, context)
+
+            return unary
+
+        return _wrap(handler, decorate)
+
+
+class AuthInterceptor(_Interceptor):
+    """API key (metadata x-api-key, or authorization: Bearer KEY) -> tenant; UNAUTHENTICATED otherwise."""
+
+    def __init__(self, prefix: str, key_hashes: Mapping[str, str]) -> None:
+        super().__init__(prefix)
+        self.key_hashes = dict(key_hashes)  # sha256(key) -> tenant: keys are not kept in memory
+
+    def tenant_for(self, metadata) -> str | None:
+        values = dict(metadata or ())
+        key = values.get(API_KEY_HEADER)
+        auth = values.get("authorization", "")
+        if not key and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        return self.key_hashes.get(hash_key(key)) if key else None
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not self.applies(details):
+            return handler
+        tenant = self.tenant_for(details.invocation_metadata)
+
+        def before(context: grpc.ServicerContext) -> None:
+            if tenant is None:
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (metadata x-api-key)"
+                )
+            _TENANT.set(tenant)
+
+        return _wrap(handler, _around(before))
+
+
+class DeadlineInterceptor(_Interceptor):
+    """Fix every call's deadline: the client's, capped at `max_s`; `default_s` when it sent none."""
+
+    def __init__(self, prefix: str, default_s: float, max_s: float) -> None:
+        super().__init__(prefix)
+        self.default_s = default_s
+        self.max_s = max_s
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not self.applies(details):
+            return handler
+
+        def before(context: grpc.ServicerContext) -> None:
+            remaining = context.time_remaining()
+            seconds = self.default_s if remaining is None else min(remaining, self.max_s)
+            tenant = _TENANT.get()
+            if tenant is None:
+                raise RuntimeError("DeadlineInterceptor must run inside AuthInterceptor")
+            _CALL.set(CallInfo(tenant, Deadline.after(seconds)))
+
+        return _wrap(handler, _around(before))

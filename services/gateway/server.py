@@ -1,0 +1,326 @@
+"""The Gateway gRPC service: the public API over decoder replicas and ret-mem shards.
+
+Handlers validate input completely before any state changes, then call the session's decoder replica
+(sticky, by consistent hashing of the session id) and, for session lifecycle, its ret-mem shard.
+Tenant and deadline come from the interceptors (`interceptors.current()`); every downstream call gets
+a timeout derived from what remains of the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+from grpc_health.v1 import health
+
+from memlong.decoder.v1 import decoder_pb2 as dpb
+from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
+from memlong.errors import InvalidArgument, NotFound, ResourceExhausted
+from memlong.gateway.v1 import gateway_pb2 as pb
+from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from services.common.channel import ChannelOptions, Deadline, get_channel
+from services.common.server import ServerOptions, Service, create_server, set_health
+from services.common.status import raise_for_rpc_error
+from services.retmem.client import RetMemClient
+from services.retmem.routing import Ring
+from services.retmem.store import SessionSpec
+
+from .config import GatewayConfig
+from .interceptors import AuthInterceptor, DeadlineInterceptor, StatusInterceptor, current
+from .sessions import SessionRecord, SessionTable
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
+DECODER_SERVICE = dpb.DESCRIPTOR.services_by_name["Decoder"].full_name
+MARGIN_S = 0.05  # downstream deadlines end this much before ours, so we can still answer
+PIECE_BYTES = 1 << 20  # text pieces sent to the decoder
+
+
+def check_utf8(data: bytes, field: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(field, f"not valid UTF-8 at byte {exc.start}") from None
+
+
+class GatewayServicer(pb_grpc.GatewayServicer):
+    def __init__(self, config: GatewayConfig, table: SessionTable, retmem: RetMemClient) -> None:
+        self.config = config
+        self.table = table
+        self.retmem = retmem
+        self.decoder_ring = Ring(list(config.decoders))
+        self.options = ChannelOptions(
+            max_message_bytes=config.max_message_bytes,
+            idempotent_methods=((DECODER_SERVICE, "Describe"),),
+        )
+        self._specs: dict[str, SessionSpec] = {}
+        self._spec_lock = threading.Lock()
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def _decoder(self, name: str) -> dpb_grpc.DecoderStub:
+        return dpb_grpc.DecoderStub(get_channel(self.config.decoders[name], self.options))
+
+    @staticmethod
+    def _timeout(deadline: Deadline) -> float:
+        return deadline.timeout(margin_s=MARGIN_S)
+
+    def _spec(self, decoder: str, deadline: Deadline) -> SessionSpec:
+        """The ret-mem spec for sessions served by `decoder` (asked once per replica)."""
+        with self._spec_lock:
+            spec = self._specs.get(decoder)
+        if spec is None:
+            try:
+                d = self._decoder(decoder).Describe(dpb.DescribeRequest(), timeout=self._timeout(deadline))
+            except grpc.RpcError as err:
+                raise_for_rpc_error(err)
+            spec = SessionSpec(
+                dim=d.dim, kv_shape=tuple(d.kv_shape), kv_dtype=d.kv_dtype, memory_size=d.memory_chunks
+            )
+            with self._spec_lock:
+                self._specs[decoder] = spec
+        return spec
+
+    def _session_msg(self, rec: SessionRecord, deadline: Deadline) -> pb.Session:
+        info = self.retmem.info(rec.session_id, deadline)
+        return pb.Session(
+            session_id=rec.session_id,
+            name=rec.name,
+            text_bytes=rec.text_bytes,
+            tokens=rec.tokens,
+            chunks=info.num_chunks,
+            created_at=rec.created_at,
+            decoder=rec.decoder,
+            shard=info.shard,
+        )
+
+    def _text(self, data: bytes, field: str) -> str:
+        if not data:
+            raise InvalidArgument(field, "must not be empty")
+        if len(data) > self.config.max_text_bytes:
+            raise ResourceExhausted(f"{field}: {len(data)} bytes > limit {self.config.max_text_bytes}")
+        return check_utf8(data, field)
+
+    # -- sessions -----------------------------------------------------------------------------------
+
+    def CreateSession(self, request, context):  # noqa: N802
+        call = current()
+        with self.table.admitted(call.tenant, self.config.max_inflight):
+            rec = self.table.new_record(call.tenant, request.name, self.decoder_ring.owner)
+            spec = self._spec(rec.decoder, call.deadline)
+            self.retmem.create_session(rec.session_id, spec, call.deadline)
+            self.table.add(rec)
+            return self._session_msg(rec, call.deadline)
+
+    def GetSession(self, request, context):  # noqa: N802
+        call = current()
+        rec = self.table.get(call.tenant, request.session_id)
+        return self._session_msg(rec, call.deadline)
+
+    def ListSessions(self, request, context):  # noqa: N802
+        call = current()
+        out = pb.ListSessionsResponse()
+        for rec in self.table.list(call.tenant):
+            out.sessions.append(
+                pb.Session(
+                    session_id=rec.session_id,
+                    name=rec.name,
+                    text_bytes=rec.text_bytes,
+                    tokens=rec.tokens,
+                    chunks=-1,  # not asked of ret-mem here: GetSession reports it
+                    created_at=rec.created_at,
+                    decoder=rec.decoder,
+                    shard=self.retmem.ring.owner(rec.session_id),
+                )
+            )
+        return out
+
+    def DeleteSession(self, request, context):  # noqa: N802
+        call = current()
+        rec = self.table.get(call.tenant, request.session_id)
+        try:
+            self.retmem.delete_session(rec.session_id, call.deadline)
+        except NotFound:
+            pass  # memory already gone (an earlier delete that failed half-way)
+        self.table.remove(call.tenant, rec.session_id)
+        return pb.DeleteSessionResponse()
+
+    # -- append -------------------------------------------------------------------------------------
+
+    def _read_append(self, requests: Iterator[pb.AppendRequest]) -> tuple[SessionRecord, bytes, int]:
+        """Read and validate the whole stream: (record, new bytes after the committed offset, offset)."""
+        call = current()
+        first = next(requests, None)
+        if first is None:
+            raise InvalidArgument("text", "empty Append stream")
+        rec = self.table.get(call.tenant, first.session_id)
+        if first.offset < 0:
+            raise InvalidArgument("offset", "must be >= 0")
+        if first.offset > rec.text_bytes:
+            raise InvalidArgument(
+                "offset", f"gap: session holds {rec.text_bytes} bytes; resume at that offset"
+            )
+        parts, end, total = [first.text], first.offset + len(first.text), len(first.text)
+        for i, msg in enumerate(requests, start=1):
+            if msg.session_id and msg.session_id != first.session_id:
+                raise InvalidArgument(f"messages[{i}].session_id", "differs from the first message")
+            if msg.offset != end:
+                raise InvalidArgument(f"messages[{i}].offset", f"expected {end} (pieces must be contiguous)")
+            total += len(msg.text)
+            if total > self.config.max_append_bytes:
+                raise ResourceExhausted(f"text: Append stream over {self.config.max_append_bytes} bytes")
+            parts.append(msg.text)
+            end += len(msg.text)
+        if total > self.config.max_append_bytes:
+            raise ResourceExhausted(f"text: Append stream over {self.config.max_append_bytes} bytes")
+        data = b"".join(parts)
+        if not data:
+            raise InvalidArgument("text", "must not be empty")
+        new = data[rec.text_bytes - first.offset :]  # bytes already committed are skipped
+        if new and 0x80 <= new[0] < 0xC0:
+            raise InvalidArgument("offset", "the committed offset falls inside a UTF-8 character")
+        check_utf8(new, "text")
+        return rec, new, rec.text_bytes
+
+    def Append(self, request_iterator, context):  # noqa: N802
+        call = current()
+        with self.table.admitted(call.tenant, self.config.max_inflight):
+            rec, new, offset = self._read_append(request_iterator)
+            if not new:  # everything was committed before: an idempotent resume
+                yield pb.AppendProgress(done=True, text_bytes=rec.text_bytes)
+                return
+            if self.table.tenant_bytes(call.tenant) + len(new) > self.table.quotas.max_text_bytes:
+                raise ResourceExhausted(
+                    f"tenant quota: at most {self.table.quotas.max_text_bytes} bytes of text"
+                )
+            with self.table.writing(rec.session_id):
+                rec = self.table.get(call.tenant, rec.session_id)
+                if rec.text_bytes != offset:
+                    raise InvalidArgument(
+                        "offset", f"session moved to {rec.text_bytes} bytes meanwhile; resume there"
+                    )
+                yield from self._ingest(rec, new, call.deadline)
+
+    def _ingest(self, rec: SessionRecord, new: bytes, deadline: Deadline) -> Iterator[pb.AppendProgress]:
+        chunk = self._spec(rec.decoder, deadline).chunk_tokens
+
+        def pieces() -> Iterator[dpb.IngestRequest]:
+            ref = dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id)
+            yield dpb.IngestRequest(session=ref, text=new[:PIECE_BYTES])
+            for i in range(PIECE_BYTES, len(new), PIECE_BYTES):
+                yield dpb.IngestRequest(text=new[i : i + PIECE_BYTES])
+
+        # Every token covers >= 1 byte, so no call can use more chunk ids than this: after a failure
+        # the session skips them all, and a retry never collides with chunks the failed call stored.
+        id_bound = rec.next_chunk_id + len(new) // chunk + 2
+        done = False
+        try:
+            for p in self._decoder(rec.decoder).Ingest(pieces(), timeout=self._timeout(deadline)):
+                if p.done:
+                    done = True
+                    rec = self.table.update(
+                        rec.session_id,
+                        text_bytes=rec.text_bytes + len(new),
+                        tokens=rec.tokens + p.tokens_done,
+                        next_chunk_id=p.next_chunk_id,
+                    )
+                yield pb.AppendProgress(
+                    bytes_done=p.bytes_done,
+                    bytes_total=len(new),
+                    tokens_done=p.tokens_done,
+                    done=p.done,
+                    text_bytes=rec.text_bytes,
+                )
+        except grpc.RpcError as err:
+            raise_for_rpc_error(err)
+        finally:
+            if not done:
+                self.table.update(rec.session_id, next_chunk_id=max(rec.next_chunk_id, id_bound))
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def Score(self, request, context):  # noqa: N802
+        call = current()
+        with self.table.admitted(call.tenant, self.config.max_inflight):
+            rec = self.table.get(call.tenant, request.session_id)
+            self._text(request.text, "text")
+            req = dpb.ScoreRequest(
+                session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
+                text=request.text,
+                memory_mode=request.memory_mode,
+                return_logprobs=request.return_logprobs,
+            )
+            try:
+                r = self._decoder(rec.decoder).Score(req, timeout=self._timeout(call.deadline))
+            except grpc.RpcError as err:
+                raise_for_rpc_error(err)
+            return pb.ScoreResponse(
+                token_ids=r.token_ids,
+                logprobs=r.logprobs,
+                scored_tokens=r.scored_tokens,
+                perplexity=r.perplexity,
+                memory=r.memory,
+            )
+
+    def Generate(self, request, context):  # noqa: N802
+        call = current()
+        with self.table.admitted(call.tenant, self.config.max_inflight):
+            rec = self.table.get(call.tenant, request.session_id)
+            self._text(request.prompt, "prompt")
+            req = dpb.GenerateRequest(
+                session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
+                prompt=request.prompt,
+                sampling=request.sampling,
+                memory_mode=request.memory_mode,
+            )
+            try:
+                for t in self._decoder(rec.decoder).Generate(req, timeout=self._timeout(call.deadline)):
+                    yield pb.GenerateResponse(token=t)
+            except grpc.RpcError as err:
+                raise_for_rpc_error(err)
+
+
+class GatewayServer:
+    """A gateway process: session table, interceptors, gRPC server, health."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        path = None if config.data_dir is None else config.data_dir / "sessions.json"
+        self.table = SessionTable(path, config.quotas)
+        self.retmem = RetMemClient(config.retmem, max_message_bytes=config.max_message_bytes)
+        self.servicer = GatewayServicer(config, self.table, self.retmem)
+        self.health = health.HealthServicer()
+        self.server: grpc.Server | None = None
+        self.port = 0
+
+    def start(self, extra_interceptors: tuple[grpc.ServerInterceptor, ...] = ()) -> int:
+        """Listen and serve. `extra_interceptors` run outermost (e.g. tracing, or recording in tests)."""
+        prefix = f"/{SERVICE_NAME}/"
+        interceptors = (
+            *extra_interceptors,
+            StatusInterceptor(prefix),
+            AuthInterceptor(prefix, self.config.key_hashes),
+            DeadlineInterceptor(prefix, self.config.default_timeout_s, self.config.max_timeout_s),
+        )
+        options = ServerOptions(
+            max_message_bytes=self.config.max_message_bytes,
+            max_workers=self.config.max_inflight + 8,
+            interceptors=interceptors,
+        )
+        services = [Service(SERVICE_NAME, pb_grpc.add_GatewayServicer_to_server, self.servicer)]
+        self.server, self.port = create_server(
+            f"{self.config.host}:{self.config.port}", services, options, self.health
+        )
+        set_health(self.health, [SERVICE_NAME], serving=True)
+        return self.port
+
+    def stop(self, grace_s: float | None = None) -> None:
+        set_health(self.health, [SERVICE_NAME], serving=False)
+        if self.server is not None:
+            self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"

@@ -1,0 +1,152 @@
+"""Fixtures for the serving path: ret-mem, a decoder on a tiny random LLaMA and the gateway, all over
+real gRPC on loopback ports. Every server records the deadline of every call it serves (D1, D2)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from memlong.client import Client
+from memlong.model import MemLongConfig
+from memlong.retmem.v1 import retmem_pb2_grpc
+from services.common.server import ServerOptions, Service, create_server
+from services.decoder.config import DecoderConfig
+from services.decoder.server import DecoderServer
+from services.gateway.config import GatewayConfig, Quotas, parse_keys
+from services.gateway.server import GatewayServer
+from services.retmem.routing import Placement
+from services.retmem.server import SERVICE_NAME as RETMEM_SERVICE
+from services.retmem.server import RetMemServicer
+from services.retmem.shard import Shard
+from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong
+
+torch.set_num_threads(1)
+
+KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+
+
+class ByteTokenizer(TinyTokenizer):
+    """encode: one token per UTF-8 byte (mod the tiny vocabulary); decode: ids as text (TinyTokenizer)."""
+
+    eos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b % 97 for b in text.encode()]
+
+
+@dataclass
+class CallLog:
+    """(server, method, seconds remaining at arrival or None) of every call a server saw."""
+
+    calls: list[tuple[str, str, float | None]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def interceptor(self, server: str) -> grpc.ServerInterceptor:
+        log = self
+
+        class Record(grpc.ServerInterceptor):
+            def intercept_service(self, continuation, details):
+                handler = continuation(details)
+                if handler is None or "grpc.health" in details.method or "reflection" in details.method:
+                    return handler
+                method = details.method
+
+                def record(context):
+                    with log.lock:
+                        log.calls.append((server, method, context.time_remaining()))
+
+                from services.gateway.interceptors import _around, _wrap
+
+                return _wrap(handler, _around(record))
+
+        return Record()
+
+
+def tiny_model():
+    # chunk 4, window 8, top-k 2; 4 layers, memory layer 1, retrieval layers (1, 3); float32 K/V
+    return tiny_memlong(chunk=4, window=8, top_k=2)
+
+
+class RetMem:
+    """A ret-mem shard served on a fixed loopback port; stop() and start() again to simulate outages."""
+
+    def __init__(self, data_dir: Path, log: CallLog) -> None:
+        self.data_dir, self.log, self.port = data_dir, log, 0
+        self.start()
+
+    def start(self) -> None:
+        self.shard = Shard("shard0", self.data_dir)
+        self.shard.open()
+        servicer = RetMemServicer({"shard0": self.shard}, Placement(["shard0"]))
+        options = ServerOptions(interceptors=(self.log.interceptor("retmem"),))
+        services = [Service(RETMEM_SERVICE, retmem_pb2_grpc.add_RetMemServicer_to_server, servicer)]
+        self.server, self.port = create_server(f"127.0.0.1:{self.port}", services, options)
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+        self.shard.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class Stack:
+    retmem: RetMem
+    decoder: DecoderServer
+    gateway: GatewayServer
+    log: CallLog
+    model: object
+    retriever: RecordingRetriever
+    tokenizer: ByteTokenizer
+
+    def client(self, key: str = "key-a", timeout_s: float = 30.0) -> Client:
+        return Client(self.gateway.address(), key, timeout_s=timeout_s)
+
+
+def start_stack(
+    tmp_path: Path, *, retriever=None, quotas: Quotas | None = None, max_inflight: int = 4
+) -> Stack:
+    log = CallLog()
+    retmem = RetMem(tmp_path / "retmem", log)
+    model, tokenizer = tiny_model(), ByteTokenizer()
+    retriever = retriever or RecordingRetriever()
+    dcfg = DecoderConfig(
+        retmem={"shard0": retmem.address},
+        memlong=model.config,
+        max_inflight=max_inflight,
+        ingest_progress_tokens=64,
+        retmem_timeout_s=5.0,
+    )
+    decoder = DecoderServer.from_components(model, tokenizer, retriever, dcfg)
+    decoder.start((log.interceptor("decoder"),))
+    gcfg = GatewayConfig(
+        decoders={"decoder0": decoder.address()},
+        retmem={"shard0": retmem.address},
+        key_hashes=parse_keys(",".join(f"{k}={t}" for k, t in KEYS.items())),
+        data_dir=tmp_path / "gateway",
+        quotas=quotas or Quotas(),
+        default_timeout_s=60.0,
+    )
+    gateway = GatewayServer(gcfg)
+    gateway.start((log.interceptor("gateway"),))
+    return Stack(retmem, decoder, gateway, log, model, retriever, tokenizer)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    s = start_stack(tmp_path)
+    yield s
+    s.gateway.stop(0)
+    s.decoder.stop(0)
+    s.retmem.stop()
+
+
+__all__ = ["ByteTokenizer", "CallLog", "MemLongConfig", "Stack", "start_stack"]

@@ -1,0 +1,148 @@
+"""End to end over real gRPC on loopback: lifecycle, in-process congruence, streaming generation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from memlong.chunkloop import Reader, SamplingParams
+from memlong.errors import InvalidArgument, NotFound
+from tests.factories import RecordingRetriever, tiny_memory
+
+
+def _text(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def test_session_lifecycle(stack):
+    client = stack.client()
+    s = client.create_session("book")
+    assert s.name == "book" and s.text_bytes == 0 and s.chunks == 0 and s.shard == "shard0"
+    assert [x.session_id for x in client.list_sessions()] == [s.session_id]
+    text = _text(35)  # ~200 bytes: 50 chunks of 4 tokens, under the tiny memory's 64
+    last = client.append(s.session_id, text, piece_bytes=50)
+    assert last.done and last.text_bytes == len(text.encode())
+    got = client.get_session(s.session_id)
+    assert got.text_bytes == len(text.encode()) and got.tokens == len(text.encode())
+    assert got.chunks == math.ceil(got.tokens / 4)  # every token stored, the last chunk partial
+    more = client.append(s.session_id, " and more")  # continues at the committed offset
+    assert more.text_bytes == got.text_bytes + len(" and more")
+    client.delete_session(s.session_id)
+    with pytest.raises(NotFound):
+        client.get_session(s.session_id)
+    assert client.list_sessions() == []
+
+
+def test_append_resumes_by_offset_and_skips_committed_bytes(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    text = _text(40).encode()
+    client.append(sid, text[:100], offset=0)
+    again = client.append(sid, text[:100], offset=0)  # a replay of committed bytes changes nothing
+    assert again.done and again.text_bytes == 100
+    assert client.get_session(sid).tokens == 100
+    last = client.append(sid, text[50:], offset=50)  # overlap: only bytes after 100 are new
+    assert last.text_bytes == len(text)
+    assert client.get_session(sid).tokens == len(text)
+    with pytest.raises(InvalidArgument, match="offset"):
+        client.append(sid, b"gap", offset=len(text) + 5)
+
+
+def test_ingest_then_score_equals_the_in_process_decoder_core(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    book, passage = _text(36, seed=1), _text(8, seed=2)
+    assert len(book) + len(passage) <= 256  # within the tiny memory (64 chunks of 4): no eviction
+    client.append(sid, book, piece_bytes=333)
+    served = client.score(sid, passage, return_logprobs=True)
+
+    # The same operations in process: one reader ingests and flushes, a fresh one scores.
+    tok = stack.tokenizer
+    retriever = RecordingRetriever()
+    memory = tiny_memory(stack.model, retriever)
+    first = Reader(stack.model, retriever, tok, memory)
+    first.ingest(tok.encode(book))
+    first.flush()
+    second = Reader(stack.model, retriever, tok, memory, next_chunk_id=first.next_chunk_id)
+    want = second.score(tok.encode(passage))
+
+    got = torch.tensor(list(served.logprobs))
+    assert list(served.token_ids) == tok.encode(passage)
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+    torch.testing.assert_close(got[1:], want[1:].float(), atol=1e-4, rtol=0)
+    assert served.memory.memory_used and served.memory.retrievals == second.stats.retrievals
+    finite = want[~torch.isnan(want)]
+    assert served.perplexity == pytest.approx(math.exp(-float(finite.mean())), rel=1e-4)
+    # Scoring leaves memory unchanged (commit is off).
+    assert client.get_session(sid).chunks == first.next_chunk_id
+
+
+def test_score_without_memory_says_so(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    client.append(sid, _text(100))
+    off = client.score(sid, _text(30, seed=3), memory="off")
+    assert not off.memory.memory_used and "memory off" in off.memory.note and off.memory.retrievals == 0
+
+
+def test_generate_streams_and_honours_stop_conditions(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    client.append(sid, _text(100))
+    tokens = list(client.generate(sid, "alpha beta", max_new_tokens=7))
+    assert len(tokens) == 7 and tokens[-1].finish_reason == 1  # LENGTH
+    assert all(t.finish_reason == 0 for t in tokens[:-1])
+    assert tokens[-1].memory.memory_used  # the prompt seeded the first retrieval
+
+    # Greedy is deterministic: stop at the 3rd token's id, and at a string the 2nd token's text makes.
+    ids = [t.token_id for t in tokens]
+    stopped = list(client.generate(sid, "alpha beta", max_new_tokens=7, stop_token_ids=[ids[2]]))
+    first_hit = ids.index(ids[2])
+    assert [t.token_id for t in stopped] == ids[: first_hit + 1] and stopped[-1].finish_reason == 2
+    text = "".join(t.text for t in tokens)
+    stop = text[: len(tokens[0].text) + 2]
+    by_string = list(client.generate(sid, "alpha beta", max_new_tokens=7, stop=[stop]))
+    assert by_string[-1].finish_reason == 2 and len(by_string) <= 2
+
+    # Sampling with a seed is reproducible.
+    a = [t.token_id for t in client.generate(sid, "alpha", max_new_tokens=5, temperature=1.0, seed=7)]
+    b = [t.token_id for t in client.generate(sid, "alpha", max_new_tokens=5, temperature=1.0, seed=7)]
+    assert a == b
+
+
+def test_generate_matches_the_in_process_reader(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    book = _text(36, seed=5)
+    client.append(sid, book)
+    served = [t.token_id for t in client.generate(sid, "gamma delta", max_new_tokens=6)]
+    tok, retriever = stack.tokenizer, RecordingRetriever()
+    memory = tiny_memory(stack.model, retriever)
+    first = Reader(stack.model, retriever, tok, memory)
+    first.ingest(tok.encode(book))
+    first.flush()
+    reader = Reader(stack.model, retriever, tok, memory, next_chunk_id=first.next_chunk_id)
+    reader.seed_query(tok.encode("gamma delta"))
+    want = list(reader.generate(tok.encode("gamma delta"), SamplingParams(max_new_tokens=6)))
+    assert served == want
+
+
+def test_prefetch_gives_the_same_logprobs_as_retrieval_at_the_boundary(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    client.append(sid, _text(150, seed=8))
+    passage = _text(80, seed=9)  # longer than the window: its own chunks enter (call-local) memory
+    with_prefetch = client.score(sid, passage, return_logprobs=True)
+    pool, stack.decoder.engine._prefetch_pool = stack.decoder.engine._prefetch_pool, None
+    try:
+        without = client.score(sid, passage, return_logprobs=True)
+    finally:
+        stack.decoder.engine._prefetch_pool = pool
+    np.testing.assert_array_equal(np.array(with_prefetch.logprobs), np.array(without.logprobs))
+    assert with_prefetch.memory.retrievals == without.memory.retrievals > 10

@@ -31,7 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memlong.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 STATE_VERSION = 1
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -257,6 +257,28 @@ class SessionMemory:
         """Make chunks evictable again. Unknown id: NotFound, no change."""
         self._pinned[self._positions(ids)] = False
 
+    def credit(self, ids: Any, counts: Any, searches: int = 0, queries: int = 0) -> None:
+        """Add retrievals that happened elsewhere (replay of logged counters): all or nothing.
+
+        ids: (r,) distinct stored chunk ids; counts: (r,) non-negative increments of their retrieval
+        counters; searches, queries: added to the statistics. Unknown ids are NotFound.
+        """
+        ids = _as_ids("ids", ids)  # (r,)
+        counts = _as_ids("counts", counts)  # (r,)
+        if len(counts) != len(ids):
+            raise InvalidArgument("counts", f"has {len(counts)} entries but ids has {len(ids)}")
+        if len(counts) and counts.min() < 0:
+            raise InvalidArgument("counts", "must be non-negative")
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidArgument("ids", "must not repeat an id")
+        for name, v in (("searches", searches), ("queries", queries)):
+            if not _is_int(v) or v < 0:
+                raise InvalidArgument(name, f"must be a non-negative integer, got {v!r}")
+        pos = self._positions(ids)
+        self._counters[pos] += counts
+        self._searches += int(searches)
+        self._queries += int(queries)
+
     def stats(self) -> dict[str, int]:
         """Counts for metrics: stored and pinned chunks, evictions, searches, payload bytes, max id."""
         n = len(self)
@@ -365,14 +387,23 @@ class SessionMemory:
         return pos
 
     def _store(
-        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
+        self,
+        ids: np.ndarray,
+        embeddings: np.ndarray,
+        records: np.ndarray,
+        lengths: np.ndarray,
+        indexed: bool = False,
     ) -> None:
-        """Write already validated new chunks (ids above every stored id) into free slots."""
+        """Write already validated new chunks (ids above every stored id) into free slots.
+
+        indexed: the FAISS index already holds exactly these vectors (a verified pre-built index).
+        """
         m = len(ids)
         slots = self._take_slots(m)  # (m,)
         self._emb[slots] = embeddings
         self._rec[slots] = records
-        self._index.add_with_ids(embeddings, ids)
+        if not indexed:
+            self._index.add_with_ids(embeddings, ids)
         self._ids = np.concatenate([self._ids, ids])
         self._slots = np.concatenate([self._slots, slots])
         self._counters = np.concatenate([self._counters, np.zeros(m, np.int64)])
@@ -416,6 +447,26 @@ class SessionMemory:
         if len(pos):
             self._drop(pos)
         return evicted
+
+    def remove(self, ids: Any) -> None:
+        """Remove exactly `ids` (any order, no repeats) from index, metadata and slabs.
+
+        For replaying a logged eviction (and for callers that choose what to drop themselves). It
+        counts in the statistics as one eviction round of len(ids) chunks, so that replaying an
+        eviction through `remove` reproduces the live memory's `stats()` exactly. All or nothing:
+        unknown ids are NotFound, repeated ids InvalidArgument, pinned ids FailedPrecondition (pinned
+        chunks are never evicted), and any of these leaves the memory unchanged. Empty: a no-op.
+        """
+        ids = _as_ids("ids", ids)  # (r,)
+        if len(ids) == 0:
+            return
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidArgument("ids", "must not repeat an id")
+        pos = self._positions(ids)  # NotFound before any change
+        if self._pinned[pos].any():
+            bad = ids[self._pinned[pos]][:8].tolist()
+            raise FailedPrecondition(f"chunk ids are pinned (unpin them first): {bad}")
+        self._drop(np.sort(pos))
 
     def _drop(self, pos: np.ndarray) -> None:
         """Remove the chunks at chronological positions `pos` from index, metadata and slabs."""
@@ -543,10 +594,14 @@ class SessionMemory:
         return state
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> SessionMemory:
+    def from_state(cls, state: dict[str, Any], index: Any = None) -> SessionMemory:
         """Rebuild a memory from `export_state` output; InvalidArgument('state.<key>') if malformed.
 
-        Scalars may be Python numbers or 0-d arrays (as `np.load` returns them).
+        Scalars may be Python numbers or 0-d arrays (as `np.load` returns them). `index`: an
+        optional pre-built FAISS index (e.g. from a checksum-verified snapshot file) to adopt instead
+        of building one; it must be an IndexIDMap2 over an IndexFlatIP of width dim holding exactly
+        the state's ids in order with exactly its embeddings, else InvalidArgument('index'). The check
+        is two array comparisons (ids, then the vectors as a zero-copy view), no search or copy.
         """
         if not isinstance(state, dict):
             raise InvalidArgument("state", f"expected a dict, got {type(state).__name__}")
@@ -577,8 +632,12 @@ class SessionMemory:
         max_id = scalar("max_id")
         if len(ids) and max_id < ids[-1]:
             raise InvalidArgument("state.max_id", "below the highest stored id")
+        if index is not None:
+            mem._index = _checked_index(index, ids, arrays["embeddings"], config.dim)
         if len(ids):
-            mem._store(ids, arrays["embeddings"], arrays["records"], arrays["lengths"])
+            mem._store(
+                ids, arrays["embeddings"], arrays["records"], arrays["lengths"], indexed=index is not None
+            )
         mem._counters = arrays["counters"].copy()
         mem._pinned = arrays["pinned"].copy()
         mem._max_id = max_id
@@ -617,6 +676,25 @@ class SessionMemory:
         if n and out["counters"].min() < 0:
             raise InvalidArgument("state.counters", "must be non-negative")
         return out
+
+
+def _checked_index(index: Any, ids: np.ndarray, embeddings: np.ndarray, dim: int) -> faiss.Index:
+    """`index` downcast, if it is IndexIDMap2(IndexFlatIP(dim)) holding exactly (ids, embeddings)."""
+    # Keep `index` itself: it is the Python object that owns the C++ index (downcasts do not).
+    outer = index if isinstance(index, faiss.IndexIDMap2) else None
+    inner = faiss.downcast_index(outer.index) if outer is not None else None
+    if outer is None or not isinstance(inner, faiss.IndexFlatIP) or inner.d != dim:
+        raise InvalidArgument("index", f"must be IndexIDMap2(IndexFlatIP({dim})), got {type(index).__name__}")
+    n = len(ids)
+    if outer.ntotal != n or inner.ntotal != n:
+        raise InvalidArgument("index", f"holds {outer.ntotal} vectors, the state {n}")
+    if n and not np.array_equal(faiss.vector_to_array(outer.id_map), ids):
+        raise InvalidArgument("index", "ids differ from the state's")
+    if n:
+        stored = faiss.rev_swig_ptr(inner.get_xb(), n * dim)  # (n * dim,) float32 view, no copy
+        if not np.array_equal(stored.view(np.uint32), embeddings.reshape(-1).view(np.uint32)):
+            raise InvalidArgument("index", "vectors differ from the state's embeddings")
+    return outer
 
 
 # -------------------------------------------------------------------------------------------- bank

@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
-from memlong.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from memlong.memory import MemoryBank, MemoryConfig, SessionMemory
 
 DIM, RECORD = 16, 40
@@ -447,6 +447,144 @@ def test_unknown_ids_are_not_found_and_change_nothing():
     assert mem.stats()["pinned"] == 0
     with pytest.raises(InvalidArgument):
         mem.pin([1.5])
+
+
+# ------------------------------------------------------------------------------ remove / credit
+
+
+def test_remove_equals_the_eviction_it_replays():
+    """Replaying each eviction by `remove` on a twin gives the same state and stats, step by step."""
+    rng = np.random.default_rng(11)
+    emb = table(400, seed=11)
+    live, twin = make(memory_size=32), make(memory_size=32)
+    for start in range(0, 400, 8):
+        ids = np.arange(start, start + 8)
+        before = live.ids()
+        append(live, ids, emb)
+        evicted = np.setdiff1d(before, live.ids())
+        queries = rng.standard_normal((2, DIM)).astype(np.float32)
+        hit = live.search(queries, 4).ids
+        twin.remove(evicted)
+        append(twin, ids, emb)
+        twin.credit(*np.unique(hit, return_counts=True), searches=1, queries=2)
+        if start % 64 == 0:
+            gone = live.evict(3)
+            twin.remove(gone[::-1])  # any order
+        assert_same_state(live.export_state(), twin.export_state())
+    # Alignment: every search returns each id's own record.
+    queries = rng.standard_normal((50, DIM)).astype(np.float32)
+    res = twin.search(queries, 8)
+    np.testing.assert_array_equal(res.records, record_of(res.ids.ravel()).reshape(res.records.shape))
+    np.testing.assert_array_equal(res.ids, brute_topk(twin.ids(), emb[twin.ids()], queries, 8))
+
+
+@pytest.mark.parametrize(
+    "ids, error, field",
+    [
+        ([2, 99], NotFound, None),
+        ([2, 2], InvalidArgument, "ids"),
+        ([[2, 3]], InvalidArgument, "ids"),
+        ([2.0], InvalidArgument, "ids"),
+        ([1, 3], FailedPrecondition, None),  # 1 is pinned
+    ],
+)
+def test_bad_remove_changes_nothing(ids, error, field):
+    mem = make(memory_size=8)
+    append(mem, [1, 2, 3, 4], table(5))
+    mem.pin([1])
+    before = mem.export_state()
+    with pytest.raises(error) as e:
+        mem.remove(ids)
+    if field is not None:
+        assert e.value.field == field
+    assert_same_state(before, mem.export_state())
+    mem.remove([])  # empty: a no-op, not an eviction round
+    assert_same_state(before, mem.export_state())
+
+
+def test_remove_frees_slots_and_counts_one_round():
+    mem = make(memory_size=4)
+    emb = table(20)
+    append(mem, [0, 1, 2, 3], emb)
+    mem.remove([1, 3])
+    assert mem.ids().tolist() == [0, 2] and mem._index.ntotal == 2
+    assert (mem.stats()["eviction_rounds"], mem.stats()["evicted_chunks"]) == (1, 2)
+    append(mem, [4, 5], emb)  # fits without evicting: the slots came back
+    assert mem.stats()["eviction_rounds"] == 1 and len(mem) == 4
+    rec, _ = mem.fetch(mem.ids())
+    np.testing.assert_array_equal(rec, record_of(mem.ids()))
+
+
+@pytest.mark.parametrize(
+    "ids, counts, kw, error, field",
+    [
+        ([1, 9], [1, 1], {}, NotFound, None),
+        ([1, 1], [1, 1], {}, InvalidArgument, "ids"),
+        ([1], [-1], {}, InvalidArgument, "counts"),
+        ([1], [1, 2], {}, InvalidArgument, "counts"),
+        ([1], [1], {"searches": -1}, InvalidArgument, "searches"),
+    ],
+)
+def test_credit_adds_counts_or_changes_nothing(ids, counts, kw, error, field):
+    mem = make(memory_size=8)
+    append(mem, [1, 2, 3], table(4))
+    before = mem.export_state()
+    with pytest.raises(error) as e:
+        mem.credit(ids, counts, **kw)
+    if field is not None:
+        assert e.value.field == field
+    assert_same_state(before, mem.export_state())
+    mem.credit([3, 1], [2, 5], searches=4, queries=7)
+    assert mem.counters([1, 2, 3]).tolist() == [5, 0, 2]
+    assert (mem.stats()["searches"], mem.stats()["queries"]) == (4, 7)
+
+
+def _flat_index(ids: np.ndarray, emb: np.ndarray) -> faiss.Index:
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.shape[1]))
+    index.add_with_ids(emb, ids)
+    return faiss.deserialize_index(faiss.serialize_index(index))  # as a snapshot file gives it back
+
+
+def test_from_state_adopts_a_matching_prebuilt_index():
+    rng = np.random.default_rng(12)
+    emb = table(300, seed=12)
+    mem = make(memory_size=32)
+    _workload(mem, emb, rng)
+    state = mem.export_state()
+    index = _flat_index(state["ids"], state["embeddings"])
+    copy = SessionMemory.from_state(state, index=index)
+    assert copy._index is index
+    del index  # the memory keeps the owning object alive
+    queries = rng.standard_normal((100, DIM)).astype(np.float32)
+    for got, want in zip(
+        vars(copy.search(queries, 8)).values(), vars(mem.search(queries, 8)).values(), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    append(copy, np.arange(300, 310), table(310, seed=12))  # keeps working after adoption
+    assert copy._index.ntotal == len(copy)
+
+
+@pytest.mark.parametrize("damage", ["ids", "vector", "count", "type", "dim"])
+def test_from_state_refuses_a_prebuilt_index_that_does_not_match(damage):
+    mem = make(memory_size=16)
+    append(mem, np.arange(10), table(10))
+    state = mem.export_state()
+    ids, emb = state["ids"], state["embeddings"].copy()
+    if damage == "ids":
+        index = _flat_index(ids + 1, emb)
+    elif damage == "vector":
+        emb[4, 0] = np.nextafter(emb[4, 0], np.float32(2))
+        index = _flat_index(ids, emb)
+    elif damage == "count":
+        index = _flat_index(ids[:-1], emb[:-1])
+    elif damage == "type":
+        index = faiss.IndexFlatIP(DIM)
+        index.add(emb)
+    else:
+        index = _flat_index(ids, np.zeros((10, DIM + 1), np.float32))
+    with pytest.raises(InvalidArgument) as e:
+        SessionMemory.from_state(state, index=index)
+    assert e.value.field == "index"
 
 
 # ------------------------------------------------------------------------------ export / import

@@ -5,8 +5,14 @@ validates and may refuse), append the log record, wait until it is fsynced, rele
 reader ever sees a chunk that is not durable, and the log holds only operations that succeeded.
 If the log cannot be written the shard fails stop (Unavailable from then on).
 
-Eviction depends on retrieval counters, which are not logged; so the log records the *ids* each
-eviction removed (explicit or inside an append), and replay removes exactly those.
+The log records the *ids* each eviction removed (explicit or inside an append), and replay removes
+exactly those (`SessionMemory.remove`), so replay never depends on retrieval counters. Counters are
+still logged, cheaply: a search only adds its returned ids to the session's pending hits in memory;
+the next logged mutation of the session carries them (no extra record, no extra fsync), and a
+session that only searches writes one `credit` record per `counter_flush_hits` hits (one fsync wait
+for that one search). Replay credits them before applying the record. A crash therefore loses at
+most the hits since the session's last record and never more than `counter_flush_hits` of them; a
+checkpoint (and so a graceful stop) snapshots them and clears the pending list.
 
 Deleted session ids are written to a tombstone log before anything is removed and are never
 reused, so a delete survives restarts and stale snapshots. Without a data directory the shard is
@@ -60,6 +66,28 @@ class _Meta:
     applied_lsn: int = 0  # last log record reflected in memory
     dirty: bool = True  # changed since its last snapshot
     deleted: bool = False
+    # Retrievals not yet logged: returned ids of each search, and search/query counts.
+    hits: list[np.ndarray] = field(default_factory=list)
+    n_hits: int = 0
+    searches: int = 0
+    queries: int = 0
+
+    def take_hits(self) -> dict[str, Any]:
+        """The pending retrievals as log-record fields (empty when none), and clear them."""
+        if not self.searches:
+            return {}
+        ids, counts = np.unique(np.concatenate(self.hits), return_counts=True) if self.hits else ((), ())
+        fields_ = {
+            "hits": np.asarray(ids, np.int64).tobytes(),
+            "hit_n": np.asarray(counts, np.int64).tobytes(),
+            "searches": self.searches,
+            "queries": self.queries,
+        }
+        self.clear_hits()
+        return fields_
+
+    def clear_hits(self) -> None:
+        self.hits, self.n_hits, self.searches, self.queries = [], 0, 0, 0
 
 
 def _arr(buf: bytes, dtype: Any, *shape: int) -> np.ndarray:
@@ -79,8 +107,10 @@ class Shard:
         data_dir: Path | None,
         fsync: str = "grouped",
         checkpoint_bytes: int = 1 << 30,
+        counter_flush_hits: int = 4096,
     ) -> None:
         self.name = name
+        self.counter_flush_hits = counter_flush_hits
         self.root = None if data_dir is None else Path(data_dir) / name
         self.fsync = fsync
         self.checkpoint_bytes = checkpoint_bytes
@@ -141,12 +171,12 @@ class Shard:
         return meta, self.bank.get(session_id)
 
     def _log(self, meta: _Meta, record: dict[str, Any]) -> None:
-        """Append a record for an already applied change; returns once durable."""
+        """Append a record for an already applied change (carrying the pending hits); returns once durable."""
         meta.dirty = True
         if self._wal is None:
             return
         try:
-            meta.applied_lsn = self._wal.append(record)
+            meta.applied_lsn = self._wal.append({**record, **meta.take_hits()})
         except OSError as e:
             self._failed = e
             log.exception("shard %s: write-ahead log failed; failing stop", self.name)
@@ -212,7 +242,16 @@ class Shard:
     def search(self, session_id: str, queries: np.ndarray, top_k: int) -> SearchResult:
         meta, mem = self._locked(session_id)
         try:
-            return mem.search(queries, top_k)
+            result = mem.search(queries, top_k)
+            if self._wal is not None:
+                hit = result.ids[result.ids >= 0]  # (h,)
+                meta.hits.append(hit)
+                meta.n_hits += len(hit)
+                meta.searches += 1
+                meta.queries += len(result.ids)
+                if meta.n_hits >= self.counter_flush_hits:
+                    self._log(meta, {"op": "credit", "sid": session_id})
+            return result
         finally:
             meta.lock.release()
 
@@ -335,7 +374,7 @@ class Shard:
                 written = 0
                 for sid, meta in list(self._meta.items()):
                     with meta.lock:
-                        if not meta.dirty or meta.deleted:
+                        if not (meta.dirty or meta.searches) or meta.deleted:
                             continue
                         sdir = self.root / "snapshots" / _session_dirname(sid)
                         snapshot.write(
@@ -343,6 +382,7 @@ class Shard:
                         )
                         snapshot.remove_older(sdir, meta.applied_lsn)
                         meta.dirty = False
+                        meta.clear_hits()  # in the snapshot's counters now; never log them twice
                         written += 1
                 self._wal.remove_segments_upto(cut)
                 return written
@@ -399,18 +439,30 @@ class Shard:
             try:
                 snap = snapshot.read(sdir / f"{lsn:020d}")
                 spec = SessionSpec.from_dict(snap.spec)
-                mem = SessionMemory.from_state(snap.state)
+                mem = self._memory_from_snapshot(snap, report)
             except (snapshot.SnapshotError, InvalidArgument, KeyError, TypeError, ValueError) as e:
                 report.snapshot_errors += 1
                 report.errors.append(f"snapshot {sdir.name}/{lsn}: {e}")
                 continue
-            if len(mem) and not snap.index_ok:
-                report.index_files_rejected += 1
             self.bank.adopt(sid, mem)
             self._meta[sid] = _Meta(spec, applied_lsn=lsn, dirty=False)
             report.snapshots_loaded += 1
             return sid
         return None
+
+    @staticmethod
+    def _memory_from_snapshot(snap: snapshot.LoadedSnapshot, report: RecoveryReport) -> SessionMemory:
+        """The snapshot's memory, adopting its verified FAISS index; rebuilt when the file is unusable."""
+        if snap.index is not None:
+            try:
+                return SessionMemory.from_state(snap.state, index=snap.index)
+            except InvalidArgument as e:
+                if e.field != "index":
+                    raise
+                report.errors.append(f"snapshot index not adopted: {e}")
+        if len(snap.state.get("ids", ())):
+            report.index_files_rejected += 1
+        return SessionMemory.from_state(snap.state)
 
     def _replay_one(self, lsn: int, rec: dict[str, Any], snaps: Path, report: RecoveryReport) -> None:
         sid, op = rec.get("sid"), rec.get("op")
@@ -445,37 +497,30 @@ class Shard:
             report.errors.append(f"lsn {lsn} {op} {sid}: {type(e).__name__}: {e}")
 
     def _apply(self, sid: str, meta: _Meta, op: str, rec: dict[str, Any]) -> None:
-        spec = meta.spec
+        spec, mem = meta.spec, self.bank.get(sid)
+        if "searches" in rec:  # retrievals since the previous record happened before this change
+            mem.credit(
+                _arr(rec["hits"], np.int64, -1),
+                _arr(rec["hit_n"], np.int64, -1),
+                searches=rec["searches"],
+                queries=rec["queries"],
+            )
         if op == "append":
             ids = _arr(rec["ids"], np.int64, -1)
-            evicted = _arr(rec["evicted"], np.int64, -1)
-            if len(evicted):
-                self._remove(sid, evicted)
-            self.bank.get(sid).append(
+            mem.remove(_arr(rec["evicted"], np.int64, -1))
+            mem.append(
                 ids,
                 _arr(rec["emb"], np.float32, len(ids), spec.dim),
                 _arr(rec["rec"], np.uint8, len(ids), spec.record_bytes),
                 _arr(rec["len"], np.int32, len(ids)),
             )
         elif op == "pin":
-            mem = self.bank.get(sid)
             ids = _arr(rec["ids"], np.int64, -1)
             (mem.pin if rec["on"] else mem.unpin)(ids)
         elif op == "evict":
-            self._remove(sid, _arr(rec["ids"], np.int64, -1))
-        else:
+            mem.remove(_arr(rec["ids"], np.int64, -1))
+        elif op != "credit":
             raise ValueError(f"unknown op {op!r}")
-
-    def _remove(self, sid: str, ids: np.ndarray) -> None:
-        """Remove exactly `ids` (replay of a logged eviction), through the core's public state API."""
-        state = self.bank.get(sid).export_state()
-        keep = ~np.isin(state["ids"], ids)
-        for key in ("ids", "embeddings", "records", "lengths", "counters", "pinned"):
-            state[key] = state[key][keep]
-        state["eviction_rounds"] += 1
-        state["evicted_chunks"] += int((~keep).sum())
-        self.bank.delete(sid)
-        self.bank.adopt(sid, SessionMemory.from_state(state))
 
 
 def _is_hex(name: str) -> bool:

@@ -4,7 +4,8 @@ Layout: `<session_dir>/<lsn:020d>/` where `lsn` is the last log record the snaps
 Written as `<lsn>.tmp/` (each file fsynced), renamed into place, then the parent directory fsynced:
 a snapshot directory without `.tmp` is complete. Arrays are loaded with `allow_pickle=False` after
 their checksum matches; the FAISS index is deserialised only when its checksum matches too, and is
-then only cross-checked against the ids (the memory rebuilds its exact flat index from embeddings).
+then handed to `SessionMemory.from_state`, which adopts it only if it holds exactly the snapshot's ids
+and embeddings (and otherwise rebuilds the exact flat index from the embeddings).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class LoadedSnapshot:
     lsn: int
     spec: dict[str, Any]
     state: dict[str, Any]
-    index_ok: bool  # index file present, checksum matched and agreed with the ids
+    index: faiss.Index | None  # deserialised only when present and its sha256 matched the manifest
 
 
 def _sha256(data: bytes | memoryview) -> str:
@@ -131,21 +132,22 @@ def read(path: Path) -> LoadedSnapshot:
         if _sha256(data) != sha:
             raise SnapshotError(f"{path / name}: sha256 mismatch")
         state[name[: -len(".npy")]] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    return LoadedSnapshot(int(path.name), manifest["spec"], state, _check_index(path, manifest, state))
+    return LoadedSnapshot(int(path.name), manifest["spec"], state, _load_index(path, manifest))
 
 
-def _check_index(path: Path, manifest: dict[str, Any], state: dict[str, Any]) -> bool:
-    """Deserialise the FAISS file only if its sha256 matches; then it must hold exactly the ids."""
+def _load_index(path: Path, manifest: dict[str, Any]) -> faiss.Index | None:
+    """Deserialise the FAISS file only if its sha256 matches the manifest; None otherwise."""
     entry = manifest.get("index") or {}
     try:
         data = (path / entry["file"]).read_bytes()
     except (OSError, KeyError, TypeError):
-        return False
+        return None
     if _sha256(data) != entry.get("sha256"):
-        return False
-    index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
-    ids = faiss.vector_to_array(faiss.downcast_index(index).id_map)
-    return index.ntotal == len(state["ids"]) and np.array_equal(ids, state["ids"])
+        return None
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    except RuntimeError:  # checksum matched but FAISS cannot read it: a writer bug, rebuild instead
+        return None
 
 
 def remove_older(session_dir: Path, keep_lsn: int) -> None:

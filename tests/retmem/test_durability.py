@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from memlong.errors import MemLongError, NotFound
+from memlong.memory import SessionMemory
 from services.retmem import wal
 from services.retmem.client import RetMemClient
 from services.retmem.shard import Shard
@@ -215,4 +216,90 @@ def test_c4_deleted_stays_deleted_across_restart(tmp_path: Path) -> None:
     assert again.sessions() == ["kept"]
     with pytest.raises(NotFound):
         again.search("gone", np.zeros((1, spec.dim), np.float32), 1)
+    again.close()
+
+
+def _workload(shard: Shard, spec, rng: np.random.Generator, queries: np.ndarray) -> None:
+    """Appends through a small memory (evictions inside appends), searches, pins, explicit evictions."""
+    for i in range(0, 300, 10):
+        shard.append("a", *chunks(rng, spec, i, 10))
+        shard.search("a", queries[i : i + 20], 4)
+        if i == 150:
+            shard.pin("a", shard.bank.get("a").ids()[:2])
+            shard.evict("a", 7)
+
+
+def _same_memory(a, b) -> None:
+    sa, sb = a.export_state(), b.export_state()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        np.testing.assert_array_equal(sa[key], sb[key], err_msg=key)
+
+
+def test_log_replay_removes_evictions_in_place_and_keeps_counters(tmp_path: Path, monkeypatch) -> None:
+    """Replay applies logged evictions with SessionMemory.remove (no whole-session rebuild per
+    eviction) and credits logged retrievals: the recovered memory equals the live one, counters
+    and statistics included."""
+    spec, rng = tiny_spec(memory_size=40), np.random.default_rng(6)
+    queries = rng.standard_normal((320, spec.dim)).astype(np.float32)
+    shard = Shard("s", tmp_path)
+    shard.open()
+    shard.create_session("a", spec)
+    _workload(shard, spec, rng, queries)
+    shard.append("a", *chunks(rng, spec, 300, 1))  # a mutation after the last search carries its hits
+    live = shard.bank.get("a")
+    assert live.stats()["eviction_rounds"] > 10
+    shard.close()  # like a crash: no checkpoint, only the log
+    rebuilds = []
+    real = SessionMemory.from_state.__func__
+    monkeypatch.setattr(
+        SessionMemory,
+        "from_state",
+        classmethod(lambda cls, *a, **k: rebuilds.append(1) or real(cls, *a, **k)),
+    )
+    again = Shard("s", tmp_path)
+    report = again.open()
+    assert report.errors == [] and rebuilds == []
+    _same_memory(live, again.bank.get("a"))
+    again.close()
+
+
+def test_searches_alone_log_a_credit_record_every_n_hits(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(7)
+    shard = Shard("s", tmp_path, counter_flush_hits=40)
+    shard.open()
+    shard.create_session("a", spec)
+    shard.append("a", *chunks(rng, spec, 0, 20))
+    lsn = shard._wal.last_lsn
+    for _ in range(25):  # 4 hits per search: a credit record at 40, 80 hits; 20 hits left pending
+        shard.search("a", rng.standard_normal((1, spec.dim)).astype(np.float32), 4)
+    assert shard._wal.last_lsn == lsn + 2
+    counters = shard.bank.get("a").counters(np.arange(20))
+    shard.close()  # like a crash: the pending 20 hits are lost, the logged 80 survive
+    again = Shard("s", tmp_path)
+    again.open()
+    recovered = again.bank.get("a").counters(np.arange(20))
+    assert recovered.sum() == 80 and counters.sum() == 100 and (recovered <= counters).all()
+    assert again.bank.get("a").stats()["searches"] == 20
+    again.close()
+
+
+def test_checkpoint_snapshots_pending_hits_once(tmp_path: Path) -> None:
+    """A checkpoint after searches only (a graceful stop) keeps the counters; they are not credited
+    again by the next record."""
+    spec, rng = tiny_spec(), np.random.default_rng(8)
+    shard = Shard("s", tmp_path)
+    shard.open()
+    shard.create_session("a", spec)
+    shard.append("a", *chunks(rng, spec, 0, 20))
+    shard.checkpoint()
+    for _ in range(5):
+        shard.search("a", rng.standard_normal((2, spec.dim)).astype(np.float32), 4)
+    assert shard.checkpoint() == 1  # not dirty, but it has unlogged hits
+    shard.append("a", *chunks(rng, spec, 20, 1))
+    live = shard.bank.get("a")
+    shard.close()
+    again = Shard("s", tmp_path)
+    again.open()
+    _same_memory(live, again.bank.get("a"))
     again.close()

@@ -82,3 +82,25 @@ def test_array_with_bad_checksum_falls_back_and_is_counted(tmp_path: Path) -> No
     report = again.open()  # never crashes, never loads the damaged array
     assert report.snapshot_errors == 1
     again.close()
+
+
+def test_verified_faiss_file_is_adopted_not_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(2)
+    shard = Shard("s", tmp_path)
+    shard.open()
+    shard.create_session("a", spec)
+    shard.append("a", *chunks(rng, spec, 0, 20))
+    shard.checkpoint()
+    queries = rng.standard_normal((30, spec.dim)).astype(np.float32)
+    before = shard.search("a", queries, 4)
+    shard.close()
+    loaded = []
+    real = snapshot.faiss.deserialize_index
+    monkeypatch.setattr(snapshot.faiss, "deserialize_index", lambda *a: loaded.append(real(*a)) or loaded[-1])
+    again = Shard("s", tmp_path)
+    report = again.open()
+    assert report.index_files_rejected == 0 and len(loaded) == 1
+    assert again.bank.get("a")._index is loaded[0]
+    after = again.search("a", queries, 4)
+    assert np.array_equal(before.ids, after.ids) and np.array_equal(before.records, after.records)
+    again.close()

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memlong.errors import InvalidArgument
 from memlong.memory import SearchResult
 from memlong.retmem.v1 import retmem_pb2 as pb
 from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
@@ -28,7 +29,7 @@ from .server import SERVICE_NAME
 from .store import SessionInfo, SessionSpec, as_records
 
 # Safe to repeat: appends are idempotent by chunk id, reads change at most retrieval counters.
-IDEMPOTENT = ("Append", "Search", "Fetch", "Pin", "Unpin", "GetSession", "ExportSession")
+IDEMPOTENT = ("Append", "Search", "Retrieve", "Fetch", "Pin", "Unpin", "GetSession", "ExportSession")
 
 
 class RetMemClient:
@@ -43,6 +44,7 @@ class RetMemClient:
         self.ring = Ring(list(shards))
         self.targets = dict(shards)
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self.options = ChannelOptions(
             max_message_bytes=max_message_bytes,
             idempotent_methods=tuple((SERVICE_NAME, m) for m in IDEMPOTENT),
@@ -113,34 +115,26 @@ class RetMemClient:
     ) -> SearchResult:
         """Top-k chunks per query row (chronological). records (q, k, record_bytes) uint8.
 
-        With one query row the records are a read-only view of the reply (no copy).
+        A reply that fits one message comes from the unary Retrieve (one round trip: the decoder's
+        per-chunk call); a larger one is streamed row by row by Search. With one query row the
+        records are a read-only view of the reply (no copy).
         """
         spec = self.spec(session_id, deadline)
         queries = np.asarray(queries, np.float32)
         req = pb.SearchRequest(session_id=session_id, queries=tensor.encode(queries), top_k=top_k)
-        q, k, rb = len(queries), top_k, spec.record_bytes
-        code = (wire.kv_dtype_code(spec),)
-        ids = np.empty((q, k), np.int64)
-        scores = np.empty((q, k), np.float32)
-        lengths = np.empty((q, k), np.int32)
-        records: np.ndarray | None = None
+        q, k = len(queries), int(top_k)
+        out = _Rows(spec, q, k)
+        timeout = self._timeout(deadline)
         try:
-            for msg in self._stub(session_id).Search(req, timeout=self._timeout(deadline)):
-                r = msg.row
-                row_kv = tensor.decode(msg.kv, f"rows[{r}].kv", dtypes=code, shape=(k, *spec.kv_shape))
-                ids[r], scores[r], lengths[r] = msg.ids, msg.scores, msg.lengths
-                flat = row_kv.view(np.uint8).reshape(k, rb)
-                if q == 1:
-                    records = flat[None]
-                else:
-                    if records is None:
-                        records = np.empty((q, k, rb), np.uint8)
-                    records[r] = flat
+            if q * (k * (spec.record_bytes + 32) + 64) <= self.max_message_bytes:
+                for msg in self._stub(session_id).Retrieve(req, timeout=timeout).rows:
+                    out.add(msg)
+            else:
+                for msg in self._stub(session_id).Search(req, timeout=timeout):
+                    out.add(msg)
         except grpc.RpcError as err:
             raise_for_rpc_error(err)
-        if records is None:
-            records = np.zeros((q, k, rb), np.uint8)
-        return SearchResult(ids=ids, scores=scores, records=records, lengths=lengths)
+        return out.result()
 
     def fetch(
         self, session_id: str, ids: np.ndarray, deadline: Deadline | None = None
@@ -200,3 +194,35 @@ class RetMemClient:
             raise_for_rpc_error(err)
         self._specs[session_id] = spec
         return resp.num_chunks
+
+
+class _Rows:
+    """Assembles SearchResponse rows into a SearchResult, checking each row's K/V tensor."""
+
+    def __init__(self, spec: SessionSpec, q: int, k: int) -> None:
+        self.spec, self.q, self.k = spec, q, k
+        self.code = (wire.kv_dtype_code(spec),)
+        self.ids = np.full((q, k), -1, np.int64)  # (q, k)
+        self.scores = np.full((q, k), -np.inf, np.float32)  # (q, k)
+        self.lengths = np.zeros((q, k), np.int32)  # (q, k)
+        self.records: np.ndarray | None = None  # (q, k, record_bytes)
+
+    def add(self, msg: pb.SearchResponse) -> None:
+        r, k, rb = msg.row, self.k, self.spec.record_bytes
+        if not 0 <= r < self.q:
+            raise InvalidArgument("row", f"reply row {r} outside 0..{self.q - 1}")
+        kv = tensor.decode(msg.kv, f"rows[{r}].kv", dtypes=self.code, shape=(k, *self.spec.kv_shape))
+        self.ids[r], self.scores[r], self.lengths[r] = msg.ids, msg.scores, msg.lengths
+        flat = kv.view(np.uint8).reshape(k, rb)  # (k, record_bytes), a view of the reply
+        if self.q == 1:
+            self.records = flat[None]
+            return
+        if self.records is None:
+            self.records = np.zeros((self.q, k, rb), np.uint8)
+        self.records[r] = flat
+
+    def result(self) -> SearchResult:
+        records = self.records
+        if records is None:
+            records = np.zeros((self.q, self.k, self.spec.record_bytes), np.uint8)
+        return SearchResult(ids=self.ids, scores=self.scores, records=records, lengths=self.lengths)

@@ -18,7 +18,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health
 
-from memlong.errors import InvalidArgument, Unavailable
+from memlong.errors import InvalidArgument, ResourceExhausted, Unavailable
+from memlong.memory import SearchResult
 from memlong.retmem.v1 import retmem_pb2 as pb
 from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from services.common import tensor
@@ -34,6 +35,7 @@ from services.common.status import grpc_errors
 from . import wire
 from .routing import Placement
 from .shard import RecoveryReport, Shard
+from .store import SessionSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,15 @@ class RetMemConfig:
 class RetMemServicer(pb_grpc.RetMemServicer):
     """Thin: wire -> shard -> wire. Validation of bytes happens in services.common.tensor."""
 
-    def __init__(self, shards: Mapping[str, Shard], placement: Placement) -> None:
+    def __init__(
+        self,
+        shards: Mapping[str, Shard],
+        placement: Placement,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self.shards = shards
         self.placement = placement
+        self.max_message_bytes = max_message_bytes
         self.accepting = threading.Event()
         self.accepting.set()
 
@@ -112,24 +120,35 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         n = shard.append(request.session_id, ids, embeddings, records, lengths)
         return pb.AppendResponse(appended=n)
 
-    @grpc_errors
-    def Search(self, request, context):  # noqa: N802
+    def _search(self, request) -> tuple[SessionSpec, SearchResult]:
         shard = self._shard(request.session_id)
         spec = shard.spec(request.session_id)
         queries = tensor.decode(request.queries, "queries", dtypes=F32, shape=(None, spec.dim))
-        result = shard.search(request.session_id, queries, request.top_k)
-        k, code = result.ids.shape[1], wire.kv_dtype_code(spec)
-        kv_shape = (k, *spec.kv_shape)
-        for row in range(len(queries)):
+        return spec, shard.search(request.session_id, queries, request.top_k)
+
+    @grpc_errors
+    def Search(self, request, context):  # noqa: N802
+        spec, result = self._search(request)
+        for row in range(len(result.ids)):
             if not context.is_active():
                 return
-            yield pb.SearchResponse(
-                row=row,
-                ids=result.ids[row].tolist(),
-                scores=result.scores[row].tolist(),
-                lengths=result.lengths[row].tolist(),
-                kv=tensor.encode_bytes(result.records[row].tobytes(), code, kv_shape),
+            msg = pb.SearchResponse()
+            wire.fill_row(msg, spec, result, row)
+            yield msg
+
+    @grpc_errors
+    def Retrieve(self, request, context):  # noqa: N802
+        spec, result = self._search(request)
+        q, k = result.ids.shape
+        size = q * (k * (spec.record_bytes + 32) + 64)  # an upper bound of the encoded reply
+        if size > self.max_message_bytes:
+            raise ResourceExhausted(
+                f"reply of ~{size} bytes exceeds the {self.max_message_bytes}-byte limit; use Search"
             )
+        reply = pb.RetrieveResponse()
+        for row in range(q):
+            wire.fill_row(reply.rows.add(), spec, result, row)
+        return reply
 
     @grpc_errors
     def Fetch(self, request, context):  # noqa: N802
@@ -199,7 +218,7 @@ class RetMemServer:
         }
         self.placement = Placement(config.shards, config.all_shards)
         self.health = health.HealthServicer()
-        self.servicer = RetMemServicer(self.shards, self.placement)
+        self.servicer = RetMemServicer(self.shards, self.placement, config.max_message_bytes)
         self.server: grpc.Server | None = None
         self.port = 0
         self.recovery: dict[str, RecoveryReport] = {}

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from memlong.errors import InvalidArgument
+from memlong.memory import SearchResult
 from memlong.retmem.v1 import retmem_pb2 as pb
 from services.common import tensor
 
@@ -52,6 +53,16 @@ def spec_from_proto(msg: pb.SessionSpec, field: str = "spec") -> SessionSpec:
 
 def kv_dtype_code(spec: SessionSpec) -> int:
     return tensor.dtype_code(spec.kv_dtype)
+
+
+def fill_row(msg: pb.SearchResponse, spec: SessionSpec, result: SearchResult, row: int) -> None:
+    """Write one query row of a search result into a reply message (the payload copied once)."""
+    msg.row = row
+    msg.ids[:] = result.ids[row].tolist()
+    msg.scores[:] = result.scores[row].tolist()
+    msg.lengths[:] = result.lengths[row].tolist()
+    kv_shape = (result.ids.shape[1], *spec.kv_shape)
+    tensor.fill(msg.kv, result.records[row].tobytes(), kv_dtype_code(spec), kv_shape)
 
 
 def state_to_parts(session_id: str, spec: SessionSpec, state: dict[str, Any]) -> Iterator[pb.SessionPart]:

@@ -81,6 +81,12 @@ class SearchRequest(_message.Message):
     top_k: int
     def __init__(self, session_id: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
 
+class RetrieveResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[SearchResponse]
+    def __init__(self, rows: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
+
 class SearchResponse(_message.Message):
     __slots__ = ("row", "ids", "scores", "lengths", "kv")
     ROW_FIELD_NUMBER: _ClassVar[int]

@@ -51,6 +51,11 @@ class RetMemStub:
                 request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
                 response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.Retrieve = channel.unary_unary(
+                '/memlong.retmem.v1.RetMem/Retrieve',
+                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
+                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/Fetch',
                 request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.FetchRequest.SerializeToString,
@@ -114,6 +119,15 @@ class RetMemServicer:
 
     def Search(self, request, context):
         """The decoder's per-chunk call: top-k chunks per query row, one reply message per row.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Retrieve(self, request, context):
+        """The same call answered in one message (one round trip, no stream): the latency path for the
+        decoder's per-chunk retrieval. RESOURCE_EXHAUSTED when the reply would exceed the message
+        limit; use Search then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -192,6 +206,11 @@ def add_RetMemServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.FromString,
                     response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.SerializeToString,
+            ),
+            'Retrieve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retrieve,
+                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.FromString,
+                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.SerializeToString,
             ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
@@ -317,6 +336,33 @@ class RetMem:
             '/memlong.retmem.v1.RetMem/Search',
             memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
             memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retrieve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlong.retmem.v1.RetMem/Retrieve',
+            memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
+            memlong_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.FromString,
             options,
             channel_credentials,
             insecure,

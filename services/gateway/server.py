@@ -23,6 +23,7 @@ from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.channel import ChannelOptions, Deadline, get_channel
 from services.common.server import ServerOptions, Service, create_server, set_health
 from services.common.status import raise_for_rpc_error
+from services.decoder.port import downstream
 from services.retmem.client import RetMemClient
 from services.retmem.routing import Ring
 from services.retmem.store import SessionSpec
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
 DECODER_SERVICE = dpb.DESCRIPTOR.services_by_name["Decoder"].full_name
-MARGIN_S = 0.05  # downstream deadlines end this much before ours, so we can still answer
 PIECE_BYTES = 1 << 20  # text pieces sent to the decoder
 
 
@@ -66,7 +66,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     @staticmethod
     def _timeout(deadline: Deadline) -> float:
-        return deadline.timeout(margin_s=MARGIN_S)
+        return downstream(deadline).timeout()
 
     def _spec(self, decoder: str, deadline: Deadline) -> SessionSpec:
         """The ret-mem spec for sessions served by `decoder` (asked once per replica)."""
@@ -85,7 +85,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return spec
 
     def _session_msg(self, rec: SessionRecord, deadline: Deadline) -> pb.Session:
-        info = self.retmem.info(rec.session_id, deadline)
+        info = self.retmem.info(rec.session_id, downstream(deadline))
         return pb.Session(
             session_id=rec.session_id,
             name=rec.name,
@@ -111,7 +111,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         with self.table.admitted(call.tenant, self.config.max_inflight):
             rec = self.table.new_record(call.tenant, request.name, self.decoder_ring.owner)
             spec = self._spec(rec.decoder, call.deadline)
-            self.retmem.create_session(rec.session_id, spec, call.deadline)
+            self.retmem.create_session(rec.session_id, spec, downstream(call.deadline))
             self.table.add(rec)
             return self._session_msg(rec, call.deadline)
 
@@ -142,7 +142,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         call = current()
         rec = self.table.get(call.tenant, request.session_id)
         try:
-            self.retmem.delete_session(rec.session_id, call.deadline)
+            self.retmem.delete_session(rec.session_id, downstream(call.deadline))
         except NotFound:
             pass  # memory already gone (an earlier delete that failed half-way)
         self.table.remove(call.tenant, rec.session_id)

@@ -1,0 +1,145 @@
+"""D1-D3: every call carries a deadline, deadlines shrink downstream, a caller who gives up stops the work;
+backpressure answers RESOURCE_EXHAUSTED instead of parking the call."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from memlong.errors import ResourceExhausted
+from tests.factories import RecordingRetriever
+from tests.serving.conftest import start_stack
+
+
+class GatedRetriever(RecordingRetriever):
+    """Embeds normally until `gate` is cleared; then every embed waits for it (and counts the wait)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()
+        self.calls = 0
+
+    def embed(self, texts):
+        self.calls += 1
+        if not self.gate.is_set():
+            self.waiting.set()
+            self.gate.wait(30)
+        return super().embed(texts)
+
+
+class SlowRetriever(RecordingRetriever):
+    """Each embed takes a little while: a stand-in for a slow model, so a call outlives its deadline."""
+
+    delay_s = 0.02
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def embed(self, texts):
+        self.calls += 1
+        threading.Event().wait(self.delay_s)
+        return super().embed(texts)
+
+
+def _stop(stack) -> None:
+    stack.gateway.stop(0)
+    stack.decoder.stop(0)
+    stack.retmem.stop()
+
+
+def test_every_call_carries_a_deadline_and_deadlines_shrink_downstream(stack):
+    client = stack.client(timeout_s=20)
+    sid = client.create_session().session_id
+    client.append(sid, "alpha beta gamma delta " * 6)
+    list(client.generate(sid, "alpha", max_new_tokens=3))
+    client.list_sessions()
+    stack.log.calls.clear()
+    client.score(sid, "alpha beta gamma delta epsilon zeta " * 4)
+    calls = list(stack.log.calls)
+    by = {s: [r for srv, _, r in calls if srv == s] for s in ("gateway", "decoder", "retmem")}
+    assert by["gateway"] and by["decoder"] and len(by["retmem"]) > 5
+    assert max(by["decoder"]) < min(by["gateway"]) <= 20 * 1.01  # D2 (gRPC rounds timeouts up <= 1%)
+    assert max(by["retmem"]) < min(by["decoder"])
+    client.delete_session(sid)
+    # D1 over the whole suite's traffic in this test: no server saw a call without a deadline.
+    assert all(remaining is not None for _, _, remaining in stack.log.calls)
+
+
+def test_a_caller_who_gives_up_gets_deadline_exceeded_and_the_work_stops(tmp_path):
+    retriever = SlowRetriever()
+    stack = start_stack(tmp_path, retriever=retriever)
+    try:
+        client = stack.client(timeout_s=20)
+        sid = client.create_session().session_id
+        client.append(sid, "alpha beta gamma delta " * 4)
+        long_text = "alpha beta gamma delta epsilon " * 200  # ~1500 chunks of 4: ~30 s of slow embeds
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stack.client(timeout_s=0.5).score(sid, long_text)
+        took = time.monotonic() - t0
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and took < 2.0
+        assert stack.decoder.engine.cancel_event.wait(10), "the decoder did not stop the abandoned call"
+        calls = retriever.calls
+        assert client.score(sid, "alpha beta").scored_tokens > 0  # and it serves the next call
+        assert retriever.calls - calls < 10  # the abandoned call's work is not going on
+    finally:
+        _stop(stack)
+
+
+def test_a_busy_decoder_answers_resource_exhausted_not_a_hang(tmp_path):
+    retriever = GatedRetriever()
+    stack = start_stack(tmp_path, retriever=retriever, max_inflight=1)
+    try:
+        client = stack.client(timeout_s=20)
+        sid = client.create_session().session_id
+        client.append(sid, "alpha beta gamma delta " * 4)
+        retriever.gate.clear()
+        result: dict = {}
+        worker = threading.Thread(
+            target=lambda: result.setdefault("r", client.score(sid, "alpha beta " * 10))
+        )
+        worker.start()
+        assert retriever.waiting.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(ResourceExhausted, match="busy"):
+            client.score(sid, "gamma delta")
+        assert time.monotonic() - t0 < 5
+        retriever.gate.set()
+        worker.join(20)
+        assert result["r"].scored_tokens > 0
+    finally:
+        retriever.gate.set()
+        _stop(stack)
+
+
+def test_retmem_down_is_unavailable_then_serving_again(stack):
+    client = stack.client(timeout_s=20)
+    sid = client.create_session().session_id
+    client.append(sid, "alpha beta gamma delta " * 6)
+    stack.retmem.stop()
+    from memlong.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="ret-mem unreachable"):
+        client.score(sid, "alpha beta gamma")
+    relaxed = client.score(sid, "alpha beta gamma", memory="if_available")
+    assert not relaxed.memory.memory_used and "WITHOUT memory" in relaxed.memory.note
+    off = client.score(sid, "alpha beta gamma", memory="off")
+    assert not off.memory.memory_used
+
+    stack.retmem.start()  # same port, same data directory: the session's memory is recovered
+    deadline = time.monotonic() + 30
+    while True:  # the decoder's channel reconnects with backoff: poll with a bound, no fixed sleep
+        try:
+            back = client.score(sid, "alpha beta gamma delta alpha beta gamma delta")
+            break
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            threading.Event().wait(0.2)
+    assert back.memory.memory_used

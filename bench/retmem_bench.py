@@ -111,27 +111,131 @@ def fill(store, sid: str, spec: SessionSpec, n: int, seed: int) -> None:
         store.append(sid, *make_batch(rng, spec, lo, min(BATCH, n - lo)))
 
 
-def time_search(store, sid: str, dim: int, iters: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    queries = rng.standard_normal((iters + 20, 1, dim)).astype(np.float32)
-    lat = []
-    for i, q in enumerate(queries):
-        t = time.perf_counter()
-        res = store.search(sid, q, TOP_K)
-        dt = time.perf_counter() - t
-        assert res.records.shape == (1, TOP_K, 96 * 1024)
-        if i >= 20:
-            lat.append(dt)
-    lat_ms = np.array(lat) * 1e3
-    mb = TOP_K * 96 * 1024 / 1e6
+REPLY_BYTES = TOP_K * 96 * 1024  # K/V bytes of one per-chunk retrieval (768 KiB)
+ECHO = "memlong.bench.Echo"
+
+
+def summarize(lat_s: list[float], payload: int = REPLY_BYTES) -> dict:
+    lat_ms = np.array(lat_s) * 1e3
     p50, p99 = float(np.percentile(lat_ms, 50)), float(np.percentile(lat_ms, 99))
     return {
         "p50_ms": round(p50, 3),
         "p99_ms": round(p99, 3),
         "mean_ms": round(float(lat_ms.mean()), 3),
-        "MBps_at_p50": round(mb / (p50 / 1e3), 1),
-        "iters": iters,
+        "MBps_at_p50": round(payload / 1e6 / (p50 / 1e3), 1),
+        "iters": len(lat_s),
     }
+
+
+def interleaved(calls: dict, iters: int, block: int = 10, warmup: int = 20) -> dict:
+    """Time each call `iters` times, alternating blocks of `block` calls between them, so that load
+    from other processes on a shared machine falls on every path alike. Returns {name: summary}."""
+    for f in calls.values():
+        for _ in range(warmup):
+            f()
+    lat: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(0, iters, block):
+        for name, f in calls.items():
+            for _ in range(block):
+                t = time.perf_counter()
+                f()
+                lat[name].append(time.perf_counter() - t)
+    return {name: summarize(v) for name, v in lat.items()}
+
+
+def searcher(store, sid: str, dim: int, seed: int, streamed: bool = False):
+    """A per-chunk retrieval call (1 query row, top-8) with a fresh random query each time."""
+    rng = np.random.default_rng(seed)
+
+    def call() -> None:
+        q = rng.standard_normal((1, dim)).astype(np.float32)
+        res = search_streamed(store, sid, q) if streamed else store.search(sid, q, TOP_K)
+        assert res.records.shape == (1, TOP_K, 96 * 1024)
+
+    return call
+
+
+def search_streamed(client: RetMemClient, sid: str, q: np.ndarray):
+    """The same call through the server-streaming Search RPC (one message per row), for comparison."""
+    from memlong.retmem.v1 import retmem_pb2 as pb
+    from services.common import tensor
+    from services.retmem.client import _Rows
+
+    spec = client.spec(sid)
+    rows = _Rows(spec, len(q), TOP_K)
+    req = pb.SearchRequest(session_id=sid, queries=tensor.encode(q), top_k=TOP_K)
+    for msg in client._stub(sid).Search(req, timeout=client.timeout_s):
+        rows.add(msg)
+    return rows.result()
+
+
+# ------------------------------------------------------------------ the floor: a raw-bytes echo
+
+
+def echo_server() -> int:
+    """Serve raw-bytes RPCs (no protobuf, no checksum, no work) with the services' server settings:
+    Unary and Stream reply REPLY_BYTES, Small replies 1 byte. Prints ECHO_PORT=<port>."""
+    import grpc
+
+    from services.common.server import ServerOptions, Service, create_server
+
+    payload = np.random.default_rng(0).integers(0, 256, REPLY_BYTES, np.uint8).tobytes()
+
+    def stream(request, context):
+        yield payload
+
+    handler = grpc.method_handlers_generic_handler(
+        ECHO,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(lambda request, context: payload),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Small": grpc.unary_unary_rpc_method_handler(lambda request, context: b"x"),
+        },
+    )
+    service = Service(ECHO, lambda servicer, server: server.add_generic_rpc_handlers((handler,)), None)
+    server, port = create_server("127.0.0.1:0", [service], ServerOptions(max_message_bytes=64 << 20))
+    sys.stdout.write(f"ECHO_PORT={port}\n")
+    sys.stdout.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop(0)
+    return 0
+
+
+class EchoProcess:
+    def __init__(self) -> None:
+        from services.common.channel import ChannelOptions, get_channel
+
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--echo-server"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        port = int(self.proc.stdout.readline().strip().split("=")[1])
+        channel = get_channel(f"127.0.0.1:{port}", ChannelOptions(max_message_bytes=64 << 20))
+        self.unary = channel.unary_unary(f"/{ECHO}/Unary")
+        self.stream = channel.unary_stream(f"/{ECHO}/Stream")
+        self.small = channel.unary_unary(f"/{ECHO}/Small")
+
+    def calls(self) -> dict:
+        def unary() -> None:
+            assert len(self.unary(b"q", timeout=30, wait_for_ready=True)) == REPLY_BYTES
+
+        def stream() -> None:
+            assert len(b"".join(self.stream(b"q", timeout=30, wait_for_ready=True))) == REPLY_BYTES
+
+        return {
+            "echo_unary_768KiB": unary,
+            "echo_stream_768KiB": stream,
+            "echo_unary_1B": lambda: self.small(b"q", timeout=30),
+        }
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
 
 
 def append_throughput(
@@ -169,7 +273,10 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--appends", type=int, default=200, help="single-chunk appends per writer")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.echo_server:
+        return echo_server()
     work = Path(tempfile.mkdtemp(prefix="retmem-bench-", dir=os.environ.get("RETMEM_BENCH_DIR")))
     result: dict = {
         "machine": {
@@ -177,6 +284,7 @@ def main() -> int:
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         },
         "settings": {
             "top_k": TOP_K,
@@ -189,7 +297,8 @@ def main() -> int:
             "iters": args.iters,
             "append_batch_for_fill": BATCH,
             "data_dir": str(work),
-            "grpc": "loopback, server in a separate process, 64 MiB message limit",
+            "grpc": "loopback, server in a separate process, 64 MiB message limit; per-chunk call = unary Retrieve",
+            "timing": "all paths of one session size interleaved in blocks of 10 calls (shared machine)",
         },
         "retrieval": {},
         "append": {},
@@ -198,24 +307,36 @@ def main() -> int:
     local = LocalStore()
     server = Server(work / "grouped", "grouped")
     server.wait_serving()
+    echo = EchoProcess()
     for label, n in SIZES.items():
         spec = SessionSpec(memory_size=n, **SPEC_KW)
+        sid = f"ret-{label}"
         t = time.perf_counter()
-        fill(server.client, f"ret-{label}", spec, n, seed=n)
+        fill(server.client, sid, spec, n, seed=n)
         fill_s = time.perf_counter() - t
-        fill(local, f"ret-{label}", spec, n, seed=n)
-        grpc_r = time_search(server.client, f"ret-{label}", spec.dim, args.iters, seed=1)
-        local_r = time_search(local, f"ret-{label}", spec.dim, args.iters, seed=1)
-        local.delete_session(f"ret-{label}")
+        fill(local, sid, spec, n, seed=n)
+        calls = {
+            "grpc": searcher(server.client, sid, spec.dim, seed=1),
+            "in_process": searcher(local, sid, spec.dim, seed=1),
+            "grpc_streamed": searcher(server.client, sid, spec.dim, seed=1, streamed=True),
+            **echo.calls(),
+        }
+        r = interleaved(calls, args.iters)
+        local.delete_session(sid)
+        floor = r["echo_unary_768KiB"]["p50_ms"]
         result["retrieval"][label] = {
             "chunks": n,
             "tokens": n * 128,
-            "grpc": grpc_r,
-            "in_process": local_r,
-            "grpc_over_in_process_p50": round(grpc_r["p50_ms"] / local_r["p50_ms"], 2),
+            **r,
+            "grpc_over_in_process_p50": round(r["grpc"]["p50_ms"] / r["in_process"]["p50_ms"], 2),
+            "floor_over_in_process_p50": round(
+                (r["in_process"]["p50_ms"] + floor) / r["in_process"]["p50_ms"], 2
+            ),
+            "grpc_overhead_p50_ms": round(r["grpc"]["p50_ms"] - r["in_process"]["p50_ms"], 3),
             "grpc_fill_MBps": round(n * spec.record_bytes / 1e6 / fill_s, 1),
         }
-        print(label, result["retrieval"][label], flush=True)
+        print(label, json.dumps(result["retrieval"][label]), flush=True)
+    echo.stop()
     small = SessionSpec(memory_size=100_000, **SPEC_KW)
     result["append"]["grouped_1_writer"] = append_throughput(server.client, small, 1, args.appends, "g1")
     result["append"]["grouped_8_writers"] = append_throughput(
@@ -259,9 +380,13 @@ def markdown(r: dict) -> str:
     lines = [
         "# ret-mem benchmark",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}. Per-chunk retrieval: 1 query row, "
-        "top-8, K/V (2, 3, 128, 64) bf16 = 96 KiB per chunk (768 KiB per call), 384-d embeddings; gRPC on "
-        "loopback with the server in its own process.",
+        f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work; load average at start "
+        f"{m.get('loadavg_at_start', 'not recorded')}), Python {m['python']}. "
+        "Per-chunk retrieval: 1 query row, top-8, K/V (2, 3, 128, 64) bf16 = 96 KiB per chunk "
+        "(768 KiB per call), 384-d embeddings; gRPC on loopback with the server in its own process. "
+        "Every path of one session size is timed in the same run, interleaved in blocks of 10 calls.",
+        "",
+        "Command: `python bench/retmem_bench.py` (writes retmem.json and this file).",
         "",
         "| session | chunks | gRPC p50 ms | gRPC p99 ms | gRPC MB/s | in-proc p50 ms | in-proc p99 ms | in-proc MB/s | gRPC/in-proc p50 |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -272,6 +397,36 @@ def markdown(r: dict) -> str:
             f"| {label} tokens | {x['chunks']} | {g['p50_ms']} | {g['p99_ms']} | {g['MBps_at_p50']} | "
             f"{p['p50_ms']} | {p['p99_ms']} | {p['MBps_at_p50']} | {x['grpc_over_in_process_p50']} |"
         )
+    lines += [
+        "",
+        "The floor: the same loopback transfer with no work at all, measured interleaved with the rows "
+        "above (a raw-bytes echo server with the services' server settings: no protobuf, no checksum, "
+        "no search). `floor/in-proc` = (in-process + echo of 768 KiB) / in-process, the best ratio any "
+        "gRPC reply of 768 KiB could reach on this machine.",
+        "",
+        "| session | echo 1 B p50 ms | echo 768 KiB unary p50 ms | echo 768 KiB streamed p50 ms | "
+        "Search (streamed) p50 ms | Retrieve (unary) p50 ms | gRPC overhead ms | floor/in-proc | gRPC/in-proc |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, x in r["retrieval"].items():
+        lines.append(
+            f"| {label} | {x['echo_unary_1B']['p50_ms']} | {x['echo_unary_768KiB']['p50_ms']} | "
+            f"{x['echo_stream_768KiB']['p50_ms']} | {x['grpc_streamed']['p50_ms']} | {x['grpc']['p50_ms']} | "
+            f"{x['grpc_overhead_p50_ms']} | {x['floor_over_in_process_p50']} | {x['grpc_over_in_process_p50']} |"
+        )
+    big = r["retrieval"][list(r["retrieval"])[-1]]
+    floor, over = big["echo_unary_768KiB"]["p50_ms"], big["grpc_overhead_p50_ms"]
+    lines += [
+        "",
+        f"At {list(r['retrieval'])[-1]} tokens gRPC adds {over} ms to the in-process call; {floor} ms of "
+        f"that is the bare loopback transfer of 768 KiB (the echo), and {big['echo_unary_1B']['p50_ms']} ms of "
+        "the echo is the fixed cost of any Python gRPC call on this machine (1-byte echo). The rest, "
+        f"{round(over - floor, 3)} ms, is the service's own work per call: decoding the query, building the "
+        "reply in place (one 768 KiB copy into the message), protobuf serialisation and parsing (one copy "
+        "each), the CRC-32 on both sides (ISA-L: ~0.01 ms each) and the handler's thread hand-off. "
+        "The 1.3x target is below the floor here: even a reply that cost nothing to produce would be "
+        f"{big['floor_over_in_process_p50']}x the in-process call.",
+    ]
     lines += [
         "",
         "| append (1 chunk per call) | writers | chunks/s | MB/s | ms per append |",

@@ -20,6 +20,7 @@ from services.retmem.client import RetMemClient
 from services.retmem.routing import Ring
 from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
 from services.retmem.shard import Shard
+from services.retmem.store import SessionSpec
 
 from .conftest import chunks, tiny_spec
 
@@ -337,3 +338,33 @@ def test_one_process_hosts_several_shards_and_sessions_move(tmp_path: Path) -> N
     assert np.array_equal(before.ids, after.ids) and np.array_equal(before.records, after.records)
     other.stop(grace_s=1)
     server.stop(grace_s=1)
+
+
+def test_retrieve_equals_search_and_large_replies_stream(tmp_path: Path) -> None:
+    """The unary Retrieve (per-chunk call) and the streamed Search answer alike; a reply over the
+    message limit is RESOURCE_EXHAUSTED from Retrieve and the client streams it with Search."""
+    server = RetMemServer(RetMemConfig(data_dir=tmp_path, max_message_bytes=1 << 20))
+    server.start()
+    try:
+        spec = SessionSpec(dim=16, kv_shape=(2, 2, 64, 64), kv_dtype="bfloat16", memory_size=64)  # 32 KiB
+        client = RetMemClient({"shard0": server.serving_address()}, timeout_s=20, max_message_bytes=1 << 20)
+        client.create_session("r", spec)
+        rng = np.random.default_rng(21)
+        client.append("r", *chunks(rng, spec, 0, 20))
+        stub = stub_for(server)
+        queries = rng.standard_normal((3, spec.dim)).astype(np.float32)
+        req = pb.SearchRequest(session_id="r", queries=tensor.encode(queries), top_k=4)
+        unary = stub.Retrieve(req, timeout=10).rows
+        streamed = list(stub.Search(req, timeout=10))
+        assert [m.SerializeToString() for m in unary] == [m.SerializeToString() for m in streamed]
+        big = rng.standard_normal((10, spec.dim)).astype(np.float32)  # 10 x 8 x 32 KiB > 1 MiB
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Retrieve(pb.SearchRequest(session_id="r", queries=tensor.encode(big), top_k=8), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        res = client.search("r", big, 8)  # streamed row by row
+        for row in range(len(big)):
+            one = client.search("r", big[row : row + 1], 8)  # unary
+            np.testing.assert_array_equal(one.ids[0], res.ids[row])
+            np.testing.assert_array_equal(one.records[0], res.records[row])
+    finally:
+        server.stop(grace_s=1)

@@ -4,10 +4,15 @@ Channels are cached per (target, options) and shared: a channel multiplexes many
 expensive to build. Retries live in the service config and cover only the methods a caller declares
 idempotent; they fire on UNAVAILABLE only (the request never reached a handler or the server was
 going away).
+
+Channels use TLS when `options.tls` (else the process default, `tls.process_tls()`) says so: they
+verify the server against its CA and, for mTLS, present this process's certificate. Every channel is
+wrapped with `tracing.ClientTelemetry`, which carries the trace context to the server in metadata.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -18,7 +23,9 @@ import grpc
 
 from memlong.errors import Unavailable
 
+from . import tracing
 from .server import DEFAULT_MAX_MESSAGE_BYTES
+from .tls import TlsConfig, process_tls
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,8 @@ class ChannelOptions:
     max_attempts: int = 4
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 1.0
+    tls: TlsConfig | None = None  # None: the process default; tls.PLAINTEXT: off
+    telemetry: bool = True  # client spans + trace context in metadata
 
     def service_config(self) -> str:
         config: dict = {"methodConfig": []}
@@ -66,15 +75,32 @@ _lock = threading.Lock()
 
 
 def get_channel(target: str, options: ChannelOptions | None = None) -> grpc.Channel:
-    """A shared insecure channel to `target` ("host:port"), created on first use."""
+    """A shared channel to `target` ("host:port"), created on first use (TLS as configured)."""
     options = options or ChannelOptions()
+    if options.tls is None:  # resolve now, so a changed process default never reuses a stale channel
+        options = dataclasses.replace(options, tls=process_tls())
     key = (target, options)
     with _lock:
         channel = _channels.get(key)
         if channel is None:
-            channel = grpc.insecure_channel(target, options=options.grpc_options())
+            channel = _new_channel(target, options)
             _channels[key] = channel
         return channel
+
+
+def _new_channel(target: str, options: ChannelOptions) -> grpc.Channel:
+    tls = options.tls or process_tls()
+    grpc_options = options.grpc_options()
+    if tls.enabled:
+        if tls.server_name:
+            grpc_options.append(("grpc.ssl_target_name_override", tls.server_name))
+        channel = grpc.secure_channel(target, tls.channel_credentials(), options=grpc_options)
+    else:
+        channel = grpc.insecure_channel(target, options=grpc_options)
+    if options.telemetry:
+        tracing.ensure_telemetry()
+        channel = grpc.intercept_channel(channel, tracing.ClientTelemetry())
+    return channel
 
 
 def close_channels(targets: Sequence[str] | None = None) -> None:

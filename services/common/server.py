@@ -1,13 +1,22 @@
-"""Build a gRPC server the same way in every service: explicit message limits, health, reflection.
+"""Build a gRPC server the same way in every service: explicit message limits, health, reflection,
+TLS / mTLS, telemetry.
 
     server, port = create_server("127.0.0.1:0", [Service(name, add_fn, servicer)], health=health)
 
 Tests bind port 0 and read the port back. Health starts NOT_SERVING for every service; the owner
 flips it to SERVING once it can answer (e.g. after recovery) and back before it stops.
+
+TLS comes from `options.tls`, else the process default (`tls.process_tls()`, from MEMLONG_TLS_*).
+When TLS is on, the kubelet cannot probe the service port (its gRPC probe speaks plaintext), so
+`options.health_address` (default MEMLONG_HEALTH_ADDRESS) adds a plaintext port that serves only
+grpc.health.v1 from the same HealthServicer. Every server records spans and metrics through
+`tracing.ServerTelemetry` (exporters from OTEL_* variables, see tracing.py).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -16,6 +25,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from . import metrics, tracing
+from .tls import TlsConfig, process_tls
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -29,6 +41,10 @@ class ServerOptions:
     max_workers: int = 16
     interceptors: tuple[grpc.ServerInterceptor, ...] = ()
     extra: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    tls: TlsConfig | None = None  # None: the process default; tls.PLAINTEXT: off
+    # Plaintext health-only listener ("host:port"); None: MEMLONG_HEALTH_ADDRESS if set; "": none.
+    health_address: str | None = None
+    telemetry: bool = True  # spans and metrics for every call (ServerTelemetry first in the chain)
 
     def __post_init__(self) -> None:
         if self.max_message_bytes <= 0 or self.max_workers <= 0:
@@ -59,6 +75,31 @@ def set_health(servicer: health.HealthServicer, names: Sequence[str], serving: b
         servicer.set(name, status)
 
 
+class ServerWithHealthPort:
+    """A started server plus its plaintext health-only server; behaves as the main grpc.Server."""
+
+    def __init__(self, server: grpc.Server, health_server: grpc.Server, health_port: int) -> None:
+        self.server = server
+        self.health_server = health_server
+        self.health_port = health_port
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop both; the returned event is set once both have stopped."""
+        done = threading.Event()
+        main, probe = self.server.stop(grace), self.health_server.stop(grace)
+
+        def wait() -> None:
+            main.wait()
+            probe.wait()
+            done.set()
+
+        threading.Thread(target=wait, name="server-stop", daemon=True).start()
+        return done
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+
 def create_server(
     address: str,
     services: Sequence[Service],
@@ -68,12 +109,18 @@ def create_server(
     """Create and start a server on `address` ("host:0" picks a free port); return (server, port).
 
     Health (grpc.health.v1) and reflection are always added; every service starts NOT_SERVING.
+    With TLS on, the port requires TLS (and a client certificate under mTLS); with a health address,
+    the returned server is a `ServerWithHealthPort` whose `stop` stops both listeners.
     """
     options = options or ServerOptions()
+    interceptors = tuple(options.interceptors)
+    if options.telemetry:
+        tracing.ensure_telemetry()
+        interceptors = (tracing.ServerTelemetry(), *interceptors)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="grpc"),
         options=options.grpc_options(),
-        interceptors=options.interceptors,
+        interceptors=interceptors,
     )
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -82,8 +129,27 @@ def create_server(
     set_health(health_servicer, [s.name for s in services], serving=False)
     names = [s.name for s in services] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    for svc in services:
+        metrics.observe_servicer(svc.servicer)  # memory gauges for ret-mem shards
+    tls = options.tls if options.tls is not None else process_tls()
+    port = (
+        server.add_secure_port(address, tls.server_credentials())
+        if tls.enabled
+        else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"cannot bind {address}")
+    health_address = options.health_address
+    if health_address is None:
+        health_address = os.environ.get("MEMLONG_HEALTH_ADDRESS", "")
+    if not health_address:
+        server.start()
+        return server, port
+    probe = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
+    probe_port = probe.add_insecure_port(health_address)
+    if probe_port == 0:
+        raise OSError(f"cannot bind health address {health_address}")
+    probe.start()
     server.start()
-    return server, port
+    return ServerWithHealthPort(server, probe, probe_port), port  # type: ignore[return-value]

@@ -1,0 +1,181 @@
+"""OpenTelemetry metrics: the instruments every service records, memory gauges, and exporters.
+
+Recorded by the interceptors in `tracing.py` (so every service gets them with no code of its own):
+
+    memlong.rpc.server.duration   histogram, s   per rpc.service / rpc.method / rpc.grpc.status_code
+    memlong.rpc.client.duration   histogram, s   same, measured by the caller
+    memlong.retrieval.duration    histogram, s   retrieval calls only (ret-mem Search), server side
+    memlong.rpc.bytes             counter,   By  message bytes per method and direction (received, sent)
+
+Observed from ret-mem shards (`observe_servicer`, wired by `create_server` for any servicer with a
+`shards` mapping), at each collection:
+
+    memlong.memory.sessions / .chunks / .bytes / .evicted_chunks   gauges per shard
+
+Exporters come from OTEL_METRICS_EXPORTER (otlp, prometheus, console, none; default none), with the
+standard OTEL_EXPORTER_OTLP_* and OTEL_EXPORTER_PROMETHEUS_HOST/PORT variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+
+from memlong.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+METER_NAME = "memlong"
+# Latency buckets (s): retrieval is sub-millisecond to a few hundred ms; a decoder call takes minutes.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Instruments:
+    """The instruments of one meter provider."""
+
+    server_duration: Any
+    client_duration: Any
+    retrieval_duration: Any
+    rpc_bytes: Any
+
+    @classmethod
+    def create(cls, meter: Meter) -> Instruments:
+        def histogram(name: str, description: str) -> Any:
+            try:
+                return meter.create_histogram(
+                    name,
+                    unit="s",
+                    description=description,
+                    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+                )
+            except TypeError:  # API without bucket advice
+                return meter.create_histogram(name, unit="s", description=description)
+
+        instruments = cls(
+            server_duration=histogram("memlong.rpc.server.duration", "time to serve one RPC"),
+            client_duration=histogram("memlong.rpc.client.duration", "time of one RPC seen by the caller"),
+            retrieval_duration=histogram("memlong.retrieval.duration", "time to serve one retrieval"),
+            rpc_bytes=meter.create_counter(
+                "memlong.rpc.bytes", unit="By", description="serialized message bytes moved"
+            ),
+        )
+        for name, description in (
+            ("sessions", "sessions held"),
+            ("chunks", "chunks stored"),
+            ("bytes", "bytes of K/V, embeddings and lengths stored"),
+            ("evicted_chunks", "chunks evicted from the sessions held"),
+        ):
+            meter.create_observable_gauge(
+                f"memlong.memory.{name}", callbacks=[_memory_callback(name)], description=description
+            )
+        return instruments
+
+
+# ---------------------------------------------------------------------------------- providers
+
+_lock = threading.Lock()
+_provider: MeterProvider | None = None
+_instruments: tuple[MeterProvider, Instruments] | None = None
+
+
+def set_meter_provider(provider: MeterProvider | None) -> None:
+    """Use `provider` for memlong's instruments (None: the global OpenTelemetry provider)."""
+    global _provider, _instruments
+    with _lock:
+        _provider, _instruments = provider, None
+
+
+def meter_provider() -> MeterProvider:
+    return _provider or metrics.get_meter_provider()
+
+
+def instruments() -> Instruments:
+    """The instruments of the current provider (created once per provider)."""
+    global _instruments
+    provider = meter_provider()
+    with _lock:
+        if _instruments is None or _instruments[0] is not provider:
+            _instruments = (provider, Instruments.create(provider.get_meter(METER_NAME)))
+        return _instruments[1]
+
+
+def build_meter_provider(exporter: str, env: Mapping[str, str], resource: Any) -> MeterProvider | None:
+    """An SDK MeterProvider exporting to `exporter` (otlp, prometheus, console); None for none."""
+    from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+    if exporter in ("", "none"):
+        return None
+    if exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        reader: Any = PeriodicExportingMetricReader(OTLPMetricExporter())
+    elif exporter == "console":
+        reader = PeriodicExportingMetricReader(ConsoleMetricExporter())
+    elif exporter == "prometheus":
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        host = env.get("OTEL_EXPORTER_PROMETHEUS_HOST", "0.0.0.0")
+        port = int(env.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464"))
+        start_http_server(port, addr=host)
+        reader = PrometheusMetricReader()
+    else:
+        raise InvalidArgument(
+            "OTEL_METRICS_EXPORTER", f"must be otlp, prometheus, console or none: {exporter!r}"
+        )
+    return SdkMeterProvider(resource=resource, metric_readers=[reader])
+
+
+# ------------------------------------------------------------------------------ memory gauges
+
+# Servicers whose shards are observed; weak, so a stopped server's shards are not kept alive.
+_observed: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def observe_servicer(servicer: Any) -> bool:
+    """Report the memory of `servicer.shards` (name -> shard with sessions() and info()) if it has any."""
+    shards = getattr(servicer, "shards", None)
+    if not isinstance(shards, Mapping) or not all(
+        hasattr(s, "sessions") and hasattr(s, "info") for s in shards.values()
+    ):
+        return False
+    _observed.add(servicer)
+    return True
+
+
+def shard_memory(shards: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Per shard: sessions, chunks, bytes, evicted_chunks (summed over its sessions)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, shard in shards.items():
+        totals = {"sessions": 0.0, "chunks": 0.0, "bytes": 0.0, "evicted_chunks": 0.0}
+        try:
+            for sid in shard.sessions():
+                stats = shard.info(sid).stats
+                totals["sessions"] += 1
+                for key in ("chunks", "bytes", "evicted_chunks"):
+                    totals[key] += float(stats.get(key, 0))
+        except Exception:  # noqa: BLE001 - a shard closing or recovering reports nothing this round
+            log.debug("shard %s not observable now", name, exc_info=True)
+            continue
+        out[name] = totals
+    return out
+
+
+def _memory_callback(key: str):
+    def callback(_options: CallbackOptions) -> Iterable[Observation]:
+        for servicer in list(_observed):
+            for shard, totals in shard_memory(servicer.shards).items():
+                yield Observation(totals[key], {"shard": shard})
+
+    return callback

@@ -1,0 +1,140 @@
+"""F1 and F2: TLS and mTLS on a real ret-mem server configured through the process default (the way
+every service gets it), certificates made at test time.
+
+F1: TLS on -> a plaintext client is refused; a client trusting the CA works.
+F2: mTLS on -> no client certificate, or one from another CA, is refused; the right one works.
+The plaintext health-only port answers probes in both modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memlong import errors
+from services.common import tls as tls_mod
+from services.common.channel import ChannelOptions, close_channels, get_channel
+from services.common.server import ServerWithHealthPort
+from services.retmem.client import RetMemClient
+from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+from services.retmem.store import SessionSpec
+
+from .certs import Pki
+
+SPEC = SessionSpec(dim=8, kv_shape=(2, 1, 4, 2), kv_dtype="bfloat16", memory_size=16)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(params=[False, True], ids=["tls", "mtls"])
+def secured(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Pki, RetMemServer]]:
+    """A ret-mem server whose process default is TLS (or mTLS), with a plaintext health port."""
+    pki = Pki.create(tmp_path / "pki", client_auth=request.param)
+    monkeypatch.setenv("MEMLONG_HEALTH_ADDRESS", "127.0.0.1:0")
+    previous = tls_mod.configure(pki.server)
+    server = RetMemServer(RetMemConfig(data_dir=tmp_path / "data"))
+    try:
+        server.start()
+    finally:
+        tls_mod.configure(previous)
+    yield pki, server
+    server.stop(grace_s=1)
+    close_channels([server.serving_address()])
+
+
+def health(target: str, tls: tls_mod.TlsConfig, timeout_s: float = 5) -> int:
+    channel = get_channel(target, ChannelOptions(tls=tls))
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s).status
+
+
+@contextlib.contextmanager
+def process_default(tls: tls_mod.TlsConfig) -> Iterator[None]:
+    """Run the block as a process whose TLS settings are `tls` (what MEMLONG_TLS_* would give)."""
+    previous = tls_mod.configure(tls)
+    try:
+        yield
+    finally:
+        tls_mod.configure(previous)
+
+
+def client_for(server: RetMemServer) -> RetMemClient:
+    return RetMemClient({"shard0": server.serving_address()}, timeout_s=5)
+
+
+def roundtrip(client: RetMemClient, session: str) -> None:
+    rng = np.random.default_rng(0)
+    client.create_session(session, SPEC)
+    ids = np.arange(4, dtype=np.int64)
+    emb = rng.standard_normal((4, SPEC.dim)).astype(np.float32)
+    rec = rng.integers(0, 256, (4, SPEC.record_bytes), dtype=np.uint8)
+    client.append(session, ids, emb, rec, np.full(4, 2, np.int32))
+    assert client.search(session, emb[:1], 2).ids[0].tolist()[-1] in ids
+
+
+def refused(target: str, tls: tls_mod.TlsConfig) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        health(target, tls, timeout_s=3)
+    return info.value.code()
+
+
+def test_f1_plaintext_client_refused(secured: tuple[Pki, RetMemServer]) -> None:
+    pki, server = secured
+    target = server.serving_address()
+    assert refused(target, tls_mod.PLAINTEXT) == grpc.StatusCode.UNAVAILABLE
+    # The server keeps serving TLS clients, and the health-only port answers plaintext probes.
+    assert health(target, pki.client) == SERVING
+    assert isinstance(server.server, ServerWithHealthPort)
+    assert health(f"127.0.0.1:{server.server.health_port}", tls_mod.PLAINTEXT) == SERVING
+    with process_default(pki.client):
+        roundtrip(client_for(server), "f1")
+
+
+def test_f1_client_refuses_server_it_does_not_trust(
+    secured: tuple[Pki, RetMemServer], tmp_path: Path
+) -> None:
+    _, server = secured
+    stranger = Pki.create(tmp_path / "stranger", client_auth=False)
+    assert refused(server.serving_address(), stranger.client) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_f2_mtls_refuses_missing_or_foreign_client_certificate(secured: tuple[Pki, RetMemServer]) -> None:
+    pki, server = secured
+    target = server.serving_address()
+    if not pki.server.client_auth:
+        # TLS without client auth: anonymous clients are fine (F2 applies to mTLS only).
+        assert health(target, pki.anonymous) == SERVING
+        return
+    assert refused(target, pki.anonymous) == grpc.StatusCode.UNAVAILABLE
+    assert refused(target, pki.foreign) == grpc.StatusCode.UNAVAILABLE
+    with process_default(pki.anonymous), pytest.raises(errors.Unavailable):
+        client_for(server).create_session("f2-anon", SPEC)
+    # The right certificate works, and the refusals changed nothing.
+    with process_default(pki.client):
+        client = client_for(server)
+        roundtrip(client, "f2")
+        with pytest.raises(errors.NotFound):
+            client.info("f2-anon")
+
+
+def test_tls_settings_from_environment(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path, client_auth=True)
+    env = {
+        "MEMLONG_TLS_CERT": str(pki.server.cert),
+        "MEMLONG_TLS_KEY": str(pki.server.key),
+        "MEMLONG_TLS_CA": str(pki.server.ca),
+        "MEMLONG_TLS_CLIENT_AUTH": "require",
+    }
+    assert tls_mod.TlsConfig.from_env(env) == pki.server
+    assert tls_mod.TlsConfig.from_env({}) == tls_mod.PLAINTEXT and not tls_mod.PLAINTEXT.enabled
+    with pytest.raises(errors.InvalidArgument, match="unknown"):
+        tls_mod.TlsConfig.from_env({**env, "MEMLONG_TLS_CERTT": "x"})
+    with pytest.raises(errors.InvalidArgument, match="client_auth"):
+        tls_mod.TlsConfig.from_env({"MEMLONG_TLS_CLIENT_AUTH": "require"})
+    with pytest.raises(errors.InvalidArgument, match="no such file"):
+        tls_mod.TlsConfig(cert=tmp_path / "missing.crt", key=pki.server.key)

@@ -89,6 +89,12 @@ def _session(ref: pb.SessionRef) -> tuple[str, int]:
     return ref.session_id, ref.next_chunk_id
 
 
+def _abort_stopped(context: grpc.ServicerContext, exc: CallCancelled) -> None:
+    """A stopped call: DEADLINE_EXCEEDED when it ran out of time (its caller still waits), else CANCELLED."""
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if context.is_active() else grpc.StatusCode.CANCELLED
+    context.abort(code, str(exc))
+
+
 class DecoderServicer(pb_grpc.DecoderServicer):
     def __init__(self, engine: DecoderEngine, config: DecoderConfig) -> None:
         self.engine = engine
@@ -133,7 +139,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                     compute_s=p.compute_s,
                 )
         except CallCancelled as exc:
-            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+            _abort_stopped(context, exc)
 
     @grpc_errors
     def Score(self, request, context):  # noqa: N802
@@ -148,7 +154,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                 commit=request.commit,
             )
         except CallCancelled as exc:
-            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+            _abort_stopped(context, exc)
         reply = pb.ScoreResponse(
             scored_tokens=r.scored_tokens,
             perplexity=r.perplexity,
@@ -182,7 +188,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                     msg.memory.CopyFrom(report_to_proto(t.memory))
                 yield msg
         except CallCancelled as exc:
-            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+            _abort_stopped(context, exc)
 
 
 class DecoderServer:

@@ -4,7 +4,7 @@ Recorded by the interceptors in `tracing.py` (so every service gets them with no
 
     memlong.rpc.server.duration   histogram, s   per rpc.service / rpc.method / rpc.grpc.status_code
     memlong.rpc.client.duration   histogram, s   same, measured by the caller
-    memlong.retrieval.duration    histogram, s   retrieval calls only (ret-mem Search), server side
+    memlong.retrieval.duration    histogram, s   retrieval calls only (ret-mem Search, Retrieve), server side
     memlong.rpc.bytes             counter,   By  message bytes per method and direction (received, sent)
 
 Observed from ret-mem shards (`observe_servicer`, wired by `create_server` for any servicer with a

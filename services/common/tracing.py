@@ -39,7 +39,7 @@ PROPAGATOR = TraceContextTextMapPropagator()
 # Not traced: probes and reflection would drown the traces that matter.
 UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 # Methods whose server time is recorded as retrieval latency.
-RETRIEVAL_METHODS = frozenset({"Search"})
+RETRIEVAL_METHODS = frozenset({"Search", "Retrieve"})
 
 # ------------------------------------------------------------------------------- providers
 

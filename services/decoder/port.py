@@ -24,6 +24,7 @@ import numpy as np
 
 from memlong.errors import MemLongError, Unavailable
 from memlong.memory import SearchResult
+from services.common import tracing
 from services.common.channel import Deadline
 from services.retmem.client import RetMemClient
 
@@ -125,7 +126,8 @@ class SessionPort:
             self.search_s += time.perf_counter() - t0
             return queries, remote
 
-        future = self.executor.submit(run)
+        # in_current_context: the prefetch's ret-mem call stays in the serving call's trace.
+        future = self.executor.submit(tracing.in_current_context(run))
 
         def wait() -> SearchResult:
             try:

@@ -32,11 +32,20 @@ class Stack:
     tokenizer: object
     retriever: Retriever
     source: str
+    adapter: dict | None = None  # metadata of the MemLong adapter folded into the weights, if any
 
     @classmethod
-    def load(cls, config: MemLongConfig, model_path: str | None = None) -> Stack:
+    def load(cls, config: MemLongConfig, model_path: str | None = None, adapter: str | None = None) -> Stack:
+        """adapter: None (base weights), "default" (the shipped adapter when present and trained for
+        these settings, see memlong.train.maybe_load_default_adapter) or an adapter directory."""
         dec = load_decoder(model_path)
-        return cls(MemLongModel(dec.model, config), dec.tokenizer, Retriever(), dec.source)
+        model = MemLongModel(dec.model, config)
+        meta = None
+        if adapter is not None:
+            from memlong.train import load_adapter, maybe_load_default_adapter
+
+            meta = maybe_load_default_adapter(model) if adapter == "default" else load_adapter(model, adapter)
+        return cls(model, dec.tokenizer, Retriever(), dec.source, meta)
 
     def fresh_memory(self) -> SessionMemory:
         rec = (

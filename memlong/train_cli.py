@@ -128,9 +128,9 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     _threads(args)
     run_train_eval(
         memlong_config(args),
+        variant=args.variant,
+        adapter=Path(args.adapter) if args.adapter else None,
         model_path=args.model,
-        trained=Path(args.trained),
-        control=Path(args.control_adapter) if args.control_adapter else None,
         plays=tuple(args.plays.split(",")),
         lengths=tuple(int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in args.lengths.split(",")),
         windows=args.windows,
@@ -161,8 +161,8 @@ def register(subparsers) -> None:
     ev = sub.add_parser(
         "eval", help="perplexity of base / lora_no_memory / memlong_trained on held-out plays"
     )
-    ev.add_argument("--trained", required=True, help="adapter directory trained with memory")
-    ev.add_argument("--control-adapter", default=None, help="adapter directory of the lora_no_memory control")
+    ev.add_argument("--variant", choices=("base", "trained", "control"), required=True)
+    ev.add_argument("--adapter", default=None, help="adapter directory (trained or control variant)")
     ev.add_argument("--plays", default="hamlet,julius-caesar")
     ev.add_argument("--lengths", default="4k,8k")
     ev.add_argument("--windows", type=int, default=1, help="windows per play and length")

@@ -11,6 +11,7 @@ Results: per play and pooled over plays (token-weighted), in train_eval.json / t
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict
@@ -32,69 +33,105 @@ def _play_file(name: str) -> Path:
     return path
 
 
+VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "base": (("full", "sliding", "memlong"), {}),
+    "trained": (("sliding", "memlong"), {"memlong": "memlong_trained", "sliding": "sliding_trained"}),
+    "control": (("sliding",), {"sliding": "lora_no_memory"}),
+}
+_ORDER = ["full", "sliding", "memlong", "lora_no_memory", "sliding_trained", "memlong_trained"]
+
+
 def run_train_eval(
     config: MemLongConfig,
     *,
+    variant: str,
+    adapter: Path | None,
     model_path: str | None,
-    trained: Path,
-    control: Path | None,
     plays: tuple[str, ...],
     lengths: tuple[int, ...],
     windows: int,
     score_tokens: int,
     out_dir: Path,
 ) -> list[dict]:
-    variants: list[tuple[Path | None, tuple[str, ...], dict[str, str]]] = [
-        (None, ("full", "sliding", "memlong"), {}),
-        (trained, ("sliding", "memlong"), {"memlong": "memlong_trained", "sliding": "sliding_trained"}),
-    ]
-    if control is not None:
-        variants.append((control, ("sliding",), {"sliding": "lora_no_memory"}))
+    """Evaluate one variant (base / trained / control) and write train_eval_parts/<variant>.json, then
+    rebuild train_eval.json/.md from every part run with the same settings. Variants can run as separate
+    processes (in parallel) and be added later."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
+    if (variant == "base") != (adapter is None):
+        raise ValueError("the base variant takes no adapter; the others need one")
+    methods, rename = VARIANTS[variant]
+    stack = Stack.load(config, model_path, adapter=str(adapter) if adapter else None)
     records: list[dict] = []
-    adapters: dict[str, dict] = {}
-    for adapter, methods, rename in variants:
-        stack = Stack.load(config, model_path, adapter=str(adapter) if adapter else None)
-        if stack.adapter is not None:
-            meta = stack.adapter
-            adapters[str(adapter)] = {
-                "method": meta.get("method"),
-                "steps": meta.get("training", {}).get("steps"),
-            }
-        for play in plays:
-            settings = PPLSettings(
-                book=str(_play_file(play)),
-                lengths=lengths,
-                windows=windows,
-                score_tokens=score_tokens,
-                methods=methods,
-                full_max=8192,
-            )
-            recs, _ = run_ppl(stack, settings)
-            for r in recs:
-                r["book"] = play
-                r["method"] = rename.get(r["method"], r["method"])
-                r["adapter"] = str(adapter) if adapter else None
-            records.extend(recs)
+    for play in plays:
+        settings = PPLSettings(
+            book=str(_play_file(play)),
+            lengths=lengths,
+            windows=windows,
+            score_tokens=score_tokens,
+            methods=methods,
+            full_max=8192,
+        )
+        recs, _ = run_ppl(stack, settings)
+        for r in recs:
+            r["book"] = play
+            r["method"] = rename.get(r["method"], r["method"])
+            r["adapter"] = str(adapter) if adapter else None
+        records.extend(recs)
+    key = {
+        "plays": list(plays),
+        "lengths": list(lengths),
+        "windows": windows,
+        "score_tokens": score_tokens,
+        "memlong": {**asdict(config), "ret_attn_layers": list(config.ret_attn_layers)},
+    }
+    adapter_meta = None
+    if stack.adapter is not None:
+        training = stack.adapter.get("training", {})
+        adapter_meta = {
+            "path": str(adapter),
+            "method": stack.adapter.get("method"),
+            "steps": training.get("steps"),
+            "tokens_trained": training.get("tokens_trained"),
+        }
+    part = {
+        "variant": variant,
+        "settings": key,
+        "adapter": adapter_meta,
+        "machine": machine_info(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "records": records,
+    }
+    write_json(out_dir / "train_eval_parts" / f"{variant}.json", part)
+    return assemble(out_dir, key)
+
+
+def assemble(out_dir: Path, key: dict) -> list[dict]:
+    """train_eval.json/.md from the parts whose settings equal `key` (the same scored tokens)."""
+    parts = []
+    for path in sorted((out_dir / "train_eval_parts").glob("*.json")):
+        part = json.loads(path.read_text())
+        if part["settings"] == key:
+            parts.append(part)
+    records = [r for p in parts for r in p["records"]]
     pooled = _pool(records)
+    pooled.sort(
+        key=lambda r: (r["context_tokens"], _ORDER.index(r["method"]) if r["method"] in _ORDER else 99)
+    )
     payload = {
         "meta": {
-            "plays": list(plays),
-            "settings": {"lengths": list(lengths), "windows": windows, "score_tokens": score_tokens},
-            "memlong": {**asdict(config), "ret_attn_layers": list(config.ret_attn_layers)},
-            "adapters": adapters,
-            "machine": machine_info(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **key,
+            "variants": {p["variant"]: {"adapter": p["adapter"], "finished": p["finished"]} for p in parts},
         },
+        "machine": parts[-1]["machine"] if parts else None,
         "pooled": pooled,
         "per_play": records,
     }
     write_json(out_dir / "train_eval.json", payload)
     cols = ["method", "context_tokens", "scored_tokens", "local_window", "top_k", "chunk", "query", "ppl"]
-    order = ["full", "sliding", "memlong", "lora_no_memory", "sliding_trained", "memlong_trained"]
-    pooled.sort(key=lambda r: (r["context_tokens"], order.index(r["method"]) if r["method"] in order else 99))
     (out_dir / "train_eval.md").write_text(
-        f"Held-out plays: {', '.join(plays)}; windows per play and length: {windows}; "
-        f"the same {score_tokens} scored tokens per window for every method.\n\n"
+        f"Held-out plays: {', '.join(key['plays'])}; windows per play and length: {key['windows']}; "
+        f"the same {key['score_tokens']} scored tokens per window for every method.\n\n"
         + markdown_table(pooled, cols)
     )
     return pooled

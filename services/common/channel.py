@@ -40,6 +40,10 @@ class ChannelOptions:
     max_backoff_s: float = 1.0
     tls: TlsConfig | None = None  # None: the process default; tls.PLAINTEXT: off
     telemetry: bool = True  # client spans + trace context in metadata
+    # Reconnect backoff after a failed connect. gRPC's default grows to 120 s, so a caller would
+    # keep failing fast long after a restarted shard is back; cap it so it reconnects within ~1 s.
+    initial_reconnect_backoff_ms: int = 100
+    max_reconnect_backoff_ms: int = 1000
 
     def service_config(self) -> str:
         config: dict = {"methodConfig": []}
@@ -67,6 +71,9 @@ class ChannelOptions:
             ("grpc.per_rpc_retry_buffer_size", self.max_message_bytes),
             ("grpc.retry_buffer_size", 4 * self.max_message_bytes),
             ("grpc.service_config", self.service_config()),
+            ("grpc.initial_reconnect_backoff_ms", self.initial_reconnect_backoff_ms),
+            ("grpc.min_reconnect_backoff_ms", self.initial_reconnect_backoff_ms),
+            ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
         ]
 
 

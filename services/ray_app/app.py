@@ -1,0 +1,184 @@
+"""The Ray Serve application: one deployment per ret-mem shard, per decoder replica, and the gateway.
+
+    app = build_app(RayAppConfig(data_dir=Path("/var/lib/memlong"), shards=2))
+    serve.run(app, name="memlong", route_prefix=None)     # no HTTP: clients speak gRPC to the gateway
+
+Each replica hosts the service's own gRPC server (the same code as the embedded default and
+Kubernetes), so routing, deadlines, TLS and tracing behave identically; Serve supplies placement,
+health checking and restarts. A shard's data lives in `<data_dir>/retmem/<shard>`: when Serve replaces
+a failed replica, the new one recovers from the same write-ahead log and snapshots, so an acknowledged
+append survives the restart. A single-node Ray (this machine) keeps every address stable; on several
+nodes pin each shard to its node (custom resources) so its address and disk stay with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import replace
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+
+from services.common.channel import ChannelOptions, get_channel
+
+from .config import RayAppConfig
+
+log = logging.getLogger(__name__)
+
+# Replicas wait on gRPC and the model, not on Ray's CPU accounting: reserve none, so a small
+# machine can host the whole application (the decoder's torch threads are set by `threads`).
+ACTOR_OPTIONS = {"num_cpus": 0}
+
+
+def _check_serving(address: str, service: str) -> None:
+    """Raise unless the gRPC health service at `address` says SERVING (Serve then restarts us)."""
+    stub = health_pb2_grpc.HealthStub(get_channel(address, ChannelOptions()))
+    try:
+        status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    except grpc.RpcError as err:
+        raise RuntimeError(f"{address}: health check failed: {err.code().name}") from err
+    if status != health_pb2.HealthCheckResponse.SERVING:
+        raise RuntimeError(f"{address}: {service} is not serving")
+
+
+@serve.deployment(ray_actor_options=ACTOR_OPTIONS, health_check_period_s=5, graceful_shutdown_timeout_s=30)
+class RetMemShard:
+    """One ret-mem shard, its data on the node's disk."""
+
+    def __init__(self, config_json: str, index: int) -> None:
+        from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+
+        config = RayAppConfig.from_json(config_json)
+        name = f"shard{index}"
+        self.service = SERVICE_NAME
+        self.server = RetMemServer(
+            RetMemConfig(
+                data_dir=config.data_dir / "retmem" / name,
+                shards=(name,),
+                host=config.host,
+                port=config.retmem_ports[index],
+                all_shards=config.ring,
+            )
+        )
+        self.server.start()  # recovers before the replica reports ready
+        self.address = self.server.serving_address()
+
+    def check_health(self) -> None:
+        _check_serving(self.address, self.service)
+
+    def describe(self) -> dict[str, Any]:
+        return {"address": self.address, "recovery": {k: str(v) for k, v in self.server.recovery.items()}}
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop(grace_s=5)
+
+
+@serve.deployment(ray_actor_options=ACTOR_OPTIONS, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+class DecoderReplica:
+    """One decoder (model) replica; retrieves from the shards over gRPC."""
+
+    def __init__(self, config_json: str, index: int) -> None:
+        from memlong.model import MemLongConfig
+        from services.decoder.config import DecoderConfig
+        from services.decoder.server import SERVICE_NAME, DecoderServer
+
+        config = RayAppConfig.from_json(config_json)
+        dcfg = DecoderConfig(
+            retmem=config.ring,
+            memlong=MemLongConfig(**config.memlong) if config.memlong else MemLongConfig(),
+            model=config.model,
+            host=config.host,
+            port=config.decoder_ports[index],
+            threads=config.threads,
+        )
+        if config.components:
+            module, _, fn = config.components.partition(":")
+            model, tokenizer, retriever = getattr(importlib.import_module(module), fn)()
+            dcfg = replace(dcfg, memlong=model.config)
+            self.server = DecoderServer.from_components(
+                model, tokenizer, retriever, dcfg, source=config.components
+            )
+        else:
+            self.server = DecoderServer.load(dcfg)
+        self.server.start()
+        self.service, self.address = SERVICE_NAME, self.server.address()
+
+    def check_health(self) -> None:
+        _check_serving(self.address, self.service)
+
+    def describe(self) -> dict[str, Any]:
+        return {"address": self.address}
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop(grace_s=5)
+
+
+@serve.deployment(ray_actor_options=ACTOR_OPTIONS, health_check_period_s=5, graceful_shutdown_timeout_s=30)
+class Gateway:
+    """The public gRPC API; the application's ingress. Holds handles to the other deployments."""
+
+    def __init__(self, config_json: str, decoders: list[Any], shards: list[Any]) -> None:
+        from services.gateway.config import GatewayConfig, load_key_file, parse_keys
+        from services.gateway.embedded import local_api_key
+        from services.gateway.server import SERVICE_NAME, GatewayServer
+
+        config = RayAppConfig.from_json(config_json)
+        if config.api_keys:
+            keys = parse_keys(",".join(f"{k}={t}" for k, t in config.api_keys))
+        else:
+            local_api_key(config.data_dir)  # created on first start, 0600
+            keys = load_key_file(config.data_dir / "api_keys.json")
+        gcfg = GatewayConfig(
+            decoders=config.decoder_addresses,
+            retmem=config.ring,
+            key_hashes=keys,
+            data_dir=config.data_dir / "gateway",
+            host=config.host,
+            port=config.gateway_port,
+        )
+        self.server = GatewayServer(gcfg)
+        self.server.start()
+        self.service, self.address = SERVICE_NAME, self.server.address()
+        self.decoders, self.shards = decoders, shards
+
+    def check_health(self) -> None:
+        _check_serving(self.address, self.service)
+
+    async def describe(self) -> dict[str, Any]:
+        """Addresses of every service (the `memlong ray status` answer)."""
+        return {
+            "gateway": self.address,
+            "decoders": [await d.describe.remote() for d in self.decoders],
+            "shards": [await s.describe.remote() for s in self.shards],
+        }
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop(grace_s=5)
+
+
+def build_app(config: RayAppConfig) -> Any:
+    """The bound application: gateway (ingress) -> decoder deployments -> shard deployments."""
+    text = config.to_json()
+    shards = [RetMemShard.options(name=f"retmem-shard{i}").bind(text, i) for i in range(config.shards)]
+    decoders = [DecoderReplica.options(name=f"decoder{i}").bind(text, i) for i in range(config.decoders)]
+    return Gateway.options(name="gateway").bind(text, decoders, shards)
+
+
+def deploy(config: RayAppConfig, blocking: bool = False) -> Any:
+    """Run the application on the connected Ray cluster (no HTTP proxy); returns the ingress handle."""
+    serve.start(proxy_location="Disabled")
+    return serve.run(build_app(config), name=config.app_name, route_prefix=None, blocking=blocking)
+
+
+def undeploy(app_name: str = "memlong") -> None:
+    """Delete the application (replicas stop gracefully: health first, then drain)."""
+    serve.delete(app_name)

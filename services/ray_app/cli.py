@@ -1,0 +1,155 @@
+"""`memlong ray up | down | status`: the application on a local (or given) Ray cluster.
+
+    memlong ray up --data-dir ~/.local/share/memlong/ray --shards 2     # starts Ray if none runs
+    memlong ray status
+    memlong ray down                                                   # --keep-ray leaves Ray up
+
+`up` prints the gateway address and the local tenant's API key; a plain gRPC client (memlong.Client)
+connects to that address. `down` deletes the application (graceful stop, data kept on disk), then
+stops the Ray instance that `up` started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import RayAppConfig
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `ray` command group to a parent CLI."""
+    group = subparsers.add_parser("ray", help="run MemLong as a Ray Serve application")
+    sub = group.add_subparsers(dest="ray_command", required=True)
+
+    up = sub.add_parser("up", help="start Ray if needed and deploy gateway, decoders and shards")
+    up.add_argument(
+        "--address", default="auto", help="Ray cluster address; 'auto' starts a local one if none runs"
+    )
+    up.add_argument("--data-dir", type=Path, default=None, help="default: $MEMLONG_DATA/ray")
+    up.add_argument("--host", default="127.0.0.1", help="address the gRPC servers listen on")
+    up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--decoders", type=int, default=1)
+    up.add_argument("--gateway-port", type=int, default=50051)
+    up.add_argument("--decoder-port", type=int, default=50071, help="first decoder's port")
+    up.add_argument("--retmem-port", type=int, default=50061, help="first shard's port")
+    up.add_argument("--model", default=None, help="HF checkpoint dir (default: the packaged SmolLM2)")
+    up.add_argument("--memlong-json", default="", help='MemLongConfig overrides, e.g. {"top_k": 4}')
+    up.add_argument("--threads", type=int, default=0, help="torch threads per decoder (0: default)")
+    up.add_argument("--components", default=None, help="module:function giving (model, tokenizer, retriever)")
+    up.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a Ray instance started here")
+    up.set_defaults(func=up_command)
+
+    down = sub.add_parser("down", help="delete the application; stop the Ray instance")
+    down.add_argument("--address", default="auto")
+    down.add_argument("--keep-ray", action="store_true", help="leave the Ray instance running")
+    down.set_defaults(func=down_command)
+
+    status = sub.add_parser("status", help="addresses and health of the deployed services")
+    status.add_argument("--address", default="auto")
+    status.set_defaults(func=status_command)
+
+
+def _ray_cli() -> str:
+    exe = Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def _connect(address: str, num_cpus: int | None = None) -> None:
+    """Connect to Ray at `address`; with 'auto' and nothing running, start a local head first."""
+    import ray
+
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    except ConnectionError:
+        if address != "auto" or num_cpus is None:
+            raise
+    subprocess.run(
+        [
+            _ray_cli(),
+            "start",
+            "--head",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
+
+
+def config_from_args(args: argparse.Namespace) -> RayAppConfig:
+    from services.gateway.embedded import default_data_dir
+
+    return RayAppConfig(
+        data_dir=(args.data_dir or default_data_dir() / "ray").resolve(),
+        host=args.host,
+        gateway_port=args.gateway_port,
+        decoder_port=args.decoder_port,
+        retmem_port=args.retmem_port,
+        shards=args.shards,
+        decoders=args.decoders,
+        memlong=json.loads(args.memlong_json) if args.memlong_json else {},
+        model=args.model,
+        threads=args.threads,
+        components=args.components,
+    )
+
+
+def up_command(args: argparse.Namespace) -> int:
+    from services.gateway.embedded import local_api_key
+
+    from .app import deploy
+
+    config = config_from_args(args)
+    _connect(args.address, args.num_cpus)
+    deploy(config)
+    key = local_api_key(config.data_dir)
+    sys.stdout.write(f"MEMLONG_GATEWAY={config.gateway_address}\nMEMLONG_API_KEY={key}\n")
+    return 0
+
+
+def down_command(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    try:
+        _connect(args.address)
+    except ConnectionError:
+        sys.stdout.write("no Ray instance running\n")
+        return 0
+    serve.shutdown()  # deletes every application: graceful stop of each replica
+    ray.shutdown()
+    if not args.keep_ray:
+        subprocess.run([_ray_cli(), "stop"], check=False, capture_output=True, timeout=300)
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    _connect(args.address)
+    handle = serve.get_app_handle("memlong")
+    sys.stdout.write(json.dumps(handle.describe.remote().result(), indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memlong")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -93,6 +93,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_doc_tokens: int = 0  # read at most this many tokens of each document; 0: whole documents
     eval_every: int = 50
+    eval_at_start: bool = True  # evaluate before the first step (skip when the baseline is known)
     eval_tokens: int = 4096  # tokens read from the start of each evaluation document
     save_every: int = 25
     keep_checkpoints: int = 2
@@ -261,7 +262,7 @@ class Trainer:
         """Train to max_steps, the time limit or the end of the data; returns the last evaluation."""
         c = self.config
         deadline = time.monotonic() + c.max_minutes * 60 if c.max_minutes else math.inf
-        if self.step == 0:
+        if self.step == 0 and c.eval_at_start:
             self._log(self.evaluate())
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not progress, desc="train", unit="step")
         last_eval: dict = {}

@@ -27,6 +27,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mem-layer-qo", action="store_true", help="no LoRA on the memory layer's q/o")
     g.add_argument("--max-doc-tokens", type=int, default=8192, help="tokens read per document (0: all)")
     g.add_argument("--eval-every", type=int, default=40)
+    g.add_argument("--no-eval-at-start", action="store_true", help="skip the evaluation before step 1")
     g.add_argument("--eval-tokens", type=int, default=3072)
     g.add_argument("--eval-docs", type=int, default=1, help="held-out documents used by periodic eval")
     g.add_argument("--save-every", type=int, default=10)
@@ -51,6 +52,7 @@ def _train_config(args: argparse.Namespace):
         max_doc_tokens=args.max_doc_tokens,
         eval_every=args.eval_every,
         eval_tokens=args.eval_tokens,
+        eval_at_start=not args.no_eval_at_start,
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         seed=args.seed,

@@ -106,6 +106,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         trials=args.trials,
         seed=args.seed,
         methods=tuple(args.methods.split(",")),
+        variants=tuple(_variant(v) for v in args.variant),
     )
     stack = Stack.load(memlong_config(args), args.model)
     records = run_passkey(stack, settings)
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--trials", type=int, default=20)
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--methods", default="sliding,memlong")
+    pk.add_argument("--variant", action="append", default=[], help="as for eval ppl")
     pk.add_argument("--out", default="bench/results")
     _model_args(pk)
     pk.set_defaults(func=cmd_eval_passkey)

@@ -10,6 +10,7 @@ without memory, so both methods see the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import time
@@ -32,6 +33,8 @@ class PasskeySettings:
     seed: int = 0
     methods: tuple[str, ...] = ("sliding", "memlong")
     digits: int = 5
+    # Extra MemLong readings on the same trials: (method name, ((setting, value), ...)).
+    variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
 
 def _copy_memory(mem: SessionMemory | None) -> SessionMemory | None:
@@ -54,8 +57,10 @@ def run_passkey(stack: Stack, settings: PasskeySettings) -> list[dict]:
         n_hay = length - n_needle - len(question)
         last_depth = (n_hay - w - c) // c  # in chunks: the needle must end before the last local window
         depths = sorted(rng.randrange(0, last_depth + 1) * c for _ in range(settings.trials))
-        correct = {m: 0 for m in settings.methods}
-        base = stack.reader(with_memory="memlong" in settings.methods)
+        methods = list(settings.methods) + [name for name, _ in settings.variants]
+        overrides = {name: dict(items) for name, items in settings.variants}
+        correct = {m: 0 for m in methods}
+        base = stack.reader(with_memory=methods != ["sliding"])
         done = 0
         for (key, text), depth in tqdm(
             list(zip(needles, depths, strict=True)), desc=f"passkey {length}", unit="trial"
@@ -66,12 +71,17 @@ def run_passkey(stack: Stack, settings: PasskeySettings) -> list[dict]:
             trial = base.fork(_copy_memory(base.memory))
             split = (len(seq) - len(question) - w) // c * c  # the tail starts on a chunk boundary
             trial.ingest(seq[:split])
-            for method in settings.methods:
-                reader: Reader = trial if method == "memlong" else trial.fork(None)
-                out = list(reader.generate(seq[split:], SamplingParams(max_new_tokens=settings.digits + 3)))
+            for method in methods:
+                # Forks share the trial's memory: chunks added while reading the tail are identical replays.
+                reader: Reader = trial.fork(None if method == "sliding" else trial.memory)
+                with stack.model.configured(**overrides.get(method, {})):
+                    out = list(
+                        reader.generate(seq[split:], SamplingParams(max_new_tokens=settings.digits + 3))
+                    )
                 answer = stack.tokenizer.decode(out)
                 correct[method] += int(re.sub(r"\D", "", answer)[: settings.digits] == key)
-        for method in settings.methods:
+        for method in methods:
+            mcfg = dataclasses.replace(cfg, **overrides.get(method, {}))
             records.append(
                 {
                     "method": method,
@@ -80,11 +90,11 @@ def run_passkey(stack: Stack, settings: PasskeySettings) -> list[dict]:
                     "correct": correct[method],
                     "accuracy": correct[method] / settings.trials,
                     "local_window": w,
-                    "top_k": cfg.top_k if method == "memlong" else 0,
+                    "top_k": mcfg.top_k if method != "sliding" else 0,
                     "chunk": c,
-                    "query": cfg.query if method == "memlong" else "none",
-                    "mem_position": cfg.mem_position,
-                    "ret_attn_layers": list(cfg.ret_attn_layers),
+                    "query": mcfg.query if method != "sliding" else "none",
+                    "mem_position": mcfg.mem_position if method != "sliding" else "none",
+                    "ret_attn_layers": list(mcfg.ret_attn_layers) if method != "sliding" else [],
                 }
             )
     return records

@@ -39,7 +39,9 @@ from services.retmem.store import SessionSpec  # noqa: E402
 from tests.deploy.hosts import ShardCluster, netns_available  # noqa: E402
 from tests.retmem.conftest import wait_serving  # noqa: E402
 
-SPEC = SessionSpec(dim=384, kv_shape=(2, 3, 128, 64), kv_dtype="bfloat16", memory_size=1024)  # 128k tokens: no eviction here
+SPEC = SessionSpec(
+    dim=384, kv_shape=(2, 3, 128, 64), kv_dtype="bfloat16", memory_size=1024
+)  # 128k tokens: no eviction here
 TOP_K = 8
 BATCH = 16
 POD_MEMORY_LIMIT = 16 << 30  # k8s/base/retmem.yaml
@@ -333,9 +335,11 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        f"{result['settings']['threads']} client threads in one process; every shard on the same 2 shared "
-        "cores, so adding shards here spreads sessions and shortens per-shard queues but adds no CPU: "
-        "the p99 figures measure the serving path's contention, not a multi-node speed-up.",
+        f"{result['settings']['threads']} client threads in one process; every shard on the same "
+        f"{m['cores']} shared cores. One shard process serves under one Python interpreter lock; a second "
+        "process puts the second core to work, after which more shards only split the sessions and "
+        "shorten each shard's queue. On separate hosts each shard brings its own cores, so these figures "
+        "are a floor for the multi-host speed-up, not an estimate of it.",
     ]
     if "ray_vs_embedded" in result:
         rv = result["ray_vs_embedded"]

@@ -163,3 +163,34 @@ def test_trace_context_crosses_a_client_to_retmem_hop(telemetry, tmp_path: Path)
         assert server_spans[1].attributes["memlong.chunk.last_seq"] == 2
     finally:
         server.stop(grace_s=1)
+
+
+def test_exporters_are_configurable_and_unknown_names_refused() -> None:
+    from opentelemetry.sdk.resources import Resource
+    from prometheus_client import REGISTRY, generate_latest
+
+    from memlong.errors import InvalidArgument
+
+    resource = Resource.create({"service.name": "test"})
+    assert tracing.build_tracer_provider("none", resource) is None
+    for name in ("console", "otlp"):
+        provider = tracing.build_tracer_provider(name, resource)
+        assert provider is not None
+        provider.shutdown()
+    for name in ("console", "otlp"):
+        meter_provider = metrics.build_meter_provider(name, {}, resource)
+        assert meter_provider is not None
+        meter_provider.shutdown()
+    prom = metrics.build_meter_provider("prometheus", {"OTEL_EXPORTER_PROMETHEUS_PORT": "0"}, resource)
+    assert prom is not None
+    prom.get_meter("t").create_counter("memlong.test.calls").add(3)
+    exposition = generate_latest(REGISTRY).decode()  # what Prometheus scrapes from :9464/metrics
+    assert any(
+        line.startswith("memlong_test_calls_total{") and line.endswith(" 3.0")
+        for line in exposition.splitlines()
+    )
+    prom.shutdown()
+    with pytest.raises(InvalidArgument, match="OTEL_TRACES_EXPORTER"):
+        tracing.build_tracer_provider("zipkin", resource)
+    with pytest.raises(InvalidArgument, match="OTEL_METRICS_EXPORTER"):
+        metrics.build_meter_provider("statsd", {}, resource)

@@ -83,6 +83,22 @@ def test_workloads_services_and_probes(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tls_settings_mtls_inside_api_keys_at_the_edge(overlay: str) -> None:
+    """Services talk mTLS; the gateway's public port is TLS without client certificates."""
+    docs = rendered(overlay)
+    config = by_kind(docs, "ConfigMap")["memlong-config"]["data"]
+    assert config["MEMLONG_TLS_CLIENT_AUTH"] == "require"
+    files = [config[f"MEMLONG_TLS_{k}"] for k in ("CERT", "KEY", "CA")]
+    assert {Path(f).parent for f in files} == {Path("/etc/memlong/tls")}  # the memlong-tls mount
+    assert {Path(f).name for f in files} == set(by_kind(docs, "Secret")["memlong-tls"]["stringData"])
+    for name, load in workloads(docs).items():
+        (container,) = pod_spec(load)["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        expected = "none" if name == "memlong-gateway" else None  # None: the ConfigMap's "require"
+        assert env.get("MEMLONG_TLS_CLIENT_AUTH") == expected, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_retmem_is_a_statefulset_with_volumes_behind_a_headless_service(overlay: str) -> None:
     docs = rendered(overlay)
     sts = by_kind(docs, "StatefulSet")["memlong-retmem"]

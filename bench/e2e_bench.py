@@ -42,6 +42,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # as ret-mem does: FAISS's OpenMP spinning would slow the in-process path
 
     cfg = MemLongConfig()
     s = Stack.load(cfg)

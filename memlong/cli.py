@@ -109,10 +109,9 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         variants=tuple(_variant(v) for v in args.variant),
     )
     stack = Stack.load(memlong_config(args), args.model)
-    records = run_passkey(stack, settings)
-    write_passkey(
-        Path(args.out), settings, records, {"model": stack.source, "memlong": memlong_config(args).__dict__}
-    )
+    meta = {"model": stack.source, "memlong": memlong_config(args).__dict__}
+    out = Path(args.out)
+    run_passkey(stack, settings, on_length=lambda rows: write_passkey(out, settings, rows, meta))
     print((Path(args.out) / "passkey.md").read_text())
     return 0
 
@@ -145,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--lengths", default="4k,8k,16k,32k,64k")
     pk.add_argument("--trials", type=int, default=20)
     pk.add_argument("--seed", type=int, default=0)
-    pk.add_argument("--methods", default="sliding,memlong")
+    pk.add_argument("--methods", default="full,sliding,memlong", help="full runs up to 8192 tokens only")
     pk.add_argument("--variant", action="append", default=[], help="as for eval ppl")
     pk.add_argument("--out", default="bench/results")
     _model_args(pk)

@@ -5,7 +5,8 @@ random, chunk-aligned depth, always before the last local window (so a local-win
 see it). Trials are read in order of depth by one base reader that ingests the haystack prefix once; each
 trial forks it (local state and memory copied), ingests the needle and the rest, then reads the last
 local window plus the question with every layer and generates greedily. `sliding` forks the same state
-without memory, so both methods see the same tokens.
+without memory, so every method sees the same tokens. `full` (up to the model's native positions) reads
+the whole sequence with plain full attention: the model's own ceiling on the task.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import dataclasses
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from memlong.chunkloop import Reader, SamplingParams
+from memlong.chunkloop import SamplingParams
 from memlong.data import PASSKEY_QUESTION, passkey_needle
-from memlong.eval.common import Stack, machine_info, markdown_table, write_json
+from memlong.eval.common import Stack, machine_info, markdown_table, stock_attention, write_json
 from memlong.memory import SessionMemory
+from memlong.model import MemLongConfig
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class PasskeySettings:
     seed: int = 0
     methods: tuple[str, ...] = ("sliding", "memlong")
     digits: int = 5
+    full_max: int = 8192  # full attention only up to the model's native positions
     # Extra MemLong readings on the same trials: (method name, ((setting, value), ...)).
     variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
@@ -41,75 +46,99 @@ def _copy_memory(mem: SessionMemory | None) -> SessionMemory | None:
     return None if mem is None else SessionMemory.from_state(mem.export_state())
 
 
-def run_passkey(stack: Stack, settings: PasskeySettings) -> list[dict]:
+def _is_correct(answer: str, key: str) -> bool:
+    return re.sub(r"\D", "", answer)[: len(key)] == key
+
+
+def _full_answer(stack: Stack, seq: list[int], digits: int) -> str:
+    """Greedy answer under plain full attention over the whole sequence."""
+    with stock_attention(stack.model), torch.no_grad():
+        out = stack.model.hf.generate(torch.tensor([seq]), max_new_tokens=digits + 3, do_sample=False)
+    return stack.tokenizer.decode(out[0, len(seq) :])
+
+
+def run_passkey(
+    stack: Stack, settings: PasskeySettings, on_length: Callable[[list[dict]], None] | None = None
+) -> list[dict]:
+    """Accuracy per (method, length); on_length(records so far) runs after every length."""
     cfg = stack.model.config
     c, w = cfg.chunk, cfg.local_window
     book = stack.encode_book(settings.book)
     question = stack.encode(PASSKEY_QUESTION)
-    records = []
+    overrides = {name: dict(items) for name, items in settings.variants}
+    records: list[dict] = []
     for length in settings.lengths:
         rng = random.Random(f"{settings.seed}:{length}")
         offset = rng.randrange(0, len(book) - length)
         hay = book[offset : offset + length]
         needles = [passkey_needle(rng, settings.digits) for _ in range(settings.trials)]
         n_needle = max(len(stack.encode(text)) for _, text in needles)
-        # Haystack tokens kept so that needle + haystack + question is `length` tokens.
-        n_hay = length - n_needle - len(question)
+        n_hay = length - n_needle - len(question)  # needle + haystack + question = `length` tokens
         last_depth = (n_hay - w - c) // c  # in chunks: the needle must end before the last local window
         depths = sorted(rng.randrange(0, last_depth + 1) * c for _ in range(settings.trials))
-        methods = list(settings.methods) + [name for name, _ in settings.variants]
-        overrides = {name: dict(items) for name, items in settings.variants}
-        correct = {m: 0 for m in methods}
-        base = stack.reader(with_memory=methods != ["sliding"])
+        methods = [m for m in settings.methods if m != "full" or length <= settings.full_max]
+        methods += list(overrides)
+        correct = dict.fromkeys(methods, 0)
+        base = stack.reader(with_memory=bool(set(methods) - {"sliding", "full"}))
         done = 0
-        for (key, text), depth in tqdm(
-            list(zip(needles, depths, strict=True)), desc=f"passkey {length}", unit="trial"
-        ):
+        trials = list(zip(needles, depths, strict=True))
+        for (key, text), depth in tqdm(trials, desc=f"passkey {length}", unit="trial"):
             base.ingest(hay[done:depth])
             done = depth
             seq = stack.encode(text) + hay[depth:n_hay] + question
+            if "full" in methods:
+                correct["full"] += _is_correct(_full_answer(stack, seq, settings.digits), key)
             trial = base.fork(_copy_memory(base.memory))
             split = (len(seq) - len(question) - w) // c * c  # the tail starts on a chunk boundary
             trial.ingest(seq[:split])
             for method in methods:
+                if method == "full":
+                    continue
                 # Forks share the trial's memory: chunks added while reading the tail are identical replays.
-                reader: Reader = trial.fork(None if method == "sliding" else trial.memory)
+                reader = trial.fork(None if method == "sliding" else trial.memory)
                 with stack.model.configured(**overrides.get(method, {})):
-                    out = list(
-                        reader.generate(seq[split:], SamplingParams(max_new_tokens=settings.digits + 3))
-                    )
-                answer = stack.tokenizer.decode(out)
-                correct[method] += int(re.sub(r"\D", "", answer)[: settings.digits] == key)
+                    params = SamplingParams(max_new_tokens=settings.digits + 3)
+                    answer = stack.tokenizer.decode(list(reader.generate(seq[split:], params)))
+                correct[method] += _is_correct(answer, key)
         for method in methods:
-            mcfg = dataclasses.replace(cfg, **overrides.get(method, {}))
             records.append(
-                {
-                    "method": method,
-                    "context_tokens": length,
-                    "trials": settings.trials,
-                    "correct": correct[method],
-                    "accuracy": correct[method] / settings.trials,
-                    "local_window": w,
-                    "top_k": mcfg.top_k if method != "sliding" else 0,
-                    "chunk": c,
-                    "query": mcfg.query if method != "sliding" else "none",
-                    "mem_position": mcfg.mem_position if method != "sliding" else "none",
-                    "ret_attn_layers": list(mcfg.ret_attn_layers) if method != "sliding" else [],
-                }
+                _record(
+                    method,
+                    length,
+                    settings,
+                    correct[method],
+                    dataclasses.replace(cfg, **overrides.get(method, {})),
+                )
             )
+        if on_length is not None:
+            on_length(records)
     return records
+
+
+def _record(method: str, length: int, settings: PasskeySettings, correct: int, cfg: MemLongConfig) -> dict:
+    memory = method not in ("sliding", "full")
+    return {
+        "method": method,
+        "context_tokens": length,
+        "trials": settings.trials,
+        "correct": correct,
+        "accuracy": correct / settings.trials,
+        "local_window": length if method == "full" else cfg.local_window,
+        "top_k": cfg.top_k if memory else 0,
+        "chunk": cfg.chunk,
+        "query": cfg.query if memory else "none",
+        "ret_attn_layers": list(cfg.ret_attn_layers) if memory else [],
+        "mem_position": cfg.mem_position if memory else "none",
+    }
 
 
 def write_passkey(out_dir: Path, settings: PasskeySettings, records: list[dict], extra: dict) -> None:
     write_json(out_dir / "passkey.json", records)
-    write_json(
-        out_dir / "passkey_meta.json",
-        {
-            "settings": asdict(settings),
-            "machine": machine_info(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **extra,
-        },
-    )
+    meta = {
+        "settings": asdict(settings),
+        "machine": machine_info(),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_json(out_dir / "passkey_meta.json", {**meta, **extra})
     cols = ["method", "context_tokens", "trials", "correct", "accuracy", "local_window", "top_k", "query"]
     (out_dir / "passkey.md").write_text(markdown_table(records, cols))

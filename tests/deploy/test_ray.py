@@ -1,12 +1,16 @@
 """The Ray Serve application on a local Ray instance: a plain gRPC client serves a session end to end
 through gateway -> decoder -> ret-mem shards, and a shard's data survives its replica being killed
-and replaced by Serve. Marked `ray` (Ray's start-up alone takes tens of seconds on a small machine):
-`pytest -m ray tests/deploy/test_ray.py`."""
+and replaced by Serve; `memlong ray up / status / down` drive it. About 50 s here (Ray's start-up is
+most of it), so it is in the default run; marked `ray`: `pytest -m ray tests/deploy/test_ray.py` runs it
+alone, `-m 'not ray'` leaves it out."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +23,6 @@ from ray import serve  # noqa: E402
 from memlong.client import Client  # noqa: E402
 from memlong.errors import Unavailable  # noqa: E402
 from services.common.channel import close_channels  # noqa: E402
-from services.ray_app.app import deploy  # noqa: E402
-from services.ray_app.config import RayAppConfig  # noqa: E402
 from services.retmem.routing import Ring  # noqa: E402
 from tests.retmem.conftest import wait_serving  # noqa: E402
 
@@ -87,44 +89,66 @@ def eventually(call, timeout_s: float = 15.0):
                 raise
 
 
+def memlong_ray(*args: str, timeout_s: float = 300) -> str:
+    """`memlong ray ...` in a subprocess (the CLI module, as `memlong.cli` registers it)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.ray_app.cli", "ray", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 @pytest.mark.ray
-def test_ray_app_serves_a_session_and_shard_data_survives_replica_restart(
+def test_ray_up_serves_a_session_end_to_end_and_shard_data_survives_replica_restart(
     ray_instance, tmp_path: Path
 ) -> None:
+    address = ray.get_runtime_context().gcs_address
     base = free_base_port(4)
-    config = RayAppConfig(
-        data_dir=tmp_path,
-        gateway_port=base,
-        decoder_port=base + 1,
-        retmem_port=base + 2,
-        shards=2,
-        decoders=1,
-        api_keys=((KEY, "tenant-r"),),
-        components="tests.deploy.ray_components:tiny",
+    out = memlong_ray(
+        "up",
+        f"--address={address}",
+        f"--data-dir={tmp_path}",
+        "--shards=2",
+        f"--gateway-port={base}",
+        f"--decoder-port={base + 1}",
+        f"--retmem-port={base + 2}",
+        "--components=tests.deploy.ray_components:tiny",
     )
-    deploy(config)
-    client = Client(config.gateway_address, KEY, timeout_s=60)
+    settings = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("MEMLONG_"))
+    assert settings["MEMLONG_GATEWAY"] == f"127.0.0.1:{base}"
+    ring = {f"shard{i}": f"127.0.0.1:{base + 2 + i}" for i in range(2)}
+    status = json.loads(memlong_ray("status", f"--address={address}"))
+    assert status["gateway"] == settings["MEMLONG_GATEWAY"]
+    assert [s["address"] for s in status["shards"]] == list(ring.values())
+
+    # A plain gRPC client, end to end: gateway -> decoder -> ret-mem shards.
+    client = Client(settings["MEMLONG_GATEWAY"], settings["MEMLONG_API_KEY"], timeout_s=60)
     session = client.create_session("ray")
     client.append(session.session_id, BOOK)
     before = client.get_session(session.session_id)
     assert before.chunks > 0 and before.tokens == len(BOOK.encode())
     score = client.score(session.session_id, "alpha beta gamma")
-    # Session-stable routing: the session lives on its ring owner.
-    ring = Ring(list(config.ring))
-    owner = ring.owner(session.session_id)
-    assert before.shard == owner
+    owner = Ring(list(ring)).owner(session.session_id)
+    assert before.shard == owner  # session-stable routing: the ring owner holds it
 
     # Kill the owning shard's replica; Serve replaces it and it recovers from its own data.
     actor = replica_actor(f"retmem-{owner}")
     ray.kill(actor, no_restart=True)
     with pytest.raises(ray.exceptions.RayActorError):  # returns once the old replica is gone
         ray.get(actor.__ray_ready__.remote(), timeout=60)
-    wait_serving(config.ring[owner], timeout_s=180)  # its replacement has recovered
+    wait_serving(ring[owner], timeout_s=180)  # its replacement has recovered
     after = eventually(lambda: client.get_session(session.session_id))
     assert (after.chunks, after.tokens) == (before.chunks, before.tokens)
     again = client.score(session.session_id, "alpha beta gamma")
     assert again.perplexity == pytest.approx(score.perplexity, rel=1e-5)
-    client.delete_session(session.session_id)
-    serve.delete(config.app_name)
+
+    memlong_ray("down", f"--address={address}", "--keep-ray")
+    with pytest.raises(Unavailable):
+        Client(settings["MEMLONG_GATEWAY"], settings["MEMLONG_API_KEY"], timeout_s=5).list_sessions()
     close_channels()
-    assert not os.environ.get("RAY_ADDRESS")

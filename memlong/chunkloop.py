@@ -153,8 +153,8 @@ class Reader:
         self._history: list[int] = []  # the last `chunk` tokens read: the retrieval query's text
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
-        # (position, query tokens, wait-for-result) of a retrieval started ahead of its boundary
-        self._prefetched: tuple[int, list[int], Callable[[], SearchResultLike]] | None = None
+        # (position, query tokens, next chunk id at issue, wait-for-result) of a retrieval started ahead
+        self._prefetched: tuple[int, list[int], int, Callable[[], SearchResultLike]] | None = None
 
     def fork(self, memory: MemoryPort | None) -> Reader:
         """A reader with a copy of this one's local state and another memory (None for sliding-only)."""
@@ -236,7 +236,7 @@ class Reader:
             return
         text = self.tokenizer.decode(query_tokens)
         handle = search_async(lambda: self.retriever.embed([text]), self.cfg.top_k)
-        self._prefetched = (position, query_tokens, handle)
+        self._prefetched = (position, query_tokens, self.next_chunk_id, handle)
 
     def _retrieve(self) -> Memory | None:
         """Top-k chunks for the next chunk, queried with the text before it; None when nothing to use."""
@@ -244,8 +244,10 @@ class Reader:
         if self.memory is None or not self._history or self._pend_start == 0 and self.next_chunk_id == 0:
             return None
         t0 = time.perf_counter()
-        if pre is not None and pre[0] == self.position and pre[1] == self._history:
-            res = pre[2]()
+        # A prefetched result is used only if it answers this boundary's query against the same memory:
+        # a chunk stored after it was issued (one that just left the window) would be missing from it.
+        if pre is not None and pre[:3] == (self.position, self._history, self.next_chunk_id):
+            res = pre[3]()
             self.stats.extra["prefetched"] = self.stats.extra.get("prefetched", 0) + 1
         else:
             query = self.retriever.embed([self.tokenizer.decode(self._history)])

@@ -11,7 +11,14 @@ from pathlib import Path
 from memlong.errors import MemLongError
 
 # Sub-command groups contributed by other modules: each exposes register(subparsers).
-PLUGINS = ("services.retmem.cli", "services.decoder.cli", "services.gateway.cli", "memlong.client_cli")
+PLUGINS = (
+    "services.retmem.cli",
+    "services.decoder.cli",
+    "services.gateway.cli",
+    "services.ray_app.cli",
+    "memlong.client_cli",
+    "memlong.train_cli",
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -7,8 +7,8 @@ and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a 
   retriever embedding of its own text are appended to memory.
 - Retrieval happens once per chunk boundary, never per token. The query is the text of the chunk just
   before the boundary (`query="prev_chunk"`): only text before the tokens being predicted.
-- `ingest` runs layers 0..mem_layer only, in large blocks, with the same sliding window as scoring, so
-  memory from ingest equals memory from scoring the same text.
+- `ingest` runs layers 0..mem_layer only, with the same sliding window and chunk-aligned blocks as
+  scoring, so memory from ingest equals memory from scoring the same text.
 - Prefetch: when scoring a known text through a memory that offers `search_async` (the ret-mem port),
   the next chunk's query is known before the current chunk is computed, so its retrieval runs in the
   background while the model works. The answer is the same as a search made at the boundary.
@@ -127,13 +127,11 @@ class Reader:
         memory: MemoryPort | None,
         *,
         next_chunk_id: int = 0,
-        ingest_block: int = 1024,
     ) -> None:
         self.model = model
         self.retriever = retriever
         self.tokenizer = tokenizer
         self.memory = memory
-        self.ingest_block = max(self.cfg.chunk, ingest_block // self.cfg.chunk * self.cfg.chunk)
         self.stats = ReaderStats()
         self.next_chunk_id = next_chunk_id
         self._reset_local()
@@ -159,7 +157,6 @@ class Reader:
     def fork(self, memory: MemoryPort | None) -> Reader:
         """A reader with a copy of this one's local state and another memory (None for sliding-only)."""
         other = Reader(self.model, self.retriever, self.tokenizer, memory, next_chunk_id=self.next_chunk_id)
-        other.ingest_block = self.ingest_block
         other.stream = self.stream.clone()
         other.position, other._pend_start = self.position, self._pend_start
         other._pend_tokens = list(self._pend_tokens)
@@ -282,7 +279,7 @@ class Reader:
     def ingest(self, tokens: Sequence[int]) -> None:
         """Encode tokens into memory with the lower layers only (no LM head, no retrieval)."""
         t0 = time.perf_counter()
-        for i, step in self._blocks(len(tokens), self.ingest_block):
+        for i, step in self._blocks(len(tokens), self.cfg.chunk):
             block = list(tokens[i : i + step])
             out = self.model.forward_block(torch.tensor([block]), self.stream, lower_only=True)
             self.position += step
@@ -296,7 +293,7 @@ class Reader:
         """(n,) log p(token | everything read before it); NaN where nothing was read before."""
         t0 = time.perf_counter()
         out: list[torch.Tensor] = []
-        block_size = self.cfg.chunk if self.memory is not None else self.ingest_block
+        block_size = self.cfg.chunk  # chunk-aligned blocks: positions are block-invariant (model.py)
         c = self.cfg.chunk
         for i, step in self._blocks(len(tokens), block_size):
             block = list(tokens[i : i + step])

@@ -13,7 +13,7 @@ from tests.test_model import naive_forward
 def _reader(model, memory=True, retriever=None):
     retriever = retriever or RecordingRetriever()
     mem = tiny_memory(model, retriever) if memory else None
-    return Reader(model, retriever, TinyTokenizer(), mem, ingest_block=8)
+    return Reader(model, retriever, TinyTokenizer(), mem)
 
 
 def _tokens(n, seed=0):

@@ -14,34 +14,47 @@ from tests.factories import tiny_llama, tiny_memlong
 
 
 def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memory | None) -> torch.Tensor:
-    """Logits by explicit math: sliding-window softmax over [memory at position 0 ; tokens at 1..L]."""
+    """Logits by explicit math, one query at a time.
+
+    Query t sits at position n_sink + window + (t mod chunk) + 1 and sees: the window keys u in
+    [t-window, t] at their true distance behind it; sinks j < n_sink that left its window, at position
+    j+1; memory (retrieval layers) unrotated, i.e. at position 0. One softmax over all of them.
+    """
     base, cfg = model.base, model.config
     b, length = ids.shape
+    hd, n_sink, c = model.head_dim, cfg.sink_tokens, cfg.chunk
     x = base.embed_tokens(ids)
-    pos = torch.arange(1, length + 1)[None].expand(b, length)
-    cos, sin = base.rotary_emb(x, pos)
-    qi = torch.arange(length)[:, None]
-    kj = torch.arange(length)[None, :]
-    local_ok = (kj <= qi) & (kj >= qi - window)  # (L, L)
+
+    def rope(v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # v (B, h, n, D), pos (n,)
+        cos, sin = base.rotary_emb(x, pos[None].expand(b, -1))
+        return apply_rotary_pos_emb(v, v, cos, sin)[0]
+
     for li, layer in enumerate(base.layers):
         att = layer.self_attn
         h = layer.input_layernorm(x)
-        hd = model.head_dim
-        q = att.q_proj(h).view(b, length, -1, hd).transpose(1, 2)
+        q = att.q_proj(h).view(b, length, -1, hd).transpose(1, 2)  # (B, H, L, D) before RoPE
         k = att.k_proj(h).view(b, length, -1, hd).transpose(1, 2)
         v = att.v_proj(h).view(b, length, -1, hd).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         g = q.shape[1] // k.shape[1]
-        scores = q @ k.repeat_interleave(g, 1).transpose(-1, -2) / math.sqrt(hd)  # (B, H, L, L)
-        scores = scores.masked_fill(~local_ok, float("-inf"))
-        vals = v.repeat_interleave(g, 1)
-        if mem is not None and li in cfg.ret_attn_layers:
-            mk = mem.k.repeat_interleave(g, 1)  # unrotated = position 0
-            ms = q @ mk.transpose(-1, -2) / math.sqrt(hd)  # (B, H, L, M)
-            ms = ms.masked_fill(~mem.mask[:, None].expand(b, 1, length, mk.shape[2]), float("-inf"))
-            scores = torch.cat([ms, scores], dim=-1)
-            vals = torch.cat([mem.v.repeat_interleave(g, 1), vals], dim=2)
-        o = torch.softmax(scores, dim=-1) @ vals  # (B, H, L, D)
+        outs = []
+        for t in range(length):
+            p_t = n_sink + window + t % c + 1
+            local = torch.arange(max(0, t - window), t + 1)
+            sinks = torch.arange(min(n_sink, max(0, t - window)))
+            keys = [rope(k[:, :, sinks], sinks + 1), rope(k[:, :, local], p_t - (t - local))]
+            vals = [v[:, :, sinks], v[:, :, local]]
+            valid = [torch.ones(b, len(sinks) + len(local), dtype=torch.bool)]
+            if mem is not None and li in cfg.ret_attn_layers:
+                keys.insert(0, mem.k)
+                vals.insert(0, mem.v)
+                valid.insert(0, mem.mask[:, min(t, mem.mask.shape[1] - 1)])
+            kk = torch.cat(keys, 2).repeat_interleave(g, 1)
+            vv = torch.cat(vals, 2).repeat_interleave(g, 1)
+            qt = rope(q[:, :, t : t + 1], torch.tensor([p_t]))
+            scores = (qt @ kk.transpose(-1, -2)) / math.sqrt(hd)  # (B, H, 1, keys)
+            scores = scores.masked_fill(~torch.cat(valid, 1)[:, None, None], float("-inf"))
+            outs.append(torch.softmax(scores, -1) @ vv)  # (B, H, 1, D)
+        o = torch.cat(outs, 2)
         x = x + att.o_proj(o.transpose(1, 2).reshape(b, length, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.hf.lm_head(base.norm(x))
@@ -63,22 +76,40 @@ def test_empty_memory_equals_stock_transformers(heads):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("block", [1, 3, 8, 40])
-def test_blockwise_equals_one_sliding_window_forward(block):
-    model = tiny_memlong(window=6)
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_blockwise_equals_one_sliding_window_forward(block, sinks):
+    # Blocks split at chunk boundaries (chunk 8), as the Reader's do; the reference reads per token.
+    model = tiny_memlong(chunk=8, window=6, sink_tokens=sinks)
     ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = naive_forward(model, ids, window=6, mem=None)
         stream = model.new_stream()
-        parts = [
-            model.logits(model.forward_block(ids[:, i : i + block], stream).hidden)
-            for i in range(0, 40, block)
-        ]
+        parts = []
+        t = 0
+        while t < 40:
+            step = min(block, 8 - t % 8, 40 - t)
+            parts.append(model.logits(model.forward_block(ids[:, t : t + step], stream).hidden))
+            t += step
     torch.testing.assert_close(torch.cat(parts, dim=1), want, atol=1e-5, rtol=0)
 
 
+def test_sinks_keep_a_long_text_readable_and_are_not_counted_twice():
+    model = tiny_memlong(chunk=4, window=4, sink_tokens=2)
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        stream = model.new_stream()
+        model.forward_block(ids[:, :4], stream)
+        cache = stream.caches[0]
+        assert cache.sinks == 2 and cache.seen == 4
+        # Token 5 sees 1..5 in its window: sink 0 has left it, sink 1 has not.
+        from memlong.model import _sink_mask
+
+        assert _sink_mask(2, 4, 2, 4, torch.device("cpu")).tolist() == [[False, False], [True, False]]
+
+
 def test_memory_attention_equals_naive_reference_gqa():
-    model = tiny_memlong(window=64, n_heads=4, n_kv_heads=2)
+    model = tiny_memlong(window=6, n_heads=4, n_kv_heads=2, sink_tokens=2, chunk=4)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 97, (2, 12), generator=g)
     m = 10
@@ -88,9 +119,19 @@ def test_memory_attention_equals_naive_reference_gqa():
         mask=torch.tensor([[True] * m, [True] * 6 + [False] * 4])[:, None, :],  # row 2 has 4 padding slots
     )
     with torch.no_grad():
-        want = naive_forward(model, ids, window=64, mem=mem)
-        got = model.logits(model.forward_block(ids, model.new_stream(), memory=mem).hidden)
-        without = model.logits(model.forward_block(ids, model.new_stream()).hidden)
+        want = naive_forward(model, ids, window=6, mem=mem)
+        with_mem, no_mem = model.new_stream(), model.new_stream()
+        got = torch.cat(
+            [
+                model.logits(model.forward_block(ids[:, t : t + 4], with_mem, memory=mem).hidden)
+                for t in range(0, 12, 4)
+            ],
+            dim=1,
+        )
+        without = torch.cat(
+            [model.logits(model.forward_block(ids[:, t : t + 4], no_mem).hidden) for t in range(0, 12, 4)],
+            dim=1,
+        )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (got - without).abs().max() > 1e-3  # memory really changes the output
 

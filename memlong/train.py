@@ -310,7 +310,7 @@ class Trainer:
                 "document_current": self.docs[self.doc_index].name
                 if self.doc_index < len(self.docs)
                 else None,
-                "heldout": [d.name for d in self.eval_docs],
+                "eval_documents": [d.name for d in self.eval_docs],
             },
             **self.extra_meta,
         }

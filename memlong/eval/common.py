@@ -166,3 +166,24 @@ def _fmt(x: object) -> str:
     if isinstance(x, float):
         return f"{x:.3f}" if abs(x) < 1000 else f"{x:.0f}"
     return str(x)
+
+
+def plot_lines(path: Path, rows: list[dict], x: str, y: str, ylabel: str, group: str = "method") -> None:
+    """One line per `group` value of y against x (log2 x axis), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted({r[group] for r in rows}):
+        pts = sorted((r[x], r[y]) for r in rows if r[group] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

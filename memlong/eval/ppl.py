@@ -28,6 +28,7 @@ from memlong.eval.common import (
     full_attention_logprobs,
     machine_info,
     markdown_table,
+    plot_lines,
     write_json,
 )
 
@@ -182,20 +183,4 @@ def _order(r: dict) -> tuple:
 
 
 def plot_ppl(path: Path, records: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in records}):
-        pts = sorted((r["context_tokens"], r["ppl"]) for r in records if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("perplexity (same scored tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_lines(path, records, "context_tokens", "ppl", "perplexity (same scored tokens)")

@@ -81,7 +81,7 @@ class TrainConfig:
     """Training settings (the MemLong settings live in the model's MemLongConfig)."""
 
     use_memory: bool = True  # False: the lora_no_memory control
-    block_chunks: int = 4  # chunks per block (one optimiser step per block)
+    block_chunks: int = 1  # chunks per block, one optimiser step each (>1 only without attention sinks)
     lora_r: int = 16
     lora_alpha: float = 32.0
     mem_layer_qo: bool = True  # LoRA on the memory layer's q/o (it is a retrieval layer by default)

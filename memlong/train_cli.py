@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -19,7 +20,13 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control", action="store_true", help="lora_no_memory: same training without retrieval")
     g.add_argument("--max-steps", type=int, default=300)
     g.add_argument("--max-minutes", type=float, default=0.0, help="wall-time limit (0: none)")
-    g.add_argument("--block-chunks", type=int, default=4, help="chunks per block (one optimiser step each)")
+    g.add_argument(
+        "--block-chunks",
+        type=int,
+        default=1,
+        help="chunks per block, one optimiser step each (>1: --sink-tokens 0)",
+    )
+    g.add_argument("--sink-tokens", type=int, default=None, help="attention sinks (default: the model's)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup-steps", type=int, default=10)
     g.add_argument("--lora-r", type=int, default=16)
@@ -79,6 +86,8 @@ def cmd_train_run(args: argparse.Namespace) -> int:
     _threads(args)
     tcfg = _train_config(args)
     mcfg = memlong_config(args)
+    if args.sink_tokens is not None:
+        mcfg = dataclasses.replace(mcfg, sink_tokens=args.sink_tokens)
     stack = Stack.load(mcfg, args.model)
     plays = shakespeare_plays()
     train_names, heldout = shakespeare_split(args.seed)
@@ -132,8 +141,11 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     from memlong.training.evaluate import run_train_eval
 
     _threads(args)
+    config = memlong_config(args)
+    if args.sink_tokens is not None:
+        config = dataclasses.replace(config, sink_tokens=args.sink_tokens)
     run_train_eval(
-        memlong_config(args),
+        config,
         variant=args.variant,
         adapter=Path(args.adapter) if args.adapter else None,
         model_path=args.model,
@@ -174,5 +186,6 @@ def register(subparsers) -> None:
     ev.add_argument("--windows", type=int, default=1, help="windows per play and length")
     ev.add_argument("--score-tokens", type=int, default=256)
     ev.add_argument("--out-dir", default="bench/results")
+    ev.add_argument("--sink-tokens", type=int, default=None, help="attention sinks (default: the model's)")
     _model_args(ev)
     ev.set_defaults(func=cmd_train_eval)

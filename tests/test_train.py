@@ -24,13 +24,13 @@ def _docs(model, *token_lists):
 
 
 def _trainer(model, tmp_path, docs, eval_docs=None, **kw):
-    cfg = TrainConfig(**{"block_chunks": 2, "warmup_steps": 1, "eval_every": 1000, "save_every": 1000, **kw})
+    cfg = TrainConfig(**{"block_chunks": 1, "warmup_steps": 1, "eval_every": 1000, "save_every": 1000, **kw})
     return Trainer(model, cfg, docs, eval_docs if eval_docs is not None else docs[:1], tmp_path)
 
 
-@pytest.mark.parametrize("block_chunks", [1, 3])
-def test_training_pass_reads_exactly_like_the_inference_reader(block_chunks):
-    model = tiny_memlong(chunk=4, window=8, top_k=2)
+@pytest.mark.parametrize("block_chunks,sinks", [(1, 2), (1, 0), (3, 0)])
+def test_training_pass_reads_exactly_like_the_inference_reader(block_chunks, sinks):
+    model = tiny_memlong(chunk=4, window=8, top_k=2, sink_tokens=sinks)
     toks = _tokens(70, seed=1)
     retriever = RecordingRetriever()
     want = Reader(model, retriever, TinyTokenizer(), tiny_memory(model, retriever)).score(toks)[1:]
@@ -51,7 +51,9 @@ def test_memory_free_pass_equals_sliding_reader():
     model = tiny_memlong(chunk=4, window=8)
     toks = _tokens(50, seed=2)
     want = Reader(model, RecordingRetriever(), TinyTokenizer(), None).score(toks)[1:]
-    dp = DocumentPass(model, toks, None, 3)
+    with pytest.raises(InvalidArgument, match="sinks"):
+        DocumentPass(model, toks, None, 3)
+    dp = DocumentPass(model, toks, None, 1)
     with torch.no_grad():
         got = [
             torch.log_softmax(model.logits(h), -1).gather(1, t[:, None])[:, 0]

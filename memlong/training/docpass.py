@@ -12,7 +12,8 @@ bigger matrix products, and gives every query chunk its own retrieval through a 
 - memory is empty at the start of every document, never evicted within one (documents must fit in
   `memory_size`), and detached: memory-layer K/V come from frozen layers and carry no gradient.
 Block sizes up to local_window + chunk keep this exact: every chunk a query in the block may retrieve
-left the window before the block began. With memory at position 0 (`mem_position="zero"`) the
+left the window before the block began. Blocks of more than one chunk need `sink_tokens=0` (sinks sit at
+fixed positions, so a query deeper into a longer block would see them further away than the Reader does). With memory at position 0 (`mem_position="zero"`) the
 query-memory distance is the query's local position; `memory()` shifts each query chunk's memory keys so
 that distance equals the Reader's (tests/test_train.py checks log-probs against the Reader).
 Local caches are detached after every block (truncated backpropagation through the window).
@@ -52,6 +53,10 @@ class DocumentPass:
         self.block = block_chunks * c
         if block_chunks < 1 or self.block > w + c:
             raise InvalidArgument("block_chunks", f"a block must be 1..{(w + c) // c} chunks")
+        if block_chunks > 1 and cfg.sink_tokens:
+            # Sinks sit at fixed positions before the window: a query j chunks into a longer block would
+            # see them j*chunk further away than the Reader's (chunk-sized blocks) does.
+            raise InvalidArgument("block_chunks", "attention sinks need one chunk per block")
         if chunk_emb is not None:
             if cfg.mem_position != "zero" and block_chunks > 1:
                 raise InvalidArgument("block_chunks", "mem_position='prefix' needs one chunk per block")
@@ -93,17 +98,16 @@ class DocumentPass:
     def memory(self, p: int, s: int) -> Memory | None:
         """Memory for the block [p, p+s): each query chunk's own retrieval, masked to that chunk.
 
-        Memory keys are unrotated (position 0), so a query's distance to memory is its local position,
-        which grows with the tokens of the block before it. The Reader reads one chunk per block; to give
-        sub-chunk j exactly the Reader's distance, its memory keys are rotated to the position `off` by
-        which sub-chunk j sits further right in this block than in the Reader's.
+        Memory keys are unrotated (position 0), so a query's distance to memory is its position in the
+        block's frame (model.py), which grows with the chunks of the block before it. The Reader reads one
+        chunk per block; to give sub-chunk j exactly the Reader's distance, its memory keys are rotated to
+        position j*chunk, the amount by which sub-chunk j sits further right than in the Reader's frame.
         """
         if self.kv is None:
             return None
-        c, w = self.cfg.chunk, self.cfg.local_window
+        c = self.cfg.chunk
         hkv, d = self.kv.shape[1], self.kv.shape[3]
         chunks = self.kv.view(2, hkv, -1, c, d)
-        n_local = min(p, w)  # cache length at the start of this block (all layers keep the same window)
         keys, values, spans = [], [], []
         for j, q in enumerate(range(p, p + s, c)):
             row = self.retrieved(q)
@@ -111,7 +115,7 @@ class DocumentPass:
                 continue
             kv = chunks[:, :, row].reshape(2, hkv, len(row) * c, d).float()  # (2, Hkv, m, D)
             k = kv[0][None]  # (1, Hkv, m, D)
-            off = n_local + j * c - min(q, w)
+            off = j * c
             if off:
                 pos = torch.full((1, k.shape[2]), off, dtype=torch.long)
                 cos, sin = self.model.base.rotary_emb(k, pos)
@@ -139,6 +143,8 @@ class DocumentPass:
             self.kv[1, :, p : p + s] = out.mem_v[0].detach().to(self.kv.dtype)
         for cache in self.stream.caches:  # the next block sees these values, not their history
             cache.k, cache.v = cache.k.detach(), cache.v.detach()
+            if cache.sink_k is not None:
+                cache.sink_k, cache.sink_v = cache.sink_k.detach(), cache.sink_v.detach()
         self.position = p + s
         return out.hidden[0], self.tokens[p + 1 : p + s + 1]
 
@@ -147,8 +153,11 @@ class DocumentPass:
     def state(self) -> dict[str, torch.Tensor]:
         out = {"position": torch.tensor(self.position)}
         for i, cache in enumerate(self.stream.caches):
-            if cache.k is not None:
-                out[f"cache.{i}.k"], out[f"cache.{i}.v"] = cache.k.contiguous(), cache.v.contiguous()
+            out[f"cache.{i}.seen"] = torch.tensor(cache.seen)
+            for name in ("k", "v", "sink_k", "sink_v"):
+                t = getattr(cache, name)
+                if t is not None:
+                    out[f"cache.{i}.{name}"] = t.contiguous()
         if self.kv is not None:
             out["kv"] = self.kv[:, :, : self.position].contiguous()
         return out
@@ -157,7 +166,7 @@ class DocumentPass:
         self.position = int(state["position"])
         self.stream.tokens_seen = self.position
         for i in range(len(self.stream.caches)):
-            if f"cache.{i}.k" in state:
-                self.stream.caches[i] = LayerCache(state[f"cache.{i}.k"], state[f"cache.{i}.v"])
+            parts = {n: state.get(f"cache.{i}.{n}") for n in ("k", "v", "sink_k", "sink_v")}
+            self.stream.caches[i] = LayerCache(**parts, seen=int(state.get(f"cache.{i}.seen", 0)))
         if self.kv is not None:
             self.kv[:, :, : self.position] = state["kv"]

@@ -182,7 +182,7 @@ def check_binding(model: MemLongModel, meta: dict, path: Path, check_base: bool 
             raise InvalidArgument(key, f"adapter {path} was trained with {key}={want}, the model uses {have}")
     if check_base and meta.get("base_model", {}).get("fingerprint") != base_identity(model)["fingerprint"]:
         raise InvalidArgument("adapter", f"adapter {path} was trained on another base model")
-    for key in ("local_window", "chunk", "top_k"):
+    for key in ("local_window", "chunk", "top_k", "sink_tokens"):
         if key in trained and trained[key] != getattr(model.config, key):
             log.warning(
                 "adapter %s was trained with %s=%s; the model runs with %s",

@@ -137,6 +137,16 @@ class Deadline:
     def remaining(self) -> float:
         return self.expires_at - time.monotonic()
 
+    def downstream(self) -> Deadline:
+        """The deadline to hand a downstream call: ours, less a margin that survives gRPC's rounding.
+
+        gRPC sends timeouts with about three significant digits, rounded up (20.04 s arrives as ~20.1 s),
+        so a downstream call given exactly our remaining time may see more than we have. 1 % + 50 ms is
+        enough for the downstream deadline to be strictly earlier than ours, always (D2).
+        """
+        left = self.remaining()
+        return Deadline.after(left - 0.05 - 0.01 * max(left, 0.0))
+
     def timeout(self, cap_s: float | None = None, margin_s: float = 0.0) -> float:
         """Timeout for a downstream call: never past this deadline (minus `margin_s`), at most `cap_s`.
 

@@ -30,7 +30,7 @@ from services.common.channel import Deadline
 from services.retmem.client import RetMemClient
 from services.retmem.store import SessionSpec
 
-from .port import CallCancelled, SessionPort, downstream
+from .port import CallCancelled, SessionPort
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class DecoderEngine:
             report.note = "memory off (requested): local window only"
             return None
         try:
-            info = self.memory.info(session_id, downstream(call.deadline))
+            info = self.memory.info(session_id, call.deadline.downstream())
         except Unavailable as exc:
             if mode == MEMORY_IF_AVAILABLE and not commit:
                 report.note = f"ret-mem unreachable ({exc}); ran WITHOUT memory as the request allowed"
@@ -257,7 +257,7 @@ class DecoderEngine:
                 raise
 
     def _ingest(self, session_id, next_chunk_id, pieces, call) -> Iterator[IngestProgress]:
-        self.memory.info(session_id, downstream(call.deadline))  # NOT_FOUND / UNAVAILABLE before any work
+        self.memory.info(session_id, call.deadline.downstream())  # NOT_FOUND / UNAVAILABLE before any work
         port = self._port(session_id, call, commit=True, keep_recent=False)
         reader = self._reader(port, next_chunk_id)
         utf8 = codecs.getincrementaldecoder("utf-8")()

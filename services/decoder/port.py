@@ -29,17 +29,6 @@ from services.common.channel import Deadline
 from services.retmem.client import RetMemClient
 
 
-def downstream(deadline: Deadline) -> Deadline:
-    """The deadline to hand a downstream call: ours, less a margin that survives gRPC's rounding.
-
-    gRPC sends timeouts with about three significant digits, rounded up (20.04 s arrives as ~20.1 s),
-    so a downstream call given exactly our remaining time may see more than we have. 1 % + 50 ms is
-    enough for the downstream deadline to be strictly earlier than ours, always (D2).
-    """
-    left = deadline.remaining()
-    return Deadline.after(left - 0.05 - 0.01 * max(left, 0.0))
-
-
 class CallCancelled(Exception):
     """The serving call was cancelled or ran out of time; its work stops here."""
 
@@ -82,7 +71,7 @@ class SessionPort:
 
     def _remote(self, fn: Callable, *args):
         self._check()
-        deadline = downstream(self.deadline)
+        deadline = self.deadline.downstream()
         if deadline.remaining() <= 0:
             raise CallCancelled("no time left for a ret-mem call")
         try:

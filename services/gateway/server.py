@@ -23,7 +23,6 @@ from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.channel import ChannelOptions, Deadline, get_channel
 from services.common.server import ServerOptions, Service, create_server, set_health
 from services.common.status import raise_for_rpc_error
-from services.decoder.port import downstream
 from services.retmem.client import RetMemClient
 from services.retmem.routing import Ring
 from services.retmem.store import SessionSpec
@@ -66,7 +65,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     @staticmethod
     def _timeout(deadline: Deadline) -> float:
-        return downstream(deadline).timeout()
+        return deadline.downstream().timeout()
 
     def _spec(self, decoder: str, deadline: Deadline) -> SessionSpec:
         """The ret-mem spec for sessions served by `decoder` (asked once per replica)."""
@@ -85,7 +84,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return spec
 
     def _session_msg(self, rec: SessionRecord, deadline: Deadline) -> pb.Session:
-        info = self.retmem.info(rec.session_id, downstream(deadline))
+        info = self.retmem.info(rec.session_id, deadline.downstream())
         return pb.Session(
             session_id=rec.session_id,
             name=rec.name,
@@ -111,7 +110,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         with self.table.admitted(call.tenant, self.config.max_inflight):
             rec = self.table.new_record(call.tenant, request.name, self.decoder_ring.owner)
             spec = self._spec(rec.decoder, call.deadline)
-            self.retmem.create_session(rec.session_id, spec, downstream(call.deadline))
+            self.retmem.create_session(rec.session_id, spec, call.deadline.downstream())
             self.table.add(rec)
             return self._session_msg(rec, call.deadline)
 
@@ -142,7 +141,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         call = current()
         rec = self.table.get(call.tenant, request.session_id)
         try:
-            self.retmem.delete_session(rec.session_id, downstream(call.deadline))
+            self.retmem.delete_session(rec.session_id, call.deadline.downstream())
         except NotFound:
             pass  # memory already gone (an earlier delete that failed half-way)
         self.table.remove(call.tenant, rec.session_id)

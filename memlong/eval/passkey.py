@@ -12,6 +12,7 @@ the whole sequence with plain full attention: the model's own ceiling on the tas
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 import time
@@ -40,6 +41,9 @@ class PasskeySettings:
     full_max: int = 8192  # full attention only up to the model's native positions
     # Extra MemLong readings on the same trials: (method name, ((setting, value), ...)).
     variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+
+
+_METHOD_ORDER = {"full": 0, "sliding": 1, "memlong": 2}
 
 
 def _copy_memory(mem: SessionMemory | None) -> SessionMemory | None:
@@ -132,13 +136,37 @@ def _record(method: str, length: int, settings: PasskeySettings, correct: int, c
     }
 
 
+_SAME_RUN = ("book", "trials", "seed", "digits")
+
+
+def _earlier_rows(out_dir: Path, settings: PasskeySettings, records: list[dict]) -> list[dict]:
+    """Rows of an earlier run in out_dir with the same book, trials, seed and digits that this run did not redo.
+
+    Re-running one length (say 64k) then updates that length's rows and keeps the others.
+    """
+    try:
+        old_rows = json.loads((out_dir / "passkey.json").read_text())
+        old_settings = json.loads((out_dir / "passkey_meta.json").read_text())["settings"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return []
+    if any(old_settings.get(k) != getattr(settings, k) for k in _SAME_RUN):
+        return []
+    redone = {(r["method"], r["context_tokens"]) for r in records}
+    return [r for r in old_rows if (r["method"], r["context_tokens"]) not in redone]
+
+
 def write_passkey(out_dir: Path, settings: PasskeySettings, records: list[dict], extra: dict) -> None:
-    write_json(out_dir / "passkey.json", records)
+    """Write this run's rows merged with the compatible rows of an earlier run in out_dir."""
+    rows = sorted(
+        _earlier_rows(out_dir, settings, records) + records,
+        key=lambda r: (r["context_tokens"], _METHOD_ORDER.get(r["method"], len(_METHOD_ORDER)), r["method"]),
+    )
+    write_json(out_dir / "passkey.json", rows)
     meta = {
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "lengths": sorted({r["context_tokens"] for r in rows})},
         "machine": machine_info(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(out_dir / "passkey_meta.json", {**meta, **extra})
     cols = ["method", "context_tokens", "trials", "correct", "accuracy", "local_window", "top_k", "query"]
-    (out_dir / "passkey.md").write_text(markdown_table(records, cols))
+    (out_dir / "passkey.md").write_text(markdown_table(rows, cols))

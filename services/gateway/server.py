@@ -17,7 +17,7 @@ from grpc_health.v1 import health
 
 from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
-from memlong.errors import InvalidArgument, NotFound, ResourceExhausted
+from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.channel import ChannelOptions, Deadline, get_channel
@@ -196,25 +196,50 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                     f"tenant quota: at most {self.table.quotas.max_text_bytes} bytes of text"
                 )
             with self.table.writing(rec.session_id):
-                rec = self.table.get(call.tenant, rec.session_id)
+                rec = self._roll_back(self.table.get(call.tenant, rec.session_id), call.deadline)
                 if rec.text_bytes != offset:
                     raise InvalidArgument(
                         "offset", f"session moved to {rec.text_bytes} bytes meanwhile; resume there"
                     )
                 yield from self._ingest(rec, new, call.deadline)
 
+    def _roll_back(self, rec: SessionRecord, deadline: Deadline) -> SessionRecord:
+        """Remove the chunks of a failed append (ids dirty_from..next_chunk_id) from ret-mem, so that the
+        text a client sends again is stored once. The caller holds the session's write lock."""
+        if rec.dirty_from is None:
+            return rec
+        gone = self.retmem.evict(
+            rec.session_id, id_range=(rec.dirty_from, rec.next_chunk_id), deadline=deadline.downstream()
+        )
+        log.info("session %s: rolled back %d chunks of a failed append", rec.session_id, len(gone))
+        return self.table.update(rec.session_id, dirty_from=None)
+
+    def _readable(self, tenant: str, session_id: str, deadline: Deadline) -> SessionRecord:
+        """The session's record, after rolling back a failed append unless an append is running now."""
+        rec = self.table.get(tenant, session_id)
+        if rec.dirty_from is None or self.table.is_writing(session_id):
+            return rec
+        try:
+            with self.table.writing(session_id):
+                return self._roll_back(self.table.get(tenant, session_id), deadline)
+        except FailedPrecondition:  # an append started meanwhile: it rolls back first
+            return self.table.get(tenant, session_id)
+
     def _ingest(self, rec: SessionRecord, new: bytes, deadline: Deadline) -> Iterator[pb.AppendProgress]:
         chunk = self._spec(rec.decoder, deadline).chunk_tokens
+        first_id = rec.next_chunk_id
 
         def pieces() -> Iterator[dpb.IngestRequest]:
-            ref = dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id)
+            ref = dpb.SessionRef(session_id=rec.session_id, next_chunk_id=first_id)
             yield dpb.IngestRequest(session=ref, text=new[:PIECE_BYTES])
             for i in range(PIECE_BYTES, len(new), PIECE_BYTES):
                 yield dpb.IngestRequest(text=new[i : i + PIECE_BYTES])
 
-        # Every token covers >= 1 byte, so no call can use more chunk ids than this: after a failure
-        # the session skips them all, and a retry never collides with chunks the failed call stored.
-        id_bound = rec.next_chunk_id + len(new) // chunk + 2
+        # Every token covers >= 1 byte, so no call can use more chunk ids than this. The range is
+        # reserved and marked dirty on disk before any chunk is stored: if this call fails, or the
+        # gateway dies during it, the chunks it stored are rolled back before the session is used again.
+        id_bound = first_id + len(new) // chunk + 2
+        rec = self.table.update(rec.session_id, next_chunk_id=id_bound, dirty_from=first_id)
         done = False
         try:
             for p in self._decoder(rec.decoder).Ingest(pieces(), timeout=self._timeout(deadline)):
@@ -225,6 +250,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                         text_bytes=rec.text_bytes + len(new),
                         tokens=rec.tokens + p.tokens_done,
                         next_chunk_id=p.next_chunk_id,
+                        dirty_from=None,
                     )
                 yield pb.AppendProgress(
                     bytes_done=p.bytes_done,
@@ -237,15 +263,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             raise_for_rpc_error(err)
         finally:
             if not done:
-                self.table.update(rec.session_id, next_chunk_id=max(rec.next_chunk_id, id_bound))
+                try:
+                    self._roll_back(rec, deadline)
+                except Exception:  # ret-mem unreachable too: the range stays dirty, rolled back on next use
+                    log.warning(
+                        "session %s: roll-back of a failed append deferred", rec.session_id, exc_info=True
+                    )
 
     # -- reading ------------------------------------------------------------------------------------
 
     def Score(self, request, context):  # noqa: N802
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
-            rec = self.table.get(call.tenant, request.session_id)
+            self.table.get(call.tenant, request.session_id)  # NotFound before any other complaint
             self._text(request.text, "text")
+            rec = self._readable(call.tenant, request.session_id, call.deadline)
             req = dpb.ScoreRequest(
                 session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
                 text=request.text,
@@ -267,8 +299,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def Generate(self, request, context):  # noqa: N802
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
-            rec = self.table.get(call.tenant, request.session_id)
+            self.table.get(call.tenant, request.session_id)  # NotFound before any other complaint
             self._text(request.prompt, "prompt")
+            rec = self._readable(call.tenant, request.session_id, call.deadline)
             req = dpb.GenerateRequest(
                 session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
                 prompt=request.prompt,

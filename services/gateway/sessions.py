@@ -34,6 +34,9 @@ class SessionRecord:
     text_bytes: int = 0  # committed text: the next Append's offset
     tokens: int = 0
     next_chunk_id: int = 0  # first chunk id no call has used yet
+    # Set while an append runs or after it failed: chunk ids from here to next_chunk_id may hold chunks
+    # of uncommitted text, to be rolled back before the session is read or appended to again.
+    dirty_from: int | None = None
 
 
 def not_found(session_id: str) -> NotFound:
@@ -127,6 +130,10 @@ class SessionTable:
             del self._sessions[session_id]
             self._save()
             return rec
+
+    def is_writing(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._writing
 
     @contextlib.contextmanager
     def writing(self, session_id: str) -> Iterator[None]:

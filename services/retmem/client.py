@@ -156,9 +156,14 @@ class RetMemClient:
         self._call(session_id, "Unpin", req, deadline)
 
     def evict(
-        self, session_id: str, n_free: int | None = None, deadline: Deadline | None = None
+        self,
+        session_id: str,
+        n_free: int | None = None,
+        id_range: tuple[int, int] | None = None,
+        deadline: Deadline | None = None,
     ) -> np.ndarray:
-        req = pb.EvictRequest(session_id=session_id, n_free=n_free or 0)
+        lo, hi = id_range or (0, 0)
+        req = pb.EvictRequest(session_id=session_id, n_free=n_free or 0, from_chunk_id=lo, to_chunk_id=hi)
         return np.asarray(self._call(session_id, "Evict", req, deadline).evicted_ids, np.int64)
 
     def info(self, session_id: str, deadline: Deadline | None = None) -> SessionInfo:

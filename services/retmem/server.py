@@ -174,7 +174,14 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         if request.n_free < 0:
             raise InvalidArgument("n_free", "must be >= 0")
         n_free = request.n_free or None
-        evicted = self._shard(request.session_id).evict(request.session_id, n_free)
+        id_range = None
+        if request.to_chunk_id > request.from_chunk_id:
+            if request.n_free:
+                raise InvalidArgument("n_free", "must be 0 when evicting a range of chunk ids")
+            if request.from_chunk_id < 0:
+                raise InvalidArgument("from_chunk_id", "must be >= 0")
+            id_range = (request.from_chunk_id, request.to_chunk_id)
+        evicted = self._shard(request.session_id).evict(request.session_id, n_free, id_range)
         return pb.EvictResponse(evicted_ids=evicted.tolist())
 
     @grpc_errors

@@ -277,10 +277,22 @@ class Shard:
     def unpin(self, session_id: str, ids: np.ndarray) -> None:
         self._set_pin(session_id, ids, False)
 
-    def evict(self, session_id: str, n_free: int | None = None) -> np.ndarray:
+    def evict(
+        self, session_id: str, n_free: int | None = None, id_range: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """Evict by the policy (n_free chunks, None: the policy's default), or every stored chunk with
+        an id in [id_range[0], id_range[1]) (pinned ones too): the evicted ids, ascending."""
         meta, mem = self._locked(session_id)
         try:
-            evicted = mem.evict(n_free)
+            if id_range is None:
+                evicted = mem.evict(n_free)
+            else:
+                ids = mem.ids()
+                evicted = ids[(ids >= id_range[0]) & (ids < id_range[1])]
+                if len(evicted):
+                    mem.unpin(evicted)
+                    self._log(meta, {"op": "pin", "sid": session_id, "ids": evicted.tobytes(), "on": False})
+                    mem.remove(evicted)
             if len(evicted):
                 self._log(meta, {"op": "evict", "sid": session_id, "ids": evicted.astype(np.int64).tobytes()})
             return evicted

@@ -303,3 +303,24 @@ def test_checkpoint_snapshots_pending_hits_once(tmp_path: Path) -> None:
     again.open()
     _same_memory(live, again.bank.get("a"))
     again.close()
+
+
+def test_evicting_an_id_range_removes_exactly_it_and_survives_restart(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(memory_size=200), np.random.default_rng(6)
+    shard = Shard("s", tmp_path)
+    shard.open()
+    shard.create_session("a", spec)
+    shard.append("a", *chunks(rng, spec, 0, 30))
+    shard.pin("a", np.array([12, 25], np.int64))  # a pinned chunk inside the range goes too
+    gone = shard.evict("a", id_range=(10, 20))
+    assert gone.tolist() == list(range(10, 20))
+    assert shard.evict("a", id_range=(10, 20)).tolist() == []  # again: nothing left there, no error
+    kept = shard.bank.get("a").ids()
+    assert kept.tolist() == list(range(10)) + list(range(20, 30))
+    shard.close()
+    again = Shard("s", tmp_path)
+    again.open()  # replayed from the log
+    assert again.bank.get("a").ids().tolist() == kept.tolist()
+    again.evict("a", id_range=(0, 30))  # pinned 25 included
+    assert len(again.bank.get("a")) == 0
+    again.close()

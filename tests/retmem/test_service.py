@@ -127,6 +127,17 @@ def test_c2_each_bad_field_is_invalid_argument_naming_it(server, client) -> None
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field), (
             field
         )
+    bad_evicts = {
+        "n_free": pb.EvictRequest(session_id="c2", n_free=-1),
+        "n_free ": pb.EvictRequest(session_id="c2", n_free=2, from_chunk_id=0, to_chunk_id=3),
+        "from_chunk_id": pb.EvictRequest(session_id="c2", from_chunk_id=-3, to_chunk_id=3),
+    }
+    for field, req in bad_evicts.items():
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Evict(req, timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(
+            field.strip()
+        ), field
     bad_spec = wire.spec_to_proto(spec)
     bad_spec.kv_dtype = 0
     with pytest.raises(grpc.RpcError) as e:

@@ -130,12 +130,16 @@ class PinResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class EvictRequest(_message.Message):
-    __slots__ = ("session_id", "n_free")
+    __slots__ = ("session_id", "n_free", "from_chunk_id", "to_chunk_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     N_FREE_FIELD_NUMBER: _ClassVar[int]
+    FROM_CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     n_free: int
-    def __init__(self, session_id: _Optional[str] = ..., n_free: _Optional[int] = ...) -> None: ...
+    from_chunk_id: int
+    to_chunk_id: int
+    def __init__(self, session_id: _Optional[str] = ..., n_free: _Optional[int] = ..., from_chunk_id: _Optional[int] = ..., to_chunk_id: _Optional[int] = ...) -> None: ...
 
 class EvictResponse(_message.Message):
     __slots__ = ("evicted_ids",)

@@ -153,3 +153,35 @@ def create_server(
     probe.start()
     server.start()
     return ServerWithHealthPort(server, probe, probe_port), port  # type: ignore[return-value]
+
+
+class ServiceProcess:
+    """One public service behind one listener, with health: what the decoder and gateway processes share.
+
+    Subclasses set `config` (with host, port and grace_s) and say which servicer they serve in
+    `_service()`; `serve` starts the listener and flips health to SERVING, `stop` flips it back before
+    the listener closes (in-flight calls get `grace_s` to finish).
+    """
+
+    def __init__(self) -> None:
+        self.health = health.HealthServicer()
+        self.server: grpc.Server | None = None
+        self.port = 0
+
+    def _service(self) -> Service:
+        raise NotImplementedError
+
+    def serve(self, options: ServerOptions) -> int:
+        service = self._service()
+        address = f"{self.config.host}:{self.config.port}"
+        self.server, self.port = create_server(address, [service], options, self.health)
+        set_health(self.health, [service.name], serving=True)
+        return self.port
+
+    def stop(self, grace_s: float | None = None) -> None:
+        set_health(self.health, [self._service().name], serving=False)
+        if self.server is not None:
+            self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"

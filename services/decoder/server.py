@@ -12,7 +12,6 @@ import logging
 from collections.abc import Iterator
 
 import grpc
-from grpc_health.v1 import health
 
 from memlong.chunkloop import SamplingParams
 from memlong.decoder.v1 import decoder_pb2 as pb
@@ -20,7 +19,7 @@ from memlong.decoder.v1 import decoder_pb2_grpc as pb_grpc
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongModel
 from services.common.channel import Deadline
-from services.common.server import ServerOptions, Service, create_server, set_health
+from services.common.server import ServerOptions, Service, ServiceProcess
 from services.common.status import grpc_errors
 from services.retmem.client import RetMemClient
 
@@ -191,16 +190,14 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             _abort_stopped(context, exc)
 
 
-class DecoderServer:
+class DecoderServer(ServiceProcess):
     """A decoder process: engine, gRPC server, health."""
 
     def __init__(self, engine: DecoderEngine, config: DecoderConfig) -> None:
+        super().__init__()
         self.engine = engine
         self.config = config
-        self.health = health.HealthServicer()
         self.servicer = DecoderServicer(engine, config)
-        self.server: grpc.Server | None = None
-        self.port = 0
 
     @classmethod
     def from_components(
@@ -234,6 +231,9 @@ class DecoderServer:
         stack = Stack.load(config.memlong, config.model)
         return cls.from_components(stack.model, stack.tokenizer, stack.retriever, config, stack.source)
 
+    def _service(self) -> Service:
+        return Service(SERVICE_NAME, pb_grpc.add_DecoderServicer_to_server, self.servicer)
+
     def start(self, interceptors: tuple[grpc.ServerInterceptor, ...] = ()) -> int:
         """Listen and serve; `interceptors` wrap every call (e.g. tracing, or recording in tests)."""
         options = ServerOptions(
@@ -241,18 +241,8 @@ class DecoderServer:
             max_workers=self.config.max_workers,
             interceptors=tuple(interceptors),
         )
-        services = [Service(SERVICE_NAME, pb_grpc.add_DecoderServicer_to_server, self.servicer)]
-        self.server, self.port = create_server(
-            f"{self.config.host}:{self.config.port}", services, options, self.health
-        )
-        set_health(self.health, [SERVICE_NAME], serving=True)
-        return self.port
+        return self.serve(options)
 
     def stop(self, grace_s: float | None = None) -> None:
-        set_health(self.health, [SERVICE_NAME], serving=False)
-        if self.server is not None:
-            self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+        super().stop(grace_s)
         self.engine.close()
-
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 
 import grpc
-from grpc_health.v1 import health
 
 from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
@@ -21,7 +20,7 @@ from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, Resour
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.channel import ChannelOptions, Deadline, get_channel
-from services.common.server import ServerOptions, Service, create_server, set_health
+from services.common.server import ServerOptions, Service, ServiceProcess
 from services.common.status import raise_for_rpc_error
 from services.retmem.client import RetMemClient
 from services.retmem.routing import Ring
@@ -315,18 +314,19 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 raise_for_rpc_error(err)
 
 
-class GatewayServer:
+class GatewayServer(ServiceProcess):
     """A gateway process: session table, interceptors, gRPC server, health."""
 
     def __init__(self, config: GatewayConfig) -> None:
+        super().__init__()
         self.config = config
         path = None if config.data_dir is None else config.data_dir / "sessions.json"
         self.table = SessionTable(path, config.quotas)
         self.retmem = RetMemClient(config.retmem, max_message_bytes=config.max_message_bytes)
         self.servicer = GatewayServicer(config, self.table, self.retmem)
-        self.health = health.HealthServicer()
-        self.server: grpc.Server | None = None
-        self.port = 0
+
+    def _service(self) -> Service:
+        return Service(SERVICE_NAME, pb_grpc.add_GatewayServicer_to_server, self.servicer)
 
     def start(self, extra_interceptors: tuple[grpc.ServerInterceptor, ...] = ()) -> int:
         """Listen and serve. `extra_interceptors` run outermost (e.g. tracing, or recording in tests)."""
@@ -342,17 +342,4 @@ class GatewayServer:
             max_workers=self.config.max_inflight + 8,
             interceptors=interceptors,
         )
-        services = [Service(SERVICE_NAME, pb_grpc.add_GatewayServicer_to_server, self.servicer)]
-        self.server, self.port = create_server(
-            f"{self.config.host}:{self.config.port}", services, options, self.health
-        )
-        set_health(self.health, [SERVICE_NAME], serving=True)
-        return self.port
-
-    def stop(self, grace_s: float | None = None) -> None:
-        set_health(self.health, [SERVICE_NAME], serving=False)
-        if self.server is not None:
-            self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
-
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        return self.serve(options)

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services.common.cli import run
+
 from .config import RayAppConfig
 
 log = logging.getLogger(__name__)
@@ -145,10 +147,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="memlong")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run(register, argv)
 
 
 if __name__ == "__main__":

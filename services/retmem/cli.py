@@ -13,6 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
+from services.common.cli import run
+
 from .routing import parse_addresses
 from .server import RetMemConfig, RetMemServer
 
@@ -65,7 +67,4 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="memlong")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run(register, argv)

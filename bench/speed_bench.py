@@ -56,6 +56,7 @@ def one(method: str, length: int, threads: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row["peak_rss_mb"] = peak / 2**20
     row["model_rss_mb"] = base_rss / 2**20
+    row["load_1m"] = __import__("os").getloadavg()[0]  # other work on the machine while this cell ran
     return row
 
 

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from memlong.weights import package_dir
+from memlong.packages import package_dir
 
 BOOKS = ("kjv", "shakespeare")
 

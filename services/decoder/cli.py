@@ -12,7 +12,6 @@ import sys
 import threading
 
 from .config import add_arguments, config_from_args
-from .server import DecoderServer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .server import DecoderServer  # loads torch and transformers: only when serving
+
     server = DecoderServer.load(config_from_args(args))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

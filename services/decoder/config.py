@@ -8,8 +8,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from memlong.config import MemLongConfig
 from memlong.errors import InvalidArgument
-from memlong.model import MemLongConfig
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
 from services.retmem.routing import parse_addresses
 

@@ -1,0 +1,16 @@
+"""The command line loads torch only for commands that run the model: the gateway and ret-mem
+processes (`memlong gateway serve`, `memlong retmem serve`) start in a fraction of a second."""
+
+import subprocess
+import sys
+
+
+def test_building_the_command_line_and_the_gateway_config_does_not_import_torch():
+    probe = (
+        "import sys, memlong.cli as c; "
+        "args = c.build_parser().parse_args(['gateway', 'serve', '--port', '0']); "
+        "import services.gateway.server; "
+        "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"

@@ -66,20 +66,31 @@ def passkey_section() -> str:
     rows = _load("passkey.json")
     if not rows:
         return "## Passkey\n\nNot run yet: `memlong eval passkey`.\n"
-    return "## Passkey retrieval\n\n" + markdown_table(
-        rows,
-        [
-            "method",
-            "context_tokens",
-            "trials",
-            "correct",
-            "accuracy",
-            "local_window",
-            "top_k",
-            "query",
-            "ret_attn_layers",
-            "mem_position",
-        ],
+    s = (_load("passkey_meta.json") or {}).get("settings", {})
+    settings = (
+        f"Haystack: book `{s.get('book')}`; a {s.get('digits')}-digit key at a random chunk-aligned depth before "
+        f"the last local window, asked for at the end and answered greedily; {s.get('trials')} trials per length "
+        f"(seed {s.get('seed')}), the same haystacks, keys and depths for every method. Full attention up to "
+        f"{s.get('full_max')} tokens.\n\n"
+    )
+    return (
+        "## Passkey retrieval\n\n"
+        + settings
+        + markdown_table(
+            rows,
+            [
+                "method",
+                "context_tokens",
+                "trials",
+                "correct",
+                "accuracy",
+                "local_window",
+                "top_k",
+                "query",
+                "ret_attn_layers",
+                "mem_position",
+            ],
+        )
     )
 
 
@@ -88,7 +99,25 @@ def speed_section() -> str:
     if not data:
         return "## Speed and memory\n\nNot run yet: `python bench/speed_bench.py`.\n"
     text = (OUT / "speed.md").read_text()
-    return "## Speed and memory (decoder, CPU)\n\n" + text + "\n![peak RSS](speed.png)\n"
+    rows = data["records"]
+    full = {r["context_tokens"]: r["score_tok_s"] for r in rows if r["method"] == "full"}
+    ratio = [
+        {
+            "context_tokens": r["context_tokens"],
+            "full_forward_tok_s": f"{full[r['context_tokens']]:.0f}",
+            "memlong_ingest_tok_s": f"{r['ingest_tok_s']:.0f}",
+            "ingest / full": f"{r['ingest_tok_s'] / full[r['context_tokens']]:.2f}x",
+        }
+        for r in rows
+        if r["method"] == "memlong" and r["context_tokens"] in full and r.get("ingest_tok_s")
+    ]
+    cols = ["context_tokens", "full_forward_tok_s", "memlong_ingest_tok_s", "ingest / full"]
+    return (
+        "## Speed and memory (decoder, CPU)\n\n"
+        + text
+        + "\nIngest (layers 0..mem_layer, with memory writes) against one full-attention forward of the same "
+        "context:\n\n" + markdown_table(ratio, cols) + "\n![peak RSS](speed.png)\n"
+    )
 
 
 def main() -> None:

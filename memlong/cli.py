@@ -44,6 +44,12 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MemLong settings")
     g.add_argument("--model", default=None, help="HF LLaMA-family checkpoint dir (default: packaged SmolLM2)")
+    g.add_argument(
+        "--adapter",
+        default=None,
+        help="MemLong LoRA adapter dir (from `memlong train`) folded into the weights; refused when it was "
+        "trained for another base model, memory layer, retrieval layers or memory position",
+    )
     g.add_argument("--mem-layer", type=int, default=15)
     g.add_argument("--ret-layers", default="15,19,23,27", help="comma-separated retrieval layers")
     g.add_argument("--chunk", type=int, default=128)
@@ -89,14 +95,14 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         full_max=args.full_max,
         variants=tuple(_variant(v) for v in args.variant),
     )
-    stack = Stack.load(memlong_config(args), args.model)
+    stack = Stack.load(memlong_config(args), args.model, args.adapter)
     records, speeds = run_ppl(stack, settings)
     write_ppl(
         Path(args.out),
         settings,
         records,
         speeds,
-        {"model": stack.source, "memlong": memlong_config(args).__dict__},
+        {"model": stack.source, "adapter": stack.adapter, "memlong": memlong_config(args).__dict__},
     )
     print((Path(args.out) / "ppl.md").read_text())
     return 0
@@ -115,8 +121,8 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         methods=tuple(args.methods.split(",")),
         variants=tuple(_variant(v) for v in args.variant),
     )
-    stack = Stack.load(memlong_config(args), args.model)
-    meta = {"model": stack.source, "memlong": memlong_config(args).__dict__}
+    stack = Stack.load(memlong_config(args), args.model, args.adapter)
+    meta = {"model": stack.source, "adapter": stack.adapter, "memlong": memlong_config(args).__dict__}
     out = Path(args.out)
     run_passkey(stack, settings, on_length=lambda rows: write_passkey(out, settings, rows, meta))
     print((Path(args.out) / "passkey.md").read_text())

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     _say("== 1. starting the embedded stack (ret-mem, decoder, gateway) ==")
     t0 = time.perf_counter()
-    stack = EmbeddedStack.start(data_dir, cfg, model=args.model)
+    stack = EmbeddedStack.start(data_dir, cfg, model=args.model, adapter=args.adapter)
     timings["startup_s"] = time.perf_counter() - t0
     for name, where in stack.describe().items():
         _say(f"  {name:8s} {where}")

@@ -79,10 +79,15 @@ def shakespeare_split(seed: int) -> tuple[list[str], list[str]]:
 def cmd_train_run(args: argparse.Namespace) -> int:
     from memlong.cli import _threads, memlong_config
     from memlong.data import shakespeare_plays
+    from memlong.errors import InvalidArgument
     from memlong.eval.common import Stack
     from memlong.train import Document, Trainer, embed_documents
     from memlong.weights import default_cache_dir
 
+    if args.adapter:
+        raise InvalidArgument(
+            "adapter", "training starts from the base weights; a run continues from its --out directory"
+        )
     _threads(args)
     tcfg = _train_config(args)
     mcfg = memlong_config(args)
@@ -180,7 +185,6 @@ def register(subparsers) -> None:
         "eval", help="perplexity of base / lora_no_memory / memlong_trained on held-out plays"
     )
     ev.add_argument("--variant", choices=("base", "trained", "control"), required=True)
-    ev.add_argument("--adapter", default=None, help="adapter directory (trained or control variant)")
     ev.add_argument("--plays", default="hamlet,julius-caesar")
     ev.add_argument("--lengths", default="4k,8k")
     ev.add_argument("--windows", type=int, default=1, help="windows per play and length")

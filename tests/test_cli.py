@@ -14,3 +14,17 @@ def test_building_the_command_line_and_the_gateway_config_does_not_import_torch(
     )
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_adapter_flag_reaches_the_decoder_config():
+    from memlong.cli import build_parser
+    from services.decoder.config import config_from_args
+
+    args = build_parser().parse_args(
+        ["decoder", "serve", "--retmem", "s0=127.0.0.1:1", "--adapter", "runs/a"]
+    )
+    assert config_from_args(args).adapter == "runs/a"
+    assert (
+        config_from_args(build_parser().parse_args(["decoder", "serve", "--retmem", "s0=h:1"])).adapter
+        is None
+    )

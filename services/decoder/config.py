@@ -23,6 +23,7 @@ class DecoderConfig:
     retmem: Mapping[str, str]  # ret-mem shard name -> host:port (the whole ring)
     memlong: MemLongConfig = field(default_factory=MemLongConfig)
     model: str | None = None  # HF checkpoint dir; None: the packaged SmolLM2
+    adapter: str | None = None  # MemLong LoRA adapter dir folded into the weights (memlong train)
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
@@ -86,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> DecoderConfig:
         retmem=parse_addresses(args.retmem),
         memlong=memlong,
         model=args.model,
+        adapter=getattr(args, "adapter", None),
         host=args.host,
         port=args.port,
         threads=args.threads,

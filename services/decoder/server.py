@@ -228,8 +228,9 @@ class DecoderServer(ServiceProcess):
 
         if config.threads:
             torch.set_num_threads(config.threads)
-        stack = Stack.load(config.memlong, config.model)
-        return cls.from_components(stack.model, stack.tokenizer, stack.retriever, config, stack.source)
+        stack = Stack.load(config.memlong, config.model, config.adapter)
+        source = stack.source if config.adapter is None else f"{stack.source} + adapter {config.adapter}"
+        return cls.from_components(stack.model, stack.tokenizer, stack.retriever, config, source)
 
     def _service(self) -> Service:
         return Service(SERVICE_NAME, pb_grpc.add_DecoderServicer_to_server, self.servicer)

@@ -47,7 +47,9 @@ def up_command(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or default_data_dir()
     sys.stdout.write("memlong: loading the model and starting ret-mem, decoder, gateway ...\n")
     sys.stdout.flush()
-    stack = EmbeddedStack.start(data_dir, memlong_config(args), model=args.model, ports=(0, 0, args.port))
+    stack = EmbeddedStack.start(
+        data_dir, memlong_config(args), model=args.model, adapter=args.adapter, ports=(0, 0, args.port)
+    )
     where = stack.describe()
     sys.stdout.write(
         f"gateway  {where['gateway']}   (public API; metadata x-api-key)\n"

@@ -92,6 +92,7 @@ class DecoderReplica:
             retmem=config.ring,
             memlong=MemLongConfig(**config.memlong) if config.memlong else MemLongConfig(),
             model=config.model,
+            adapter=config.adapter,
             host=config.host,
             port=config.decoder_ports[index],
             threads=config.threads,

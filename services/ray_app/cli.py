@@ -103,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> RayAppConfig:
         decoders=args.decoders,
         memlong=json.loads(args.memlong_json) if args.memlong_json else {},
         model=args.model,
+        adapter=args.adapter,
         threads=args.threads,
         components=args.components,
     )

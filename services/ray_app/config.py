@@ -30,6 +30,7 @@ class RayAppConfig:
     api_keys: tuple[tuple[str, str], ...] = ()  # (key, tenant); empty: the local tenant's key file
     memlong: dict[str, Any] = field(default_factory=dict)  # MemLongConfig overrides
     model: str | None = None
+    adapter: str | None = None  # MemLong LoRA adapter dir (a path every replica's node can read)
     threads: int = 0
     # "module:function" returning (model, tokenizer, retriever); None loads the packaged model.
     components: str | None = None

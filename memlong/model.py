@@ -64,6 +64,11 @@ class LayerCache:
     sink_k: torch.Tensor | None = None
     sink_v: torch.Tensor | None = None
     seen: int = 0
+    # The cache keys after RoPE, as last attended, and the position k_rot[:, :, 0] was rotated to. Every
+    # block of one chunk puts the cache at the same positions, so only the block's own keys need rotating
+    # until the next chunk starts (inference only: None while gradients are recorded).
+    k_rot: torch.Tensor | None = None
+    k_rot_pos: int = 0
 
     @property
     def length(self) -> int:
@@ -148,8 +153,16 @@ def memlong_attention(
     v_loc = value if cache.v is None else torch.cat([cache.v, value], dim=2)
     # The window ends at the block: cache keys at P-n+1..P, the block at P+1..P+S.
     p = fwd.frame
-    cos, sin = fwd.cos[:, p - n + 1 : p + s + 1], fwd.sin[:, p - n + 1 : p + s + 1]
-    _, k_rot = apply_rotary_pos_emb(k_loc, k_loc, cos, sin)
+    first = p - n + 1
+    if cache.k_rot is not None and cache.k_rot_pos == first and cache.k_rot.shape[2] == n:
+        _, k_blk = apply_rotary_pos_emb(
+            k_new, k_new, fwd.cos[:, p + 1 : p + s + 1], fwd.sin[:, p + 1 : p + s + 1]
+        )
+        k_rot = torch.cat([cache.k_rot, k_blk], dim=2)  # the same values as rotating k_loc whole
+    else:
+        _, k_rot = apply_rotary_pos_emb(
+            k_loc, k_loc, fwd.cos[:, first : p + s + 1], fwd.sin[:, first : p + s + 1]
+        )
 
     mask = _local_mask(n, s, fwd.window, query.device)[None, None].expand(b, 1, s, n + s)  # (B, 1, S, n+S)
     keys, values = k_rot, v_loc
@@ -176,16 +189,22 @@ def memlong_attention(
         mem_mask = mem.mask[:, None].expand(b, 1, s, mem.k.shape[2])
         mask = torch.cat([mem_mask, mask], dim=-1)  # (B, 1, S, M+sinks+n+S)
 
-    groups = n_heads // n_kv
-    if groups > 1:  # GQA: memory and cache stay at the KV-head count; expand only here
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    out = F.scaled_dot_product_attention(  # GQA: keys and values stay at the KV-head count
+        query,
+        keys,
+        values,
+        attn_mask=mask,
+        dropout_p=dropout if module.training else 0.0,
+        scale=scaling,
+        enable_gqa=n_heads != n_kv,
     )  # (B, H, S, D)
 
     keep = fwd.window
     cache.k, cache.v = k_loc[:, :, -keep:], v_loc[:, :, -keep:]
+    if torch.is_grad_enabled():
+        cache.k_rot = None
+    else:
+        cache.k_rot, cache.k_rot_pos = k_rot[:, :, -keep:], first + max(0, n + s - keep)
     cache.seen += s
     return out.transpose(1, 2).contiguous(), None
 

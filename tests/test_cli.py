@@ -28,3 +28,19 @@ def test_the_adapter_flag_reaches_the_decoder_config():
         config_from_args(build_parser().parse_args(["decoder", "serve", "--retmem", "s0=h:1"])).adapter
         is None
     )
+
+
+def test_every_command_that_loads_the_model_takes_an_adapter():
+    from memlong.cli import build_parser
+    from services.ray_app.cli import config_from_args as ray_config
+
+    parser = build_parser()
+    for argv in (
+        ["up"],
+        ["demo"],
+        ["eval", "ppl"],
+        ["eval", "passkey"],
+        ["train", "eval", "--variant", "trained"],
+    ):
+        assert parser.parse_args([*argv, "--adapter", "a"]).adapter == "a", argv
+    assert ray_config(parser.parse_args(["ray", "up", "--adapter", "a"])).adapter.endswith("/a")

@@ -43,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--decoder-port", type=int, default=50071, help="first decoder's port")
     up.add_argument("--retmem-port", type=int, default=50061, help="first shard's port")
     up.add_argument("--model", default=None, help="HF checkpoint dir (default: the packaged SmolLM2)")
+    up.add_argument(
+        "--adapter",
+        default=None,
+        help="MemLong LoRA adapter dir (from memlong train), readable on every node",
+    )
     up.add_argument("--memlong-json", default="", help='MemLongConfig overrides, e.g. {"top_k": 4}')
     up.add_argument("--threads", type=int, default=0, help="torch threads per decoder (0: default)")
     up.add_argument("--components", default=None, help="module:function giving (model, tokenizer, retriever)")
@@ -103,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> RayAppConfig:
         decoders=args.decoders,
         memlong=json.loads(args.memlong_json) if args.memlong_json else {},
         model=args.model,
-        adapter=args.adapter,
+        adapter=str(Path(args.adapter).resolve()) if args.adapter else None,
         threads=args.threads,
         components=args.components,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,17 +46,28 @@ def deterministic_chunk(spec: SessionSpec, seq: int):
 
 
 def wait_serving(target: str, timeout_s: float = 60.0) -> None:
-    """Block on a grpc.health.v1 Watch stream until SERVING; fail at the deadline (no sleeps)."""
-    channel = grpc.insecure_channel(target)
-    stub = health_pb2_grpc.HealthStub(channel)
+    """Block on a grpc.health.v1 Watch stream until SERVING; fail at the deadline (no sleeps).
+
+    A stream cut by the server going away (a replica being replaced) is watched again on a new
+    connection: UNAVAILABLE before the deadline is not an answer."""
+    deadline = time.monotonic() + timeout_s
     request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-    try:
-        for reply in stub.Watch(request, timeout=timeout_s, wait_for_ready=True):
-            if reply.status == SERVING:
-                return
-    finally:
-        channel.close()
-    raise TimeoutError(f"{target}: health stream ended before SERVING")
+    while True:
+        channel = grpc.insecure_channel(target)
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            for reply in stub.Watch(
+                request, timeout=max(0.1, deadline - time.monotonic()), wait_for_ready=True
+            ):
+                if reply.status == SERVING:
+                    return
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
+                raise
+            continue
+        finally:
+            channel.close()
+        raise TimeoutError(f"{target}: health stream ended before SERVING")
 
 
 @pytest.fixture

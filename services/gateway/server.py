@@ -16,7 +16,7 @@ import grpc
 
 from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
-from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.channel import ChannelOptions, Deadline, get_channel
@@ -213,16 +213,25 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         log.info("session %s: rolled back %d chunks of a failed append", rec.session_id, len(gone))
         return self.table.update(rec.session_id, dirty_from=None)
 
-    def _readable(self, tenant: str, session_id: str, deadline: Deadline) -> SessionRecord:
-        """The session's record, after rolling back a failed append unless an append is running now."""
+    def _readable(
+        self, tenant: str, session_id: str, deadline: Deadline, mode: int
+    ) -> tuple[SessionRecord, int]:
+        """(record, memory mode) for a read, after rolling back a failed append unless one is running now.
+
+        If the roll-back cannot run (ret-mem unreachable), a read that may go without memory does so:
+        it must not read the failed append's chunks should ret-mem come back meanwhile."""
         rec = self.table.get(tenant, session_id)
         if rec.dirty_from is None or self.table.is_writing(session_id):
-            return rec
+            return rec, mode
         try:
             with self.table.writing(session_id):
-                return self._roll_back(self.table.get(tenant, session_id), deadline)
+                return self._roll_back(self.table.get(tenant, session_id), deadline), mode
         except FailedPrecondition:  # an append started meanwhile: it rolls back first
-            return self.table.get(tenant, session_id)
+            return self.table.get(tenant, session_id), mode
+        except Unavailable:
+            if mode in (dpb.MEMORY_MODE_IF_AVAILABLE, dpb.MEMORY_MODE_OFF):
+                return rec, dpb.MEMORY_MODE_OFF
+            raise
 
     def _ingest(self, rec: SessionRecord, new: bytes, deadline: Deadline) -> Iterator[pb.AppendProgress]:
         chunk = self._spec(rec.decoder, deadline).chunk_tokens
@@ -276,11 +285,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         with self.table.admitted(call.tenant, self.config.max_inflight):
             self.table.get(call.tenant, request.session_id)  # NotFound before any other complaint
             self._text(request.text, "text")
-            rec = self._readable(call.tenant, request.session_id, call.deadline)
+            rec, mode = self._readable(call.tenant, request.session_id, call.deadline, request.memory_mode)
             req = dpb.ScoreRequest(
                 session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
                 text=request.text,
-                memory_mode=request.memory_mode,
+                memory_mode=mode,
                 return_logprobs=request.return_logprobs,
             )
             try:
@@ -300,12 +309,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         with self.table.admitted(call.tenant, self.config.max_inflight):
             self.table.get(call.tenant, request.session_id)  # NotFound before any other complaint
             self._text(request.prompt, "prompt")
-            rec = self._readable(call.tenant, request.session_id, call.deadline)
+            rec, mode = self._readable(call.tenant, request.session_id, call.deadline, request.memory_mode)
             req = dpb.GenerateRequest(
                 session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
                 prompt=request.prompt,
                 sampling=request.sampling,
-                memory_mode=request.memory_mode,
+                memory_mode=mode,
             )
             try:
                 for t in self._decoder(rec.decoder).Generate(req, timeout=self._timeout(call.deadline)):

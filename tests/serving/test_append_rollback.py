@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from memlong.errors import Unavailable
 from services.gateway.server import GatewayServer
 from tests.factories import RecordingRetriever
 from tests.serving.conftest import start_stack
@@ -92,6 +93,10 @@ def test_a_roll_back_that_cannot_run_is_done_before_the_next_read_even_after_a_g
         client.append(sid, SECOND, offset=len(FIRST))
     sessions = json.loads((stack.gateway.config.data_dir / "sessions.json").read_text())["sessions"]
     assert [r["dirty_from"] for r in sessions if r["session_id"] == sid] != [None]  # recorded on disk
+    with pytest.raises(Unavailable):  # memory is required and cannot be made consistent now
+        client.score(sid, "alpha")
+    for mode in ("if_available", "off"):  # reads that may go without memory still answer
+        assert not client.score(sid, "alpha", memory=mode).memory.memory_used
 
     stack.gateway.stop(0)
     stack.retmem.start()

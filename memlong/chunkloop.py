@@ -16,7 +16,9 @@ and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a 
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -116,6 +118,43 @@ def records_to_kv(records: np.ndarray, shape: tuple[int, int, int, int], dtype: 
     return flat.view(_TORCH_DTYPES[dtype]).reshape(*records.shape[:-1], *shape)
 
 
+class QueryEmbeddings:
+    """Embeddings of recent retrieval queries, reused when the same text is stored as a chunk.
+
+    The query at a chunk boundary is the text of the chunk just read; that chunk is stored, with an
+    embedding of the same text, once it leaves the local window (window / chunk boundaries later).
+    Remembering the last `size` queries saves the second embedding. Thread-safe: a prefetched query
+    is embedded on a background thread.
+    """
+
+    def __init__(self, retriever: Embedder, size: int = 64) -> None:
+        self.retriever = retriever
+        self.size = size
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def embed(self, text: str) -> np.ndarray:
+        """(1, dim) embedding of a query, remembered for a later store of the same text."""
+        emb = self.retriever.embed([text])
+        with self._lock:
+            self._recent[text] = emb[0]
+            while len(self._recent) > self.size:
+                self._recent.popitem(last=False)
+        return emb
+
+    def embed_chunks(self, texts: list[str]) -> np.ndarray:
+        """(n, dim) embeddings of chunk texts: remembered queries reused, the rest embedded in one batch."""
+        with self._lock:
+            known = [self._recent.get(t) for t in texts]
+        missing = [i for i, e in enumerate(known) if e is None]
+        if len(missing) == len(texts):
+            return self.retriever.embed(texts)
+        if missing:
+            for i, e in zip(missing, self.retriever.embed([texts[i] for i in missing]), strict=True):
+                known[i] = e
+        return np.stack(known).astype(np.float32, copy=False)
+
+
 class Reader:
     """Reads one text stream through a MemLong model and a memory (None: local window only)."""
 
@@ -134,6 +173,7 @@ class Reader:
         self.memory = memory
         self.stats = ReaderStats()
         self.next_chunk_id = next_chunk_id
+        self._queries = QueryEmbeddings(retriever)
         self._reset_local()
 
     @property
@@ -158,6 +198,7 @@ class Reader:
         """A reader with a copy of this one's local state and another memory (None for sliding-only)."""
         other = Reader(self.model, self.retriever, self.tokenizer, memory, next_chunk_id=self.next_chunk_id)
         other.stream = self.stream.clone()
+        other._queries = self._queries  # keyed by text: valid for every fork
         other.position, other._pend_start = self.position, self._pend_start
         other._pend_tokens = list(self._pend_tokens)
         other._pend_k, other._pend_v = list(self._pend_k), list(self._pend_v)
@@ -202,7 +243,7 @@ class Reader:
         lengths = np.array([min(c, n_tokens - i * c) for i in range(n_chunks)], dtype=np.int32)
         ids = np.arange(self.next_chunk_id, self.next_chunk_id + n_chunks, dtype=np.int64)
         t0 = time.perf_counter()
-        emb = self.retriever.embed(texts)
+        emb = self._queries.embed_chunks(texts)
         self.memory.append(ids, emb, kv_to_records(k, v, self.cfg.kv_dtype), lengths)
         self.stats.store_s += time.perf_counter() - t0
         self.stats.chunks_stored += n_chunks
@@ -232,7 +273,7 @@ class Reader:
         if search_async is None:
             return
         text = self.tokenizer.decode(query_tokens)
-        handle = search_async(lambda: self.retriever.embed([text]), self.cfg.top_k)
+        handle = search_async(lambda: self._queries.embed(text), self.cfg.top_k)
         self._prefetched = (position, query_tokens, self.next_chunk_id, handle)
 
     def _retrieve(self) -> Memory | None:
@@ -247,7 +288,7 @@ class Reader:
             res = pre[3]()
             self.stats.extra["prefetched"] = self.stats.extra.get("prefetched", 0) + 1
         else:
-            query = self.retriever.embed([self.tokenizer.decode(self._history)])
+            query = self._queries.embed(self.tokenizer.decode(self._history))
             res = self.memory.search(query, self.cfg.top_k)
         self.stats.retrievals += 1
         self.stats.bytes_retrieved += int(res.records.nbytes)

@@ -112,3 +112,19 @@ def test_sampling_is_seeded_and_stops():
     stop = a[3]
     c = list(_reader(model).generate(prompt, SamplingParams(**{**p.__dict__, "stop_token_ids": (stop,)})))
     assert c == a[: a.index(stop) + 1]
+
+
+def test_a_chunk_queried_before_it_is_stored_is_embedded_once():
+    from collections import Counter
+
+    model = tiny_memlong(chunk=4, window=8)
+    retriever = RecordingRetriever()
+    reader = _reader(model, retriever=retriever)
+    toks = _tokens(60, seed=6)
+    reader.score(toks)
+    assert reader.stats.retrievals > 5 and reader.stats.chunks_stored > 5
+    assert max(Counter(retriever.texts).values()) == 1  # the query's embedding is reused for the store
+    ids = reader.memory.ids()
+    texts = [TinyTokenizer().decode(toks[4 * i : 4 * i + 4]) for i in ids]
+    stored = reader.memory.export_state()["embeddings"]
+    np.testing.assert_array_equal(stored, RecordingRetriever().embed(texts))  # what a fresh embed gives

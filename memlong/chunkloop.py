@@ -329,6 +329,12 @@ class Reader:
         self.stats.tokens_ingested += len(tokens)
         self.stats.compute_s += time.perf_counter() - t0
 
+    def next_logprobs(self) -> torch.Tensor:
+        """(V,) log-probs of the token after everything scored so far (after `score` or `generate`)."""
+        if self._last_logp is None:
+            raise InvalidArgument("tokens", "nothing scored yet: the next token's distribution is unknown")
+        return self._last_logp
+
     @torch.no_grad()
     def score(self, tokens: Sequence[int]) -> torch.Tensor:
         """(n,) log p(token | everything read before it); NaN where nothing was read before."""

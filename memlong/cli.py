@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -108,6 +109,27 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_icl(args: argparse.Namespace) -> int:
+    from memlong.eval.common import Stack
+    from memlong.eval.icl import ICLSettings, run_icl, write_icl
+
+    _threads(args)
+    settings = ICLSettings(
+        data_dir=args.data,
+        tasks=tuple(args.tasks.split(",")),
+        seeds=_ints(args.seeds),
+        local_demos=args.local_demos,
+        memory_demos=args.memory_demos,
+        test_examples=args.test_examples,
+    )
+    stack = Stack.load(memlong_config(args), args.model, args.adapter)
+    meta = {"model": stack.source, "adapter": stack.adapter, "memlong": memlong_config(args).__dict__}
+    out = Path(args.out)
+    run_icl(stack, settings, on_task=lambda rows: write_icl(out, settings, rows, meta))
+    print((out / "icl.md").read_text())
+    return 0
+
+
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
     from memlong.eval.common import Stack
     from memlong.eval.passkey import PasskeySettings, run_passkey, write_passkey
@@ -162,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--out", default="bench/results")
     _model_args(pk)
     pk.set_defaults(func=cmd_eval_passkey)
+
+    icl = ev.add_parser("icl", help="in-context learning: demonstrations in memory vs none")
+    icl.add_argument(
+        "--data",
+        default=os.environ.get(
+            "MEMLONG_ICL_DATA", str(Path(__file__).resolve().parents[2] / "shared/data/icl")
+        ),
+        help="folder with sst-2/, mr/, sst-5/, subj/ (default: ../shared/data/icl beside the repository)",
+    )
+    icl.add_argument("--tasks", default="sst-2,mr,sst-5,subj")
+    icl.add_argument("--seeds", default="0,1,2")
+    icl.add_argument("--local-demos", type=int, default=4)
+    icl.add_argument("--memory-demos", type=int, default=200)
+    icl.add_argument("--test-examples", type=int, default=60)
+    icl.add_argument("--out", default="bench/results")
+    _model_args(icl)
+    icl.set_defaults(func=cmd_eval_icl)
 
     for name in PLUGINS:
         try:

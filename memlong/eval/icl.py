@@ -1,0 +1,171 @@
+"""In-context learning with demonstrations in memory (SST-2, MR, SST-5, Subj).
+
+Every prompt ends with the same local demonstrations and the test sentence:
+
+    Review: <demo sentence>\nSentiment: <label word>\n\n ... Review: <test sentence>\nSentiment:
+
+and the prediction is the label word whose first token the model finds most likely next. `none` reads
+only that prompt; `memory` first ingests `memory_demos` further demonstrations of the same seed into
+memory (their K/V and embeddings, as any text), then reads the same prompt with retrieval, so both
+methods are scored on the same prompts and the only difference is what sits in memory.
+
+Test split (fixed, recorded in the results): SST-2 uses its dev file; MR, SST-5 and Subj, which ship
+a train file only, hold out `test_pool` examples chosen by a seeded shuffle (seed `split_seed`) and draw
+demonstrations from the rest. `test_examples` of the held-out examples are scored, the same ones for
+every seed and method; each seed draws its own local and memory demonstrations.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from memlong.errors import InvalidArgument
+from memlong.eval.common import Stack, machine_info, markdown_table, write_json
+
+TASKS = {  # task: (label words by label id, what the label names)
+    "sst-2": (("negative", "positive"), "Sentiment"),
+    "mr": (("negative", "positive"), "Sentiment"),
+    "sst-5": (("terrible", "bad", "okay", "good", "great"), "Sentiment"),
+    "subj": (("subjective", "objective"), "Type"),
+}
+
+
+@dataclass(frozen=True)
+class ICLSettings:
+    data_dir: str
+    tasks: tuple[str, ...] = ("sst-2", "mr", "sst-5", "subj")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    local_demos: int = 4
+    memory_demos: int = 200
+    test_examples: int = 60
+    test_pool: int = 500
+    split_seed: int = 1234
+
+
+def _rows(path: Path) -> list[tuple[str, int]]:
+    """(sentence, label) pairs of one ICL file: TSV with a header (SST-2) or label,sentence CSV."""
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix == ".tsv":
+            reader = csv.reader(f, delimiter="\t")
+            next(reader)
+            return [(s.strip(), int(y)) for s, y in reader]
+        return [(s.strip(), int(y)) for y, s in csv.reader(f)]
+
+
+def load_task(data_dir: Path, task: str, settings: ICLSettings) -> tuple[list, list]:
+    """(demonstration pool, test examples) of a task, split as the module docstring says."""
+    folder = data_dir / task
+    if not folder.is_dir():
+        raise InvalidArgument("data_dir", f"no ICL task folder {folder} (expected sst-2, mr, sst-5, subj)")
+    train = _rows(folder / ("train.tsv" if task == "sst-2" else "train.csv"))
+    if task == "sst-2":
+        test = _rows(folder / "dev.tsv")
+        random.Random(settings.split_seed).shuffle(test)
+    else:
+        random.Random(settings.split_seed).shuffle(train)
+        test, train = train[: settings.test_pool], train[settings.test_pool :]
+    return train, test[: settings.test_examples]
+
+
+def _demo(sentence: str, label: str, field: str) -> str:
+    return f"Review: {sentence}\n{field}: {label}\n\n"
+
+
+def _label_tokens(stack: Stack, words: tuple[str, ...]) -> list[int]:
+    """The first token of each label word as it follows ': ' (must differ between labels)."""
+    first = [stack.encode(" " + w)[0] for w in words]
+    if len(set(first)) != len(first):
+        raise InvalidArgument("labels", f"label words share a first token: {words}")
+    return first
+
+
+def run_icl(
+    stack: Stack, settings: ICLSettings, on_task: Callable[[list[dict]], None] | None = None
+) -> list[dict]:
+    """One record per (task, method, seed) with its accuracy, plus a mean/spread record per (task, method)."""
+    records: list[dict] = []
+    data_dir = Path(settings.data_dir)
+    for task in settings.tasks:
+        if task not in TASKS:
+            raise InvalidArgument("tasks", f"unknown task {task!r}; known: {sorted(TASKS)}")
+        words, field = TASKS[task]
+        pool, test = load_task(data_dir, task, settings)
+        label_ids = _label_tokens(stack, words)
+        per_method: dict[str, list[float]] = {"none": [], "memory": []}
+        for seed in settings.seeds:
+            rng = random.Random(f"{task}:{seed}")
+            demos = rng.sample(pool, settings.local_demos + settings.memory_demos)
+            local, in_memory = demos[: settings.local_demos], demos[settings.local_demos :]
+            prefix = "".join(_demo(s, words[y], field) for s, y in local)
+            base = stack.reader(with_memory=True)
+            base.ingest(stack.encode("".join(_demo(s, words[y], field) for s, y in in_memory)))
+            base.flush()  # memory holds the demonstrations; the local window starts empty
+            correct, retrievals = {"none": 0, "memory": 0}, {"none": 0, "memory": 0}
+            for sentence, label in tqdm(test, desc=f"icl {task} seed {seed}", unit="ex"):
+                prompt = stack.encode(prefix + f"Review: {sentence}\n{field}:")
+                for method in correct:
+                    reader = base.fork(base.memory if method == "memory" else None)
+                    reader.seed_query(prompt)  # the prompt is given; only its label is predicted
+                    reader.score(prompt)
+                    logp = reader.next_logprobs()[label_ids]
+                    correct[method] += int(torch.argmax(logp)) == label
+                    retrievals[method] += reader.stats.retrievals
+            for method, n in correct.items():
+                acc = n / len(test)
+                per_method[method].append(acc)
+                row = _record(task, method, seed, settings, acc, len(test), base)
+                records.append({**row, "retrievals_per_example": retrievals[method] / len(test)})
+        for method, accs in per_method.items():
+            records.append(
+                {
+                    **_record(task, method, "mean", settings, statistics.mean(accs), len(test), None),
+                    "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "seeds": list(settings.seeds),
+                }
+            )
+        if on_task is not None:
+            on_task(records)
+    return records
+
+
+def _record(task, method, seed, settings: ICLSettings, acc: float, n: int, base) -> dict:
+    row = {
+        "task": task,
+        "method": method,
+        "local_demos": settings.local_demos,
+        "memory_demos": settings.memory_demos if method == "memory" else 0,
+        "seed": seed,
+        "test_examples": n,
+        "accuracy": acc,
+        "chance": 1 / len(TASKS[task][0]),
+    }
+    if base is not None and method == "memory":
+        row["memory_chunks"] = len(base.memory)
+    return row
+
+
+def write_icl(out_dir: Path, settings: ICLSettings, records: list[dict], extra: dict) -> None:
+    write_json(out_dir / "icl.json", records)
+    meta = {
+        "settings": asdict(settings),
+        "machine": machine_info(),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_json(out_dir / "icl_meta.json", {**meta, **extra})
+    summary = [
+        {**r, "accuracy": f"{r['accuracy']:.3f} ± {r['stdev']:.3f}"} for r in records if r["seed"] == "mean"
+    ]
+    cols = ["task", "method", "local_demos", "memory_demos", "test_examples", "accuracy", "chance"]
+    (out_dir / "icl.md").write_text(
+        f"Mean ± sample stdev over seeds {list(settings.seeds)}; {settings.test_examples} test examples per "
+        f"task (the same for every seed and method).\n\n" + markdown_table(summary, cols)
+    )

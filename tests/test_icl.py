@@ -1,0 +1,71 @@
+"""The ICL evaluation: a fixed, disjoint test split; both methods score the same prompts; memory holds
+the demonstrations and is retrieved from."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from memlong.eval.common import Stack
+from memlong.eval.icl import ICLSettings, load_task, run_icl
+from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong
+
+WORDS = ["good", "bad", "film", "plot", "dull", "fine", "great", "story", "acting", "long"]
+
+
+class WordTokenizer(TinyTokenizer):
+    """One id per word (stable hash into the tiny vocabulary); decode as TinyTokenizer."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [sum(w.encode()) % 97 for w in text.split()]}
+
+
+def _write_task(root, task: str, n: int) -> None:
+    folder = root / task
+    folder.mkdir(parents=True)
+    lines = [f"{i % 2},{WORDS[i % 10]} {WORDS[(i * 7) % 10]} number{i} ." for i in range(n)]
+    (folder / "train.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_the_test_split_is_fixed_and_disjoint_from_the_demonstrations(tmp_path):
+    _write_task(tmp_path, "mr", 100)
+    settings = ICLSettings(data_dir=str(tmp_path), test_pool=20, test_examples=10)
+    pool, test = load_task(tmp_path, "mr", settings)
+    again_pool, again_test = load_task(tmp_path, "mr", settings)
+    assert test == again_test and pool == again_pool and len(test) == 10 and len(pool) == 80
+    assert not {s for s, _ in test} & {s for s, _ in pool}
+
+
+def test_both_methods_score_the_same_prompts_and_memory_is_read(tmp_path):
+    _write_task(tmp_path, "mr", 60)
+    stack = Stack(tiny_memlong(chunk=4, window=8, top_k=2), WordTokenizer(), RecordingRetriever(), "tiny")
+    settings = ICLSettings(
+        data_dir=str(tmp_path),
+        tasks=("mr",),
+        seeds=(0, 1),
+        local_demos=1,
+        memory_demos=6,
+        test_examples=5,
+        test_pool=10,
+    )
+    rows = run_icl(stack, settings)
+    per_seed = [r for r in rows if r["seed"] != "mean"]
+    assert {(r["method"], r["seed"]) for r in per_seed} == {
+        (m, s) for m in ("none", "memory") for s in (0, 1)
+    }
+    assert all(r["test_examples"] == 5 for r in rows)
+    memory = [r for r in per_seed if r["method"] == "memory"]
+    assert all(r["memory_chunks"] > 0 and r["retrievals_per_example"] > 0 for r in memory)
+    assert all(r["retrievals_per_example"] == 0 for r in per_seed if r["method"] == "none")
+    for method in ("none", "memory"):
+        mean = next(r for r in rows if r["seed"] == "mean" and r["method"] == method)
+        accs = [r["accuracy"] for r in per_seed if r["method"] == method]
+        assert mean["accuracy"] == pytest.approx(statistics.mean(accs))
+
+
+def test_a_missing_task_folder_is_a_clear_error(tmp_path):
+    from memlong.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="no ICL task folder"):
+        load_task(tmp_path, "subj", ICLSettings(data_dir=str(tmp_path)))

@@ -82,11 +82,19 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def cmd_eval_ppl(args: argparse.Namespace) -> int:
+def _eval_stack(args: argparse.Namespace):
+    """(stack, meta) for an evaluation: threads set, model and adapter loaded, what was loaded recorded."""
     from memlong.eval.common import Stack
-    from memlong.eval.ppl import PPLSettings, run_ppl, write_ppl
 
     _threads(args)
+    config = memlong_config(args)
+    stack = Stack.load(config, args.model, args.adapter)
+    return stack, {"model": stack.source, "adapter": stack.adapter, "memlong": config.__dict__}
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from memlong.eval.ppl import PPLSettings, run_ppl, write_ppl
+
     settings = PPLSettings(
         book=args.book,
         lengths=_ints(args.lengths),
@@ -96,24 +104,16 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         full_max=args.full_max,
         variants=tuple(_variant(v) for v in args.variant),
     )
-    stack = Stack.load(memlong_config(args), args.model, args.adapter)
+    stack, meta = _eval_stack(args)
     records, speeds = run_ppl(stack, settings)
-    write_ppl(
-        Path(args.out),
-        settings,
-        records,
-        speeds,
-        {"model": stack.source, "adapter": stack.adapter, "memlong": memlong_config(args).__dict__},
-    )
+    write_ppl(Path(args.out), settings, records, speeds, meta)
     print((Path(args.out) / "ppl.md").read_text())
     return 0
 
 
 def cmd_eval_icl(args: argparse.Namespace) -> int:
-    from memlong.eval.common import Stack
     from memlong.eval.icl import ICLSettings, run_icl, write_icl
 
-    _threads(args)
     settings = ICLSettings(
         data_dir=args.data,
         tasks=tuple(args.tasks.split(",")),
@@ -122,8 +122,7 @@ def cmd_eval_icl(args: argparse.Namespace) -> int:
         memory_demos=args.memory_demos,
         test_examples=args.test_examples,
     )
-    stack = Stack.load(memlong_config(args), args.model, args.adapter)
-    meta = {"model": stack.source, "adapter": stack.adapter, "memlong": memlong_config(args).__dict__}
+    stack, meta = _eval_stack(args)
     out = Path(args.out)
     run_icl(stack, settings, on_task=lambda rows: write_icl(out, settings, rows, meta))
     print((out / "icl.md").read_text())
@@ -131,10 +130,8 @@ def cmd_eval_icl(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
-    from memlong.eval.common import Stack
     from memlong.eval.passkey import PasskeySettings, run_passkey, write_passkey
 
-    _threads(args)
     settings = PasskeySettings(
         book=args.book,
         lengths=_ints(args.lengths),
@@ -143,11 +140,10 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         methods=tuple(args.methods.split(",")),
         variants=tuple(_variant(v) for v in args.variant),
     )
-    stack = Stack.load(memlong_config(args), args.model, args.adapter)
-    meta = {"model": stack.source, "adapter": stack.adapter, "memlong": memlong_config(args).__dict__}
+    stack, meta = _eval_stack(args)
     out = Path(args.out)
     run_passkey(stack, settings, on_length=lambda rows: write_passkey(out, settings, rows, meta))
-    print((Path(args.out) / "passkey.md").read_text())
+    print((out / "passkey.md").read_text())
     return 0
 
 

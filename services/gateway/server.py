@@ -213,21 +213,18 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         log.info("session %s: rolled back %d chunks of a failed append", rec.session_id, len(gone))
         return self.table.update(rec.session_id, dirty_from=None)
 
-    def _readable(
-        self, tenant: str, session_id: str, deadline: Deadline, mode: int
-    ) -> tuple[SessionRecord, int]:
+    def _readable(self, rec: SessionRecord, deadline: Deadline, mode: int) -> tuple[SessionRecord, int]:
         """(record, memory mode) for a read, after rolling back a failed append unless one is running now.
 
         If the roll-back cannot run (ret-mem unreachable), a read that may go without memory does so:
         it must not read the failed append's chunks should ret-mem come back meanwhile."""
-        rec = self.table.get(tenant, session_id)
-        if rec.dirty_from is None or self.table.is_writing(session_id):
+        if rec.dirty_from is None or self.table.is_writing(rec.session_id):
             return rec, mode
         try:
-            with self.table.writing(session_id):
-                return self._roll_back(self.table.get(tenant, session_id), deadline), mode
+            with self.table.writing(rec.session_id):
+                return self._roll_back(self.table.get(rec.tenant, rec.session_id), deadline), mode
         except FailedPrecondition:  # an append started meanwhile: it rolls back first
-            return self.table.get(tenant, session_id), mode
+            return self.table.get(rec.tenant, rec.session_id), mode
         except Unavailable:
             if mode in (dpb.MEMORY_MODE_IF_AVAILABLE, dpb.MEMORY_MODE_OFF):
                 return rec, dpb.MEMORY_MODE_OFF
@@ -283,9 +280,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def Score(self, request, context):  # noqa: N802
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
-            self.table.get(call.tenant, request.session_id)  # NotFound before any other complaint
+            rec = self.table.get(call.tenant, request.session_id)
             self._text(request.text, "text")
-            rec, mode = self._readable(call.tenant, request.session_id, call.deadline, request.memory_mode)
+            rec, mode = self._readable(rec, call.deadline, request.memory_mode)
             req = dpb.ScoreRequest(
                 session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
                 text=request.text,
@@ -307,9 +304,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def Generate(self, request, context):  # noqa: N802
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
-            self.table.get(call.tenant, request.session_id)  # NotFound before any other complaint
+            rec = self.table.get(call.tenant, request.session_id)
             self._text(request.prompt, "prompt")
-            rec, mode = self._readable(call.tenant, request.session_id, call.deadline, request.memory_mode)
+            rec, mode = self._readable(rec, call.deadline, request.memory_mode)
             req = dpb.GenerateRequest(
                 session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
                 prompt=request.prompt,

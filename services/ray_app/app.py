@@ -44,8 +44,24 @@ def _check_serving(address: str, service: str) -> None:
         raise RuntimeError(f"{address}: {service} is not serving")
 
 
+class _Replica:
+    """What every replica shares: `server` (a started gRPC server), its `address` and `service` name.
+    Serve's health check asks the server's own health service; a replica going away stops it."""
+
+    server: Any = None
+    address: str
+    service: str
+
+    def check_health(self) -> None:
+        _check_serving(self.address, self.service)
+
+    def __del__(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace_s=5)
+
+
 @serve.deployment(ray_actor_options=ACTOR_OPTIONS, health_check_period_s=5, graceful_shutdown_timeout_s=30)
-class RetMemShard:
+class RetMemShard(_Replica):
     """One ret-mem shard, its data on the node's disk."""
 
     def __init__(self, config_json: str, index: int) -> None:
@@ -66,31 +82,23 @@ class RetMemShard:
         self.server.start()  # recovers before the replica reports ready
         self.address = self.server.serving_address()
 
-    def check_health(self) -> None:
-        _check_serving(self.address, self.service)
-
     def describe(self) -> dict[str, Any]:
         return {"address": self.address, "recovery": {k: str(v) for k, v in self.server.recovery.items()}}
 
-    def __del__(self) -> None:
-        server = getattr(self, "server", None)
-        if server is not None:
-            server.stop(grace_s=5)
-
 
 @serve.deployment(ray_actor_options=ACTOR_OPTIONS, health_check_period_s=10, graceful_shutdown_timeout_s=30)
-class DecoderReplica:
+class DecoderReplica(_Replica):
     """One decoder (model) replica; retrieves from the shards over gRPC."""
 
     def __init__(self, config_json: str, index: int) -> None:
-        from memlong.model import MemLongConfig
+        from memlong.config import MemLongConfig
         from services.decoder.config import DecoderConfig
         from services.decoder.server import SERVICE_NAME, DecoderServer
 
         config = RayAppConfig.from_json(config_json)
         dcfg = DecoderConfig(
             retmem=config.ring,
-            memlong=MemLongConfig(**config.memlong) if config.memlong else MemLongConfig(),
+            memlong=MemLongConfig.from_dict(config.memlong),
             model=config.model,
             adapter=config.adapter,
             host=config.host,
@@ -109,20 +117,12 @@ class DecoderReplica:
         self.server.start()
         self.service, self.address = SERVICE_NAME, self.server.address()
 
-    def check_health(self) -> None:
-        _check_serving(self.address, self.service)
-
     def describe(self) -> dict[str, Any]:
         return {"address": self.address}
 
-    def __del__(self) -> None:
-        server = getattr(self, "server", None)
-        if server is not None:
-            server.stop(grace_s=5)
-
 
 @serve.deployment(ray_actor_options=ACTOR_OPTIONS, health_check_period_s=5, graceful_shutdown_timeout_s=30)
-class Gateway:
+class Gateway(_Replica):
     """The public gRPC API; the application's ingress. Holds handles to the other deployments."""
 
     def __init__(self, config_json: str, decoders: list[Any], shards: list[Any]) -> None:
@@ -149,9 +149,6 @@ class Gateway:
         self.service, self.address = SERVICE_NAME, self.server.address()
         self.decoders, self.shards = decoders, shards
 
-    def check_health(self) -> None:
-        _check_serving(self.address, self.service)
-
     async def describe(self) -> dict[str, Any]:
         """Addresses of every service (the `memlong ray status` answer)."""
         return {
@@ -159,11 +156,6 @@ class Gateway:
             "decoders": [await d.describe.remote() for d in self.decoders],
             "shards": [await s.describe.remote() for s in self.shards],
         }
-
-    def __del__(self) -> None:
-        server = getattr(self, "server", None)
-        if server is not None:
-            server.stop(grace_s=5)
 
 
 def build_app(config: RayAppConfig) -> Any:

@@ -62,31 +62,37 @@ def _reference(stack) -> tuple[int, np.ndarray]:
     return _chunks(stack, sid), np.array(client.score(sid, "alpha eps theta").logprobs)
 
 
-def test_a_retried_append_after_a_failure_part_way_is_stored_once(failing):
-    stack, retriever = failing
-    want_chunks, want_logprobs = _reference(stack)
+def _session_with_first(stack):
+    """(client, session id, chunks stored) of a session that holds FIRST."""
     client = stack.client()
     sid = client.create_session().session_id
     client.append(sid, FIRST)
-    before = _chunks(stack, sid)
+    return client, sid, _chunks(stack, sid)
+
+
+def _retry_is_stored_once(stack, client, sid, want_chunks, want_logprobs) -> None:
+    client.append(sid, SECOND, offset=len(FIRST))  # the client's retry from the committed offset
+    assert _chunks(stack, sid) == want_chunks
+    np.testing.assert_array_equal(np.array(client.score(sid, "alpha eps theta").logprobs), want_logprobs)
+
+
+def test_a_retried_append_after_a_failure_part_way_is_stored_once(failing):
+    stack, retriever = failing
+    want_chunks, want_logprobs = _reference(stack)
+    client, sid, before = _session_with_first(stack)
     retriever.fail_after = 3  # three batches of SECOND's chunks reach ret-mem, then the call fails
     with pytest.raises(Exception, match="internal error"):  # the decoder hides the cause from callers
         client.append(sid, SECOND, offset=len(FIRST))
     assert retriever.fail_after is None, "the failure was not injected"
     assert _chunks(stack, sid) == before  # the failed call's chunks are gone, the committed ones kept
     assert client.get_session(sid).text_bytes == len(FIRST)
-    client.append(sid, SECOND, offset=len(FIRST))  # the client's retry from the committed offset
-    assert _chunks(stack, sid) == want_chunks
-    np.testing.assert_array_equal(np.array(client.score(sid, "alpha eps theta").logprobs), want_logprobs)
+    _retry_is_stored_once(stack, client, sid, want_chunks, want_logprobs)
 
 
 def test_a_roll_back_that_cannot_run_is_done_before_the_next_read_even_after_a_gateway_restart(failing):
     stack, retriever = failing
     want_chunks, want_logprobs = _reference(stack)
-    client = stack.client()
-    sid = client.create_session().session_id
-    client.append(sid, FIRST)
-    before = _chunks(stack, sid)
+    client, sid, before = _session_with_first(stack)
     retriever.on_fail = stack.retmem.stop  # ret-mem goes down with the failure: no roll-back possible now
     retriever.fail_after = 3
     with pytest.raises(Exception):  # noqa: B017 - UNAVAILABLE or the injected error, whichever lands first
@@ -106,6 +112,4 @@ def test_a_roll_back_that_cannot_run_is_done_before_the_next_read_even_after_a_g
     client = stack.client()
     client.score(sid, "alpha")  # ... until the session is next used
     assert _chunks(stack, sid) == before
-    client.append(sid, SECOND, offset=len(FIRST))
-    assert _chunks(stack, sid) == want_chunks
-    np.testing.assert_array_equal(np.array(client.score(sid, "alpha eps theta").logprobs), want_logprobs)
+    _retry_is_stored_once(stack, client, sid, want_chunks, want_logprobs)

@@ -3,12 +3,16 @@
 A `Reader` owns one text stream's local state (per-layer sliding caches, the tokens not yet in memory)
 and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a ret-mem client.
 
-- Tokens leave the local window in whole chunks; each such chunk's memory-layer K/V (before RoPE) and a
-  retriever embedding of its own text are appended to memory.
+- Tokens leave the local window in whole chunks; each such chunk's K/V at every memory layer (before
+  RoPE; one layer in the paper layout) and a retriever embedding of its own text are appended to memory.
 - Retrieval happens once per chunk boundary, never per token. The query is the text of the chunk just
   before the boundary (`query="prev_chunk"`): only text before the tokens being predicted.
-- `ingest` runs layers 0..mem_layer only, with the same sliding window and chunk-aligned blocks as
-  scoring, so memory from ingest equals memory from scoring the same text.
+- `ingest` reads like scoring without the LM head, so ingest-then-score equals one pass of scoring at
+  every layer (per-layer layout). The paper layout ingests cheaply: the text's first chunk through every
+  layer (so upper layers keep the true attention sinks), the rest through layers 0..mem_layer only; the
+  upper layers' window then warms up on the next tokens read with every layer (DESIGN §2.5).
+- Generation retrieves once with the prompt's own text before reading it (the prompt is given, so this
+  is no look-ahead); scoring stays causal.
 - Prefetch: when scoring a known text through a memory that offers `search_async` (the ret-mem port),
   the next chunk's query is known before the current chunk is computed, so its retrieval runs in the
   background while the model works. The answer is the same as a search made at the boundary.
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from memlong.errors import InvalidArgument
+from memlong.memory import PendingChunks, SearchResult
 from memlong.model import MemLongModel, Memory
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -107,15 +112,38 @@ class SamplingParams:
 
 
 def kv_to_records(k: torch.Tensor, v: torch.Tensor, dtype: str) -> np.ndarray:
-    """(n, Hkv, c, D) K and V -> (n, record_bytes) uint8 records of the (2, Hkv, c, D) stack."""
-    stacked = torch.stack([k, v], dim=1).to(_TORCH_DTYPES[dtype]).contiguous()  # (n, 2, Hkv, c, D)
+    """(n, L_mem, Hkv, c, D) K and V -> (n, record_bytes) uint8 records of the (L_mem, 2, Hkv, c, D)
+    stack (for L_mem = 1 the same bytes as the paper's (2, Hkv, c, D))."""
+    stacked = torch.stack([k, v], dim=2).to(_TORCH_DTYPES[dtype]).contiguous()  # (n, L_mem, 2, Hkv, c, D)
     return stacked.view(torch.uint8).reshape(stacked.shape[0], -1).numpy()
 
 
-def records_to_kv(records: np.ndarray, shape: tuple[int, int, int, int], dtype: str) -> torch.Tensor:
-    """(..., record_bytes) uint8 -> (..., 2, Hkv, c, D) tensor of the stored dtype (no copy)."""
+def records_to_kv(records: np.ndarray, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+    """(..., record_bytes) uint8 -> (..., *shape) tensor of the stored dtype (no copy)."""
     flat = torch.from_numpy(np.ascontiguousarray(records))
     return flat.view(_TORCH_DTYPES[dtype]).reshape(*records.shape[:-1], *shape)
+
+
+class ForkedMemory:
+    """A read-only view of a shared memory for a forked reader: its own chunks stay with it.
+
+    With per-layer memory the K/V a reader stores depend on what it retrieved, so two forks reading the
+    same tokens store different records under the same chunk ids; each keeps its own (exactly merged
+    into its searches, see `PendingChunks`) and the shared memory never changes.
+    """
+
+    def __init__(self, base: MemoryPort) -> None:
+        self.base = base
+        self._own = PendingChunks()
+
+    def append(
+        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
+    ) -> int:
+        self._own.add(ids, embeddings, records, lengths)
+        return len(ids)
+
+    def search(self, queries: np.ndarray, top_k: int) -> SearchResultLike:
+        return self._own.merge(queries, self.base.search(queries, top_k), top_k)
 
 
 class QueryEmbeddings:
@@ -185,21 +213,29 @@ class Reader:
         self.stream = self.model.new_stream()
         self.position = 0  # tokens read since the local state began
         self._pend_start = 0  # position of the first token not yet in memory
+        self._early: dict[int, int] = {}  # chunk id stored by flush(keep_window) -> end of its span
         self._pend_tokens: list[int] = []
-        self._pend_k: list[torch.Tensor] = []  # (Hkv, s, D) parts, concatenated lazily
+        self._pend_k: list[torch.Tensor] = []  # (L_mem, Hkv, s, D) parts, concatenated lazily
         self._pend_v: list[torch.Tensor] = []
         self._history: list[int] = []  # the last `chunk` tokens read: the retrieval query's text
+        self._next_query: list[int] | None = None  # a given prompt, the next boundary's query instead
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
         # (position, query tokens, next chunk id at issue, wait-for-result) of a retrieval started ahead
         self._prefetched: tuple[int, list[int], int, Callable[[], SearchResultLike]] | None = None
 
-    def fork(self, memory: MemoryPort | None) -> Reader:
-        """A reader with a copy of this one's local state and another memory (None for sliding-only)."""
-        other = Reader(self.model, self.retriever, self.tokenizer, memory, next_chunk_id=self.next_chunk_id)
+    def fork(self, memory: MemoryPort | None, writable: bool = False) -> Reader:
+        """A reader with a copy of this one's local state, reading `memory` (None for sliding-only).
+
+        It does not write to a shared `memory`: the fork's own chunks stay with it (`ForkedMemory`).
+        writable=True: `memory` is the fork's own (e.g. a copy) and receives its chunks directly.
+        """
+        view = memory if memory is None or writable else ForkedMemory(memory)
+        other = Reader(self.model, self.retriever, self.tokenizer, view, next_chunk_id=self.next_chunk_id)
         other.stream = self.stream.clone()
         other._queries = self._queries  # keyed by text: valid for every fork
         other.position, other._pend_start = self.position, self._pend_start
+        other._early = dict(self._early)
         other._pend_tokens = list(self._pend_tokens)
         other._pend_k, other._pend_v = list(self._pend_k), list(self._pend_v)
         other._history = list(self._history)
@@ -209,7 +245,8 @@ class Reader:
     # -- memory traffic -------------------------------------------------------------------------------
 
     def _absorb(self, tokens: Sequence[int], mem_k: torch.Tensor, mem_v: torch.Tensor) -> None:
-        """Queue a block's memory-layer K/V, then store every chunk that has left the local window."""
+        """Queue a block's memory K/V (B=1, L_mem, Hkv, s, D), then store every chunk that has left the
+        local window."""
         self._pend_tokens.extend(tokens)
         self._pend_k.append(mem_k[0])
         self._pend_v.append(mem_v[0])
@@ -222,23 +259,23 @@ class Reader:
     def _store(self, n_tokens: int) -> None:
         """Move the oldest n_tokens pending tokens into memory as chunks (the last may be partial)."""
         c = self.cfg.chunk
-        k = torch.cat(self._pend_k, dim=1) if len(self._pend_k) > 1 else self._pend_k[0]  # (Hkv, n, D)
-        v = torch.cat(self._pend_v, dim=1) if len(self._pend_v) > 1 else self._pend_v[0]
+        k = torch.cat(self._pend_k, dim=2) if len(self._pend_k) > 1 else self._pend_k[0]  # (L, Hkv, n, D)
+        v = torch.cat(self._pend_v, dim=2) if len(self._pend_v) > 1 else self._pend_v[0]
         toks = self._pend_tokens[:n_tokens]
-        self._pend_k, self._pend_v = [k[:, n_tokens:]], [v[:, n_tokens:]]
+        self._pend_k, self._pend_v = [k[:, :, n_tokens:]], [v[:, :, n_tokens:]]
         self._pend_tokens = self._pend_tokens[n_tokens:]
         self._pend_start += n_tokens
         if self.memory is None:
             return
         n_chunks = -(-n_tokens // c)
         pad = n_chunks * c - n_tokens
-        k, v = k[:, :n_tokens], v[:, :n_tokens]
+        k, v = k[:, :, :n_tokens], v[:, :, :n_tokens]
         if pad:
             k = torch.nn.functional.pad(k, (0, 0, 0, pad))
             v = torch.nn.functional.pad(v, (0, 0, 0, pad))
-        hkv, _, d = k.shape
-        k = k.view(hkv, n_chunks, c, d).transpose(0, 1)  # (n, Hkv, c, D)
-        v = v.view(hkv, n_chunks, c, d).transpose(0, 1)
+        n_layers, hkv, _, d = k.shape
+        k = k.reshape(n_layers, hkv, n_chunks, c, d).permute(2, 0, 1, 3, 4)  # (n, L_mem, Hkv, c, D)
+        v = v.reshape(n_layers, hkv, n_chunks, c, d).permute(2, 0, 1, 3, 4)
         texts = [self.tokenizer.decode(toks[i * c : (i + 1) * c]) for i in range(n_chunks)]
         lengths = np.array([min(c, n_tokens - i * c) for i in range(n_chunks)], dtype=np.int32)
         ids = np.arange(self.next_chunk_id, self.next_chunk_id + n_chunks, dtype=np.int64)
@@ -249,23 +286,37 @@ class Reader:
         self.stats.chunks_stored += n_chunks
         self.next_chunk_id += n_chunks
 
-    def flush(self) -> None:
-        """Store everything read so far (a last partial chunk too) and clear the local window.
+    def flush(self, keep_window: bool = False) -> None:
+        """Store everything read so far (a last partial chunk too), so memory alone holds the text.
 
-        Used between requests of a served session: memory outlives the decoder, the local window does not.
+        keep_window=False clears the local state. keep_window=True keeps it, so the next read continues
+        as one pass would (true sinks, warm window): the chunks stored early, still inside the window,
+        are left out of retrieval until they leave it (`_early`). Chunk boundaries then follow the call
+        boundaries where a call ended mid-chunk; the tokens in memory and in the window are the same.
         """
         if self._pend_tokens:
+            start, first_id = self._pend_start, self.next_chunk_id
             self._store(len(self._pend_tokens))
-        self._reset_local()
+            if keep_window:
+                c = self.cfg.chunk
+                for i in range(first_id, self.next_chunk_id):
+                    self._early[i] = start + (i - first_id) * c + c  # where the chunk may leave the window
+        if not keep_window:
+            self._reset_local()
 
     def seed_query(self, tokens: Sequence[int]) -> None:
-        """Query memory with `tokens` at the first chunk boundary of an empty local window.
+        """Retrieve memory for the tokens about to be read with `tokens` (a given prompt) as the query.
 
-        For a prompt whose continuation is generated: the prompt is given and only the answer is
-        predicted, so retrieving with the prompt is no look-ahead. Scoring never seeds (DESIGN §2.3).
+        For a prompt whose continuation is generated or whose label is ranked: the prompt is given and
+        only what follows is predicted, so querying with it is no look-ahead. Scoring never seeds
+        (DESIGN §2.3). Mid-chunk the retrieval runs now and serves the rest of the chunk; at a boundary
+        the boundary's own retrieval uses it.
         """
-        if not self._history:
-            self._history = list(tokens)[-self.cfg.chunk :]
+        query = list(tokens)[-self.cfg.chunk :]
+        if self.position % self.cfg.chunk:
+            self._block_memory = self._retrieve(query)
+        else:
+            self._next_query = query
 
     def _prefetch(self, position: int, query_tokens: list[int]) -> None:
         """Start the retrieval for the boundary at `position` (query known ahead) in the background."""
@@ -273,23 +324,37 @@ class Reader:
         if search_async is None:
             return
         text = self.tokenizer.decode(query_tokens)
-        handle = search_async(lambda: self._queries.embed(text), self.cfg.top_k)
+        handle = search_async(
+            lambda: self._queries.embed(text), self.cfg.top_k + len(self._in_window(position))
+        )
         self._prefetched = (position, query_tokens, self.next_chunk_id, handle)
 
-    def _retrieve(self) -> Memory | None:
-        """Top-k chunks for the next chunk, queried with the text before it; None when nothing to use."""
+    def _in_window(self, position: int) -> set[int]:
+        """Chunks stored early (`flush(keep_window=True)`) that the window at `position` still holds."""
+        edge = position - self.cfg.local_window
+        for i in [i for i, end in self._early.items() if end <= edge]:
+            del self._early[i]
+        return set(self._early)
+
+    def _retrieve(self, query_tokens: Sequence[int] | None = None) -> Memory | None:
+        """Top-k chunks for the next chunk, queried with the text before it (or `query_tokens`, a given
+        prompt); None when nothing to use."""
         pre, self._prefetched = self._prefetched, None
-        if self.memory is None or not self._history or self._pend_start == 0 and self.next_chunk_id == 0:
+        if query_tokens is None:
+            query_tokens, self._next_query = self._next_query or self._history, None
+        query_tokens = list(query_tokens)
+        if self.memory is None or not query_tokens or self._pend_start == 0 and self.next_chunk_id == 0:
             return None
         t0 = time.perf_counter()
         # A prefetched result is used only if it answers this boundary's query against the same memory:
         # a chunk stored after it was issued (one that just left the window) would be missing from it.
-        if pre is not None and pre[:3] == (self.position, self._history, self.next_chunk_id):
+        if pre is not None and pre[:3] == (self.position, query_tokens, self.next_chunk_id):
             res = pre[3]()
             self.stats.extra["prefetched"] = self.stats.extra.get("prefetched", 0) + 1
         else:
-            query = self._queries.embed(self.tokenizer.decode(self._history))
-            res = self.memory.search(query, self.cfg.top_k)
+            query = self._queries.embed(self.tokenizer.decode(query_tokens))
+            res = self.memory.search(query, self.cfg.top_k + len(self._in_window(self.position)))
+        res = _leave_out(res, self._in_window(self.position), self.cfg.top_k)
         self.stats.retrievals += 1
         self.stats.bytes_retrieved += int(res.records.nbytes)
         valid = res.ids[0] >= 0
@@ -297,10 +362,12 @@ class Reader:
             self.stats.retrieval_s += time.perf_counter() - t0
             return None
         shape = self.model.kv_record_shape
-        kv = records_to_kv(res.records[0][valid], shape, self.cfg.kv_dtype).float()  # (k, 2, Hkv, c, D)
-        n, _, hkv, c, d = kv.shape
-        mem_k = kv[:, 0].permute(1, 0, 2, 3).reshape(1, hkv, n * c, d)  # chronological chunk order
-        mem_v = kv[:, 1].permute(1, 0, 2, 3).reshape(1, hkv, n * c, d)
+        kv = records_to_kv(res.records[0][valid], shape, self.cfg.kv_dtype).float()
+        kv = kv.reshape(kv.shape[0], -1, *shape[-4:])  # (k, L_mem, 2, Hkv, c, D)
+        n, n_layers, _, hkv, c, d = kv.shape
+        # chronological chunk order: (L_mem, Hkv, k, c, D) -> (1, L_mem, Hkv, k*c, D)
+        mem_k = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(1, n_layers, hkv, n * c, d)
+        mem_v = kv[:, :, 1].permute(1, 2, 0, 3, 4).reshape(1, n_layers, hkv, n * c, d)
         slot = torch.arange(c)[None, :] < torch.from_numpy(res.lengths[0][valid]).long()[:, None]  # (k, c)
         self.stats.retrieval_s += time.perf_counter() - t0
         return Memory(k=mem_k, v=mem_v, mask=slot.reshape(1, 1, n * c))
@@ -318,13 +385,18 @@ class Reader:
 
     @torch.no_grad()
     def ingest(self, tokens: Sequence[int]) -> None:
-        """Encode tokens into memory with the lower layers only (no LM head, no retrieval)."""
+        """Encode tokens into memory without the LM head: every layer, with retrieval, exactly as scoring
+        reads them (per-layer layout); layers 0..mem_layer only after the text's first chunk (paper)."""
         t0 = time.perf_counter()
+        paper = self.cfg.layout == "paper"
         for i, step in self._blocks(len(tokens), self.cfg.chunk):
             block = list(tokens[i : i + step])
-            out = self.model.forward_block(torch.tensor([block]), self.stream, lower_only=True)
-            self.position += step
-            self._absorb(block, out.mem_k, out.mem_v)
+            if paper and self.stream.tokens_seen >= self.cfg.chunk:
+                out = self.model.forward_block(torch.tensor([block]), self.stream, lower_only=True)
+                self.position += step
+                self._absorb(block, out.mem_k, out.mem_v)
+            else:
+                self._forward(block)
         self._last_logp = None  # the LM head did not run: the next token cannot be scored
         self.stats.tokens_ingested += len(tokens)
         self.stats.compute_s += time.perf_counter() - t0
@@ -357,18 +429,28 @@ class Reader:
         self.stats.compute_s += time.perf_counter() - t0
         return torch.cat(out) if out else torch.zeros(0)
 
-    def _read_block(self, block: list[int]) -> torch.Tensor:
+    def _forward(self, block: list[int]) -> torch.Tensor:
+        """Read a block with every layer (retrieving at a chunk boundary); (s, hidden) final states."""
         if self.position % self.cfg.chunk == 0:
             self._block_memory = self._retrieve()
         out = self.model.forward_block(torch.tensor([block]), self.stream, memory=self._block_memory)
         self.position += len(block)
         self._absorb(block, out.mem_k, out.mem_v)
-        return torch.log_softmax(self.model.logits(out.hidden[0]).float(), dim=-1)
+        return out.hidden[0]
+
+    def _read_block(self, block: list[int]) -> torch.Tensor:
+        """(s, V) log-probs of the token after each position of the block."""
+        return torch.log_softmax(self.model.logits(self._forward(block)).float(), dim=-1)
 
     @torch.no_grad()
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """Read the prompt, then yield new tokens one at a time (retrieval at chunk boundaries only)."""
+        """Read the prompt, then yield new tokens one at a time.
+
+        Memory for the prompt comes from one retrieval with the prompt's own text (given, so no
+        look-ahead), kept until the next chunk boundary; later boundaries query as scoring does.
+        """
         if prompt:
+            self.seed_query(prompt)
             self.score(prompt)
         if self._last_logp is None:
             raise InvalidArgument("prompt", "generation needs at least one token of prompt after an ingest")
@@ -385,6 +467,22 @@ class Reader:
                     return
             logp = self._read_block([token])
             self._last_logp = logp[-1]
+
+
+def _leave_out(res: SearchResultLike, ids: set[int], top_k: int) -> SearchResultLike:
+    """Row 0 of a search result without `ids`, its best `top_k` kept, in chronological order."""
+    if not ids:
+        return res
+    keep = (res.ids[0] >= 0) & ~np.isin(res.ids[0], list(ids))
+    rows = np.flatnonzero(keep)
+    rows = rows[np.lexsort((res.ids[0][rows], -res.scores[0][rows]))][:top_k]
+    rows = np.sort(rows)  # the search result is chronological already
+    return SearchResult(
+        ids=res.ids[:1, rows],
+        scores=res.scores[:1, rows],
+        records=res.records[:1, rows],
+        lengths=res.lengths[:1, rows],
+    )
 
 
 def _sample(logp: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:

@@ -33,8 +33,8 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
     items = []
     for part in filter(None, spec.split(";")):
         key, _, value = part.partition("=")
-        if key == "ret_attn_layers":
-            items.append((key, tuple(int(x) for x in value.split(","))))
+        if key in ("ret_attn_layers", "mem_layers"):
+            items.append((key, tuple(int(x) for x in value.split(",") if x)))
         elif key in ("top_k", "chunk", "local_window", "mem_layer"):
             items.append((key, int(value)))
         else:
@@ -51,8 +51,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="MemLong LoRA adapter dir (from `memlong train`) folded into the weights; refused when it was "
         "trained for another base model, memory layer, retrieval layers or memory position",
     )
-    g.add_argument("--mem-layer", type=int, default=15)
-    g.add_argument("--ret-layers", default="15,19,23,27", help="comma-separated retrieval layers")
+    g.add_argument(
+        "--layout",
+        choices=("per_layer", "paper"),
+        default=None,
+        help="memory layout: per_layer (every memory layer stores and reads its own K/V; training-free, the "
+        "default) or paper (one memory layer read by the retrieval layers; the default with --adapter)",
+    )
+    g.add_argument("--mem-layers", default="", help="per_layer: comma-separated memory layers (default: all)")
+    g.add_argument("--mem-layer", type=int, default=15, help="paper layout: the memory layer")
+    g.add_argument(
+        "--ret-layers", default="15,19,23,27", help="paper layout: comma-separated retrieval layers"
+    )
     g.add_argument("--chunk", type=int, default=128)
     g.add_argument("--top-k", type=int, default=8)
     g.add_argument("--local-window", type=int, default=1024)
@@ -64,7 +74,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def memlong_config(args: argparse.Namespace):
     from memlong.model import MemLongConfig
 
+    layout = args.layout or ("paper" if getattr(args, "adapter", None) else "per_layer")
     return MemLongConfig(
+        layout=layout,
+        mem_layers=tuple(int(x) for x in args.mem_layers.split(",") if x),
         mem_layer=args.mem_layer,
         ret_attn_layers=tuple(int(x) for x in args.ret_layers.split(",")),
         chunk=args.chunk,
@@ -107,7 +120,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     stack, meta = _eval_stack(args)
     records, speeds = run_ppl(stack, settings)
     write_ppl(Path(args.out), settings, records, speeds, meta)
-    print((Path(args.out) / "ppl.md").read_text())
+    print((Path(args.out) / f"ppl_{Path(settings.book).stem}.md").read_text())
     return 0
 
 
@@ -147,6 +160,26 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_chapterbreak(args: argparse.Namespace) -> int:
+    from memlong.eval.chapterbreak import ChapterBreakSettings, run_chapterbreak, write_chapterbreak
+
+    settings = ChapterBreakSettings(
+        book=args.book,
+        context=args.context,
+        candidate_tokens=args.candidate_tokens,
+        distractors=args.distractors,
+        cases=args.cases,
+        seed=args.seed,
+        methods=tuple(args.methods.split(",")),
+    )
+    stack, meta = _eval_stack(args)
+    out = Path(args.out)
+    rows = run_chapterbreak(stack, settings)
+    write_chapterbreak(out, settings, rows, meta)
+    print((out / f"chapterbreak_{settings.book}_{settings.context}.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memlong", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -155,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval", required=True)
     ppl = ev.add_parser("ppl", help="perplexity: full vs sliding vs memlong on the same tokens")
     ppl.add_argument("--book", default="kjv", help="kjv, shakespeare or a path to a UTF-8 text file")
-    ppl.add_argument("--lengths", default="2k,4k,8k,16k,32k,64k")
+    ppl.add_argument("--lengths", default="4k,8k,16k,32k,64k,128k")
     ppl.add_argument("--windows", type=int, default=4)
     ppl.add_argument("--score-tokens", type=int, default=256, help="scored tokens at the end of each window")
-    ppl.add_argument("--methods", default="full,sliding,memlong")
+    ppl.add_argument(
+        "--methods", default="full,sliding,per_layer,paper", help="full, sliding, per_layer, paper, memlong"
+    )
     ppl.add_argument("--full-max", type=int, default=8192, help="longest context for full attention")
     ppl.add_argument(
         "--variant",
@@ -180,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--out", default="bench/results")
     _model_args(pk)
     pk.set_defaults(func=cmd_eval_passkey)
+
+    cb = ev.add_parser(
+        "chapterbreak", help="ChapterBreak-style: rank the true next section after a long prefix"
+    )
+    cb.add_argument("--book", default="shakespeare", help="shakespeare (scenes) or kjv (chapters)")
+    cb.add_argument("--context", type=int, default=4096, help="prefix tokens before the section break")
+    cb.add_argument("--candidate-tokens", type=int, default=64)
+    cb.add_argument("--distractors", type=int, default=5)
+    cb.add_argument("--cases", type=int, default=40)
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--methods", default="full,sliding,per_layer")
+    cb.add_argument("--out", default="bench/results")
+    _model_args(cb)
+    cb.set_defaults(func=cmd_eval_chapterbreak)
 
     icl = ev.add_parser("icl", help="in-context learning: demonstrations in memory vs none")
     icl.add_argument(

@@ -7,11 +7,22 @@ from dataclasses import dataclass
 
 from memlong.errors import InvalidArgument
 
+LAYOUTS = ("per_layer", "paper")
+
 
 @dataclass(frozen=True)
 class MemLongConfig:
-    """MemLong settings. Layer indices are 0-based decoder layers of the wrapped model."""
+    """MemLong settings. Layer indices are 0-based decoder layers of the wrapped model.
 
+    Two memory layouts (DESIGN §1):
+    - "per_layer" (default; training-free): every layer in `mem_layers` (empty: all layers) stores its
+      own pre-RoPE K/V per chunk and reads them back. One record per chunk holds all of them.
+    - "paper": MemLong's layout. Only `mem_layer` stores K/V; the `ret_attn_layers` read them through
+      their own projections, which needs stage-2 training (untrained it costs +68 % perplexity).
+    """
+
+    layout: str = "per_layer"  # "per_layer" or "paper"
+    mem_layers: tuple[int, ...] = ()  # per_layer: layers that store and read their own K/V (empty: all)
     mem_layer: int = 15  # layer whose pre-RoPE K/V are stored as memory; layers 0..mem_layer are frozen
     ret_attn_layers: tuple[int, ...] = (15, 19, 23, 27)  # layers attending to [memory ; local]
     chunk: int = 128  # tokens per memory chunk
@@ -25,6 +36,11 @@ class MemLongConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
+        object.__setattr__(self, "mem_layers", tuple(sorted({int(i) for i in self.mem_layers})))
+        if self.layout not in LAYOUTS:
+            raise InvalidArgument("layout", f"must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.mem_layers and self.mem_layers[0] < 0:
+            raise InvalidArgument("mem_layers", "layer indices must be >= 0")
         if self.mem_layer < 0:
             raise InvalidArgument("mem_layer", f"must be >= 0, got {self.mem_layer}")
         if not self.ret_attn_layers:
@@ -57,8 +73,42 @@ class MemLongConfig:
         return cls(**values)
 
     def check_model(self, n_layers: int) -> None:
-        if self.ret_attn_layers[-1] >= n_layers or self.mem_layer >= n_layers:
+        if self.layout == "paper" and (self.ret_attn_layers[-1] >= n_layers or self.mem_layer >= n_layers):
             raise InvalidArgument("ret_attn_layers", f"model has only {n_layers} layers")
+        if self.mem_layers and self.mem_layers[-1] >= n_layers:
+            raise InvalidArgument("mem_layers", f"model has only {n_layers} layers")
+
+    def memory_layers(self, n_layers: int) -> tuple[int, ...]:
+        """Layers whose K/V are stored, in record order."""
+        if self.layout == "paper":
+            return (self.mem_layer,)
+        return self.mem_layers or tuple(range(n_layers))
+
+    def read_index(self, n_layers: int) -> dict[int, int]:
+        """layer -> which stored layer's K/V it reads (index into `memory_layers`)."""
+        if self.layout == "paper":
+            return {r: 0 for r in self.ret_attn_layers}
+        return {layer: i for i, layer in enumerate(self.memory_layers(n_layers))}
+
+    def layout_tag(self, n_layers: int) -> str:
+        """What wrote a session's memory; a reader of another layout is refused (see `SessionSpec`)."""
+        if self.layout == "paper":
+            return f"paper:mem_layer={self.mem_layer}"
+        layers = self.memory_layers(n_layers)
+        return "per_layer:" + ",".join(map(str, layers))
+
+    def describe(self) -> str:
+        """One line for logs and reports: the layout and the reading settings."""
+        if self.layout == "paper":
+            where = f"paper layout: mem_layer {self.mem_layer}, retrieval layers {list(self.ret_attn_layers)}"
+        else:
+            where = "per-layer memory: " + (
+                f"layers {list(self.mem_layers)}" if self.mem_layers else "every layer"
+            )
+        return (
+            f"{where}; chunk {self.chunk}, top-k {self.top_k}, local window {self.local_window}, "
+            f"{self.sink_tokens} sinks, memory keys at '{self.mem_position}', query '{self.query}'"
+        )
 
     @property
     def memory_chunks(self) -> int:

@@ -161,6 +161,61 @@ class SearchResult:
     lengths: np.ndarray
 
 
+class PendingChunks:
+    """Chunks held beside a memory without being written to it, merged into its search results.
+
+    A read that must not change the memory (a served score or generate, a forked reader in an
+    evaluation) keeps its own chunks here; the union of two top-k lists contains the top-k of the union,
+    so `merge` is exact. Ranking as `SessionMemory.search`: score descending, then the older id.
+    """
+
+    def __init__(self) -> None:
+        self._ids: list[np.ndarray] = []  # (n,) per add
+        self._emb: list[np.ndarray] = []  # (n, dim)
+        self._rec: list[np.ndarray] = []  # (n, record_bytes)
+        self._len: list[np.ndarray] = []  # (n,)
+
+    def __bool__(self) -> bool:
+        return bool(self._ids)
+
+    def add(self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray) -> None:
+        self._ids.append(np.array(ids, np.int64))
+        self._emb.append(np.array(embeddings, np.float32))
+        self._rec.append(np.array(records, np.uint8))
+        self._len.append(np.array(lengths, np.int32))
+
+    def merge(self, queries: np.ndarray, stored: SearchResult, top_k: int) -> SearchResult:
+        """Top-k of (stored rows ∪ these chunks) per query row, each row chronological."""
+        if not self._ids:
+            return stored
+        queries = np.asarray(queries, np.float32)
+        ids = np.concatenate(self._ids)  # (m,)
+        emb = np.concatenate(self._emb).astype(np.float64)  # (m, dim)
+        rec, lens = np.concatenate(self._rec), np.concatenate(self._len)  # (m, rb), (m,)
+        local = (emb[None] * queries.astype(np.float64)[:, None, :]).sum(axis=2).astype(np.float32)  # (q, m)
+        q = len(queries)
+        out = SearchResult(
+            ids=np.full((q, top_k), -1, np.int64),
+            scores=np.full((q, top_k), -np.inf, np.float32),
+            records=np.zeros((q, top_k, rec.shape[1]), np.uint8),
+            lengths=np.zeros((q, top_k), np.int32),
+        )
+        for row in range(q):
+            valid = stored.ids[row] >= 0
+            r_ids = stored.ids[row][valid]
+            fresh = ~np.isin(ids, r_ids)  # a chunk both here and in the memory counts once
+            cand_ids = np.concatenate([r_ids, ids[fresh]])
+            cand_scores = np.concatenate([stored.scores[row][valid], local[row][fresh]])
+            cand_rec = np.concatenate([stored.records[row][valid], rec[fresh]])
+            cand_len = np.concatenate([stored.lengths[row][valid], lens[fresh]])
+            best = np.lexsort((cand_ids, -cand_scores))[:top_k]
+            best = best[np.argsort(cand_ids[best])]  # chronological
+            n = len(best)
+            out.ids[row, :n], out.scores[row, :n] = cand_ids[best], cand_scores[best]
+            out.records[row, :n], out.lengths[row, :n] = cand_rec[best], cand_len[best]
+        return out
+
+
 # ---------------------------------------------------------------------------------------- eviction
 
 

@@ -20,7 +20,14 @@ on t, never on how the text was cut into (chunk-aligned) blocks, and the query-m
 about one window however long the text is. Re-positioning retrieved chunks into the sequence was
 reported to collapse the model (DESIGN §1).
 
-Every retrieval layer reuses the memory layer's K/V (KV-head count, GQA) with its own Q and O projections.
+Two memory layouts (config.layout). "per_layer" (the default, training-free): every memory layer stores
+its own K/V and reads them back. "paper": every retrieval layer reuses the memory layer's K/V (KV-head
+count, GQA) with its own Q and O projections (needs stage-2 training). Memory K/V travel as
+(B, L_mem, Hkv, M, D), one slice per stored layer; `read_index` says which slice a layer reads.
+
+Sinks. A layer that skipped tokens (the upper layers during a paper-layout lower-only ingest) drops its
+now-stale window when it next runs, but keeps the sinks it recorded from the text's true first tokens;
+that is why the Reader runs the text's first chunk through every layer (DESIGN §2.5).
 """
 
 from __future__ import annotations
@@ -37,15 +44,16 @@ from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from memlong.config import MemLongConfig
+from memlong.errors import InvalidArgument
 
 ATTN_NAME = "memlong"
 
 
 @dataclass
 class Memory:
-    """Retrieved memory for one block, shared by every retrieval layer.
+    """Retrieved memory for one block, shared by every reading layer.
 
-    k, v: (B, Hkv, M, D), keys before RoPE. mask: (B, S or 1, M) bool, True where a query may attend
+    k, v: (B, L_mem, Hkv, M, D), keys before RoPE, one slice per stored layer. mask: (B, S or 1, M) bool, True where a query may attend
     (padding slots and chunks not retrieved for that query are False).
     """
 
@@ -97,15 +105,15 @@ class _Forward:
     stream: Stream
     window: int
     n_sink: int
-    ret_layers: frozenset[int]
-    mem_layer: int
+    read_index: dict[int, int]  # reading layer -> its slice of memory K/V
+    store_index: dict[int, int]  # storing layer -> its slice of the block's K/V output
     memory: Memory | None
-    mem_k: torch.Tensor | None  # (B, Hkv, M, D) memory keys as attended (rotated only in "prefix" mode)
+    mem_k: torch.Tensor | None  # (B, L_mem, Hkv, M, D) memory keys as attended (rotated only in "prefix")
     cos: torch.Tensor  # (B, P+S+1, D): rotary table for positions 0..P+S
     sin: torch.Tensor
     frame: int  # P: the block's first token sits at position P+1
     k_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, S, Hkv*D) from k_proj
-    mem_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # memory layer's (k_pre, v), (B, Hkv, S, D)
+    mem_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slice -> (k_pre, v)
 
 
 _CURRENT: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("memlong_forward", default=None)
@@ -147,8 +155,8 @@ def memlong_attention(
     n = cache.length
 
     k_new = fwd.k_pre.pop(layer).view(b, s, n_kv, d).transpose(1, 2)  # (B, Hkv, S, D), before RoPE
-    if layer == fwd.mem_layer:
-        fwd.mem_kv = (k_new, value)
+    if layer in fwd.store_index:
+        fwd.mem_kv[fwd.store_index[layer]] = (k_new, value)  # (B, Hkv, S, D) each
     k_loc = k_new if cache.k is None else torch.cat([cache.k, k_new], dim=2)  # (B, Hkv, n+S, D)
     v_loc = value if cache.v is None else torch.cat([cache.v, value], dim=2)
     # The window ends at the block: cache keys at P-n+1..P, the block at P+1..P+S.
@@ -181,12 +189,12 @@ def memlong_attention(
         values = torch.cat([cache.sink_v, values], dim=2)
         sink_mask = _sink_mask(ns, cache.seen, s, fwd.window, query.device)[None, None].expand(b, 1, s, ns)
         mask = torch.cat([sink_mask, mask], dim=-1)
-    if fwd.memory is not None and layer in fwd.ret_layers:
-        mem = fwd.memory
+    if fwd.memory is not None and layer in fwd.read_index:
+        mem, i = fwd.memory, fwd.read_index[layer]
         # "zero": memory keys are not rotated (position 0, about one window before the local text).
-        keys = torch.cat([fwd.mem_k.to(query.dtype), keys], dim=2)
-        values = torch.cat([mem.v.to(query.dtype), values], dim=2)
-        mem_mask = mem.mask[:, None].expand(b, 1, s, mem.k.shape[2])
+        keys = torch.cat([fwd.mem_k[:, i].to(query.dtype), keys], dim=2)
+        values = torch.cat([mem.v[:, i].to(query.dtype), values], dim=2)
+        mem_mask = mem.mask[:, None].expand(b, 1, s, mem.k.shape[3])
         mask = torch.cat([mem_mask, mask], dim=-1)  # (B, 1, S, M+sinks+n+S)
 
     out = F.scaled_dot_product_attention(  # GQA: keys and values stay at the KV-head count
@@ -215,7 +223,7 @@ AttentionInterface.register(ATTN_NAME, memlong_attention)
 @dataclass
 class BlockOutput:
     """hidden: (B, S, hidden) final-norm states (None for a lower-only pass).
-    mem_k, mem_v: (B, Hkv, S, D) the memory layer's K (before RoPE) and V of the block."""
+    mem_k, mem_v: (B, L_mem, Hkv, S, D) every memory layer's K (before RoPE) and V of the block."""
 
     hidden: torch.Tensor | None
     mem_k: torch.Tensor
@@ -273,9 +281,19 @@ class MemLongModel(torch.nn.Module):
         return hook
 
     @property
-    def kv_record_shape(self) -> tuple[int, int, int, int]:
-        """Shape of one chunk's stored K/V: (2, Hkv, chunk, D)."""
-        return (2, self.n_kv_heads, self.config.chunk, self.head_dim)
+    def memory_layers(self) -> tuple[int, ...]:
+        return self.config.memory_layers(self.n_layers)
+
+    @property
+    def kv_record_shape(self) -> tuple[int, ...]:
+        """Shape of one chunk's stored K/V: (2, Hkv, chunk, D) in the paper layout, (L_mem, 2, Hkv, chunk,
+        D) per layer. A paper record is byte-for-byte a per-layer record with L_mem = 1."""
+        one = (2, self.n_kv_heads, self.config.chunk, self.head_dim)
+        return one if self.config.layout == "paper" else (len(self.memory_layers), *one)
+
+    @property
+    def layout_tag(self) -> str:
+        return self.config.layout_tag(self.n_layers)
 
     def new_stream(self) -> Stream:
         return Stream([LayerCache() for _ in range(self.n_layers)])
@@ -289,11 +307,13 @@ class MemLongModel(torch.nn.Module):
     ) -> BlockOutput:
         """Read a block of new tokens (B, S), updating the stream's caches in place.
 
-        lower_only runs layers 0..mem_layer-1 and the memory layer's K/V projections only: all that
-        memory encoding needs (DESIGN §2.5). Those layers never see memory, so their caches and the
-        stored K/V equal what a full pass would produce.
+        lower_only (paper layout) runs layers 0..mem_layer-1 and the memory layer's K/V projections only:
+        all that memory encoding needs (DESIGN §2.5). Those layers never see memory, so their caches and
+        the stored K/V equal what a full pass would produce.
         """
         cfg = self.config
+        if lower_only and cfg.layout != "paper":
+            raise InvalidArgument("lower_only", "only the paper layout stores one lower layer's K/V")
         self._hook_k_proj()
         hidden = self.base.embed_tokens(input_ids)  # (B, S, hidden)
         b, s = input_ids.shape
@@ -309,16 +329,24 @@ class MemLongModel(torch.nn.Module):
         if memory is not None and cfg.mem_position == "prefix":
             # Retrieved chunks read as the text right before the window: positions 1-M..0. The local
             # positions stay 1..P+S, so layers below the memory layer compute bit-identical results.
-            m = memory.k.shape[2]
+            m = memory.k.shape[3]
             mem_pos = torch.arange(1 - m, 1, device=input_ids.device)[None].expand(b, m)
             mcos, msin = self.base.rotary_emb(hidden, mem_pos)
-            _, mem_k = apply_rotary_pos_emb(mem_k, mem_k, mcos, msin)
+            flat = mem_k.flatten(1, 2)  # (B, L_mem*Hkv, M, D)
+            _, flat = apply_rotary_pos_emb(flat, flat, mcos, msin)
+            mem_k = flat.view_as(mem_k)
+        if not lower_only:
+            for cache in stream.caches:
+                if cache.seen != stream.tokens_seen:  # skipped tokens: its window is stale, its sinks true
+                    cache.k = cache.v = cache.k_rot = None
+                    cache.seen = stream.tokens_seen
+        stored = self.memory_layers
         fwd = _Forward(
             stream=stream,
             window=cfg.local_window,
             n_sink=cfg.sink_tokens,
-            ret_layers=frozenset(cfg.ret_attn_layers),
-            mem_layer=cfg.mem_layer,
+            read_index=cfg.read_index(self.n_layers),
+            store_index={layer: i for i, layer in enumerate(stored)},
             memory=memory,
             mem_k=mem_k,
             cos=cos,
@@ -336,12 +364,12 @@ class MemLongModel(torch.nn.Module):
                 k = mem_layer.self_attn.k_proj(normed)
                 fwd.k_pre.clear()
                 v = mem_layer.self_attn.v_proj(normed)
-                mem_k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-                mem_v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+                mem_k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)[:, None]
+                mem_v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)[:, None]
                 out = None
             else:
-                assert fwd.mem_kv is not None
-                mem_k, mem_v = fwd.mem_kv
+                mem_k = torch.stack([fwd.mem_kv[i][0] for i in range(len(stored))], dim=1)
+                mem_v = torch.stack([fwd.mem_kv[i][1] for i in range(len(stored))], dim=1)
                 out = self.base.norm(hidden)
         finally:
             _CURRENT.reset(token)

@@ -27,9 +27,12 @@ def tiny_llama(n_heads: int = 4, n_kv_heads: int = 2, n_layers: int = 4, seed: i
     return model
 
 
-def tiny_memlong(chunk: int = 4, window: int = 8, top_k: int = 2, sink_tokens: int = 2, **kw) -> MemLongModel:
+def tiny_memlong(
+    chunk: int = 4, window: int = 8, top_k: int = 2, sink_tokens: int = 2, layout: str = "per_layer", **kw
+) -> MemLongModel:
     hf = tiny_llama(**{k: v for k, v in kw.items() if k in ("n_heads", "n_kv_heads", "n_layers", "seed")})
     cfg = MemLongConfig(
+        layout=layout,
         mem_layer=1,
         ret_attn_layers=(1, 3),
         chunk=chunk,

@@ -128,3 +128,96 @@ def test_a_chunk_queried_before_it_is_stored_is_embedded_once():
     texts = [TinyTokenizer().decode(toks[4 * i : 4 * i + 4]) for i in ids]
     stored = reader.memory.export_state()["embeddings"]
     np.testing.assert_array_equal(stored, RecordingRetriever().embed(texts))  # what a fresh embed gives
+
+
+def _assert_same_caches(a, b, layers):
+    for li in layers:
+        ca, cb = a.stream.caches[li], b.stream.caches[li]
+        assert ca.seen == cb.seen, li
+        for name in ("k", "v", "sink_k", "sink_v"):
+            torch.testing.assert_close(getattr(ca, name), getattr(cb, name), atol=1e-5, rtol=0, msg=name)
+
+
+def test_ingest_then_score_equals_one_pass_of_score_at_every_layer():
+    # Per-layer memory: upper layers read memory, so what they store depends on retrieval; ingest reads
+    # exactly as scoring does (without the LM head), so the two paths agree at every layer.
+    model = tiny_memlong(chunk=4, window=8)
+    toks = _tokens(72, seed=7)
+    split = 48
+    two, one = _reader(model), _reader(model)
+    two.ingest(toks[:split])
+    _assert_same_caches(two, _scored(model, toks[:split]), range(4))
+    lp_two = two.score(toks[split:])
+    lp_one = one.score(toks)
+    assert one.stats.retrievals > 10
+    torch.testing.assert_close(lp_two[1:], lp_one[split + 1 :], atol=1e-5, rtol=0)
+    _assert_same_caches(two, one, range(4))
+    ids = one.memory.ids()
+    assert (two.memory.ids() == ids).all()
+    torch.testing.assert_close(
+        records_to_kv(two.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
+        records_to_kv(one.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def _scored(model, toks):
+    reader = _reader(model)
+    reader.score(toks)
+    return reader
+
+
+def test_paper_ingest_keeps_the_true_sinks_of_every_layer():
+    # The paper layout ingests cheaply (layers 0..mem_layer after the first chunk); the layers above it
+    # still hold the text's true first tokens as sinks, and the lower layers equal one pass exactly.
+    model = tiny_memlong(chunk=4, window=8, layout="paper")
+    toks = _tokens(40, seed=8)
+    ingested, scored = _reader(model), _scored(model, toks)
+    ingested.ingest(toks)
+    for li in range(4):
+        ca, cb = ingested.stream.caches[li], scored.stream.caches[li]
+        torch.testing.assert_close(ca.sink_k, cb.sink_k, atol=1e-5, rtol=0)
+    _assert_same_caches(ingested, scored, range(model.config.mem_layer))
+    # The upper layers drop their stale window on the next full read and keep their sinks.
+    ingested.score(_tokens(4, seed=9))
+    upper = ingested.stream.caches[3]
+    assert upper.seen == 44 and upper.length == 4
+    torch.testing.assert_close(upper.sink_k, scored.stream.caches[3].sink_k, atol=1e-5, rtol=0)
+
+
+def test_a_forked_reader_never_writes_the_shared_memory():
+    model = tiny_memlong(chunk=4, window=8)
+    base = _reader(model)
+    base.ingest(_tokens(40, seed=10))
+    before = base.memory.ids().tolist()
+    fork = base.fork(base.memory)
+    fork.score(_tokens(24, seed=11))
+    assert fork.stats.chunks_stored > 0 and base.memory.ids().tolist() == before
+    # ... yet the fork retrieves its own chunks as if they were stored (the same as an unshared copy)
+    alone = _reader(model)
+    alone.ingest(_tokens(40, seed=10))
+    torch.testing.assert_close(
+        alone.score(_tokens(24, seed=11)), fork_again(base, 11), atol=1e-5, rtol=0, equal_nan=True
+    )
+
+
+def fork_again(base, seed):
+    return base.fork(base.memory).score(_tokens(24, seed=seed))
+
+
+def test_a_session_continued_after_a_flush_reads_as_one_pass():
+    # A served session stores everything at the end of a call (durability) but keeps its window: the
+    # chunks still inside the window stay out of retrieval until they leave it, so the next call reads
+    # exactly as one pass over both texts would (text ending on a chunk boundary).
+    model = tiny_memlong(chunk=4, window=8)
+    toks = _tokens(80, seed=12)
+    split = 44
+    served, one = _reader(model), _reader(model)
+    served.ingest(toks[:split])
+    served.flush(keep_window=True)
+    assert len(served.memory) == split // 4  # everything is in memory after the call
+    lp_served = served.score(toks[split:])
+    lp_one = one.score(toks)
+    torch.testing.assert_close(lp_served[1:], lp_one[split + 1 :], atol=1e-5, rtol=0)
+    _assert_same_caches(served, one, range(4))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from memlong.errors import InvalidArgument
 from memlong.model import MemLongConfig, MemLongModel, Memory
 from tests.factories import tiny_llama, tiny_memlong
 
@@ -44,9 +45,10 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
             keys = [rope(k[:, :, sinks], sinks + 1), rope(k[:, :, local], p_t - (t - local))]
             vals = [v[:, :, sinks], v[:, :, local]]
             valid = [torch.ones(b, len(sinks) + len(local), dtype=torch.bool)]
-            if mem is not None and li in cfg.ret_attn_layers:
-                keys.insert(0, mem.k)
-                vals.insert(0, mem.v)
+            read = cfg.read_index(len(base.layers))
+            if mem is not None and li in read:
+                keys.insert(0, mem.k[:, read[li]])
+                vals.insert(0, mem.v[:, read[li]])
                 valid.insert(0, mem.mask[:, min(t, mem.mask.shape[1] - 1)])
             kk = torch.cat(keys, 2).repeat_interleave(g, 1)
             vv = torch.cat(vals, 2).repeat_interleave(g, 1)
@@ -108,14 +110,15 @@ def test_sinks_keep_a_long_text_readable_and_are_not_counted_twice():
         assert _sink_mask(2, 4, 2, 4, torch.device("cpu")).tolist() == [[False, False], [True, False]]
 
 
-def test_memory_attention_equals_naive_reference_gqa():
-    model = tiny_memlong(window=6, n_heads=4, n_kv_heads=2, sink_tokens=2, chunk=4)
+@pytest.mark.parametrize("layout", ["per_layer", "paper"])
+def test_memory_attention_equals_naive_reference_gqa(layout):
+    model = tiny_memlong(window=6, n_heads=4, n_kv_heads=2, sink_tokens=2, chunk=4, layout=layout)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 97, (2, 12), generator=g)
-    m = 10
+    m, n_mem = 10, len(model.memory_layers)  # per_layer: every layer reads its own slice
     mem = Memory(
-        k=torch.randn(2, 2, m, 8, generator=g),
-        v=torch.randn(2, 2, m, 8, generator=g),
+        k=torch.randn(2, n_mem, 2, m, 8, generator=g),
+        v=torch.randn(2, n_mem, 2, m, 8, generator=g),
         mask=torch.tensor([[True] * m, [True] * 6 + [False] * 4])[:, None, :],  # row 2 has 4 padding slots
     )
     with torch.no_grad():
@@ -137,7 +140,7 @@ def test_memory_attention_equals_naive_reference_gqa():
 
 
 def test_memory_keys_are_the_memory_layer_k_before_rope():
-    model = tiny_memlong(window=64)
+    model = tiny_memlong(window=64, layout="paper")
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = model.forward_block(ids, model.new_stream())
@@ -149,20 +152,46 @@ def test_memory_keys_are_the_memory_layer_k_before_rope():
         model.hf(ids)
         model.hf.config._attn_implementation = "memlong"
         hook.remove()
-    assert full.mem_k.shape == (1, 2, 8, 8)  # (B, Hkv, S, D): KV-head count, not query heads
+    assert full.mem_k.shape == (1, 1, 2, 8, 8)  # (B, L_mem, Hkv, S, D): KV-head count, not query heads
     assert lower.hidden is None and h.shape == (1, 8, 32)
     # Stored keys are the plain k_proj output of the memory layer: no rotary applied.
-    torch.testing.assert_close(full.mem_k, stock_k[0].view(1, 8, 2, 8).transpose(1, 2), atol=1e-6, rtol=0)
+    want = stock_k[0].view(1, 8, 2, 8).transpose(1, 2)[:, None]
+    torch.testing.assert_close(full.mem_k, want, atol=1e-6, rtol=0)
     torch.testing.assert_close(lower.mem_k, full.mem_k, atol=1e-6, rtol=0)
     torch.testing.assert_close(lower.mem_v, full.mem_v, atol=1e-6, rtol=0)
 
 
-def test_config_rejects_bad_settings():
-    from memlong.errors import InvalidArgument
+def test_per_layer_memory_stores_every_layer_k_before_rope():
+    model = tiny_memlong(window=64)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(4))
+    stock_k: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, li=li: stock_k.__setitem__(li, o))
+        for li, layer in enumerate(model.base.layers)
+    ]
+    with torch.no_grad():
+        model.hf.config._attn_implementation = "sdpa"
+        model.hf(ids)
+        model.hf.config._attn_implementation = "memlong"
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        out = model.forward_block(ids, model.new_stream())
+    assert out.mem_k.shape == (1, 4, 2, 8, 8) and model.kv_record_shape == (4, 2, 2, 4, 8)
+    for li in range(4):
+        torch.testing.assert_close(out.mem_k[:, li], stock_k[li].view(1, 8, 2, 8).transpose(1, 2))
+    with pytest.raises(InvalidArgument, match="lower_only"):
+        model.forward_block(ids, model.new_stream(), lower_only=True)
 
+
+def test_config_rejects_bad_settings():
     with pytest.raises(InvalidArgument, match="ret_attn_layers"):
         MemLongConfig(mem_layer=5, ret_attn_layers=(3,))
     with pytest.raises(InvalidArgument, match="bogus"):
         MemLongConfig.from_dict({"bogus": 1})
     with pytest.raises(InvalidArgument, match="ret_attn_layers"):
-        MemLongModel(tiny_llama(), MemLongConfig(mem_layer=1, ret_attn_layers=(9,)))
+        MemLongModel(tiny_llama(), MemLongConfig(layout="paper", mem_layer=1, ret_attn_layers=(9,)))
+    with pytest.raises(InvalidArgument, match="layout"):
+        MemLongConfig(layout="cross")
+    with pytest.raises(InvalidArgument, match="mem_layers"):
+        MemLongModel(tiny_llama(), MemLongConfig(mem_layers=(0, 7)))

@@ -30,7 +30,7 @@ def _trainer(model, tmp_path, docs, eval_docs=None, **kw):
 
 @pytest.mark.parametrize("block_chunks,sinks", [(1, 2), (1, 0), (3, 0)])
 def test_training_pass_reads_exactly_like_the_inference_reader(block_chunks, sinks):
-    model = tiny_memlong(chunk=4, window=8, top_k=2, sink_tokens=sinks)
+    model = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2, sink_tokens=sinks)
     toks = _tokens(70, seed=1)
     retriever = RecordingRetriever()
     want = Reader(model, retriever, TinyTokenizer(), tiny_memory(model, retriever)).score(toks)[1:]
@@ -48,7 +48,7 @@ def test_training_pass_reads_exactly_like_the_inference_reader(block_chunks, sin
 
 
 def test_memory_free_pass_equals_sliding_reader():
-    model = tiny_memlong(chunk=4, window=8)
+    model = tiny_memlong(layout="paper", chunk=4, window=8)
     toks = _tokens(50, seed=2)
     want = Reader(model, RecordingRetriever(), TinyTokenizer(), None).score(toks)[1:]
     with pytest.raises(InvalidArgument, match="sinks"):
@@ -63,7 +63,7 @@ def test_memory_free_pass_equals_sliding_reader():
 
 
 def test_one_step_trains_only_the_adapter(tmp_path):
-    model = tiny_memlong(chunk=4, window=8, top_k=2)
+    model = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2)
     trainer = _trainer(model, tmp_path, _docs(model, _tokens(64)))
     intended = {n for n, _ in trainer.params}
     by_id = {id(p): n for n, p in trainer.params}
@@ -89,16 +89,16 @@ def test_one_step_trains_only_the_adapter(tmp_path):
 
 
 def test_checkpoint_resume_and_reload_give_identical_weights(tmp_path):
-    docs_a = _docs(tiny_memlong(), _tokens(40, 3), _tokens(36, 4))
-    straight = _trainer(tiny_memlong(chunk=4, window=8, top_k=2), tmp_path / "a", docs_a)
+    docs_a = _docs(tiny_memlong(layout="paper"), _tokens(40, 3), _tokens(36, 4))
+    straight = _trainer(tiny_memlong(layout="paper", chunk=4, window=8, top_k=2), tmp_path / "a", docs_a)
     for _ in range(7):
         straight.train_step()
 
-    first = _trainer(tiny_memlong(chunk=4, window=8, top_k=2), tmp_path / "b", docs_a)
+    first = _trainer(tiny_memlong(layout="paper", chunk=4, window=8, top_k=2), tmp_path / "b", docs_a)
     for _ in range(3):  # stops mid-document: the stream and memory must be checkpointed too
         first.train_step()
     first.save_checkpoint()
-    resumed = _trainer(tiny_memlong(chunk=4, window=8, top_k=2), tmp_path / "b", docs_a)
+    resumed = _trainer(tiny_memlong(layout="paper", chunk=4, window=8, top_k=2), tmp_path / "b", docs_a)
     assert resumed.resume() and resumed.step == 3
     for _ in range(4):
         resumed.train_step()
@@ -107,7 +107,7 @@ def test_checkpoint_resume_and_reload_give_identical_weights(tmp_path):
 
     # The exported adapter, folded into a fresh model, computes what the LoRA-wrapped model computes.
     straight.export(tmp_path / "adapter")
-    fresh = tiny_memlong(chunk=4, window=8, top_k=2)
+    fresh = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2)
     meta = load_adapter(fresh, tmp_path / "adapter")
     assert meta["method"] == "memlong_trained" and meta["training"]["steps"] == 7
     ids = torch.tensor([_tokens(20, 9)])
@@ -119,7 +119,7 @@ def test_checkpoint_resume_and_reload_give_identical_weights(tmp_path):
 
 
 def test_loss_decreases_on_repeated_text(tmp_path):
-    model = tiny_memlong(chunk=4, window=8, top_k=2)
+    model = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2)
     pattern = _tokens(12, 5)
     docs = _docs(model, pattern * 20, pattern * 20)
     trainer = _trainer(model, tmp_path, docs, lr=5e-2, max_steps=50, eval_tokens=96)
@@ -131,20 +131,20 @@ def test_loss_decreases_on_repeated_text(tmp_path):
 
 
 def test_load_adapter_refuses_other_settings_and_other_base(tmp_path):
-    model = tiny_memlong(chunk=4, window=8, top_k=2)
+    model = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2)
     trainer = _trainer(model, tmp_path, _docs(model, _tokens(40)))
     trainer.train_step()
     trainer.export(tmp_path / "adapter")
     with pytest.raises(InvalidArgument, match="base model"):
-        load_adapter(tiny_memlong(seed=1), tmp_path / "adapter")
-    other = tiny_memlong()
+        load_adapter(tiny_memlong(layout="paper", seed=1), tmp_path / "adapter")
+    other = tiny_memlong(layout="paper")
     object.__setattr__(other.config, "ret_attn_layers", (1, 2))
     with pytest.raises(InvalidArgument, match="ret_attn_layers"):
         load_adapter(other, tmp_path / "adapter")
 
 
 def test_adapter_spec_freezes_the_memory_layer_kv_path():
-    model = tiny_memlong()
+    model = tiny_memlong(layout="paper")
     spec = AdapterSpec.for_model(model, mem_layer_qo=False)
     assert all(int(t.split(".")[2]) > model.config.mem_layer for t in spec.lora_targets)
 
@@ -152,13 +152,15 @@ def test_adapter_spec_freezes_the_memory_layer_kv_path():
 def test_default_adapter_loads_when_present_and_matching(tmp_path, monkeypatch):
     import memlong.train as train
 
-    model = tiny_memlong(chunk=4, window=8, top_k=2)
+    model = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2)
     trainer = _trainer(model, tmp_path, _docs(model, _tokens(40)))
     trainer.train_step()
     trainer.export(tmp_path / "adapter")
     monkeypatch.setattr(train, "DEFAULT_ADAPTER", tmp_path / "adapter")
-    assert train.maybe_load_default_adapter(tiny_memlong(), enabled=False) is None
-    assert train.maybe_load_default_adapter(tiny_memlong())["method"] == "memlong_trained"
-    assert train.maybe_load_default_adapter(tiny_memlong(seed=1)) is None  # another base: skipped
+    assert train.maybe_load_default_adapter(tiny_memlong(layout="paper"), enabled=False) is None
+    assert train.maybe_load_default_adapter(tiny_memlong(layout="paper"))["method"] == "memlong_trained"
+    assert (
+        train.maybe_load_default_adapter(tiny_memlong(layout="paper", seed=1)) is None
+    )  # another base: skipped
     monkeypatch.setattr(train, "DEFAULT_ADAPTER", tmp_path / "missing")
-    assert train.maybe_load_default_adapter(tiny_memlong()) is None
+    assert train.maybe_load_default_adapter(tiny_memlong(layout="paper")) is None

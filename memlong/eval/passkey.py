@@ -2,11 +2,14 @@
 
 Every trial of a context length uses the same haystack (a book slice) with the key planted at its own
 random, chunk-aligned depth, always before the last local window (so a local-window-only reader cannot
-see it). Trials are read in order of depth by one base reader that ingests the haystack prefix once; each
-trial forks it (local state and memory copied), ingests the needle and the rest, then reads the last
-local window plus the question with every layer and generates greedily. `sliding` forks the same state
-without memory, so every method sees the same tokens. `full` (up to the model's native positions) reads
-the whole sequence with plain full attention: the model's own ceiling on the task.
+see it). Each reading method has its own base reader (with per-layer memory what a reader stores depends
+on what it retrieved, so methods share nothing); trials are read in order of depth, the base ingesting
+the haystack up to each depth once; each trial forks it (local state and a copy of memory), ingests the
+needle and the rest, then reads the last local window plus the question with every layer and generates
+greedily, retrieving once with the question's own text (it is given: no look-ahead). `sliding` reads with
+no memory at all. `full` (up to the model's native positions) reads the whole sequence with plain full
+attention: the model's own ceiling on the format. Beside accuracy, how often the needle's chunk was among
+the chunks retrieved while answering.
 """
 
 from __future__ import annotations
@@ -36,14 +39,35 @@ class PasskeySettings:
     lengths: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
     trials: int = 20
     seed: int = 0
-    methods: tuple[str, ...] = ("sliding", "memlong")
+    methods: tuple[str, ...] = ("full", "sliding", "per_layer")
     digits: int = 5
     full_max: int = 8192  # full attention only up to the model's native positions
     # Extra MemLong readings on the same trials: (method name, ((setting, value), ...)).
     variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
 
-_METHOD_ORDER = {"full": 0, "sliding": 1, "memlong": 2}
+_METHOD_ORDER = {"full": 0, "sliding": 1, "per_layer": 2, "paper": 3}
+LAYOUT_METHODS = {
+    "sliding": {"layout": "per_layer"},
+    "per_layer": {"layout": "per_layer"},
+    "paper": {"layout": "paper"},
+}
+
+
+class _Recording:
+    """A memory whose searches remember the ids they returned (while `on`)."""
+
+    def __init__(self, memory: SessionMemory) -> None:
+        self.memory, self.ids, self.on = memory, set(), False
+
+    def append(self, *args) -> int:
+        return self.memory.append(*args)
+
+    def search(self, queries, top_k):
+        res = self.memory.search(queries, top_k)
+        if self.on:
+            self.ids.update(int(i) for i in res.ids.ravel() if i >= 0)
+        return res
 
 
 def _copy_memory(mem: SessionMemory | None) -> SessionMemory | None:
@@ -83,27 +107,30 @@ def run_passkey(
         methods = [m for m in settings.methods if m != "full" or length <= settings.full_max]
         methods += list(overrides)
         correct = dict.fromkeys(methods, 0)
-        base = stack.reader(with_memory=bool(set(methods) - {"sliding", "full"}))
-        done = 0
+        found = dict.fromkeys(methods, 0)
         trials = list(zip(needles, depths, strict=True))
-        for (key, text), depth in tqdm(trials, desc=f"passkey {length}", unit="trial"):
-            base.ingest(hay[done:depth])
-            done = depth
-            seq = stack.encode(text) + hay[depth:n_hay] + question
-            if "full" in methods:
-                correct["full"] += _is_correct(_full_answer(stack, seq, settings.digits), key)
-            trial = base.fork(_copy_memory(base.memory))
-            split = (len(seq) - len(question) - w) // c * c  # the tail starts on a chunk boundary
-            trial.ingest(seq[:split])
-            for method in methods:
-                if method == "full":
-                    continue
-                # Forks share the trial's memory: chunks added while reading the tail are identical replays.
-                reader = trial.fork(None if method == "sliding" else trial.memory)
-                with stack.model.configured(**overrides.get(method, {})):
+        for method in methods:
+            settings_for = {**LAYOUT_METHODS.get(method, {}), **overrides.get(method, {})}
+            with stack.model.configured(**settings_for):
+                base = stack.reader(with_memory=method not in ("sliding", "full"))
+                done = 0
+                for (key, text), depth in tqdm(trials, desc=f"passkey {length} {method}", unit="trial"):
+                    seq = stack.encode(text) + hay[depth:n_hay] + question
+                    if method == "full":
+                        correct["full"] += _is_correct(_full_answer(stack, seq, settings.digits), key)
+                        continue
+                    base.ingest(hay[done:depth])
+                    done = depth
+                    memory = None if base.memory is None else _Recording(_copy_memory(base.memory))
+                    trial = base.fork(memory, writable=True)
+                    split = (len(seq) - len(question) - w) // c * c  # the tail starts on a chunk boundary
+                    trial.ingest(seq[:split])
+                    if memory is not None:
+                        memory.on = True
                     params = SamplingParams(max_new_tokens=settings.digits + 3)
-                    answer = stack.tokenizer.decode(list(reader.generate(seq[split:], params)))
-                correct[method] += _is_correct(answer, key)
+                    answer = stack.tokenizer.decode(list(trial.generate(seq[split:], params)))
+                    correct[method] += _is_correct(answer, key)
+                    found[method] += memory is not None and depth // c in memory.ids
         for method in methods:
             records.append(
                 _record(
@@ -111,7 +138,10 @@ def run_passkey(
                     length,
                     settings,
                     correct[method],
-                    dataclasses.replace(cfg, **overrides.get(method, {})),
+                    found[method],
+                    dataclasses.replace(
+                        cfg, **{**LAYOUT_METHODS.get(method, {}), **overrides.get(method, {})}
+                    ),
                 )
             )
         if on_length is not None:
@@ -119,7 +149,9 @@ def run_passkey(
     return records
 
 
-def _record(method: str, length: int, settings: PasskeySettings, correct: int, cfg: MemLongConfig) -> dict:
+def _record(
+    method: str, length: int, settings: PasskeySettings, correct: int, found: int, cfg: MemLongConfig
+) -> dict:
     memory = method not in ("sliding", "full")
     return {
         "method": method,
@@ -127,12 +159,13 @@ def _record(method: str, length: int, settings: PasskeySettings, correct: int, c
         "trials": settings.trials,
         "correct": correct,
         "accuracy": correct / settings.trials,
+        "needle_retrieved": found / settings.trials if memory else None,
+        "layout": cfg.layout if memory else "none",
         "local_window": length if method == "full" else cfg.local_window,
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
-        "query": cfg.query if memory else "none",
-        "ret_attn_layers": list(cfg.ret_attn_layers) if memory else [],
         "mem_position": cfg.mem_position if memory else "none",
+        "query": "question text" if memory else "none",
     }
 
 
@@ -168,5 +201,14 @@ def write_passkey(out_dir: Path, settings: PasskeySettings, records: list[dict],
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(out_dir / "passkey_meta.json", {**meta, **extra})
-    cols = ["method", "context_tokens", "trials", "correct", "accuracy", "local_window", "top_k", "query"]
+    cols = [
+        "method",
+        "context_tokens",
+        "trials",
+        "correct",
+        "accuracy",
+        "needle_retrieved",
+        "local_window",
+        "top_k",
+    ]
     (out_dir / "passkey.md").write_text(markdown_table(rows, cols))

@@ -1,15 +1,19 @@
-"""Perplexity on a long book: full attention vs sliding window vs MemLong, on the same tokens.
+"""Perplexity on a long book: full attention vs sliding window vs memory, on the same tokens.
 
 For every context length L and every window end E (several, spread over the book), a window holds
 book[E-L : E]. Every method scores the SAME final `score_tokens` of each window:
 
-- full:    one causal forward over the whole window (only where L <= full_max).
-- sliding: the chunk loop with no memory: local window only.
-- memlong: the same chunk loop and local window, plus memory of everything before the local window.
+- full:      one causal forward over the whole window (only where L <= full_max).
+- sliding:   the chunk loop with no memory: local window and the text's first tokens as sinks.
+- per_layer: the chunk loop with per-layer memory (every layer stores and reads back its own K/V).
+- paper:     MemLong's paper layout on the loaded weights (layer `mem_layer`'s K/V read by the
+             retrieval layers; needs a trained adapter to help).
+- memlong:   the loaded settings as they are (whatever layout the command line chose).
 
-sliding and memlong share one lower-layer ingest of the window's prefix (layers 0..mem_layer never see
-memory, so it is identical for both); both then read the last `local_window` tokens before the scored
-span with every layer, and score. Memory is fresh per window.
+Every method reads the whole window from its first token (the corrected protocol: every layer has its
+true sinks and a warm window, DESIGN §2.5). Memory depends on what each method retrieved, so nothing is
+shared between methods; memory is fresh per window. The paper layout ingests cheaply (layers 0..mem_layer
+after the first chunk), then reads the last `local_window` tokens before the scored span with every layer.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ from memlong.eval.common import (
     write_json,
 )
 
-METHODS = ("full", "sliding", "memlong")
+METHODS = ("full", "sliding", "per_layer", "paper")
+LAYOUT_METHODS = {"per_layer": {"layout": "per_layer"}, "paper": {"layout": "paper"}}
 
 
 @dataclass(frozen=True)
 class PPLSettings:
     book: str = "kjv"
-    lengths: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
+    lengths: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536, 131072)
     windows: int = 4
     score_tokens: int = 256
     methods: tuple[str, ...] = METHODS
@@ -83,28 +88,20 @@ def run_ppl(stack: Stack, settings: PPLSettings, label_suffix: str = "") -> tupl
                 lp,
                 {"score_tok_s": length / dt, "peak_rss_mb": rss.peak / 2**20},
             )
-        want = [m for m in ("sliding", "memlong") if m in settings.methods] + [
-            v[0] for v in settings.variants
-        ]
-        if not want:
-            continue
-        with PeakRSS() as rss:
-            reader = stack.reader(with_memory=want != ["sliding"])
-            t0 = time.perf_counter()
-            reader.ingest(prefix)
-            ingest_s = time.perf_counter() - t0
-            ingest_rss = rss.peak
+        want = [m for m in settings.methods if m != "full"] + [v[0] for v in settings.variants]
         for method in want:
-            # Forks share the memory: chunks the tail adds are identical replays (idempotent appends).
-            r = reader.fork(None if method == "sliding" else reader.memory)
             with PeakRSS() as rss, stack.model.configured(**_overrides(settings, method)):
+                r = stack.reader(with_memory=method != "sliding")
+                t0 = time.perf_counter()
+                r.ingest(prefix)
+                ingest_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 lp = r.score(tail)[-s:]
                 dt = time.perf_counter() - t0
             run = {
                 "ingest_tok_s": len(prefix) / ingest_s if prefix else None,
                 "score_tok_s": len(tail) / dt,
-                "peak_rss_mb": max(rss.peak, ingest_rss) / 2**20,
+                "peak_rss_mb": rss.peak / 2**20,
                 "retrievals": r.stats.retrievals,
                 "retrieval_s": r.stats.retrieval_s,
             }
@@ -124,7 +121,7 @@ def run_ppl(stack: Stack, settings: PPLSettings, label_suffix: str = "") -> tupl
 
 
 def _overrides(settings: PPLSettings, method: str) -> dict:
-    return dict(dict(settings.variants).get(method, ()))
+    return {**LAYOUT_METHODS.get(method, {}), **dict(dict(settings.variants).get(method, ()))}
 
 
 def _record(
@@ -141,11 +138,18 @@ def _record(
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
         "query": cfg.query if memory else "none",
-        "mem_layer": cfg.mem_layer,
-        "ret_attn_layers": list(cfg.ret_attn_layers) if memory else [],
+        "layout": cfg.layout if memory else "none",
+        "memory_layers": _memory_layers(cfg) if memory else "",
+        "sink_tokens": cfg.sink_tokens,
         "mem_position": cfg.mem_position if memory else "none",
         "ppl": math.exp(sum(values) / len(values)),
     }
+
+
+def _memory_layers(cfg) -> str:
+    if cfg.layout == "paper":
+        return f"{cfg.mem_layer} -> {','.join(map(str, cfg.ret_attn_layers))}"
+    return ",".join(map(str, cfg.mem_layers)) if cfg.mem_layers else "all"
 
 
 def _add(nll, speed, key, logp: torch.Tensor, stats: dict) -> None:
@@ -166,16 +170,29 @@ def _mean(runs: list[dict]) -> dict:
 def write_ppl(
     out_dir: Path, settings: PPLSettings, records: list[dict], speeds: list[dict], extra: dict
 ) -> None:
+    """Files named by book: ppl_<book>.json / .md / .png, ppl_<book>_meta.json, ppl_<book>_timing.*"""
+    stem = f"ppl_{Path(settings.book).stem}"
     meta = {"settings": asdict(settings), "machine": machine_info(), **extra}
-    write_json(out_dir / "ppl.json", records)
-    write_json(out_dir / "ppl_meta.json", meta)
+    write_json(out_dir / f"{stem}.json", records)
+    write_json(out_dir / f"{stem}_meta.json", meta)
     # Timings taken while the evaluation runs (machine possibly busy); bench/speed_bench.py measures speed.
-    write_json(out_dir / "ppl_timing.json", {"meta": meta, "records": speeds})
-    cols = ["method", "context_tokens", "scored_tokens", "local_window", "top_k", "chunk", "query", "ppl"]
-    (out_dir / "ppl.md").write_text(markdown_table(sorted(records, key=_order), cols))
+    write_json(out_dir / f"{stem}_timing.json", {"meta": meta, "records": speeds})
+    cols = [
+        "book",
+        "method",
+        "context_tokens",
+        "scored_tokens",
+        "local_window",
+        "top_k",
+        "chunk",
+        "query",
+        "memory_layers",
+        "ppl",
+    ]
+    (out_dir / f"{stem}.md").write_text(markdown_table(sorted(records, key=_order), cols))
     scols = ["method", "context_tokens", "ingest_tok_s", "score_tok_s", "peak_rss_mb"]
-    (out_dir / "ppl_timing.md").write_text(markdown_table(sorted(speeds, key=_order), scols))
-    plot_ppl(out_dir / "ppl.png", records)
+    (out_dir / f"{stem}_timing.md").write_text(markdown_table(sorted(speeds, key=_order), scols))
+    plot_ppl(out_dir / f"{stem}.png", records)
 
 
 def _order(r: dict) -> tuple:

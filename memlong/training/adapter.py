@@ -39,7 +39,8 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 # MemLong settings an adapter is tied to: a model with other values would read memory it was not trained on.
-_BINDING = ("mem_layer", "ret_attn_layers", "mem_position")
+# Adapters are trained in the paper layout (an adapter written before layouts were recorded is one).
+_BINDING = ("layout", "mem_layer", "ret_attn_layers", "mem_position")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class AdapterSpec:
 
     @classmethod
     def for_model(cls, model: MemLongModel, r: int = 16, alpha: float = 32.0, mem_layer_qo: bool = True):
+        if model.config.layout != "paper":
+            raise InvalidArgument(
+                "layout", "stage-2 training teaches the paper layout; per-layer memory needs no adapter"
+            )
         m, n = model.config.mem_layer, model.n_layers
         targets: list[str] = []
         norms: list[str] = []
@@ -175,7 +180,7 @@ def check_binding(model: MemLongModel, meta: dict, path: Path, check_base: bool 
     trained = meta.get("memlong", {})
     for key in _BINDING:
         have = getattr(model.config, key)
-        want = trained.get(key)
+        want = trained.get(key, "paper" if key == "layout" else None)
         if key == "ret_attn_layers":
             have, want = list(have), list(want or [])
         if want is not None and have != want:

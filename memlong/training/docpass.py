@@ -130,7 +130,8 @@ class DocumentPass:
         for lo, hi, m in spans:
             mask[lo:hi, col : col + m] = True
             col += m
-        return Memory(k=torch.cat(keys, dim=2), v=torch.cat(values, dim=2), mask=mask[None])
+        # (1, L_mem=1, Hkv, M, D): the paper layout stores one layer
+        return Memory(k=torch.cat(keys, dim=2)[:, None], v=torch.cat(values, dim=2)[:, None], mask=mask[None])
 
     def forward(self, p: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden (s, hidden), targets (s,)) for the block [p, p+s); advances the stream."""
@@ -139,8 +140,8 @@ class DocumentPass:
         memory = self.memory(p, s)
         out = self.model.forward_block(self.tokens[p : p + s][None], self.stream, memory)
         if self.kv is not None:
-            self.kv[0, :, p : p + s] = out.mem_k[0].detach().to(self.kv.dtype)
-            self.kv[1, :, p : p + s] = out.mem_v[0].detach().to(self.kv.dtype)
+            self.kv[0, :, p : p + s] = out.mem_k[0, 0].detach().to(self.kv.dtype)
+            self.kv[1, :, p : p + s] = out.mem_v[0, 0].detach().to(self.kv.dtype)
         for cache in self.stream.caches:  # the next block sees these values, not their history
             cache.k, cache.v = cache.k.detach(), cache.v.detach()
             if cache.sink_k is not None:

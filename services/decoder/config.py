@@ -33,6 +33,9 @@ class DecoderConfig:
     max_text_bytes: int = 64 << 20  # per call
     prefetch: bool = True  # overlap the next chunk's retrieval with the current chunk's compute
     ingest_progress_tokens: int = 2048  # tokens between two IngestProgress messages
+    # Sessions whose local window (sinks + last local_window tokens, every layer) this replica keeps
+    # between calls, so a call continues a session as one pass would; 0 turns it off (cold windows).
+    window_cache_sessions: int = 8
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_workers: int = 16
     grace_s: float = 5.0
@@ -50,6 +53,8 @@ class DecoderConfig:
                 raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
         if self.threads < 0:
             raise InvalidArgument("threads", "must be >= 0")
+        if self.window_cache_sessions < 0:
+            raise InvalidArgument("window_cache_sessions", "must be >= 0")
         if self.max_workers < self.max_inflight + 2:
             raise InvalidArgument("max_workers", "must exceed max_inflight by 2 (health, refusals)")
 

@@ -5,8 +5,12 @@ session), so calls never share mutable state except the model, which is used und
 per block of work: calls interleave fairly instead of queueing behind a long ingest. At most
 `max_inflight` calls are admitted; the next one is refused at once (ResourceExhausted), never parked.
 
-Served sessions keep no local window between calls: every call ends with `Reader.flush`, which stores
-what it read (ingest, or commit=True) and drops the window. Memory outlives the decoder; windows do not.
+Every call that stores text ends with `Reader.flush(keep_window=True)`: everything it read is in ret-mem
+(acknowledged text is durable there), and the session's local state (every layer's sinks and window)
+stays in this replica's `WindowCache`, keyed by (session, next chunk id). The next call on the session
+continues from it, reading as one pass over the whole session would (true sinks, warm window); reads
+that do not store (score, generate) continue from a copy. When the state is not here (another replica,
+a restart, evicted), the call starts with a cold window and says so in its memory report.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memlong.chunkloop import Reader, SamplingParams
-from memlong.errors import InvalidArgument, MemLongError, ResourceExhausted, Unavailable
+from memlong.errors import FailedPrecondition, InvalidArgument, MemLongError, ResourceExhausted, Unavailable
 from memlong.model import MemLongModel
 from services.common.channel import Deadline
 from services.retmem.client import RetMemClient
@@ -97,6 +102,41 @@ def split_at_word(text: str) -> tuple[str, str]:
     return "", text
 
 
+class WindowCache:
+    """The local state of recently read sessions, least recently used first out. Thread-safe.
+
+    Keyed by (session id, the session's next chunk id after the call that left it): a state is valid
+    only for a call that starts where it ended, so a state from before a rolled-back or concurrent
+    append is never used.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, tuple[int, Reader]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str, next_chunk_id: int) -> Reader | None:
+        with self._lock:
+            item = self._items.get(session_id)
+            if item is None or item[0] != next_chunk_id:
+                return None
+            self._items.move_to_end(session_id)
+            return item[1]
+
+    def put(self, session_id: str, next_chunk_id: int, reader: Reader) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._items[session_id] = (next_chunk_id, reader)
+            self._items.move_to_end(session_id)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def drop(self, session_id: str) -> None:
+        with self._lock:
+            self._items.pop(session_id, None)
+
+
 class DecoderEngine:
     """Serves ingest / score / generate for ret-mem sessions with one MemLong model."""
 
@@ -112,6 +152,7 @@ class DecoderEngine:
         max_text_bytes: int = 64 << 20,
         progress_tokens: int = 2048,
         source: str = "",
+        window_cache_sessions: int = 8,
     ) -> None:
         self.model = model
         self.cfg = model.config
@@ -121,6 +162,7 @@ class DecoderEngine:
         self.max_text_bytes = max_text_bytes
         self.progress_tokens = progress_tokens
         self.source = source
+        self.windows = WindowCache(window_cache_sessions)
         self._model_lock = threading.Lock()
         self._admit = threading.BoundedSemaphore(max_inflight)
         self.max_inflight = max_inflight
@@ -139,6 +181,7 @@ class DecoderEngine:
             kv_shape=self.model.kv_record_shape,
             kv_dtype=self.cfg.kv_dtype,
             memory_size=self.cfg.memory_chunks,
+            layout=self.model.layout_tag,
         )
 
     def vocab_size(self) -> int:
@@ -217,16 +260,48 @@ class DecoderEngine:
                 f"ret-mem unreachable for session {session_id!r}: {exc}. Retry later, or ask with "
                 "memory_mode IF_AVAILABLE to run without memory."
             ) from exc
-        if info.spec != self.session_spec():
-            raise InvalidArgument("session_id", "session was created for another model or MemLong setting")
+        self._check_spec(session_id, info.spec)
         if info.num_chunks == 0:
             report.note = "session memory is empty"
         return self._port(session_id, call, commit)
 
-    def _reader(self, port: SessionPort | None, next_chunk_id: int) -> Reader:
+    def _check_spec(self, session_id: str, spec: SessionSpec) -> None:
+        want = self.session_spec()
+        if spec.layout != want.layout:
+            raise FailedPrecondition(
+                f"session {session_id!r} holds memory written by layout {spec.layout or 'unrecorded'!r}; "
+                f"this decoder reads layout {want.layout!r}. Serve it with a decoder of that layout, or "
+                "create a new session."
+            )
+        if spec != want:
+            raise InvalidArgument("session_id", "session was created for another model or MemLong setting")
+
+    def _reader(
+        self,
+        session_id: str,
+        port: SessionPort | None,
+        next_chunk_id: int,
+        report: MemoryReport | None = None,
+    ) -> Reader:
+        """A reader continuing the session's cached local state (a copy of it), else a cold one."""
         if next_chunk_id < 0:
             raise InvalidArgument("session.next_chunk_id", "must be >= 0")
+        cached = self.windows.get(session_id, next_chunk_id)
+        if cached is not None:
+            return cached.fork(port, writable=True)
+        if next_chunk_id > 0 and report is not None:
+            note = (
+                "local window cold: this replica holds no window for the session (restart or another replica)"
+            )
+            report.note = f"{report.note}; {note}" if report.note else note
         return Reader(self.model, self.retriever, self.tokenizer, port, next_chunk_id=next_chunk_id)
+
+    def _keep(self, session_id: str, reader: Reader) -> None:
+        """After a call that stored its text: keep its local state for the session's next call."""
+        reader.flush(keep_window=True)
+        reader.memory = None  # the call's port dies with the call; the next call brings its own
+        if reader.next_chunk_id > 0:  # (session, 0) is a fresh session: never continue a stale state
+            self.windows.put(session_id, reader.next_chunk_id, reader)
 
     @staticmethod
     def _finish_report(report: MemoryReport, reader: Reader, port: SessionPort | None) -> None:
@@ -259,7 +334,7 @@ class DecoderEngine:
     def _ingest(self, session_id, next_chunk_id, pieces, call) -> Iterator[IngestProgress]:
         self.memory.info(session_id, call.deadline.downstream())  # NOT_FOUND / UNAVAILABLE before any work
         port = self._port(session_id, call, commit=True, keep_recent=False)
-        reader = self._reader(port, next_chunk_id)
+        reader = self._reader(session_id, port, next_chunk_id)
         utf8 = codecs.getincrementaldecoder("utf-8")()
         pending, received, done_bytes = "", 0, 0
 
@@ -299,7 +374,7 @@ class DecoderEngine:
         if pending:
             yield from run(pending, len(pending.encode()))
         with self._model(call):
-            reader.flush()  # the last partial chunk and the local window go to memory
+            self._keep(session_id, reader)  # the last partial chunk and the window go to memory too
         yield progress(done=True)
 
     # -- score --------------------------------------------------------------------------------------
@@ -328,7 +403,7 @@ class DecoderEngine:
             raise InvalidArgument("text", "has no tokens")
         report = MemoryReport()
         port = self._open(session_id, mode, call, commit, report)
-        reader = self._reader(port, next_chunk_id)
+        reader = self._reader(session_id, port, next_chunk_id, report)
         # With memory the port checks cancellation per chunk; without, slices give the check points.
         step = len(tokens) if port is not None else SCORE_SLICE_CHUNKS * self.cfg.chunk
         parts = []
@@ -337,7 +412,7 @@ class DecoderEngine:
                 parts.append(reader.score(tokens[i : i + step]))
         if commit:
             with self._model(call, report):
-                reader.flush()
+                self._keep(session_id, reader)
         logp = torch.cat(parts)
         finite = logp[~torch.isnan(logp)]
         ppl = math.exp(-float(finite.mean())) if len(finite) else float("nan")
@@ -382,8 +457,7 @@ class DecoderEngine:
             )
         report = MemoryReport()
         port = self._open(session_id, mode, call, False, report)
-        reader = self._reader(port, next_chunk_id)
-        reader.seed_query(tokens)  # the prompt is given, only the answer is predicted
+        reader = self._reader(session_id, port, next_chunk_id, report)
         steps = reader.generate(tokens, params)
         out: list[int] = []
         text = ""

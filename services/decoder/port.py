@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from memlong.errors import MemLongError, Unavailable
-from memlong.memory import SearchResult
+from memlong.memory import PendingChunks, SearchResult
 from services.common import tracing
 from services.common.channel import Deadline
 from services.retmem.client import RetMemClient
@@ -54,10 +54,7 @@ class SessionPort:
         self.alive = alive
         self.executor = executor
         self.keep_recent = keep_recent
-        self._ids: list[np.ndarray] = []  # (n,) per append
-        self._emb: list[np.ndarray] = []  # (n, dim)
-        self._rec: list[np.ndarray] = []  # (n, record_bytes)
-        self._len: list[np.ndarray] = []  # (n,)
+        self._recent = PendingChunks()  # this call's own chunks, merged into every search
         self.retrieved_ids: list[int] = []
         self.search_s = 0.0  # time in ret-mem searches (+ query embedding when in the background)
 
@@ -89,10 +86,7 @@ class SessionPort:
         self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
     ) -> int:
         if self.keep_recent:
-            self._ids.append(np.array(ids, np.int64))
-            self._emb.append(np.array(embeddings, np.float32))
-            self._rec.append(np.array(records, np.uint8))
-            self._len.append(np.array(lengths, np.int32))
+            self._recent.add(ids, embeddings, records, lengths)
         if self.commit:
             return int(self._remote(self.client.append, ids, embeddings, records, lengths))
         self._check()
@@ -132,34 +126,6 @@ class SessionPort:
     # -- merging this call's own chunks -------------------------------------------------------------
 
     def _finish(self, queries: np.ndarray, remote: SearchResult, top_k: int) -> SearchResult:
-        result = self._merge(np.asarray(queries, np.float32), remote, top_k) if self._ids else remote
+        result = self._recent.merge(queries, remote, top_k)
         self.retrieved_ids.extend(int(i) for i in result.ids.ravel() if i >= 0)
         return result
-
-    def _merge(self, queries: np.ndarray, remote: SearchResult, top_k: int) -> SearchResult:
-        """Top-k of (remote rows ∪ this call's chunks) per query, ranked (score desc, id asc)."""
-        ids = np.concatenate(self._ids)  # (m,)
-        emb = np.concatenate(self._emb).astype(np.float64)  # (m, dim)
-        rec, lens = np.concatenate(self._rec), np.concatenate(self._len)  # (m, rb), (m,)
-        local = (emb[None] * queries.astype(np.float64)[:, None, :]).sum(axis=2).astype(np.float32)  # (q, m)
-        q = len(queries)
-        out = SearchResult(
-            ids=np.full((q, top_k), -1, np.int64),
-            scores=np.full((q, top_k), -np.inf, np.float32),
-            records=np.zeros((q, top_k, rec.shape[1]), np.uint8),
-            lengths=np.zeros((q, top_k), np.int32),
-        )
-        for row in range(q):
-            valid = remote.ids[row] >= 0
-            r_ids = remote.ids[row][valid]
-            fresh = ~np.isin(ids, r_ids)  # a chunk both here and in ret-mem counts once
-            cand_ids = np.concatenate([r_ids, ids[fresh]])
-            cand_scores = np.concatenate([remote.scores[row][valid], local[row][fresh]])
-            cand_rec = np.concatenate([remote.records[row][valid], rec[fresh]])
-            cand_len = np.concatenate([remote.lengths[row][valid], lens[fresh]])
-            best = np.lexsort((cand_ids, -cand_scores))[:top_k]
-            best = best[np.argsort(cand_ids[best])]  # chronological
-            n = len(best)
-            out.ids[row, :n], out.scores[row, :n] = cand_ids[best], cand_scores[best]
-            out.records[row, :n], out.lengths[row, :n] = cand_rec[best], cand_len[best]
-        return out

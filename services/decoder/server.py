@@ -113,6 +113,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             kv_dtype=spec.kv_dtype,
             memory_chunks=spec.memory_size,
             vocab_size=self.engine.vocab_size(),
+            layout=spec.layout,
         )
 
     @grpc_errors
@@ -216,6 +217,7 @@ class DecoderServer(ServiceProcess):
             max_text_bytes=config.max_text_bytes,
             progress_tokens=config.ingest_progress_tokens,
             source=source,
+            window_cache_sessions=config.window_cache_sessions,
         )
         return cls(engine, config)
 

@@ -76,7 +76,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             except grpc.RpcError as err:
                 raise_for_rpc_error(err)
             spec = SessionSpec(
-                dim=d.dim, kv_shape=tuple(d.kv_shape), kv_dtype=d.kv_dtype, memory_size=d.memory_chunks
+                dim=d.dim,
+                kv_shape=tuple(d.kv_shape),
+                kv_dtype=d.kv_dtype,
+                memory_size=d.memory_chunks,
+                layout=d.layout,
             )
             with self._spec_lock:
                 self._specs[decoder] = spec

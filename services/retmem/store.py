@@ -31,20 +31,24 @@ class SessionSpec:
     """A session's fixed settings: embedding width, K/V layout of one chunk, capacity, eviction."""
 
     dim: int
-    kv_shape: tuple[int, ...]  # (2, n_kv_heads, chunk_tokens, head_dim)
+    kv_shape: tuple[int, ...]  # ([n_memory_layers,] 2, n_kv_heads, chunk_tokens, head_dim)
     kv_dtype: str = "bfloat16"
     memory_size: int = 256  # chunks
     protect_newest: float = 0.25
     drop_oldest: float = 0.05
     evict_free: float = 0.25
+    layout: str = ""  # the memory layout that writes and reads the K/V (MemLongConfig.layout_tag)
 
     def __post_init__(self) -> None:
         shape = tuple(self.kv_shape)
         object.__setattr__(self, "kv_shape", tuple(int(d) for d in shape))
-        if len(shape) != 4 or shape[0] != 2 or any(int(d) <= 0 or int(d) > 1 << 20 for d in shape):
+        if len(shape) not in (4, 5) or shape[-4] != 2 or any(int(d) <= 0 or int(d) > 1 << 20 for d in shape):
             raise InvalidArgument(
-                "spec.kv_shape", f"must be (2, n_kv_heads, chunk_tokens, head_dim), got {shape}"
+                "spec.kv_shape",
+                f"must be ([n_memory_layers,] 2, n_kv_heads, chunk_tokens, head_dim), got {shape}",
             )
+        if len(self.layout) > 4096:
+            raise InvalidArgument("spec.layout", "at most 4096 characters")
         if self.kv_dtype not in KV_DTYPES:
             raise InvalidArgument(
                 "spec.kv_dtype", f"must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}"
@@ -56,7 +60,7 @@ class SessionSpec:
 
     @property
     def chunk_tokens(self) -> int:
-        return self.kv_shape[2]
+        return self.kv_shape[-2]
 
     @property
     def record_bytes(self) -> int:
@@ -119,7 +123,7 @@ def as_records(spec: SessionSpec, kv: np.ndarray, field: str = "kv") -> np.ndarr
 
 
 def kv_view(spec: SessionSpec, records: np.ndarray) -> np.ndarray:
-    """(…, record_bytes) uint8 -> (…, 2, n_kv_heads, chunk_tokens, head_dim) typed view (no copy)."""
+    """(…, record_bytes) uint8 -> (…, *kv_shape) typed view (no copy)."""
     lead = records.shape[:-1]
     return np.ascontiguousarray(records).view(KV_DTYPES[spec.kv_dtype]).reshape(*lead, *spec.kv_shape)
 

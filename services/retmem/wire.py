@@ -25,6 +25,7 @@ def spec_to_proto(spec: SessionSpec) -> pb.SessionSpec:
         kv_shape=spec.kv_shape,
         kv_dtype=tensor.dtype_code(spec.kv_dtype),
         memory_size=spec.memory_size,
+        layout=spec.layout,
         eviction=pb.EvictionPolicy(
             protect_newest=spec.protect_newest, drop_oldest=spec.drop_oldest, evict_free=spec.evict_free
         ),
@@ -47,7 +48,12 @@ def spec_from_proto(msg: pb.SessionSpec, field: str = "spec") -> SessionSpec:
             "evict_free": ev.evict_free,
         }
     return SessionSpec(
-        dim=msg.dim, kv_shape=tuple(msg.kv_shape), kv_dtype=kv_dtype, memory_size=msg.memory_size, **extra
+        dim=msg.dim,
+        kv_shape=tuple(msg.kv_shape),
+        kv_dtype=kv_dtype,
+        memory_size=msg.memory_size,
+        layout=msg.layout,
+        **extra,
     )
 
 

@@ -19,7 +19,7 @@ from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong
 
 @pytest.fixture
 def adapter_dir(tmp_path):
-    model = tiny_memlong(chunk=4, window=8, top_k=2)
+    model = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2)
     toks = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     docs = [Document("doc", toks)]
     embed_documents(docs, RecordingRetriever().embed, TinyTokenizer(), 4, cache=None)
@@ -34,7 +34,9 @@ def adapter_dir(tmp_path):
 def tiny_stack(monkeypatch):
     """Stack.load builds the tiny base model instead of the packaged one."""
     monkeypatch.setattr(
-        common, "load_decoder", lambda path=None: LoadedDecoder(tiny_memlong().hf, TinyTokenizer(), "tiny")
+        common,
+        "load_decoder",
+        lambda path=None: LoadedDecoder(tiny_memlong(layout="paper").hf, TinyTokenizer(), "tiny"),
     )
     monkeypatch.setattr(common, "Retriever", RecordingRetriever)
 
@@ -44,10 +46,10 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_the_decoder_serves_the_adapter_it_is_given(adapter_dir, tiny_stack):
-    config = DecoderConfig(retmem={"shard0": "127.0.0.1:1"}, memlong=tiny_memlong().config)
+    config = DecoderConfig(retmem={"shard0": "127.0.0.1:1"}, memlong=tiny_memlong(layout="paper").config)
     base = DecoderServer.load(config)
     served = DecoderServer.load(dataclasses.replace(config, adapter=str(adapter_dir)))
-    want = tiny_memlong()
+    want = tiny_memlong(layout="paper")
     load_adapter(want, adapter_dir)
     got, expected, plain = _weights(served.engine.model), _weights(want), _weights(base.engine.model)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
@@ -58,7 +60,7 @@ def test_the_decoder_serves_the_adapter_it_is_given(adapter_dir, tiny_stack):
 
 
 def test_an_adapter_for_other_retrieval_layers_is_refused(adapter_dir, tiny_stack):
-    other = dataclasses.replace(tiny_memlong().config, ret_attn_layers=(1, 2))
+    other = dataclasses.replace(tiny_memlong(layout="paper").config, ret_attn_layers=(1, 2))
     config = DecoderConfig(retmem={"shard0": "127.0.0.1:1"}, memlong=other, adapter=str(adapter_dir))
     with pytest.raises(InvalidArgument, match="ret_attn_layers"):
         DecoderServer.load(config)

@@ -80,7 +80,7 @@ def test_a_retried_append_after_a_failure_part_way_is_stored_once(failing):
     stack, retriever = failing
     want_chunks, want_logprobs = _reference(stack)
     client, sid, before = _session_with_first(stack)
-    retriever.fail_after = 3  # three batches of SECOND's chunks reach ret-mem, then the call fails
+    retriever.fail_after = 12  # some of SECOND's chunks reach ret-mem, then the call fails
     with pytest.raises(Exception, match="internal error"):  # the decoder hides the cause from callers
         client.append(sid, SECOND, offset=len(FIRST))
     assert retriever.fail_after is None, "the failure was not injected"
@@ -94,7 +94,7 @@ def test_a_roll_back_that_cannot_run_is_done_before_the_next_read_even_after_a_g
     want_chunks, want_logprobs = _reference(stack)
     client, sid, before = _session_with_first(stack)
     retriever.on_fail = stack.retmem.stop  # ret-mem goes down with the failure: no roll-back possible now
-    retriever.fail_after = 3
+    retriever.fail_after = 12
     with pytest.raises(Exception):  # noqa: B017 - UNAVAILABLE or the injected error, whichever lands first
         client.append(sid, SECOND, offset=len(FIRST))
     sessions = json.loads((stack.gateway.config.data_dir / "sessions.json").read_text())["sessions"]

@@ -62,14 +62,15 @@ def test_ingest_then_score_equals_the_in_process_decoder_core(stack):
     client.append(sid, book, piece_bytes=333)
     served = client.score(sid, passage, return_logprobs=True)
 
-    # The same operations in process: one reader ingests and flushes, a fresh one scores.
+    # The same operations in process: one reader ingests and stores everything, keeping its window;
+    # the score continues from it (the decoder keeps the session's window between calls).
     tok = stack.tokenizer
     retriever = RecordingRetriever()
     memory = tiny_memory(stack.model, retriever)
     first = Reader(stack.model, retriever, tok, memory)
     first.ingest(tok.encode(book))
-    first.flush()
-    second = Reader(stack.model, retriever, tok, memory, next_chunk_id=first.next_chunk_id)
+    first.flush(keep_window=True)
+    second = first.fork(memory)
     want = second.score(tok.encode(passage))
 
     got = torch.tensor(list(served.logprobs))
@@ -81,6 +82,32 @@ def test_ingest_then_score_equals_the_in_process_decoder_core(stack):
     assert served.perplexity == pytest.approx(math.exp(-float(finite.mean())), rel=1e-4)
     # Scoring leaves memory unchanged (commit is off).
     assert client.get_session(sid).chunks == first.next_chunk_id
+
+
+def test_a_session_read_in_several_calls_reads_as_one_pass_and_a_cold_replica_says_so(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    tok = stack.tokenizer
+    parts = [t[: len(t) // 4 * 4] for t in (_text(12, seed=21), _text(12, seed=22))]
+    ids = [tok.encode(p) for p in parts]
+    assert all(len(i) % stack.model.config.chunk == 0 for i in ids)  # calls end on chunk boundaries
+    passage = _text(6, seed=23)
+    offset = 0
+    for part in parts:
+        client.append(sid, part, offset=offset)
+        offset += len(part.encode())
+    served = client.score(sid, passage, return_logprobs=True)
+
+    one = Reader(stack.model, RecordingRetriever(), tok, tiny_memory(stack.model, RecordingRetriever()))
+    one.ingest(ids[0] + ids[1])
+    want = one.score(tok.encode(passage))
+    torch.testing.assert_close(torch.tensor(list(served.logprobs))[1:], want[1:].float(), atol=1e-4, rtol=0)
+    assert "cold" not in served.memory.note
+
+    stack.decoder.engine.windows.drop(sid)  # as after a restart, or on another replica
+    cold = client.score(sid, passage, return_logprobs=True)
+    assert "local window cold" in cold.memory.note
+    assert not np.allclose(np.array(cold.logprobs[1:]), np.array(served.logprobs[1:]))
 
 
 def test_score_without_memory_says_so(stack):
@@ -128,7 +155,6 @@ def test_generate_matches_the_in_process_reader(stack):
     first.ingest(tok.encode(book))
     first.flush()
     reader = Reader(stack.model, retriever, tok, memory, next_chunk_id=first.next_chunk_id)
-    reader.seed_query(tok.encode("gamma delta"))
     want = list(reader.generate(tok.encode("gamma delta"), SamplingParams(max_new_tokens=6)))
     assert served == want
 

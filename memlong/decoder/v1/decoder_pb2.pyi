@@ -32,7 +32,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "memlong_config_json", "dim", "kv_shape", "kv_dtype", "memory_chunks", "vocab_size")
+    __slots__ = ("model", "memlong_config_json", "dim", "kv_shape", "kv_dtype", "memory_chunks", "vocab_size", "layout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MEMLONG_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class DescribeResponse(_message.Message):
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     memlong_config_json: str
     dim: int
@@ -47,7 +48,8 @@ class DescribeResponse(_message.Message):
     kv_dtype: str
     memory_chunks: int
     vocab_size: int
-    def __init__(self, model: _Optional[str] = ..., memlong_config_json: _Optional[str] = ..., dim: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., memory_chunks: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    layout: str
+    def __init__(self, model: _Optional[str] = ..., memlong_config_json: _Optional[str] = ..., dim: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., memory_chunks: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class SessionRef(_message.Message):
     __slots__ = ("session_id", "next_chunk_id")

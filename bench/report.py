@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from memlong.eval.common import markdown_table
+from memlong.eval.ppl import PPL_COLUMNS
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -19,47 +20,33 @@ def _load(name: str):
 
 
 def ppl_section() -> str:
-    rows = _load("ppl.json")
-    if not rows:
+    books = sorted(p.stem[len("ppl_") :] for p in OUT.glob("ppl_*.json") if p.stem.count("_") == 1)
+    if not books:
         return "## Perplexity\n\nNot run yet: `memlong eval ppl`.\n"
-    meta = _load("ppl_meta.json") or {}
-    lengths = sorted({r["context_tokens"] for r in rows})
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "full", m != "sliding", m))
-    pivot = []
-    for method in methods:
-        row = {"method": method}
-        for length in lengths:
-            hit = [r["ppl"] for r in rows if r["method"] == method and r["context_tokens"] == length]
-            row[f"{length // 1024}k"] = f"{hit[0]:.2f}" if hit else "-"
-        pivot.append(row)
-    s = meta.get("settings", {})
-    settings = (
-        f"Book `{s.get('book')}`; {s.get('windows')} windows per length; the last {s.get('score_tokens')} tokens "
-        f"of each window scored by every method ({s.get('windows', 0) * s.get('score_tokens', 0)} tokens per cell); "
-        f"memory fresh per window. Full attention up to {s.get('full_max')} tokens (the model's native 8192 positions)."
-    )
-    detail = markdown_table(
-        rows,
-        [
-            "method",
-            "context_tokens",
-            "scored_tokens",
-            "local_window",
-            "top_k",
-            "chunk",
-            "query",
-            "ret_attn_layers",
-            "mem_position",
-            "ppl",
-        ],
-    )
-    return (
-        f"## Perplexity (same tokens for every method)\n\n{settings}\n\n"
-        + markdown_table(pivot, ["method"] + [f"{x // 1024}k" for x in lengths])
-        + "\n![ppl](ppl.png)\n\n<details><summary>settings of every cell</summary>\n\n"
-        + detail
-        + "\n</details>\n"
-    )
+    parts = ["## Perplexity (same tokens for every method)\n"]
+    for book in books:
+        rows = _load(f"ppl_{book}.json")
+        s = (_load(f"ppl_{book}_meta.json") or {}).get("settings", {})
+        lengths = sorted({r["context_tokens"] for r in rows})
+        methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "full", m != "sliding", m))
+        pivot = []
+        for method in methods:
+            row = {"method": method}
+            for length in lengths:
+                hit = [r["ppl"] for r in rows if r["method"] == method and r["context_tokens"] == length]
+                row[f"{length // 1024}k"] = f"{hit[0]:.2f}" if hit else "-"
+            pivot.append(row)
+        parts.append(
+            f"### `{book}`\n\n{s.get('windows')} window(s) per length, all ending at the same token, so every "
+            f"length scores the same last {s.get('score_tokens')} tokens with every method "
+            f"({s.get('windows', 0) * s.get('score_tokens', 0)} tokens per cell); memory fresh per window; every "
+            f"method reads the window from its first token. Full attention up to {s.get('full_max')} tokens.\n\n"
+            + markdown_table(pivot, ["method"] + [f"{x // 1024}k" for x in lengths])
+            + f"\n![ppl](ppl_{book}.png)\n\n<details><summary>settings of every cell</summary>\n\n"
+            + markdown_table(rows, PPL_COLUMNS)
+            + "\n</details>\n"
+        )
+    return "\n".join(parts)
 
 
 def passkey_section() -> str:
@@ -71,7 +58,8 @@ def passkey_section() -> str:
         f"Haystack: book `{s.get('book')}`; a {s.get('digits')}-digit key at a random chunk-aligned depth before "
         f"the last local window, asked for at the end and answered greedily; {s.get('trials')} trials per length "
         f"(seed {s.get('seed')}), the same haystacks, keys and depths for every method. Full attention up to "
-        f"{s.get('full_max')} tokens.\n\n"
+        f"{s.get('full_max')} tokens. `needle_retrieved`: share of trials whose answer was generated with the "
+        "needle's chunk among the retrieved.\n\n"
     )
     return (
         "## Passkey retrieval\n\n"
@@ -84,13 +72,38 @@ def passkey_section() -> str:
                 "trials",
                 "correct",
                 "accuracy",
+                "needle_retrieved",
+                "layout",
                 "local_window",
                 "top_k",
                 "query",
-                "ret_attn_layers",
                 "mem_position",
             ],
         )
+    )
+
+
+def chapterbreak_section() -> str:
+    files = sorted(OUT.glob("chapterbreak_*.json"))
+    if not files:
+        return "## ChapterBreak-style\n\nNot run yet: `memlong eval chapterbreak`.\n"
+    rows, settings = [], []
+    for path in files:
+        data = json.loads(path.read_text())
+        rows += data["rows"]
+        st = data["meta"]["settings"]
+        settings.append(
+            f"`{st['book']}` at {st['context']} tokens: {st['cases']} cases requested (seed {st['seed']}), "
+            f"{st['distractors']} distractors, {st['candidate_tokens']} candidate tokens"
+        )
+    cols = ["book", "method", "context_tokens", "cases", "candidates", "correct", "accuracy", "chance"]
+    return (
+        "## ChapterBreak-style suffix identification\n\nAfter a long prefix ending at a section break, the true "
+        "next section's opening is ranked against openings of other sections of the same work by "
+        "log-likelihood (`memlong/eval/chapterbreak.py`). "
+        + "; ".join(settings)
+        + ".\n\n"
+        + markdown_table(rows, cols)
     )
 
 
@@ -131,9 +144,10 @@ def main() -> None:
     parts = [
         "# MemLong on SmolLM2-135M-Instruct: measured results\n",
         "Generated by `bench/report.py` from the JSON files beside it. Commands: `memlong eval ppl`, "
-        "`memlong eval passkey`, `memlong eval icl`, `python bench/speed_bench.py` (settings in each JSON's meta).\n",
+        "`memlong eval passkey`, `memlong eval chapterbreak`, `memlong eval icl`, `python bench/speed_bench.py` (settings in each JSON's meta).\n",
         ppl_section(),
         passkey_section(),
+        chapterbreak_section(),
         icl_section(),
         speed_section(),
     ]

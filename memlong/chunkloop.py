@@ -307,10 +307,9 @@ class Reader:
     def seed_query(self, tokens: Sequence[int]) -> None:
         """Retrieve memory for the tokens about to be read with `tokens` (a given prompt) as the query.
 
-        For a prompt whose continuation is generated or whose label is ranked: the prompt is given and
-        only what follows is predicted, so querying with it is no look-ahead. Scoring never seeds
-        (DESIGN §2.3). Mid-chunk the retrieval runs now and serves the rest of the chunk; at a boundary
-        the boundary's own retrieval uses it.
+        Used by `read_prompt`: the prompt is given and only what follows is predicted, so querying with
+        it is no look-ahead. Scoring never seeds (DESIGN §2.3). Mid-chunk the retrieval runs now and
+        serves the rest of the chunk; at a boundary the boundary's own retrieval uses it.
         """
         query = list(tokens)[-self.cfg.chunk :]
         if self.position % self.cfg.chunk:
@@ -443,15 +442,24 @@ class Reader:
         return torch.log_softmax(self.model.logits(self._forward(block)).float(), dim=-1)
 
     @torch.no_grad()
-    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """Read the prompt, then yield new tokens one at a time.
+    def read_prompt(self, prompt: Sequence[int]) -> torch.Tensor:
+        """Score a prompt whose continuation is predicted next; (n,) log-probs as `score`.
 
-        Memory for the prompt comes from one retrieval with the prompt's own text (given, so no
-        look-ahead), kept until the next chunk boundary; later boundaries query as scoring does.
+        The prompt is read as text up to its last chunk boundary; the rest of it, and what follows,
+        read memory retrieved with the prompt's own last `chunk` tokens (the question, say). The
+        prompt is given, so querying with it is no look-ahead; only what follows it is predicted.
         """
+        c = self.cfg.chunk
+        cut = max(0, (self.position + len(prompt) - 1) // c * c - self.position)  # last boundary inside
+        head = self.score(prompt[:cut]) if cut else torch.zeros(0)
+        self.seed_query(prompt)
+        return torch.cat([head, self.score(prompt[cut:])])
+
+    @torch.no_grad()
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Read the prompt (`read_prompt`), then yield new tokens one at a time."""
         if prompt:
-            self.seed_query(prompt)
-            self.score(prompt)
+            self.read_prompt(prompt)
         if self._last_logp is None:
             raise InvalidArgument("prompt", "generation needs at least one token of prompt after an ingest")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None

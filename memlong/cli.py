@@ -71,10 +71,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
 
 
-def memlong_config(args: argparse.Namespace):
+def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer"):
+    """MemLongConfig from the model flags. The layout defaults to per_layer, or paper when an adapter
+    (trained for the paper layout) is given."""
     from memlong.model import MemLongConfig
 
-    layout = args.layout or ("paper" if getattr(args, "adapter", None) else "per_layer")
+    layout = args.layout or ("paper" if getattr(args, "adapter", None) else default_layout)
     return MemLongConfig(
         layout=layout,
         mem_layers=tuple(int(x) for x in args.mem_layers.split(",") if x),
@@ -113,7 +115,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         lengths=_ints(args.lengths),
         windows=args.windows,
         score_tokens=args.score_tokens,
-        methods=tuple(args.methods.split(",")),
+        methods=tuple(m for m in args.methods.split(",") if m),
         full_max=args.full_max,
         variants=tuple(_variant(v) for v in args.variant),
     )
@@ -150,7 +152,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         lengths=_ints(args.lengths),
         trials=args.trials,
         seed=args.seed,
-        methods=tuple(args.methods.split(",")),
+        methods=tuple(m for m in args.methods.split(",") if m),
         variants=tuple(_variant(v) for v in args.variant),
     )
     stack, meta = _eval_stack(args)
@@ -170,7 +172,7 @@ def cmd_eval_chapterbreak(args: argparse.Namespace) -> int:
         distractors=args.distractors,
         cases=args.cases,
         seed=args.seed,
-        methods=tuple(args.methods.split(",")),
+        methods=tuple(m for m in args.methods.split(",") if m),
     )
     stack, meta = _eval_stack(args)
     out = Path(args.out)

@@ -90,7 +90,7 @@ def cmd_train_run(args: argparse.Namespace) -> int:
         )
     _threads(args)
     tcfg = _train_config(args)
-    mcfg = memlong_config(args)
+    mcfg = memlong_config(args, default_layout="paper")  # stage 2 teaches the paper layout
     if args.sink_tokens is not None:
         mcfg = dataclasses.replace(mcfg, sink_tokens=args.sink_tokens)
     stack = Stack.load(mcfg, args.model)
@@ -146,7 +146,7 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     from memlong.training.evaluate import run_train_eval
 
     _threads(args)
-    config = memlong_config(args)
+    config = memlong_config(args, default_layout="paper")
     if args.sink_tokens is not None:
         config = dataclasses.replace(config, sink_tokens=args.sink_tokens)
     run_train_eval(

@@ -34,18 +34,18 @@ def _ppl(logp: torch.Tensor) -> float:
     return math.exp(-logp.mean().item())
 
 
-def test_packaged_model_scores_with_memory_close_to_plain(stack: Stack, tokens: list[int]) -> None:
+def test_packaged_model_reads_better_with_per_layer_memory(stack: Stack, tokens: list[int]) -> None:
     plain = _ppl(full_attention_logprobs(stack.model, tokens, SCORED))
-    reader = stack.reader()
-    lp = reader.score(tokens)[-SCORED:]
+    reader = stack.reader()  # per-layer memory, the default
+    per_layer = _ppl(reader.score(tokens)[-SCORED:])
     assert reader.stats.chunks_stored >= 6 and reader.stats.retrievals >= 6  # memory really used
     sliding = _ppl(stack.reader(with_memory=False).score(tokens)[-SCORED:])
-    with stack.model.configured(ret_attn_layers=(stack.model.config.mem_layer,)):
-        l15 = _ppl(stack.reader().score(tokens)[-SCORED:])
-    memlong = _ppl(lp)
+    with stack.model.configured(layout="paper"):
+        paper = _ppl(stack.reader().score(tokens)[-SCORED:])
     # A 135M model on KJV: single-digit to low-double-digit perplexity, not garbage.
     assert 2 < plain < 60
-    # Memory read only at the memory layer (where the stored K/V are native) leaves the model intact.
-    assert abs(math.log(l15 / sliding)) < math.log(1.05)
+    # Per-layer memory (each layer reads back its own K/V) helps without training: the scored tokens
+    # repeat text that left the 512-token window.
+    assert per_layer < sliding
     # The paper's retrieval layers need fine-tuning; untrained, they must still give a usable model.
-    assert memlong < 3 * plain
+    assert paper < 3 * plain

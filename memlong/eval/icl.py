@@ -114,8 +114,7 @@ def run_icl(
                 prompt = stack.encode(prefix + f"Review: {sentence}\n{field}:")
                 for method in correct:
                     reader = base.fork(base.memory if method == "memory" else None)
-                    reader.seed_query(prompt)  # the prompt is given; only its label is predicted
-                    reader.score(prompt)
+                    reader.read_prompt(prompt)  # the prompt is given; only its label is predicted
                     logp = reader.next_logprobs()[label_ids]
                     correct[method] += int(torch.argmax(logp)) == label
                     retrievals[method] += reader.stats.retrievals

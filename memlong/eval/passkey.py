@@ -55,18 +55,17 @@ LAYOUT_METHODS = {
 
 
 class _Recording:
-    """A memory whose searches remember the ids they returned (while `on`)."""
+    """A memory that remembers the ids its last search returned."""
 
     def __init__(self, memory: SessionMemory) -> None:
-        self.memory, self.ids, self.on = memory, set(), False
+        self.memory, self.last = memory, set()
 
     def append(self, *args) -> int:
         return self.memory.append(*args)
 
     def search(self, queries, top_k):
         res = self.memory.search(queries, top_k)
-        if self.on:
-            self.ids.update(int(i) for i in res.ids.ravel() if i >= 0)
+        self.last = {int(i) for i in res.ids.ravel() if i >= 0}
         return res
 
 
@@ -114,7 +113,8 @@ def run_passkey(
             with stack.model.configured(**settings_for):
                 base = stack.reader(with_memory=method not in ("sliding", "full"))
                 done = 0
-                for (key, text), depth in tqdm(trials, desc=f"passkey {length} {method}", unit="trial"):
+                bar = tqdm(trials, desc=f"passkey {length} {method}", unit="trial")
+                for (key, text), depth in bar:
                     seq = stack.encode(text) + hay[depth:n_hay] + question
                     if method == "full":
                         correct["full"] += _is_correct(_full_answer(stack, seq, settings.digits), key)
@@ -125,12 +125,12 @@ def run_passkey(
                     trial = base.fork(memory, writable=True)
                     split = (len(seq) - len(question) - w) // c * c  # the tail starts on a chunk boundary
                     trial.ingest(seq[:split])
-                    if memory is not None:
-                        memory.on = True
+                    trial.read_prompt(seq[split:])  # the last block reads memory found by the question
+                    found[method] += memory is not None and depth // c in memory.last
                     params = SamplingParams(max_new_tokens=settings.digits + 3)
-                    answer = stack.tokenizer.decode(list(trial.generate(seq[split:], params)))
+                    answer = stack.tokenizer.decode(list(trial.generate([], params)))
                     correct[method] += _is_correct(answer, key)
-                    found[method] += memory is not None and depth // c in memory.ids
+                    bar.set_postfix(correct=correct[method], needle_retrieved=found[method])
         for method in methods:
             records.append(
                 _record(

@@ -177,22 +177,27 @@ def write_ppl(
     write_json(out_dir / f"{stem}_meta.json", meta)
     # Timings taken while the evaluation runs (machine possibly busy); bench/speed_bench.py measures speed.
     write_json(out_dir / f"{stem}_timing.json", {"meta": meta, "records": speeds})
-    cols = [
-        "book",
-        "method",
-        "context_tokens",
-        "scored_tokens",
-        "local_window",
-        "top_k",
-        "chunk",
-        "query",
-        "memory_layers",
-        "ppl",
-    ]
-    (out_dir / f"{stem}.md").write_text(markdown_table(sorted(records, key=_order), cols))
+    (out_dir / f"{stem}.md").write_text(markdown_table(sorted(records, key=_order), ["book", *PPL_COLUMNS]))
     scols = ["method", "context_tokens", "ingest_tok_s", "score_tok_s", "peak_rss_mb"]
     (out_dir / f"{stem}_timing.md").write_text(markdown_table(sorted(speeds, key=_order), scols))
     plot_ppl(out_dir / f"{stem}.png", records)
+
+
+# Every setting that changes a perplexity, beside it in the tables.
+PPL_COLUMNS = [
+    "method",
+    "context_tokens",
+    "scored_tokens",
+    "local_window",
+    "top_k",
+    "chunk",
+    "query",
+    "layout",
+    "memory_layers",
+    "sink_tokens",
+    "mem_position",
+    "ppl",
+]
 
 
 def _order(r: dict) -> tuple:

@@ -106,12 +106,20 @@ def config_from_args(args: argparse.Namespace) -> RayAppConfig:
         retmem_port=args.retmem_port,
         shards=args.shards,
         decoders=args.decoders,
-        memlong=json.loads(args.memlong_json) if args.memlong_json else {},
+        memlong=_memlong_overrides(args),
         model=args.model,
         adapter=str(Path(args.adapter).resolve()) if args.adapter else None,
         threads=args.threads,
         components=args.components,
     )
+
+
+def _memlong_overrides(args: argparse.Namespace) -> dict:
+    """MemLongConfig overrides; an adapter is trained for the paper layout, so it is the default there."""
+    overrides = json.loads(args.memlong_json) if args.memlong_json else {}
+    if args.adapter:
+        overrides.setdefault("layout", "paper")
+    return overrides
 
 
 def up_command(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from memlong.chunkloop import Reader, SamplingParams
-from memlong.errors import InvalidArgument, NotFound
+from memlong.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.factories import RecordingRetriever, tiny_memory
 
 
@@ -172,3 +172,31 @@ def test_prefetch_gives_the_same_logprobs_as_retrieval_at_the_boundary(stack):
         stack.decoder.engine._prefetch_pool = pool
     np.testing.assert_array_equal(np.array(with_prefetch.logprobs), np.array(without.logprobs))
     assert with_prefetch.memory.retrievals == without.memory.retrievals > 10
+
+
+def test_a_session_written_by_another_memory_layout_is_refused(stack):
+    import dataclasses
+
+    import grpc
+
+    from memlong.decoder.v1 import decoder_pb2 as dpb
+    from memlong.decoder.v1 import decoder_pb2_grpc
+    from services.common.channel import Deadline
+    from services.decoder.engine import Call
+
+    engine = stack.decoder.engine
+    spec = engine.session_spec()
+    assert spec.layout == "per_layer:0,1,2,3"  # the tiny model's default: every layer stores its own K/V
+    paper = dataclasses.replace(spec, kv_shape=spec.kv_shape[1:], layout="paper:mem_layer=1")
+    stack.gateway.retmem.create_session("written-by-paper", paper)
+    with pytest.raises(FailedPrecondition, match="paper:mem_layer=1"):
+        engine.score("written-by-paper", 0, b"alpha beta", Call(Deadline.after(10)))
+    # and over gRPC: FAILED_PRECONDITION, not INVALID_ARGUMENT or INTERNAL
+    with grpc.insecure_channel(stack.decoder.address()) as ch:
+        stub = decoder_pb2_grpc.DecoderStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(
+                dpb.ScoreRequest(session=dpb.SessionRef(session_id="written-by-paper"), text=b"alpha"),
+                timeout=10,
+            )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -102,6 +102,19 @@ def split_at_word(text: str) -> tuple[str, str]:
     return "", text
 
 
+def stream_delta(sent: str, full: str, last: bool) -> tuple[str, str]:
+    """(what to send now, all text sent so far) when the decoded output has become `full`.
+
+    A token can end inside a UTF-8 character, which decodes as U+FFFD until the next token completes it:
+    trailing U+FFFD are held back (sent as they are only with the last token), so the pieces a client
+    concatenates always equal the output. Text the tokenizer rewrote behind what was sent is not resent.
+    """
+    ready = full if last else full.rstrip("\ufffd")
+    if not ready.startswith(sent):
+        return "", sent
+    return ready[len(sent) :], ready
+
+
 class WindowCache:
     """The local state of recently read sessions, least recently used first out. Thread-safe.
 
@@ -468,9 +481,9 @@ class DecoderEngine:
                 break
             out.append(token)
             full = self.tokenizer.decode(out)
-            delta, text = full[len(text) :] if full.startswith(text) else full, full
-            stop = token in params.stop_token_ids or any(s in text for s in params.stop_strings)
+            stop = token in params.stop_token_ids or any(s in full for s in params.stop_strings)
             last = stop or len(out) >= params.max_new_tokens
+            delta, text = stream_delta(text, full, last)
             if last:
                 self._finish_report(report, reader, port)
                 yield GeneratedToken(token, delta, "stop" if stop else "length", report)

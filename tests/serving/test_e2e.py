@@ -200,3 +200,17 @@ def test_a_session_written_by_another_memory_layout_is_refused(stack):
                 timeout=10,
             )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_streamed_text_holds_back_incomplete_utf8_so_the_pieces_add_up():
+    from services.decoder.engine import stream_delta
+
+    out = "；スレス".encode()
+    pieces, sent = [], ""
+    for n in range(1, len(out) + 1):  # one byte per token, as a byte-level tokenizer may emit
+        full = out[:n].decode("utf-8", errors="replace")
+        delta, sent = stream_delta(sent, full, last=n == len(out))
+        pieces.append(delta)
+    assert "".join(pieces) == "；スレス" and "\ufffd" not in "".join(pieces)
+    # A text that really ends in an invalid byte still says so with the last token.
+    assert stream_delta("a", "a\ufffd", last=True) == ("\ufffd", "a\ufffd")

@@ -67,7 +67,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=8)
     g.add_argument("--local-window", type=int, default=1024)
     g.add_argument("--memory-size", type=int, default=1 << 20, help="memory tokens per session")
-    g.add_argument("--mem-position", choices=("zero", "prefix"), default="zero")
+    g.add_argument(
+        "--mem-position",
+        choices=("zero", "prefix"),
+        default="",
+        help="where memory keys sit (default: prefix for per_layer, zero for paper)",
+    )
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
 
 

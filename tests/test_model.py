@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -19,7 +20,7 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
 
     Query t sits at position n_sink + window + (t mod chunk) + 1 and sees: the window keys u in
     [t-window, t] at their true distance behind it; sinks j < n_sink that left its window, at position
-    j+1; memory (retrieval layers) unrotated, i.e. at position 0. One softmax over all of them.
+    j+1; memory (reading layers) unrotated, at position 0, or at 1-M..0 ("prefix"). One softmax.
     """
     base, cfg = model.base, model.config
     b, length = ids.shape
@@ -47,7 +48,10 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
             valid = [torch.ones(b, len(sinks) + len(local), dtype=torch.bool)]
             read = cfg.read_index(len(base.layers))
             if mem is not None and li in read:
-                keys.insert(0, mem.k[:, read[li]])
+                mk = mem.k[:, read[li]]
+                if cfg.memory_position == "prefix":  # the retrieved chunks read as the text before the window
+                    mk = rope(mk, torch.arange(1 - mk.shape[2], 1))
+                keys.insert(0, mk)
                 vals.insert(0, mem.v[:, read[li]])
                 valid.insert(0, mem.mask[:, min(t, mem.mask.shape[1] - 1)])
             kk = torch.cat(keys, 2).repeat_interleave(g, 1)
@@ -110,9 +114,11 @@ def test_sinks_keep_a_long_text_readable_and_are_not_counted_twice():
         assert _sink_mask(2, 4, 2, 4, torch.device("cpu")).tolist() == [[False, False], [True, False]]
 
 
+@pytest.mark.parametrize("position", ["zero", "prefix"])
 @pytest.mark.parametrize("layout", ["per_layer", "paper"])
-def test_memory_attention_equals_naive_reference_gqa(layout):
+def test_memory_attention_equals_naive_reference_gqa(layout, position):
     model = tiny_memlong(window=6, n_heads=4, n_kv_heads=2, sink_tokens=2, chunk=4, layout=layout)
+    model.config = dataclasses.replace(model.config, mem_position=position)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 97, (2, 12), generator=g)
     m, n_mem = 10, len(model.memory_layers)  # per_layer: every layer reads its own slice

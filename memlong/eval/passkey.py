@@ -164,7 +164,7 @@ def _record(
         "local_window": length if method == "full" else cfg.local_window,
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
-        "mem_position": cfg.mem_position if memory else "none",
+        "mem_position": cfg.memory_position if memory else "none",
         "query": "question text" if memory else "none",
     }
 

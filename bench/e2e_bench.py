@@ -151,8 +151,7 @@ def main() -> int:
     write_json(args.out / "e2e.json", record)
     md = [
         f"# End-to-end serving benchmark ({machine_info()['cpu']}, {machine_info()['torch_threads']} threads)\n",
-        f"Model {s.source}; chunk {cfg.chunk}, top-k {cfg.top_k}, window {cfg.local_window}, memory layer "
-        f"{cfg.mem_layer}, retrieval layers {list(cfg.ret_attn_layers)}, query `{cfg.query}`. Context "
+        f"Model {s.source}; {cfg.describe()}. Context "
         f"{len(ctx_tokens)} tokens in memory; {n} tokens scored; best of {args.reps} interleaved runs (shared machine).\n",
         markdown_table(
             rows,

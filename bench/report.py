@@ -28,12 +28,16 @@ def ppl_section() -> str:
         rows = _load(f"ppl_{book}.json")
         s = (_load(f"ppl_{book}_meta.json") or {}).get("settings", {})
         lengths = sorted({r["context_tokens"] for r in rows})
-        methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "full", m != "sliding", m))
+        for r in rows:  # one pivot row per method and memory position (both may be measured)
+            r["reading"] = r["method"] + (
+                f" [{r['mem_position']}]" if r.get("mem_position", "none") != "none" else ""
+            )
+        methods = sorted({r["reading"] for r in rows}, key=lambda m: (m != "full", m != "sliding", m))
         pivot = []
         for method in methods:
             row = {"method": method}
             for length in lengths:
-                hit = [r["ppl"] for r in rows if r["method"] == method and r["context_tokens"] == length]
+                hit = [r["ppl"] for r in rows if r["reading"] == method and r["context_tokens"] == length]
                 row[f"{length // 1024}k"] = f"{hit[0]:.2f}" if hit else "-"
             pivot.append(row)
         parts.append(

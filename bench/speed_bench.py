@@ -5,7 +5,8 @@ Each (method, length) runs in its own subprocess so that its peak RSS (ru_maxrss
     .venv/bin/python bench/speed_bench.py [--lengths 2k,...,64k] [--threads 2]
 
 Writes bench/results/speed.json, speed.md and speed.png.
-- ingest:  layers 0..mem_layer over the window's prefix (everything before the last local window), tokens/s
+- ingest:  the window's prefix (everything before the last local window) into memory, tokens/s (per-layer
+           layout: every layer with retrieval; paper layout: layers 0..mem_layer after the first chunk)
 - memlong: scoring the last local window + 512 tokens with memory (one retrieval per chunk), tokens/s
 - sliding: the same tokens without memory
 - full:    one full-attention forward over the whole window (up to --full-max), tokens/s

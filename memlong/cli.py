@@ -71,7 +71,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--mem-position",
         choices=("zero", "prefix"),
         default="",
-        help="where memory keys sit (default: prefix for per_layer, zero for paper)",
+        help="where memory keys sit: zero (unrotated, position 0; the default) or prefix (as the text "
+        "just before the window)",
     )
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
 

@@ -102,6 +102,32 @@ def full_attention_logprobs(model: MemLongModel, tokens: list[int], last: int) -
     return logp.gather(1, torch.tensor(tokens[-last:])[:, None])[:, 0]
 
 
+def merge_rows(
+    rows_path: Path,
+    meta_path: Path,
+    settings: dict,
+    same_run: tuple[str, ...],
+    records: list[dict],
+    key: tuple[str, ...],
+) -> list[dict]:
+    """This run's records plus the rows of an earlier run at rows_path that scored the same tokens (its
+    settings agree on every `same_run` name) and that this run did not redo (by the `key` fields).
+
+    Re-running one length, or one method, then updates those rows and keeps the others.
+    """
+    try:
+        old_rows = json.loads(rows_path.read_text())
+        old_settings = json.loads(meta_path.read_text())["settings"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return list(records)
+    if "lengths" in old_settings:  # files written before max_length was recorded
+        old_settings.setdefault("max_length", max(old_settings["lengths"]))
+    if any(old_settings.get(k) != settings.get(k) for k in same_run):
+        return list(records)
+    redone = {tuple(r.get(k) for k in key) for r in records}
+    return [r for r in old_rows if tuple(r.get(k) for k in key) not in redone] + list(records)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

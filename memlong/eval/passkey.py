@@ -15,7 +15,6 @@ the chunks retrieved while answering.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 import time
@@ -28,7 +27,14 @@ from tqdm import tqdm
 
 from memlong.chunkloop import SamplingParams
 from memlong.data import PASSKEY_QUESTION, passkey_needle
-from memlong.eval.common import Stack, machine_info, markdown_table, stock_attention, write_json
+from memlong.eval.common import (
+    Stack,
+    machine_info,
+    markdown_table,
+    merge_rows,
+    stock_attention,
+    write_json,
+)
 from memlong.memory import SessionMemory
 from memlong.model import MemLongConfig
 
@@ -172,26 +178,18 @@ def _record(
 _SAME_RUN = ("book", "trials", "seed", "digits")
 
 
-def _earlier_rows(out_dir: Path, settings: PasskeySettings, records: list[dict]) -> list[dict]:
-    """Rows of an earlier run in out_dir with the same book, trials, seed and digits that this run did not redo.
-
-    Re-running one length (say 64k) then updates that length's rows and keeps the others.
-    """
-    try:
-        old_rows = json.loads((out_dir / "passkey.json").read_text())
-        old_settings = json.loads((out_dir / "passkey_meta.json").read_text())["settings"]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        return []
-    if any(old_settings.get(k) != getattr(settings, k) for k in _SAME_RUN):
-        return []
-    redone = {(r["method"], r["context_tokens"]) for r in records}
-    return [r for r in old_rows if (r["method"], r["context_tokens"]) not in redone]
-
-
 def write_passkey(out_dir: Path, settings: PasskeySettings, records: list[dict], extra: dict) -> None:
     """Write this run's rows merged with the compatible rows of an earlier run in out_dir."""
+    merged = merge_rows(
+        out_dir / "passkey.json",
+        out_dir / "passkey_meta.json",
+        asdict(settings),
+        _SAME_RUN,
+        records,
+        ("method", "context_tokens"),
+    )
     rows = sorted(
-        _earlier_rows(out_dir, settings, records) + records,
+        merged,
         key=lambda r: (r["context_tokens"], _METHOD_ORDER.get(r["method"], len(_METHOD_ORDER)), r["method"]),
     )
     write_json(out_dir / "passkey.json", rows)

@@ -32,6 +32,7 @@ from memlong.eval.common import (
     full_attention_logprobs,
     machine_info,
     markdown_table,
+    merge_rows,
     plot_lines,
     write_json,
 )
@@ -167,12 +168,29 @@ def _mean(runs: list[dict]) -> dict:
     return out
 
 
+_SAME_TOKENS = ("book", "windows", "score_tokens", "start", "max_length")
+
+
 def write_ppl(
     out_dir: Path, settings: PPLSettings, records: list[dict], speeds: list[dict], extra: dict
 ) -> None:
     """Files named by book: ppl_<book>.json / .md / .png, ppl_<book>_meta.json, ppl_<book>_timing.*"""
     stem = f"ppl_{Path(settings.book).stem}"
-    meta = {"settings": asdict(settings), "machine": machine_info(), **extra}
+    # Rows of an earlier run on the same tokens (same book, windows, ends, scored span) are kept unless
+    # this run redid them with the same settings: a method or a setting can be added to a sweep.
+    records = merge_rows(
+        out_dir / f"{stem}.json",
+        out_dir / f"{stem}_meta.json",
+        {**asdict(settings), "max_length": max(settings.lengths)},
+        _SAME_TOKENS,
+        records,
+        ("method", "context_tokens", "layout", "mem_position", "top_k", "memory_layers"),
+    )
+    meta = {
+        "settings": {**asdict(settings), "max_length": max(settings.lengths)},
+        "machine": machine_info(),
+        **extra,
+    }
     write_json(out_dir / f"{stem}.json", records)
     write_json(out_dir / f"{stem}_meta.json", meta)
     # Timings taken while the evaluation runs (machine possibly busy); bench/speed_bench.py measures speed.

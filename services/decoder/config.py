@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, default=int(env(ENV_PREFIX + "MAX_INFLIGHT", "4")))
     p.add_argument("--no-prefetch", action="store_true", help="retrieve at the boundary, no overlap")
     p.add_argument(
+        "--window-cache-sessions",
+        type=int,
+        default=int(env(ENV_PREFIX + "WINDOW_CACHE_SESSIONS", "8")),
+        help="sessions whose local window this replica keeps between calls (per-layer SmolLM2: ~71 MB each)",
+    )
+    p.add_argument(
         "--memlong-json",
         default=env(ENV_PREFIX + "MEMLONG_JSON", ""),
         help='MemLong settings as JSON, overriding the flags, e.g. {"top_k": 4}',
@@ -98,4 +104,5 @@ def config_from_args(args: argparse.Namespace) -> DecoderConfig:
         threads=args.threads,
         max_inflight=args.max_inflight,
         prefetch=not args.no_prefetch,
+        window_cache_sessions=args.window_cache_sessions,
     )

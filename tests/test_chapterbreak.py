@@ -40,6 +40,9 @@ def test_the_true_candidate_is_what_follows_the_prefix_and_distractors_are_other
     for case in cases:
         assert len(case.prefix) == 400 and all(len(c) == 24 for c in case.candidates)
         assert len({tuple(c) for c in case.candidates}) == 4  # four different openings
+        # no distractor occurs in the prefix (a reader would copy it, not judge it)
+        seen = {tuple(case.prefix[i : i + 24]) for i in range(len(case.prefix) - 23)}
+        assert not any(tuple(c) in seen for c in case.candidates[1:])
     # Rebuilt from the same seed: the same cases (every method is scored on the same tokens).
     again = build_cases(stack, settings)
     assert [c.candidates for c in again] == [c.candidates for c in cases]

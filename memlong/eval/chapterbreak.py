@@ -9,8 +9,8 @@ distant past (memory) should rank the true opening first more often than one wit
   King James Bible. Headings are left out of both prefix and candidates (a scene number would give the
   answer away); every candidate is the first `candidate_tokens` tokens of its section's body.
 - Cases: section breaks with at least `context` tokens of the same work before them, drawn with a seed;
-  distractors are other sections of the same work (never the true one, never one inside the prefix's
-  last local window, which a window-only reader would simply recognise).
+  distractors are openings of other sections of the same work that do not occur in the prefix (after
+  the break, or wholly before the prefix): an opening the reader has seen would be copied, not judged.
 - Every method reads the same prefix tokens and scores the same candidate tokens: `full` (one forward up
   to `full_max`), `sliding` (local window and sinks only), `per_layer` (per-layer memory).
 - Accuracy: the true opening ranked first by summed log-probability (all candidates have the same token
@@ -125,12 +125,17 @@ def build_cases(stack: Stack, settings: ChapterBreakSettings) -> list[Case]:
     for wi, si in breaks[: settings.cases]:
         work, ids, offs = pool[wi]
         start = offs[si]
-        window_start = start - stack.model.config.local_window
-        others = [
-            o
-            for j, o in enumerate(offs)
-            if j != si and not window_start <= o < start and o + settings.candidate_tokens <= len(ids)
-        ]
+        # Distractors never occur in the prefix: an opening the reader has seen would be recognised
+        # (copied), not judged as a continuation. So: openings after the break, or wholly before the prefix.
+        others = sorted(
+            {
+                o
+                for o in offs
+                if o != start
+                and o + settings.candidate_tokens <= len(ids)
+                and (o > start or o + settings.candidate_tokens <= start - settings.context)
+            }
+        )
         if len(others) < settings.distractors:
             continue
         picks = rng.sample(others, settings.distractors)
@@ -146,7 +151,7 @@ def _tokens_at(stack: Stack, text: str, starts: list[int]) -> tuple[list[int], l
     offsets: list[int] = []
     bounds = [0, *starts, len(text)]
     for lo, hi in zip(bounds, bounds[1:], strict=False):
-        if lo in starts:
+        if lo in starts and (not offsets or offsets[-1] != len(ids)):  # a start at 0 counts once
             offsets.append(len(ids))
         ids.extend(stack.encode(text[lo:hi]))
     return ids, offsets

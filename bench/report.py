@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from memlong.eval.common import markdown_table
+from memlong.eval.passkey import PASSKEY_COLUMNS
 from memlong.eval.ppl import PPL_COLUMNS
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -65,26 +66,7 @@ def passkey_section() -> str:
         f"{s.get('full_max')} tokens. `needle_retrieved`: share of trials whose answer was generated with the "
         "needle's chunk among the retrieved.\n\n"
     )
-    return (
-        "## Passkey retrieval\n\n"
-        + settings
-        + markdown_table(
-            rows,
-            [
-                "method",
-                "context_tokens",
-                "trials",
-                "correct",
-                "accuracy",
-                "needle_retrieved",
-                "layout",
-                "local_window",
-                "top_k",
-                "query",
-                "mem_position",
-            ],
-        )
-    )
+    return "## Passkey retrieval\n\n" + settings + markdown_table(rows, PASSKEY_COLUMNS)
 
 
 def chapterbreak_section() -> str:

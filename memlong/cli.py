@@ -70,7 +70,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--mem-position",
         choices=("zero", "prefix"),
-        default="",
+        default="zero",
         help="where memory keys sit: zero (unrotated, position 0; the default) or prefix (as the text "
         "just before the window)",
     )

@@ -8,10 +8,6 @@ from dataclasses import dataclass
 from memlong.errors import InvalidArgument
 
 LAYOUTS = ("per_layer", "paper")
-# Where memory keys sit unless set. Per-layer memory: position 0, measured across 8k-64k and on passkey
-# ("prefix" scored 7.77 vs 7.81 on one 8k KJV window, 512 tokens: within noise, see bench/results). The
-# paper layout keeps the paper's position 0, which its adapters were trained with.
-DEFAULT_MEM_POSITION = {"per_layer": "zero", "paper": "zero"}
 
 
 @dataclass(frozen=True)
@@ -34,9 +30,10 @@ class MemLongConfig:
     local_window: int = 1024  # previous tokens each token sees locally (plus itself)
     memory_size: int = 32768  # tokens of memory per session (rounded down to whole chunks)
     query: str = "prev_chunk"  # retrieval query: the chunk of text just before the tokens predicted
-    # "zero": memory keys unrotated, at position 0 (the paper's choice); "prefix": the retrieved chunks
-    # read as the text just before the window; "": the layout's measured default (`memory_position`).
-    mem_position: str = ""
+    # "zero": memory keys unrotated, at position 0 (the paper's choice; measured as good as "prefix" for
+    # per-layer memory, bench/results/study_8k); "prefix": the retrieved chunks read as the text just
+    # before the window.
+    mem_position: str = "zero"
     kv_dtype: str = "bfloat16"  # dtype of stored memory K/V
     sink_tokens: int = 4  # first tokens of a stream every layer keeps attending to (attention sinks)
 
@@ -64,7 +61,7 @@ class MemLongConfig:
             raise InvalidArgument("memory_size", "must hold at least one chunk")
         if self.query not in ("prev_chunk",):
             raise InvalidArgument("query", f"unknown retrieval query mode {self.query!r}")
-        if self.mem_position not in ("", "zero", "prefix"):
+        if self.mem_position not in ("zero", "prefix"):
             raise InvalidArgument("mem_position", f"unknown memory position mode {self.mem_position!r}")
         if self.kv_dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
@@ -113,13 +110,8 @@ class MemLongConfig:
             )
         return (
             f"{where}; chunk {self.chunk}, top-k {self.top_k}, local window {self.local_window}, "
-            f"{self.sink_tokens} sinks, memory keys at '{self.memory_position}', query '{self.query}'"
+            f"{self.sink_tokens} sinks, memory keys at '{self.mem_position}', query '{self.query}'"
         )
-
-    @property
-    def memory_position(self) -> str:
-        """mem_position, or the layout's default where it is left empty."""
-        return self.mem_position or DEFAULT_MEM_POSITION[self.layout]
 
     @property
     def memory_chunks(self) -> int:

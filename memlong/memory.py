@@ -175,9 +175,6 @@ class PendingChunks:
         self._rec: list[np.ndarray] = []  # (n, record_bytes)
         self._len: list[np.ndarray] = []  # (n,)
 
-    def __bool__(self) -> bool:
-        return bool(self._ids)
-
     def add(self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray) -> None:
         self._ids.append(np.array(ids, np.int64))
         self._emb.append(np.array(embeddings, np.float32))

@@ -326,7 +326,7 @@ class MemLongModel(torch.nn.Module):
         positions = torch.arange(0, frame + s + 1, device=input_ids.device)[None].expand(b, frame + s + 1)
         cos, sin = self.base.rotary_emb(hidden, positions)  # (B, P+S+1, D)
         mem_k = None if memory is None else memory.k
-        if memory is not None and cfg.memory_position == "prefix":
+        if memory is not None and cfg.mem_position == "prefix":
             # Retrieved chunks read as the text right before the window: positions 1-M..0. The local
             # positions stay 1..P+S, so layers below the memory layer compute bit-identical results.
             m = memory.k.shape[3]

@@ -49,7 +49,7 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
             read = cfg.read_index(len(base.layers))
             if mem is not None and li in read:
                 mk = mem.k[:, read[li]]
-                if cfg.memory_position == "prefix":  # the retrieved chunks read as the text before the window
+                if cfg.mem_position == "prefix":  # the retrieved chunks read as the text before the window
                     mk = rope(mk, torch.arange(1 - mk.shape[2], 1))
                 keys.insert(0, mk)
                 vals.insert(0, mem.v[:, read[li]])

@@ -170,12 +170,26 @@ def _record(
         "local_window": length if method == "full" else cfg.local_window,
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
-        "mem_position": cfg.memory_position if memory else "none",
+        "mem_position": cfg.mem_position if memory else "none",
         "query": "question text" if memory else "none",
     }
 
 
 _SAME_RUN = ("book", "trials", "seed", "digits")
+# Every setting that changes an accuracy, beside it in the tables.
+PASSKEY_COLUMNS = [
+    "method",
+    "context_tokens",
+    "trials",
+    "correct",
+    "accuracy",
+    "needle_retrieved",
+    "layout",
+    "local_window",
+    "top_k",
+    "query",
+    "mem_position",
+]
 
 
 def write_passkey(out_dir: Path, settings: PasskeySettings, records: list[dict], extra: dict) -> None:
@@ -199,14 +213,4 @@ def write_passkey(out_dir: Path, settings: PasskeySettings, records: list[dict],
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(out_dir / "passkey_meta.json", {**meta, **extra})
-    cols = [
-        "method",
-        "context_tokens",
-        "trials",
-        "correct",
-        "accuracy",
-        "needle_retrieved",
-        "local_window",
-        "top_k",
-    ]
-    (out_dir / "passkey.md").write_text(markdown_table(rows, cols))
+    (out_dir / "passkey.md").write_text(markdown_table(rows, PASSKEY_COLUMNS))

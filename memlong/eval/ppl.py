@@ -142,7 +142,7 @@ def _record(
         "layout": cfg.layout if memory else "none",
         "memory_layers": _memory_layers(cfg) if memory else "",
         "sink_tokens": cfg.sink_tokens,
-        "mem_position": cfg.memory_position if memory else "none",
+        "mem_position": cfg.mem_position if memory else "none",
         "ppl": math.exp(sum(values) / len(values)),
     }
 

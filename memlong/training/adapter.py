@@ -145,7 +145,6 @@ def save_adapter(path: Path, model: MemLongModel, spec: AdapterSpec, extra: dict
         "memlong": {
             **model.config.__dict__,
             "ret_attn_layers": list(model.config.ret_attn_layers),
-            "mem_position": model.config.memory_position,
         },
         "base_model": base_identity(model),
         **(extra or {}),
@@ -183,7 +182,7 @@ def check_binding(model: MemLongModel, meta: dict, path: Path, check_base: bool 
     """Refuse an adapter trained for another base model or other memory/retrieval layers."""
     trained = meta.get("memlong", {})
     for key in _BINDING:
-        have = model.config.memory_position if key == "mem_position" else getattr(model.config, key)
+        have = getattr(model.config, key)
         want = trained.get(key, "paper" if key == "layout" else None)
         if key == "ret_attn_layers":
             have, want = list(have), list(want or [])

@@ -58,7 +58,7 @@ class DocumentPass:
             # see them j*chunk further away than the Reader's (chunk-sized blocks) does.
             raise InvalidArgument("block_chunks", "attention sinks need one chunk per block")
         if chunk_emb is not None:
-            if cfg.memory_position != "zero" and block_chunks > 1:
+            if cfg.mem_position != "zero" and block_chunks > 1:
                 raise InvalidArgument("block_chunks", "mem_position='prefix' needs one chunk per block")
             if len(tokens) // c > cfg.memory_chunks:
                 raise InvalidArgument("memory_size", "a training document must fit in memory (no eviction)")

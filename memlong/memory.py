@@ -34,6 +34,7 @@ import numpy as np
 from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 STATE_VERSION = 1
+MAX_ACCEPTED_RUNS = 4096  # history of accepted ids, as runs of consecutive ids, per session
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Inputs above this magnitude could overflow float32 dot products inside FAISS (1e16^2 * dim).
 MAX_ABS_VALUE = 1e16
@@ -267,6 +268,9 @@ class SessionMemory:
         # An upper bound on stored embedding norms (never lowered), for the exactness check.
         self._max_norm = 0.0
         self._max_id = -1
+        # Every id ever accepted, as sorted inclusive runs [first, last]: (k, 2) int64. Tells a replay
+        # (an accepted id, stored or evicted) from an id that arrives late and was never stored.
+        self._accepted = np.empty((0, 2), np.int64)
         self._eviction_rounds = 0
         self._evicted_chunks = 0
         self._searches = 0
@@ -371,7 +375,16 @@ class SessionMemory:
     def _check_replays(
         self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
     ) -> None:
-        """AlreadyExists if a replayed id that is still stored arrives with different bytes."""
+        """FailedPrecondition for an id never accepted; AlreadyExists if a stored id arrives with
+        different bytes."""
+        run = np.searchsorted(self._accepted[:, 0], ids, side="right") - 1  # (r,) run that may hold it
+        known = (run >= 0) & (ids <= self._accepted[np.maximum(run, 0), 1])
+        if not known.all():
+            late = ids[~known][:8].tolist()
+            raise FailedPrecondition(
+                f"chunk ids {late} are below the highest accepted id {self._max_id} and were never "
+                "stored: ids must be sent in increasing order"
+            )
         pos = np.searchsorted(self._ids, ids)  # (r,)
         held = pos < len(self._ids)
         held[held] = self._ids[pos[held]] == ids[held]
@@ -395,10 +408,10 @@ class SessionMemory:
         ids: (n,) int64 >= 0, strictly increasing: the caller's chunk sequence numbers.
         embeddings: (n, dim) float32 finite. records: (n, record_bytes) uint8. lengths: (n,) int32 >= 1.
 
-        An id <= the highest id ever accepted is a replay: a no-op when the stored chunk has the same
-        bytes (or was evicted, so there is nothing to compare), AlreadyExists when it differs. The
-        bank keeps no history of evicted ids, so an id below the highest that was never stored is
-        also a no-op. New ids must exceed every id ever accepted.
+        An id that was accepted before is a replay: a no-op when the stored chunk has the same bytes
+        (or was evicted, so there is nothing to compare), AlreadyExists when it differs. An id below
+        the highest accepted that was never accepted arrives out of order: FailedPrecondition naming
+        it, and nothing of the batch is stored. New ids must exceed every id ever accepted.
 
         When the new chunks would overflow memory_size, one eviction round frees
         max(evict_free * memory_size, overflow) chunks; the newest band is counted over the memory
@@ -464,6 +477,27 @@ class SessionMemory:
         norms = np.sqrt(np.einsum("nd,nd->n", embeddings, embeddings, dtype=np.float64))  # (m,)
         self._max_norm = max(self._max_norm, float(norms.max()))
         self._max_id = int(ids[-1])
+        self._accept(ids)
+
+    def _accept(self, ids: np.ndarray) -> None:
+        """Add new ids (strictly increasing, above every accepted id) to the accepted runs.
+
+        Runs beyond MAX_ACCEPTED_RUNS merge the two oldest: the gap between them then counts as
+        accepted (a late id there is a no-op, as before this history existed), so the history
+        stays bounded whatever the client sends."""
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+        starts, ends = ids[np.r_[0, breaks]], ids[np.r_[breaks - 1, len(ids) - 1]]
+        runs = np.stack([starts, ends], axis=1)  # (k, 2)
+        acc = self._accepted
+        if len(acc) and acc[-1, 1] + 1 == runs[0, 0]:
+            acc = acc.copy()
+            acc[-1, 1] = runs[0, 1]
+            runs = runs[1:]
+        acc = np.concatenate([acc, runs])
+        if len(acc) > MAX_ACCEPTED_RUNS:
+            extra = len(acc) - MAX_ACCEPTED_RUNS
+            acc = np.concatenate([[[acc[0, 0], acc[extra, 1]]], acc[extra + 1 :]]).astype(np.int64)
+        self._accepted = acc
 
     def _take_slots(self, m: int) -> np.ndarray:
         """`m` free slots, growing the slabs (geometrically, capped at memory_size) when needed."""
@@ -638,6 +672,7 @@ class SessionMemory:
             counters=self._counters.copy(),
             pinned=self._pinned.copy(),
             max_id=self._max_id,
+            accepted=self._accepted.copy(),
             eviction_rounds=self._eviction_rounds,
             evicted_chunks=self._evicted_chunks,
             searches=self._searches,
@@ -693,9 +728,29 @@ class SessionMemory:
         mem._counters = arrays["counters"].copy()
         mem._pinned = arrays["pinned"].copy()
         mem._max_id = max_id
+        mem._accepted = cls._check_accepted(state.get("accepted"), ids, max_id)
         for key in ("eviction_rounds", "evicted_chunks", "searches", "queries"):
             setattr(mem, f"_{key}", scalar(key))
         return mem
+
+    @staticmethod
+    def _check_accepted(accepted: Any, ids: np.ndarray, max_id: int) -> np.ndarray:
+        """The state's accepted-id runs, checked; states written before they existed count every id
+        up to max_id as accepted."""
+        if accepted is None:
+            return np.array([[0, max_id]] if max_id >= 0 else np.empty((0, 2)), np.int64).reshape(-1, 2)
+        acc = _check_array("state.accepted", accepted, np.int64, (None, 2))
+        if len(acc) > MAX_ACCEPTED_RUNS:
+            raise InvalidArgument("state.accepted", f"more than {MAX_ACCEPTED_RUNS} runs")
+        flat = acc.reshape(-1)
+        if len(flat) and (flat.min() < 0 or not (np.diff(flat) >= 0).all() or not (acc[1:, 0] > acc[:-1, 1] + 1).all()):
+            raise InvalidArgument("state.accepted", "runs must be sorted, disjoint and non-negative")
+        if (len(acc) and acc[-1, 1] != max_id) or (not len(acc) and max_id >= 0):
+            raise InvalidArgument("state.accepted", "must end at max_id")
+        run = np.searchsorted(acc[:, 0], ids, side="right") - 1
+        if len(ids) and not ((run >= 0) & (ids <= acc[np.maximum(run, 0), 1])).all():
+            raise InvalidArgument("state.accepted", "a stored id is outside every run")
+        return acc.copy()
 
     @staticmethod
     def _check_state_arrays(state: dict[str, Any], config: MemoryConfig) -> dict[str, np.ndarray]:

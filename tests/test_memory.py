@@ -349,6 +349,40 @@ def test_replay_of_evicted_chunk_is_a_noop():
     assert_same_state(before, mem.export_state())
 
 
+def test_late_id_never_stored_is_refused_and_changes_nothing():
+    """An id below the highest accepted that was never accepted is not a replay: it would be lost."""
+    mem = make(memory_size=8)
+    emb = table(40)
+    append(mem, [0, 1, 2, 10, 11], emb)  # a gap 3..9: those ids were never sent
+    append(mem, np.arange(12, 20), emb)  # evicts the oldest, so 0..2 are accepted but gone
+    assert 0 not in mem.ids()
+    before = mem.export_state()
+    for ids in ([5], [2, 5], [5, 20], [7, 21]):  # late alone, after a replay, mixed with new ids
+        with pytest.raises(FailedPrecondition, match=r"\[(5|7)\]|never"):
+            append(mem, ids, emb)
+        assert_same_state(before, mem.export_state())
+    assert append(mem, [0, 1, 10], emb) == 0  # true replays, even of evicted chunks, stay no-ops
+    # The history survives export/import (what snapshots and session moves carry).
+    copy = SessionMemory.from_state(mem.export_state())
+    with pytest.raises(FailedPrecondition):
+        append(copy, [4], emb)
+    assert append(copy, [1, 20], emb) == 1
+
+
+def test_accepted_history_stays_bounded():
+    from memlong.memory import MAX_ACCEPTED_RUNS
+
+    mem = make(memory_size=4)
+    emb = table(2 * MAX_ACCEPTED_RUNS + 10)
+    for i in range(0, 2 * MAX_ACCEPTED_RUNS + 4, 2):  # every other id: one run per chunk
+        append(mem, [i], emb)
+    runs = mem.export_state()["accepted"]
+    assert len(runs) == MAX_ACCEPTED_RUNS
+    with pytest.raises(FailedPrecondition):  # a recent gap is still known
+        append(mem, [2 * MAX_ACCEPTED_RUNS + 1], emb)
+    assert append(mem, [1], emb) == 0  # the oldest gaps merged: counted as accepted, a no-op
+
+
 # ------------------------------------------------------------------------------- validation (C2)
 
 
@@ -634,6 +668,10 @@ def test_export_import_round_trip_gives_identical_results():
         ("pinned", np.zeros(2, np.int8)),
         ("max_id", 0),
         ("counters", None),
+        ("accepted", np.array([[1, 1]], np.int64)),  # does not reach max_id
+        ("accepted", np.array([[2, 2]], np.int64)),  # stored id 1 outside every run
+        ("accepted", np.array([[1, 1], [2, 2]], np.int64)),  # adjacent runs not merged
+        ("accepted", np.array([1, 2], np.int64)),  # not (k, 2)
     ],
 )
 def test_from_state_rejects_malformed_state(key, value):

@@ -140,6 +140,7 @@ class Shard:
         report.sessions = len(self._meta)
         report.seconds = time.perf_counter() - t0
         self.ready = True
+        self._maybe_checkpoint()  # a log left long by earlier runs is compacted now, not after more writes
         return report
 
     def close(self) -> None:
@@ -181,6 +182,16 @@ class Shard:
             self._failed = e
             log.exception("shard %s: write-ahead log failed; failing stop", self.name)
             raise Unavailable(f"shard {self.name}: storage failure") from e
+        self._maybe_checkpoint()
+
+    def _maybe_checkpoint(self) -> None:
+        """Start a background checkpoint once the log holds `checkpoint_bytes` more than at the last one.
+
+        The log's size counts what earlier runs left in it (`WriteAheadLog.bytes_written` starts at the
+        size of the segments found on open), so a shard that keeps crashing before it reaches the
+        threshold still compacts: what recovery replays stays bounded by the threshold."""
+        if self._wal is None:
+            return
         if self._wal.bytes_written >= self._checkpoint_at and self._checkpointing.acquire(blocking=False):
             self._checkpoint_at = self._wal.bytes_written + self.checkpoint_bytes
             threading.Thread(target=self._background_checkpoint, name="checkpoint", daemon=True).start()

@@ -163,6 +163,8 @@ class WriteAheadLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._next_lsn = next_lsn
         self._written_lsn = self._durable_lsn = next_lsn - 1
+        # Bytes a recovery would replay: what earlier runs left in the log counts toward a checkpoint.
+        self.bytes_written = sum(p.stat().st_size for p in _segments(self.directory))
         self._fd = self._new_segment(next_lsn)
         if self.fsync == "grouped":
             self._flusher = threading.Thread(target=self._flush_loop, name="wal-flusher", daemon=True)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from memlong.errors import InvalidArgument
-from memlong.memory import SearchResult
+from memlong.memory import MAX_ACCEPTED_RUNS, SearchResult
 from memlong.retmem.v1 import retmem_pb2 as pb
 from services.common import tensor
 
@@ -16,7 +16,7 @@ from .store import SessionSpec
 
 PART_BYTES = 8 << 20  # export parts stay well under the message limit
 BOOL_KEYS = frozenset({"pinned"})
-STATE_ARRAYS = frozenset({"ids", "embeddings", "records", "lengths", "counters", "pinned"})
+STATE_ARRAYS = frozenset({"ids", "embeddings", "records", "lengths", "counters", "pinned", "accepted"})
 
 
 def spec_to_proto(spec: SessionSpec) -> pb.SessionSpec:
@@ -104,8 +104,9 @@ def parts_to_state(parts: Iterable[pb.SessionPart]) -> tuple[str, SessionSpec, d
         if kind == "array":
             if part.name not in STATE_ARRAYS:
                 raise InvalidArgument(f"{field}.name", f"unknown array {part.name!r}")
-            if not 0 <= part.total_rows <= spec.memory_size:
-                raise InvalidArgument(f"{field}.total_rows", f"must be in 0..{spec.memory_size}")
+            most = MAX_ACCEPTED_RUNS if part.name == "accepted" else spec.memory_size
+            if not 0 <= part.total_rows <= most:
+                raise InvalidArgument(f"{field}.total_rows", f"must be in 0..{most}")
             piece = tensor.decode(part.array, f"{field}.array")
             if piece.ndim == 0:
                 raise InvalidArgument(f"{field}.array.shape", "must have a row axis")

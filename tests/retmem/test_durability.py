@@ -324,3 +324,34 @@ def test_evicting_an_id_range_removes_exactly_it_and_survives_restart(tmp_path: 
     again.evict("a", id_range=(0, 30))  # pinned 25 included
     assert len(again.bank.get("a")) == 0
     again.close()
+
+
+def _log_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / "s" / "wal").glob("*.wal"))
+
+
+def test_a_shard_that_keeps_crashing_still_compacts_its_log(tmp_path: Path) -> None:
+    """Each run writes less than the checkpoint threshold and dies without a checkpoint; what the
+    next recovery replays stays bounded by the threshold (plus one run's writes), not by uptime."""
+    spec, rng = tiny_spec(memory_size=10_000), np.random.default_rng(21)
+    threshold = 16 << 10
+    per_run = 40  # ~4.4 KiB of log per run: about a quarter of the threshold
+    first = 0
+    replayed = []
+    expected = np.empty(0, np.int64)
+    for run in range(12):
+        shard = Shard("s", tmp_path, checkpoint_bytes=threshold)
+        report = shard.open()
+        replayed.append(_log_bytes(tmp_path))
+        assert np.array_equal(shard.bank.get("a").ids() if run else expected, expected)
+        if run == 0:
+            shard.create_session("a", spec)
+        shard.append("a", *chunks(rng, spec, first, per_run))
+        first += per_run
+        expected = np.arange(first)
+        shard._checkpointing.acquire()  # wait for a checkpoint the open or appends started
+        shard._checkpointing.release()
+        shard.close()  # like a kill: no checkpoint on the way out
+        assert report.errors == []
+    run_bytes = max(np.diff(replayed[:4]))  # one run's log, measured before any compaction
+    assert max(replayed) <= threshold + 2 * run_bytes, replayed

@@ -213,6 +213,20 @@ def test_c5_idempotent_append(client: RetMemClient) -> None:
     assert client.info("c5").num_chunks == 9
 
 
+def test_c5_late_append_is_refused_not_dropped(client: RetMemClient) -> None:
+    """A chunk sent out of order (below the highest seq, never stored) would be lost silently."""
+    spec, rng = tiny_spec(), np.random.default_rng(16)
+    client.create_session("late", spec)
+    ids, emb, rec, lengths = chunks(rng, spec, 0, 8)
+    keep = np.array([0, 1, 2, 5, 6, 7])  # 3 and 4 held back by the client
+    assert client.append("late", ids[keep], emb[keep], rec[keep], lengths[keep]) == 6
+    with pytest.raises(errors.FailedPrecondition, match="never stored") as e:
+        client.append("late", ids[3:5], emb[3:5], rec[3:5], lengths[3:5])
+    assert "[3, 4]" in str(e.value)
+    _, state = client.export_session("late")
+    assert state["ids"].tolist() == keep.tolist()
+
+
 def test_d4_health_not_serving_while_recovering(tmp_path: Path, monkeypatch) -> None:
     gate = threading.Event()
     real_open = Shard.open

@@ -112,6 +112,9 @@ class RetMemServicer:
 
     def Append(self, request, context):
         """Appends chunks; idempotent by (session, chunk sequence number). Acknowledged once durable.
+        A seq accepted before is a replay (no-op with the same bytes, ALREADY_EXISTS with others); a
+        seq below the highest accepted that was never accepted is FAILED_PRECONDITION naming it, and
+        nothing of the request is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

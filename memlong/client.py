@@ -22,6 +22,7 @@ from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.errors import Unavailable
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from memlong.ids import check_session_id
 from services.common.channel import ChannelOptions, get_channel
 from services.common.status import raise_for_rpc_error
 
@@ -69,13 +70,13 @@ class Client:
         return self._call("CreateSession", pb.CreateSessionRequest(name=name))
 
     def get_session(self, session_id: str) -> pb.Session:
-        return self._call("GetSession", pb.GetSessionRequest(session_id=session_id))
+        return self._call("GetSession", pb.GetSessionRequest(session_id=check_session_id(session_id)))
 
     def list_sessions(self) -> list[pb.Session]:
         return list(self._call("ListSessions", pb.ListSessionsRequest()).sessions)
 
     def delete_session(self, session_id: str) -> None:
-        self._call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id))
+        self._call("DeleteSession", pb.DeleteSessionRequest(session_id=check_session_id(session_id)))
 
     # -- append -------------------------------------------------------------------------------------
 
@@ -92,6 +93,7 @@ class Client:
     ) -> pb.AppendProgress:
         """Append `text` at `offset` (default: the session's end). On UNAVAILABLE, asks the session for
         its committed offset and resumes from there (at most `retries` times)."""
+        check_session_id(session_id)
         data = text.encode() if isinstance(text, str) else bytes(text)
         base = self.get_session(session_id).text_bytes if offset is None else offset
         bar = None
@@ -138,7 +140,7 @@ class Client:
     ) -> pb.ScoreResponse:
         data = text.encode() if isinstance(text, str) else text
         req = pb.ScoreRequest(
-            session_id=session_id,
+            session_id=check_session_id(session_id),
             text=data,
             memory_mode=MEMORY_MODES[memory],
             return_logprobs=return_logprobs,
@@ -173,7 +175,10 @@ class Client:
             stop_token_ids=list(stop_token_ids),
         )
         req = pb.GenerateRequest(
-            session_id=session_id, prompt=data, sampling=sampling, memory_mode=MEMORY_MODES[memory]
+            session_id=check_session_id(session_id),
+            prompt=data,
+            sampling=sampling,
+            memory_mode=MEMORY_MODES[memory],
         )
         try:
             for msg in self.stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata):

@@ -23,7 +23,6 @@ No grpc, no file system, no torch. Not thread-safe: the host serialises calls pe
 from __future__ import annotations
 
 import math
-import re
 import threading
 from dataclasses import dataclass, fields
 from typing import Any
@@ -32,10 +31,10 @@ import faiss
 import numpy as np
 
 from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from memlong.ids import check_session_id
 
 STATE_VERSION = 1
 MAX_ACCEPTED_RUNS = 4096  # history of accepted ids, as runs of consecutive ids, per session
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Inputs above this magnitude could overflow float32 dot products inside FAISS (1e16^2 * dim).
 MAX_ABS_VALUE = 1e16
 # Unit roundoff of float32: bounds FAISS's score error when deciding if a candidate set is complete.
@@ -743,7 +742,9 @@ class SessionMemory:
         if len(acc) > MAX_ACCEPTED_RUNS:
             raise InvalidArgument("state.accepted", f"more than {MAX_ACCEPTED_RUNS} runs")
         flat = acc.reshape(-1)
-        if len(flat) and (flat.min() < 0 or not (np.diff(flat) >= 0).all() or not (acc[1:, 0] > acc[:-1, 1] + 1).all()):
+        if len(flat) and (
+            flat.min() < 0 or not (np.diff(flat) >= 0).all() or not (acc[1:, 0] > acc[:-1, 1] + 1).all()
+        ):
             raise InvalidArgument("state.accepted", "runs must be sorted, disjoint and non-negative")
         if (len(acc) and acc[-1, 1] != max_id) or (not len(acc) and max_id >= 0):
             raise InvalidArgument("state.accepted", "must end at max_id")
@@ -805,14 +806,6 @@ def _checked_index(index: Any, ids: np.ndarray, embeddings: np.ndarray, dim: int
 
 
 # -------------------------------------------------------------------------------------------- bank
-
-
-def check_session_id(session_id: Any) -> str:
-    """`session_id` if it matches ^[A-Za-z0-9._:-]{1,128}$, else InvalidArgument('session_id')."""
-    if not isinstance(session_id, str) or not SESSION_ID_RE.fullmatch(session_id):
-        shown = repr(session_id)[:40]
-        raise InvalidArgument("session_id", f"must match {SESSION_ID_RE.pattern}, got {shown}")
-    return session_id
 
 
 class MemoryBank:

@@ -706,7 +706,8 @@ def test_bank_sessions_lifecycle():
 
 
 @pytest.mark.parametrize(
-    "session_id", ["", "a" * 4096, "a" * 129, "abc\n", "has space", "slash/x", "é", None, 7]
+    "session_id",
+    ["", "a" * 4096, "a" * 129, "abc\n", "has space", "slash/x", "é", None, 7, "..", "-rf", ".hidden", ":a"],
 )
 def test_bank_rejects_bad_session_ids(session_id):
     bank = MemoryBank()

@@ -17,6 +17,7 @@ from memlong.chunkloop import SamplingParams
 from memlong.decoder.v1 import decoder_pb2 as pb
 from memlong.decoder.v1 import decoder_pb2_grpc as pb_grpc
 from memlong.errors import InvalidArgument
+from memlong.ids import check_session_id
 from memlong.model import MemLongModel
 from services.common.channel import Deadline
 from services.common.server import ServerOptions, Service, ServiceProcess
@@ -81,8 +82,7 @@ def report_to_proto(r: MemoryReport) -> pb.MemoryReport:
 
 
 def _session(ref: pb.SessionRef) -> tuple[str, int]:
-    if not ref.session_id:
-        raise InvalidArgument("session.session_id", "must be set")
+    check_session_id(ref.session_id, "session.session_id")
     if ref.next_chunk_id < 0:
         raise InvalidArgument("session.next_chunk_id", "must be >= 0")
     return ref.session_id, ref.next_chunk_id

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from memlong.ids import check_session_id
 
 from .config import Quotas
 
@@ -81,6 +82,7 @@ class SessionTable:
     # -- queries ------------------------------------------------------------------------------------
 
     def get(self, tenant: str, session_id: str) -> SessionRecord:
+        check_session_id(session_id)
         with self._lock:
             rec = self._sessions.get(session_id)
         if rec is None or rec.tenant != tenant:

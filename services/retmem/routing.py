@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 from memlong.errors import FailedPrecondition, InvalidArgument
-from memlong.memory import check_session_id
+from memlong.ids import check_session_id
 
 DEFAULT_VNODES = 128
 

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from memlong.memory import MemoryBank, SearchResult, SessionMemory, check_session_id
+from memlong.ids import check_session_id
+from memlong.memory import MemoryBank, SearchResult, SessionMemory
 
 from . import snapshot
 from .store import SessionInfo, SessionSpec, as_records, check_lengths

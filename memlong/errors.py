@@ -39,5 +39,27 @@ class Unavailable(MemLongError):
     """A dependency (ret-mem shard, decoder) cannot be reached right now."""
 
 
+class DeadlineExceeded(MemLongError):
+    """The caller's time ran out, or what is left cannot cover the next downstream call.
+
+    Not `Unavailable`: nothing is down, and retrying with the same budget fails the same way.
+    """
+
+
+class DataLoss(MemLongError):
+    """Stored data could not be recovered intact; the damaged files are kept for an operator."""
+
+
 class ModelUnavailable(MemLongError):
     """Model weights or the retriever are missing; the message says what to install."""
+
+
+SHOWN_CHARS = 64  # at most this much of a client's value is quoted back in an error message
+
+
+def shown(value: str) -> str:
+    """`value` quoted for an error message, cut to SHOWN_CHARS characters + "…": a message that echoed a
+    64 KiB id whole would be too large a status for the client to receive."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return repr(value[:SHOWN_CHARS]) + "…"

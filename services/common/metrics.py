@@ -11,6 +11,7 @@ Observed from ret-mem shards (`observe_servicer`, wired by `create_server` for a
 `shards` mapping), at each collection:
 
     memlong.memory.sessions / .chunks / .bytes / .evicted_chunks   gauges per shard
+    memlong.memory.sessions_lost   sessions recovery could not restore (answering DATA_LOSS), per shard
 
 Exporters come from OTEL_METRICS_EXPORTER (otlp, prometheus, console, none; default none), with the
 standard OTEL_EXPORTER_OTLP_* and OTEL_EXPORTER_PROMETHEUS_HOST/PORT variables.
@@ -74,6 +75,7 @@ class Instruments:
             ("chunks", "chunks stored"),
             ("bytes", "bytes of K/V, embeddings and lengths stored"),
             ("evicted_chunks", "chunks evicted from the sessions held"),
+            ("sessions_lost", "sessions recovery could not restore; their calls answer DATA_LOSS"),
         ):
             meter.create_observable_gauge(
                 f"memlong.memory.{name}", callbacks=[_memory_callback(name)], description=description
@@ -155,10 +157,13 @@ def observe_servicer(servicer: Any) -> bool:
 
 
 def shard_memory(shards: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Per shard: sessions, chunks, bytes, evicted_chunks (summed over its sessions)."""
+    """Per shard: sessions, chunks, bytes, evicted_chunks (summed over its sessions), sessions_lost."""
     out: dict[str, dict[str, float]] = {}
     for name, shard in shards.items():
         totals = {"sessions": 0.0, "chunks": 0.0, "bytes": 0.0, "evicted_chunks": 0.0}
+        totals["sessions_lost"] = (
+            float(len(shard.lost_sessions())) if hasattr(shard, "lost_sessions") else 0.0
+        )
         try:
             for sid in shard.sessions():
                 stats = shard.info(sid).stats

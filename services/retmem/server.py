@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import grpc
 import numpy as np
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 
 from memlong.errors import InvalidArgument, ResourceExhausted, Unavailable
 from memlong.memory import SearchResult
@@ -38,8 +38,12 @@ from .shard import RecoveryReport, Shard
 from .store import SessionSpec
 
 log = logging.getLogger(__name__)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetMem"].full_name
+# Health entry for stored data: NOT_SERVING while any session is lost (answers DATA_LOSS); the service
+# itself stays SERVING for every other session.
+INTEGRITY_NAME = SERVICE_NAME + ".integrity"
 F32 = (tensor.DType.DTYPE_FLOAT32,)
 
 
@@ -86,6 +90,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         self.max_message_bytes = max_message_bytes
         self.accepting = threading.Event()
         self.accepting.set()
+        self.on_delete: Callable[[], None] = lambda: None
 
     def _shard(self, session_id: str) -> Shard:
         if not self.accepting.is_set():
@@ -198,6 +203,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
     @grpc_errors
     def DeleteSession(self, request, context):  # noqa: N802
         self._shard(request.session_id).delete_session(request.session_id)
+        self.on_delete()  # deleting a lost session may clear the integrity alarm
         return pb.DeleteSessionResponse()
 
     @grpc_errors
@@ -226,6 +232,7 @@ class RetMemServer:
         self.placement = Placement(config.shards, config.all_shards)
         self.health = health.HealthServicer()
         self.servicer = RetMemServicer(self.shards, self.placement, config.max_message_bytes)
+        self.servicer.on_delete = self._report_integrity
         self.server: grpc.Server | None = None
         self.port = 0
         self.recovery: dict[str, RecoveryReport] = {}
@@ -250,8 +257,17 @@ class RetMemServer:
         for name, shard in self.shards.items():
             self.recovery[name] = report = shard.open()
             log.info("shard %s recovered: %s", name, report)
+        self._report_integrity()
         set_health(self.health, [SERVICE_NAME], serving=True)
         self.recovered.set()
+
+    def lost_sessions(self) -> dict[str, str]:
+        """Sessions no shard could recover (id -> reason), over every shard of this process."""
+        return {sid: why for shard in self.shards.values() for sid, why in shard.lost_sessions().items()}
+
+    def _report_integrity(self) -> None:
+        ok = not self.lost_sessions()
+        self.health.set(INTEGRITY_NAME, SERVING if ok else NOT_SERVING)
 
     def begin_stop(self) -> None:
         """Phase 1: health NOT_SERVING and new calls UNAVAILABLE; in-flight calls go on."""

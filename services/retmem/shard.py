@@ -17,11 +17,20 @@ checkpoint (and so a graceful stop) snapshots them and clears the pending list.
 Deleted session ids are written to a tombstone log before anything is removed and are never
 reused, so a delete survives restarts and stale snapshots. Without a data directory the shard is
 purely in memory (`LocalStore`).
+
+Damaged snapshots: a checkpoint keeps each session's previous snapshot generation and the log back
+to the previous checkpoint (its cut is kept in `checkpoint.json`). When the newest generation fails
+its checksums, recovery loads the previous one and replays the log after it, if the log still holds
+every record since (else, or when no generation is intact, the session is *lost*: its files and its
+log records are kept untouched, every call on it answers DATA_LOSS, `lost_sessions()` lists it for
+health and metrics, and checkpoints delete no log segment until an operator deletes the session).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -31,17 +40,18 @@ from typing import Any
 
 import numpy as np
 
-from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from memlong.ids import check_session_id
 from memlong.memory import MemoryBank, SearchResult, SessionMemory
 
 from . import snapshot
 from .store import SessionInfo, SessionSpec, as_records, check_lengths
-from .wal import ReplayReport, WriteAheadLog, replay
+from .wal import ReplayReport, WriteAheadLog, fsync_dir, replay
 
 log = logging.getLogger(__name__)
 
 IMPORT_TMP = 0  # LSN used to name an import's snapshot until its log record has an LSN
+CHECKPOINT_FILE = "checkpoint.json"  # {"cut": last LSN the latest checkpoint's snapshots cover}
 
 
 @dataclass
@@ -56,6 +66,7 @@ class RecoveryReport:
     wal_dropped_records: int = 0
     wal_dropped_bytes: int = 0
     tombstones: int = 0
+    sessions_lost: int = 0  # no intact snapshot (or the log no longer covers an older one): DATA_LOSS
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -118,6 +129,8 @@ class Shard:
         self.bank = MemoryBank()
         self._meta: dict[str, _Meta] = {}
         self._deleted: set[str] = set()
+        self._lost: dict[str, str] = {}  # session id -> why it could not be recovered
+        self._prev_cut = 0  # LSN cut of the latest checkpoint: the log after it is kept one round more
         self._lock = threading.RLock()  # session set, checkpoints
         self._wal: WriteAheadLog | None = None
         self._tombs: WriteAheadLog | None = None
@@ -159,6 +172,8 @@ class Shard:
             raise Unavailable(f"shard {self.name} stopped after a storage failure")
         check_session_id(session_id)
         meta = self._meta.get(session_id)
+        if meta is None and session_id in self._lost:
+            raise DataLoss(f"session {session_id!r} could not be recovered: {self._lost[session_id]}")
         if meta is None:
             raise NotFound(f"session {session_id!r} not found")
         return meta
@@ -206,6 +221,8 @@ class Shard:
         with self._lock:
             if session_id in self._deleted:
                 raise AlreadyExists(f"session {session_id!r} was deleted; session ids are not reused")
+            if session_id in self._lost:
+                raise DataLoss(f"session {session_id!r} could not be recovered: {self._lost[session_id]}")
             meta = _Meta(spec)
             with meta.lock:
                 self.bank.create(session_id, spec.memory_config())
@@ -326,17 +343,25 @@ class Shard:
     def sessions(self) -> list[str]:
         return self.bank.sessions()
 
+    def lost_sessions(self) -> dict[str, str]:
+        """Sessions recovery could not restore (id -> reason); their files are kept as found."""
+        return dict(self._lost)
+
     def delete_session(self, session_id: str) -> None:
-        """Delete for good: tombstone (durable) first, then memory and snapshots."""
+        """Delete for good: tombstone (durable) first, then memory and snapshots.
+
+        A lost session can be deleted: the operator's way out of DATA_LOSS (its files go with it)."""
         with self._lock:
+            if session_id in self._lost and session_id not in self._meta:
+                self._tombstone(session_id)
+                self._deleted.add(session_id)
+                del self._lost[session_id]
+                if self.root is not None:
+                    shutil.rmtree(self.root / "snapshots" / _session_dirname(session_id), ignore_errors=True)
+                return
             meta, _ = self._locked(session_id)
             try:
-                if self._tombs is not None:
-                    try:
-                        self._tombs.append({"sid": session_id})
-                    except OSError as e:
-                        self._failed = e
-                        raise Unavailable(f"shard {self.name}: storage failure") from e
+                self._tombstone(session_id)
                 meta.deleted = True
                 self._deleted.add(session_id)
                 self._meta.pop(session_id, None)
@@ -345,6 +370,14 @@ class Shard:
                 meta.lock.release()
             if self.root is not None:
                 shutil.rmtree(self.root / "snapshots" / _session_dirname(session_id), ignore_errors=True)
+
+    def _tombstone(self, session_id: str) -> None:
+        if self._tombs is not None:
+            try:
+                self._tombs.append({"sid": session_id})
+            except OSError as e:
+                self._failed = e
+                raise Unavailable(f"shard {self.name}: storage failure") from e
 
     def export_session(self, session_id: str) -> tuple[SessionSpec, dict[str, Any]]:
         meta, mem = self._locked(session_id)
@@ -401,14 +434,23 @@ class Shard:
                         if not (meta.dirty or meta.searches) or meta.deleted:
                             continue
                         sdir = self.root / "snapshots" / _session_dirname(sid)
+                        previous = snapshot.generations(sdir)[:1] if sdir.exists() else []
                         snapshot.write(
-                            sdir, meta.applied_lsn, meta.spec.to_dict(), self.bank.get(sid).export_state()
+                            sdir,
+                            meta.applied_lsn,
+                            meta.spec.to_dict(),
+                            self.bank.get(sid).export_state(),
+                            cut=cut,
                         )
-                        snapshot.remove_older(sdir, meta.applied_lsn)
+                        # Keep one older generation: recovery falls back to it if the new one is damaged.
+                        snapshot.remove_older(sdir, min([meta.applied_lsn, *previous]))
                         meta.dirty = False
                         meta.clear_hits()  # in the snapshot's counters now; never log them twice
                         written += 1
-                self._wal.remove_segments_upto(cut)
+                if not self._lost:  # a lost session's log records are evidence: keep every segment
+                    self._wal.remove_segments_upto(self._prev_cut)
+                self._prev_cut = cut
+                _write_json(self.root / CHECKPOINT_FILE, {"cut": cut})
                 return written
         finally:
             self._checkpointing.release()
@@ -424,11 +466,16 @@ class Shard:
             {rec.get("sid") for _, rec in replay(tombdir, tomb_report)} if tombdir.exists() else set()
         )
         report.tombstones = len(self._deleted)
+        self._prev_cut = int(_read_json(self.root / CHECKPOINT_FILE).get("cut", 0))
+        segs = sorted(waldir.glob("*.wal")) if waldir.exists() else []
+        log_from = int(segs[0].stem) if segs else None  # first LSN the log may still hold
         max_lsn = 0
         for sdir in sorted(snaps.iterdir()):
-            sid = self._load_session_dir(sdir, report)
+            sid = self._load_session_dir(sdir, report, log_from)
             if sid is not None:
                 max_lsn = max(max_lsn, self._meta[sid].applied_lsn)
+            elif _is_hex(sdir.name):  # lost: never reuse an LSN its snapshots name
+                max_lsn = max([max_lsn, *snapshot.generations(sdir)])
         wal_report = ReplayReport()
         if waldir.exists():
             for lsn, rec in replay(waldir, wal_report):
@@ -440,8 +487,18 @@ class Shard:
         report.wal_dropped_records = wal_report.dropped_records
         report.wal_dropped_bytes = wal_report.dropped_bytes
         report.errors += wal_report.errors + tomb_report.errors
+        report.sessions_lost = len(self._lost)
+        for sid, why in self._lost.items():
+            log.error(
+                "shard %s: session %r is lost (%s); its files are kept, calls answer DATA_LOSS",
+                self.name,
+                sid,
+                why,
+            )
         for sdir in snaps.iterdir():  # leftovers: unacknowledged imports, deleted sessions
             sid = bytes.fromhex(sdir.name).decode(errors="replace") if _is_hex(sdir.name) else None
+            if sid in self._lost:
+                continue  # evidence: kept as found
             if sid not in self._meta:
                 shutil.rmtree(sdir, ignore_errors=True)
             else:
@@ -452,13 +509,18 @@ class Shard:
         self._tombs = WriteAheadLog(tombdir, "per-append")
         self._tombs.open(tomb_report.last_lsn + 1)
 
-    def _load_session_dir(self, sdir: Path, report: RecoveryReport) -> str | None:
+    def _load_session_dir(self, sdir: Path, report: RecoveryReport, log_from: int | None) -> str | None:
+        """Load a session's newest intact snapshot generation; an older one only when the log still
+        holds every record after it (`log_from`: the first LSN the log holds). Otherwise the session
+        is lost (see the module docstring). Returns the session id when loaded."""
         if not _is_hex(sdir.name):
             return None
         sid = bytes.fromhex(sdir.name).decode(errors="replace")
         if sid in self._deleted:
             shutil.rmtree(sdir, ignore_errors=True)
             return None
+        self._lost.pop(sid, None)
+        damaged: list[str] = []
         for lsn in snapshot.generations(sdir):
             try:
                 snap = snapshot.read(sdir / f"{lsn:020d}")
@@ -467,11 +529,19 @@ class Shard:
             except (snapshot.SnapshotError, InvalidArgument, KeyError, TypeError, ValueError) as e:
                 report.snapshot_errors += 1
                 report.errors.append(f"snapshot {sdir.name}/{lsn}: {e}")
+                damaged.append(f"generation {lsn}: {e}")
                 continue
+            # The session's records after an older generation all lie past max(lsn, its checkpoint's cut).
+            if damaged and (log_from is None or log_from > max(lsn, snap.cut) + 1):
+                damaged.append(f"generation {lsn} is intact but the log no longer holds what followed it")
+                break
             self.bank.adopt(sid, mem)
-            self._meta[sid] = _Meta(spec, applied_lsn=lsn, dirty=False)
+            # Loaded from an older generation: dirty, so the next checkpoint writes a sound one.
+            self._meta[sid] = _Meta(spec, applied_lsn=lsn, dirty=bool(damaged))
             report.snapshots_loaded += 1
             return sid
+        if damaged:
+            self._lost[sid] = "; ".join(damaged)
         return None
 
     @staticmethod
@@ -490,7 +560,9 @@ class Shard:
 
     def _replay_one(self, lsn: int, rec: dict[str, Any], snaps: Path, report: RecoveryReport) -> None:
         sid, op = rec.get("sid"), rec.get("op")
-        if sid in self._deleted:
+        if sid in self._lost and op == "create":  # the log still holds the whole session: rebuild it
+            report.errors.append(f"session {sid!r}: rebuilt from the log ({self._lost.pop(sid)})")
+        if sid in self._deleted or sid in self._lost:
             return
         meta = self._meta.get(sid)
         if meta is not None and lsn <= meta.applied_lsn:
@@ -507,7 +579,7 @@ class Shard:
                 if meta is not None:
                     self._meta.pop(sid)
                     self.bank.delete(sid)
-                loaded = self._load_session_dir(snaps / _session_dirname(sid), report)
+                loaded = self._load_session_dir(snaps / _session_dirname(sid), report, lsn)
                 if loaded is None:
                     raise FailedPrecondition(f"import snapshot of {sid!r} at lsn {lsn} is missing")
                 meta = self._meta[sid]
@@ -553,3 +625,22 @@ def _is_hex(name: str) -> bool:
     except ValueError:
         return False
     return bool(name)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(data).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

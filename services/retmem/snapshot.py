@@ -39,6 +39,7 @@ class LoadedSnapshot:
     spec: dict[str, Any]
     state: dict[str, Any]
     index: faiss.Index | None  # deserialised only when present and its sha256 matched the manifest
+    cut: int = 0  # the log cut of the checkpoint that wrote it: no record of the session lies in (lsn, cut]
 
 
 def _sha256(data: bytes | memoryview) -> str:
@@ -68,7 +69,7 @@ def build_index(ids: np.ndarray, embeddings: np.ndarray, dim: int) -> faiss.Inde
 
 
 def write(
-    session_dir: Path, lsn: int, spec: dict[str, Any], state: dict[str, Any], final: bool = True
+    session_dir: Path, lsn: int, spec: dict[str, Any], state: dict[str, Any], final: bool = True, cut: int = 0
 ) -> Path:
     """Write a snapshot of `state` (SessionMemory.export_state()) as `<lsn>.tmp`, then publish it.
 
@@ -94,6 +95,7 @@ def write(
         "scalars": scalars,
         "files": files,
         "index": {"file": INDEX_FILE, "sha256": index_sha},
+        "cut": cut,
     }
     _write_file(tmp / MANIFEST, json.dumps(manifest, sort_keys=True).encode())
     fsync_dir(tmp)
@@ -132,7 +134,9 @@ def read(path: Path) -> LoadedSnapshot:
         if _sha256(data) != sha:
             raise SnapshotError(f"{path / name}: sha256 mismatch")
         state[name[: -len(".npy")]] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    return LoadedSnapshot(int(path.name), manifest["spec"], state, _load_index(path, manifest))
+    cut = manifest.get("cut", 0)
+    cut = cut if isinstance(cut, int) else 0
+    return LoadedSnapshot(int(path.name), manifest["spec"], state, _load_index(path, manifest), cut)
 
 
 def _load_index(path: Path, manifest: dict[str, Any]) -> faiss.Index | None:

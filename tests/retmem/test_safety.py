@@ -5,9 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import grpc
 import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memlong.errors import DataLoss
+from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
+from services.common.metrics import shard_memory
 from services.retmem import snapshot
+from services.retmem.server import INTEGRITY_NAME, SERVICE_NAME, RetMemConfig, RetMemServer
 from services.retmem.shard import Shard
 
 from .conftest import REPO, chunks, tiny_spec
@@ -65,23 +72,96 @@ def test_faiss_file_with_bad_checksum_is_not_loaded(tmp_path: Path, monkeypatch)
     again.close()
 
 
-def test_array_with_bad_checksum_falls_back_and_is_counted(tmp_path: Path) -> None:
+def _three_checkpoints(root: Path) -> tuple[Shard, np.ndarray, np.ndarray]:
+    """Sessions a and b, written between three checkpoints (so the log no longer holds a's creation)
+    and after the last; returns the open shard and the ids a and b hold."""
     spec, rng = tiny_spec(), np.random.default_rng(1)
-    shard = Shard("s", tmp_path)
+    shard = Shard("s", root)
     shard.open()
     shard.create_session("a", spec)
-    shard.append("a", *chunks(rng, spec, 0, 5))
-    shard.checkpoint()
-    shard.close()
-    (gen,) = (tmp_path / "s" / "snapshots").glob("*/*")
+    shard.create_session("b", spec)
+    for k in range(4):
+        shard.append("a", *chunks(rng, spec, 5 * k, 5))
+        shard.append("b", *chunks(rng, spec, 3 * k, 3))
+        if k < 3:
+            shard.checkpoint()
+    return shard, shard.bank.get("a").ids(), shard.bank.get("b").ids()
+
+
+def _damage(gen: Path) -> None:
     path = gen / "records.npy"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def _generations(root: Path, sid: str) -> list[Path]:
+    return sorted((root / "s" / "snapshots" / sid.encode().hex()).iterdir())
+
+
+def test_damaged_newest_snapshot_falls_back_to_the_older_one_plus_the_log(tmp_path: Path) -> None:
+    shard, ids_a, ids_b = _three_checkpoints(tmp_path)
+    state_a = shard.bank.get("a").export_state()
+    shard.close()
+    older, newest = _generations(tmp_path, "a")
+    _damage(newest)
     again = Shard("s", tmp_path)
-    report = again.open()  # never crashes, never loads the damaged array
-    assert report.snapshot_errors == 1
+    report = again.open()
+    assert report.snapshot_errors == 1 and report.sessions_lost == 0, report.errors
+    got = again.bank.get("a").export_state()
+    for key in ("ids", "records", "embeddings", "lengths"):
+        assert np.array_equal(got[key], state_a[key]), key
+    assert np.array_equal(again.bank.get("b").ids(), ids_b)
+    assert newest.exists() and older.exists()  # evidence is not deleted by recovery
     again.close()
+
+
+def test_a_session_with_no_usable_snapshot_answers_data_loss_and_keeps_its_files(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    shard, _, ids_b = _three_checkpoints(tmp_path)
+    shard.close()
+    gens = _generations(tmp_path, "a")
+    for gen in gens:
+        _damage(gen)
+    evidence = {p: p.read_bytes() for gen in gens for p in gen.iterdir()}
+    wal_before = sorted((tmp_path / "s" / "wal").glob("*.wal"))
+
+    server = RetMemServer(RetMemConfig(data_dir=tmp_path, shards=("s",)))
+    server.start()
+    try:
+        assert server.recovery["s"].sessions_lost == 1
+        assert set(server.lost_sessions()) == {"a"}
+        shard = server.shards["s"]
+        for call in (
+            lambda: shard.info("a"),
+            lambda: shard.append("a", *chunks(np.random.default_rng(9), spec, 100, 1)),
+            lambda: shard.search("a", np.ones((1, spec.dim), np.float32), 2),
+            lambda: shard.create_session("a", spec),
+        ):
+            with pytest.raises(DataLoss, match="could not be recovered"):
+                call()
+        assert np.array_equal(shard.bank.get("b").ids(), ids_b)  # the other session serves on
+        shard.checkpoint()  # a's log records are evidence too: no segment goes
+        assert set(wal_before) <= set((tmp_path / "s" / "wal").glob("*.wal"))
+        assert {p: p.read_bytes() for p in evidence} == evidence
+
+        channel = grpc.insecure_channel(server.serving_address())
+        health = health_pb2_grpc.HealthStub(channel)
+        check = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status  # noqa: E731
+        assert check(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+        assert check(INTEGRITY_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert shard_memory(server.shards)["s"]["sessions_lost"] == 1
+        stub = retmem_pb2_grpc.RetMemStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetSession(retmem_pb2.GetSessionRequest(session_id="a"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        # The operator's way out: delete the session; the alarm clears.
+        stub.DeleteSession(retmem_pb2.DeleteSessionRequest(session_id="a"), timeout=5)
+        assert check(INTEGRITY_NAME) == health_pb2.HealthCheckResponse.SERVING
+        assert shard_memory(server.shards)["s"]["sessions_lost"] == 0
+        channel.close()
+    finally:
+        server.stop(grace_s=1)
 
 
 def test_verified_faiss_file_is_adopted_not_rebuilt(tmp_path: Path, monkeypatch) -> None:

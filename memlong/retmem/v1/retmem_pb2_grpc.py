@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class RetMemStub:
     """The memory service. Every method refuses a session owned by another shard with
-    FAILED_PRECONDITION naming the owner.
+    FAILED_PRECONDITION naming the owner. A session whose stored data could not be recovered intact
+    answers DATA_LOSS on every call but DeleteSession (its files are kept until then; health entry
+    "memlong.retmem.v1.RetMem.integrity" is NOT_SERVING meanwhile).
     """
 
     def __init__(self, channel):
@@ -100,7 +102,9 @@ class RetMemStub:
 
 class RetMemServicer:
     """The memory service. Every method refuses a session owned by another shard with
-    FAILED_PRECONDITION naming the owner.
+    FAILED_PRECONDITION naming the owner. A session whose stored data could not be recovered intact
+    answers DATA_LOSS on every call but DeleteSession (its files are kept until then; health entry
+    "memlong.retmem.v1.RetMem.integrity" is NOT_SERVING meanwhile).
     """
 
     def CreateSession(self, request, context):
@@ -265,7 +269,9 @@ def add_RetMemServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RetMem:
     """The memory service. Every method refuses a session owned by another shard with
-    FAILED_PRECONDITION naming the owner.
+    FAILED_PRECONDITION naming the owner. A session whose stored data could not be recovered intact
+    answers DATA_LOSS on every call but DeleteSession (its files are kept until then; health entry
+    "memlong.retmem.v1.RetMem.integrity" is NOT_SERVING meanwhile).
     """
 
     @staticmethod

@@ -20,6 +20,7 @@ and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +36,9 @@ from memlong.memory import PendingChunks, SearchResult
 from memlong.model import MemLongModel, Memory
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Temperatures below this decode greedily: sampling there is argmax in all but exact ties, and dividing
+# log-probs by a near-zero temperature overflows every logit to -inf (1e-45 gives NaN probabilities).
+GREEDY_BELOW = 1e-4
 
 
 class SearchResultLike(Protocol):
@@ -90,7 +94,7 @@ class ReaderStats:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings. temperature 0 means greedy."""
+    """Decoding settings. temperature 0 (or below GREEDY_BELOW) means greedy."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -103,9 +107,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens", "must be >= 1")
-        if self.temperature < 0:
-            raise InvalidArgument("temperature", "must be >= 0")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN passes a `< 0` check
+            raise InvalidArgument("temperature", f"must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # false for NaN too
             raise InvalidArgument("top_p", "must be in (0, 1]")
         if self.top_k < 0:
             raise InvalidArgument("top_k", "must be >= 0")
@@ -494,7 +498,7 @@ def _leave_out(res: SearchResultLike, ids: set[int], top_k: int) -> SearchResult
 
 
 def _sample(logp: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    if p.temperature == 0:
+    if p.temperature < GREEDY_BELOW:
         return int(torch.argmax(logp))
     logits = logp / p.temperature
     if p.top_k:

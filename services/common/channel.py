@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from memlong.errors import Unavailable
+from memlong.errors import DeadlineExceeded
 
 from . import tracing
 from .server import DEFAULT_MAX_MESSAGE_BYTES
@@ -150,9 +150,10 @@ class Deadline:
     def timeout(self, cap_s: float | None = None, margin_s: float = 0.0) -> float:
         """Timeout for a downstream call: never past this deadline (minus `margin_s`), at most `cap_s`.
 
-        Raises Unavailable when no time is left, so that no call is ever made without a deadline.
+        Raises DeadlineExceeded when no time is left, so that no call is ever made without a deadline
+        (not Unavailable: nothing is down, and a retry with the same budget cannot do better).
         """
         left = self.remaining() - margin_s
         if left <= 0:
-            raise Unavailable("deadline already expired")
+            raise DeadlineExceeded("deadline exceeded: no time left for a downstream call")
         return left if cap_s is None else min(left, cap_s)

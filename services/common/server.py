@@ -19,14 +19,15 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from . import metrics, tracing
+from .status import RequestDecoding
 from .tls import TlsConfig, process_tls
 
 MiB = 1 << 20
@@ -100,6 +101,26 @@ class ServerWithHealthPort:
         return getattr(self.server, name)
 
 
+# grpcio-reflection serves only v1alpha; grpc.reflection.v1 has the same messages under a new package
+# name, so the same servicer answers both (tools such as grpcurl ask v1 first).
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(names: Sequence[str], server: grpc.Server) -> None:
+    """Serve grpc.reflection.v1 and v1alpha, listing `names` and both reflection services."""
+    names = [*names, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )
+
+
 def create_server(
     address: str,
     services: Sequence[Service],
@@ -127,8 +148,7 @@ def create_server(
     for svc in services:
         svc.add(svc.servicer, server)
     set_health(health_servicer, [s.name for s in services], serving=False)
-    names = [s.name for s in services] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server)
+    enable_reflection([s.name for s in services] + [health.SERVICE_NAME], server)
     for svc in services:
         metrics.observe_servicer(svc.servicer)  # memory gauges for ret-mem shards
     tls = options.tls if options.tls is not None else process_tls()
@@ -172,7 +192,9 @@ class ServiceProcess:
         raise NotImplementedError
 
     def serve(self, options: ServerOptions) -> int:
+        """Listen and serve; a request that does not parse is INVALID_ARGUMENT (innermost interceptor)."""
         service = self._service()
+        options = replace(options, interceptors=(*options.interceptors, RequestDecoding()))
         address = f"{self.config.host}:{self.config.port}"
         self.server, self.port = create_server(address, [service], options, self.health)
         set_health(self.health, [service.name], serving=True)

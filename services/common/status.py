@@ -2,7 +2,8 @@
 
 Client mistakes map to INVALID_ARGUMENT / NOT_FOUND / ALREADY_EXISTS / RESOURCE_EXHAUSTED /
 FAILED_PRECONDITION, never UNKNOWN or INTERNAL. Anything else is a server bug: logged with its
-traceback and reported as INTERNAL without internals in the message.
+traceback and reported as INTERNAL without internals in the message. `RequestDecoding` does the same
+for requests that do not parse: INVALID_ARGUMENT, not gRPC's INTERNAL.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.ModelUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
 )
@@ -51,6 +53,9 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, grpc.RpcError) and exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        # A downstream call ran out of the time this call handed it: this call is out of time too.
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: a downstream call ran out of time")
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error in %s", method)
@@ -109,3 +114,79 @@ def raise_for_rpc_error(err: grpc.RpcError) -> None:
         field, _, msg = detail.partition(": ")
         raise errors.InvalidArgument(field, msg) from err
     raise kind(detail) from err
+
+
+# ------------------------------------------------------------------------------- request decoding
+
+
+class _Undecodable:
+    """What a request that does not parse becomes, so that the handler can refuse it with a status."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _refuse(context: grpc.ServicerContext, request: _Undecodable) -> None:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({request.error})")
+
+
+class RequestDecoding(grpc.ServerInterceptor):
+    """A request that does not parse (corrupt bytes, a string field that is not UTF-8) is INVALID_ARGUMENT.
+
+    gRPC answers a deserializer's exception with INTERNAL "Exception deserializing request!", which
+    reads as a server bug. Here the deserializer returns a marker instead, and the handler aborts when
+    it meets one: before the servicer runs for a unary request, at that message for a stream. Install
+    it innermost, so that authentication still answers first.
+    """
+
+    def intercept_service(self, continuation, details):  # noqa: ANN001
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is the client's bytes
+                return _Undecodable(exc)
+
+        handler = handler._replace(request_deserializer=deserialize)
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_checked_unary(handler.unary_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_checked_unary_stream(handler.unary_stream))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_checked_stream(handler.stream_unary))
+        return handler._replace(stream_stream=_checked_stream(handler.stream_stream))
+
+
+def _checked_unary(behavior: Callable) -> Callable:
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            _refuse(context, request)
+        return behavior(request, context)
+
+    return unary
+
+
+def _checked_unary_stream(behavior: Callable) -> Callable:
+    def stream(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            _refuse(context, request)
+        yield from behavior(request, context)
+
+    return stream
+
+
+def _checked_stream(behavior: Callable) -> Callable:
+    def requests(iterator: Any, context: grpc.ServicerContext) -> Any:
+        for request in iterator:
+            if isinstance(request, _Undecodable):
+                _refuse(context, request)
+            yield request
+
+    def call(iterator: Any, context: grpc.ServicerContext) -> Any:
+        return behavior(requests(iterator, context), context)
+
+    return call

@@ -37,7 +37,13 @@ from . import metrics
 TRACER_NAME = "memlong"
 PROPAGATOR = TraceContextTextMapPropagator()
 # Not traced: probes and reflection would drown the traces that matter.
-UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+UNTRACED_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
 # Methods whose server time is recorded as retrieval latency.
 RETRIEVAL_METHODS = frozenset({"Search", "Retrieve"})
 

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 import torch
 
 from memlong.chunkloop import Reader, SamplingParams
-from memlong.errors import FailedPrecondition, InvalidArgument, MemLongError, ResourceExhausted, Unavailable
+from memlong.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MemLongError,
+    ResourceExhausted,
+    Unavailable,
+    shown,
+)
 from memlong.model import MemLongModel
 from services.common.channel import Deadline
 from services.retmem.client import RetMemClient
@@ -205,7 +212,8 @@ class DecoderEngine:
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
         if not self._admit.acquire(blocking=False):
-            raise ResourceExhausted(f"decoder busy: {self.max_inflight} calls in flight; retry with backoff")
+            # No count: how many calls are in flight would tell a tenant that others are active.
+            raise ResourceExhausted("decoder busy; retry with backoff")
         try:
             yield
         finally:
@@ -264,13 +272,14 @@ class DecoderEngine:
             report.note = "memory off (requested): local window only"
             return None
         try:
+            # DeadlineExceeded (too little time left for the call) is not caught: it is not ret-mem down.
             info = self.memory.info(session_id, call.deadline.downstream())
         except Unavailable as exc:
             if mode == MEMORY_IF_AVAILABLE and not commit:
                 report.note = f"ret-mem unreachable ({exc}); ran WITHOUT memory as the request allowed"
                 return None
             raise Unavailable(
-                f"ret-mem unreachable for session {session_id!r}: {exc}. Retry later, or ask with "
+                f"ret-mem unreachable for session {shown(session_id)}: {exc}. Retry later, or ask with "
                 "memory_mode IF_AVAILABLE to run without memory."
             ) from exc
         self._check_spec(session_id, info.spec)
@@ -282,9 +291,9 @@ class DecoderEngine:
         want = self.session_spec()
         if spec.layout != want.layout:
             raise FailedPrecondition(
-                f"session {session_id!r} holds memory written by layout {spec.layout or 'unrecorded'!r}; "
-                f"this decoder reads layout {want.layout!r}. Serve it with a decoder of that layout, or "
-                "create a new session."
+                f"session {shown(session_id)} holds memory written by layout "
+                f"{spec.layout or 'unrecorded'!r}; this decoder reads layout {want.layout!r}. Serve it with "
+                "a decoder of that layout, or create a new session."
             )
         if spec != want:
             raise InvalidArgument("session_id", "session was created for another model or MemLong setting")

@@ -22,7 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 import numpy as np
 
-from memlong.errors import MemLongError, Unavailable
+from memlong.errors import DeadlineExceeded, MemLongError, Unavailable, shown
 from memlong.memory import PendingChunks, SearchResult
 from services.common import tracing
 from services.common.channel import Deadline
@@ -73,8 +73,10 @@ class SessionPort:
             raise CallCancelled("no time left for a ret-mem call")
         try:
             return fn(self.session_id, *args, deadline=deadline)
+        except DeadlineExceeded as exc:
+            raise CallCancelled(f"no time left for a ret-mem call: {exc}") from exc
         except Unavailable as exc:
-            raise Unavailable(f"ret-mem unreachable for session {self.session_id!r}: {exc}") from exc
+            raise Unavailable(f"ret-mem unreachable for session {shown(self.session_id)}: {exc}") from exc
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 raise CallCancelled(f"ret-mem call ended: {err.code().name}") from err

@@ -51,11 +51,15 @@ def up_command(args: argparse.Namespace) -> int:
         data_dir, memlong_config(args), model=args.model, adapter=args.adapter, ports=(0, 0, args.port)
     )
     where = stack.describe()
+    key_file = Path(where["data_dir"]) / "api_keys.json"
     sys.stdout.write(
-        f"gateway  {where['gateway']}   (public API; metadata x-api-key)\n"
+        f"gateway  {where['gateway']}   (public API)\n"
         f"decoder  {where['decoder']}\n"
         f"ret-mem  {where['retmem']}\n"
-        f"data     {where['data_dir']}   (API key in api_keys.json)\n"
+        f"data     {where['data_dir']}\n"
+        f"auth     every call sends metadata 'x-api-key: KEY' (or 'authorization: Bearer KEY');\n"
+        f'         the local tenant\'s KEY is in {key_file} (owner-only), under "keys"\n'
+        f"python   memlong.Client({where['gateway']!r}, KEY)\n"
         "try: memlong session create --name demo   |   Ctrl-C stops\n"
     )
     sys.stdout.flush()

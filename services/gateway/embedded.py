@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from memlong.errors import InvalidArgument
 from memlong.model import MemLongConfig
 from services.decoder.config import DecoderConfig
 from services.decoder.server import DecoderServer
@@ -33,11 +34,20 @@ def default_data_dir() -> Path:
 
 
 def local_api_key(data_dir: Path) -> str:
-    """The local tenant's key, created on first use."""
+    """The local tenant's key, created on first use; InvalidArgument naming the file when it has none."""
     path = data_dir / "api_keys.json"
     if path.is_file():
+        load_key_file(path)  # the file's shape, checked (InvalidArgument otherwise)
         keys = json.loads(path.read_text())["keys"]
-        return next(k for k, t in keys.items() if t == LOCAL_TENANT)
+        local = [k for k, t in keys.items() if t == LOCAL_TENANT]
+        if not local:
+            raise InvalidArgument(
+                str(path),
+                f"no key for the {LOCAL_TENANT!r} tenant, which `memlong up` and the client verbs use: "
+                f'add one, as in {{"keys": {{"<key>": "{LOCAL_TENANT}"}}}}, or move the file away to '
+                "have a new key made",
+            )
+        return str(local[0])
     data_dir.mkdir(parents=True, exist_ok=True)
     key = "ml-" + secrets.token_urlsafe(24)
     tmp = path.with_suffix(".tmp")
@@ -72,6 +82,7 @@ class EmbeddedStack:
     ) -> EmbeddedStack:
         """Start all three services. `components` = (model, tokenizer, retriever) skips loading (tests)."""
         data_dir = Path(data_dir)
+        api_key = local_api_key(data_dir)  # before anything starts: a bad key file fails at once
         retmem = RetMemServer(RetMemConfig(data_dir=data_dir / "retmem", host=host, port=ports[0]))
         retmem.start()
         rm = {"shard0": retmem.serving_address()}
@@ -91,7 +102,6 @@ class EmbeddedStack:
             else:
                 decoder = DecoderServer.load(dcfg)
             decoder.start()
-            api_key = local_api_key(data_dir)
             keys = parse_keys(os.environ.get("MEMLONG_API_KEYS", ""))
             keys.update(load_key_file(data_dir / "api_keys.json"))
             gcfg = GatewayConfig(

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 from memlong.ids import check_session_id
 
 from .config import Quotas
@@ -41,7 +41,7 @@ class SessionRecord:
 
 
 def not_found(session_id: str) -> NotFound:
-    return NotFound(f"session {session_id!r} not found")
+    return NotFound(f"session {shown(session_id)} not found")
 
 
 class SessionTable:
@@ -128,7 +128,7 @@ class SessionTable:
             if rec is None or rec.tenant != tenant:
                 raise not_found(session_id)
             if session_id in self._writing:
-                raise FailedPrecondition(f"session {session_id!r} has an append in progress")
+                raise FailedPrecondition(f"session {shown(session_id)} has an append in progress")
             del self._sessions[session_id]
             self._save()
             return rec
@@ -142,7 +142,7 @@ class SessionTable:
         """One writer per session: a second concurrent append is refused, not queued."""
         with self._lock:
             if session_id in self._writing:
-                raise FailedPrecondition(f"session {session_id!r} has an append in progress")
+                raise FailedPrecondition(f"session {shown(session_id)} has an append in progress")
             self._writing.add(session_id)
         try:
             yield
@@ -160,7 +160,8 @@ class SessionTable:
                     f"tenant quota: {self.quotas.max_inflight} calls in flight; retry later"
                 )
             if total >= global_limit:
-                raise ResourceExhausted(f"gateway busy: {global_limit} calls in flight; retry later")
+                # No count: how many calls are in flight would tell a tenant that others are active.
+                raise ResourceExhausted("gateway busy; retry later")
             self._inflight[tenant] = mine + 1
         try:
             yield

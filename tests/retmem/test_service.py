@@ -393,3 +393,26 @@ def test_retrieve_equals_search_and_large_replies_stream(tmp_path: Path) -> None
             np.testing.assert_array_equal(one.records[0], res.records[row])
     finally:
         server.stop(grace_s=1)
+
+
+@pytest.mark.parametrize("package", ["grpc.reflection.v1", "grpc.reflection.v1alpha"])
+def test_reflection_answers_v1_and_v1alpha(server, package: str) -> None:
+    """grpcurl and other tools ask grpc.reflection.v1 first; v1alpha stays for older ones."""
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
+    channel = grpc.insecure_channel(server.serving_address())
+    call = channel.stream_stream(
+        f"/{package}.ServerReflection/ServerReflectionInfo",
+        request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+        response_deserializer=rpb.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        rpb.ServerReflectionRequest(list_services=""),
+        rpb.ServerReflectionRequest(file_containing_symbol="memlong.retmem.v1.RetMem"),
+    ]
+    listed, described = call(iter(requests), timeout=10)
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"memlong.retmem.v1.RetMem", "grpc.reflection.v1.ServerReflection"} <= names
+    files = described.file_descriptor_response.file_descriptor_proto
+    assert any(b"memlong/retmem/v1/retmem.proto" in f for f in files)
+    channel.close()

@@ -143,3 +143,70 @@ def test_retmem_down_is_unavailable_then_serving_again(stack):
                 raise
             threading.Event().wait(0.2)
     assert back.memory.memory_used
+
+
+def test_a_budget_with_no_time_for_a_downstream_call_is_deadline_exceeded():
+    from memlong.errors import DeadlineExceeded
+    from services.common.channel import Deadline
+    from services.common.status import status_for
+
+    with pytest.raises(DeadlineExceeded):  # 20 ms is under the downstream margin (50 ms + 1 %)
+        Deadline.after(0.02).downstream().timeout()
+    assert status_for(DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_short_deadlines_are_deadline_exceeded_at_every_hop_not_unavailable(stack):
+    """Under ~50 ms no downstream call fits: the answer is DEADLINE_EXCEEDED (not retried by clients),
+    never UNAVAILABLE or the decoder's "ret-mem unreachable"."""
+    from memlong.decoder.v1 import decoder_pb2 as dpb
+    from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
+    from memlong.errors import DeadlineExceeded
+    from memlong.gateway.v1 import gateway_pb2 as pb
+    from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
+    from services.common.channel import Deadline, get_channel
+    from services.decoder.engine import Call
+
+    client = stack.client(timeout_s=20)
+    sid = client.create_session().session_id
+    client.append(sid, "alpha beta gamma delta " * 6)
+    # The decoder's core: a budget too short for the ret-mem call is out of time, not ret-mem down.
+    with pytest.raises(DeadlineExceeded):
+        stack.decoder.engine.score(sid, 0, b"alpha beta", Call(Deadline.after(0.02)))
+    # Over gRPC, on stubs without retries (a retried UNAVAILABLE could end as DEADLINE_EXCEEDED anyway).
+    gateway = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
+    decoder = dpb_grpc.DecoderStub(get_channel(stack.decoder.address()))
+    md = (("x-api-key", "key-a"),)
+    ref = dpb.SessionRef(session_id=sid, next_chunk_id=0)
+    for call in (
+        lambda: gateway.GetSession(pb.GetSessionRequest(session_id=sid), timeout=0.03, metadata=md),
+        lambda: gateway.Score(pb.ScoreRequest(session_id=sid, text=b"alpha beta"), timeout=0.03, metadata=md),
+        lambda: decoder.Score(dpb.ScoreRequest(session=ref, text=b"alpha beta"), timeout=0.03),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+    assert client.score(sid, "alpha beta").scored_tokens > 0  # and a call with time left is served
+
+
+def test_a_downstream_deadline_exceeded_is_deadline_exceeded_not_internal():
+    """A ret-mem call that ran out of the time the decoder handed it: the decoder's call is out of time."""
+    from services.common.status import grpc_errors
+
+    class DownstreamTimedOut(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    class Context:
+        def abort(self, code, details):
+            self.status = (code, details)
+            raise Exception(details)
+
+    class Servicer:
+        @grpc_errors
+        def Score(self, request, context):  # noqa: N802
+            raise DownstreamTimedOut()
+
+    context = Context()
+    with pytest.raises(Exception, match="ran out of time"):
+        Servicer().Score(None, context)
+    assert context.status[0] == grpc.StatusCode.DEADLINE_EXCEEDED

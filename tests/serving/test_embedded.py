@@ -32,3 +32,64 @@ def test_embedded_stack_serves_and_stops(tmp_path, capsys):
         assert main(["session", "delete", sid, *conn]) == 0
     finally:
         stack.stop(0)
+
+
+def test_memlong_up_says_how_to_authenticate(tmp_path, capsys, monkeypatch):
+    """`memlong up` prints where the local key is and which metadata carries it; both work."""
+    import json
+    import re
+
+    from services.gateway import cli as gateway_cli
+
+    model = tiny_model()
+    real_start = EmbeddedStack.start
+    started = []
+
+    def start(data_dir, memlong, **kw):
+        started.append(
+            real_start(data_dir, model.config, components=(model, ByteTokenizer(), RecordingRetriever()))
+        )
+        return started[-1]
+
+    monkeypatch.setattr(EmbeddedStack, "start", start)
+    printed = {}
+
+    def instead_of_waiting():  # the stack is up and its banner printed: use it as a user would
+        out = capsys.readouterr().out
+        key_file = re.search(r"KEY is in (\S+)", out).group(1)
+        header = re.search(r"metadata '([\w-]+): KEY'", out).group(1)
+        key = next(iter(json.loads(open(key_file).read())["keys"]))
+        printed.update(out=out, header=header, key=key)
+        client = Client(started[0].gateway_address, key, timeout_s=30)
+        printed["session"] = client.create_session("via-banner").session_id
+
+    monkeypatch.setattr(gateway_cli, "_wait_for_signal", instead_of_waiting)
+    assert main(["up", "--data-dir", str(tmp_path), "--port", "0"]) == 0
+    assert printed["header"] == "x-api-key" and printed["session"]
+    assert printed["key"] == local_api_key(tmp_path)
+
+
+def test_a_key_file_without_the_local_tenant_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """Named file, what it needs, and before the model loads or any server starts."""
+    import json
+
+    import pytest
+
+    from memlong.errors import InvalidArgument
+    from services.decoder.server import DecoderServer
+
+    key_file = tmp_path / "api_keys.json"
+    key_file.write_text(json.dumps({"keys": {"k-1": "team-a"}}))
+    with pytest.raises(InvalidArgument, match="no key for the 'local' tenant") as err:
+        local_api_key(tmp_path)
+    assert str(key_file) in str(err.value)
+
+    def no_model(*args, **kw):
+        raise AssertionError("the model must not load before the key file is checked")
+
+    monkeypatch.setattr(DecoderServer, "load", no_model)
+    assert main(["up", "--data-dir", str(tmp_path), "--port", "0"]) == 2  # not a bare StopIteration
+    message = capsys.readouterr().err
+    assert str(key_file) in message and '"local"' in message
+    assert main(["session", "list", "--data-dir", str(tmp_path), "--gateway", "127.0.0.1:1"]) == 2
+    assert str(key_file) in capsys.readouterr().err

@@ -195,3 +195,115 @@ def test_quotas_answer_resource_exhausted(tmp_path):
         stack.gateway.stop(0)
         stack.decoder.stop(0)
         stack.retmem.stop()
+
+
+def test_non_finite_sampling_parameters_are_invalid_argument_naming_the_field(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    client.append(sid, "alpha beta gamma")
+    stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
+    md = (("x-api-key", "key-a"),)
+    for sampling, field in (
+        (dpb.SamplingParams(temperature=float("nan")), "temperature"),  # NaN passes a `< 0` check
+        (dpb.SamplingParams(temperature=float("inf")), "temperature"),
+        (dpb.SamplingParams(top_p=float("nan")), "top_p"),
+        (dpb.SamplingParams(top_k=-1), "top_k"),
+        (dpb.SamplingParams(max_new_tokens=-1), "max_new_tokens"),
+    ):
+        req = pb.GenerateRequest(session_id=sid, prompt=b"alpha", sampling=sampling)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(req, timeout=20, metadata=md))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+
+
+def test_a_tiny_temperature_decodes_like_greedy(stack):
+    """1e-45 used to turn every logit into -inf (NaN probabilities, INTERNAL); it is greedy decoding."""
+    client = stack.client()
+    sid = client.create_session().session_id
+    client.append(sid, "alpha beta gamma delta " * 4)
+    greedy = [t.token_id for t in client.generate(sid, "alpha beta", max_new_tokens=6)]
+    for temperature in (1e-45, 1e-30, 1e-6):
+        tiny = client.generate(sid, "alpha beta", max_new_tokens=6, temperature=temperature, seed=5)
+        assert [t.token_id for t in tiny] == greedy
+
+
+# Bytes that are no request message: a corrupt wire format, and a string field that is not UTF-8.
+JUNK = b"\x07\xff\xff\xff"
+BAD_UTF8 = b"\x0a\x02\xff\xfe"  # field 1 (session_id) = b"\xff\xfe"
+BAD_UTF8_REF = b"\x0a\x04" + BAD_UTF8  # decoder: field 1 (session) = SessionRef(session_id=b"\xff\xfe")
+
+
+def test_undecodable_requests_are_invalid_argument_and_the_servers_keep_serving(stack):
+    client = stack.client()
+    sid = client.create_session().session_id
+    client.append(sid, "alpha beta gamma")
+    md = (("x-api-key", "key-a"),)
+    gateway, decoder = "/memlong.gateway.v1.Gateway/", "/memlong.decoder.v1.Decoder/"
+    cases = [  # (address, method, kind, payloads); no serializers: the bytes go out as they are
+        (stack.gateway.address(), gateway + "GetSession", "unary_unary", (JUNK, BAD_UTF8)),
+        (stack.gateway.address(), gateway + "Score", "unary_unary", (JUNK, BAD_UTF8)),
+        (stack.gateway.address(), gateway + "Generate", "unary_stream", (JUNK, BAD_UTF8)),
+        (stack.gateway.address(), gateway + "Append", "stream_stream", (JUNK, BAD_UTF8)),
+        (stack.decoder.address(), decoder + "Score", "unary_unary", (JUNK, BAD_UTF8_REF)),
+        (stack.decoder.address(), decoder + "Generate", "unary_stream", (JUNK, BAD_UTF8_REF)),
+        (stack.decoder.address(), decoder + "Ingest", "stream_stream", (JUNK, BAD_UTF8_REF)),
+    ]
+    for address, method, kind, payloads in cases:
+        with grpc.insecure_channel(address) as channel:
+            call = getattr(channel, kind)(method)
+            for payload in payloads:
+                with pytest.raises(grpc.RpcError) as err:
+                    if kind == "unary_unary":
+                        call(payload, timeout=20, metadata=md)
+                    elif kind == "unary_stream":
+                        list(call(payload, timeout=20, metadata=md))
+                    else:
+                        list(call(iter([payload]), timeout=20, metadata=md))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value.details())
+                assert err.value.details().startswith("request: ")
+    with grpc.insecure_channel(stack.gateway.address()) as channel:  # authentication still answers first
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(gateway + "GetSession")(JUNK, timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert client.get_session(sid).text_bytes == len("alpha beta gamma")
+    assert client.score(sid, "alpha beta").scored_tokens > 0
+
+
+def test_error_messages_echo_at_most_a_bounded_part_of_an_id(stack):
+    client = stack.client()
+    stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
+    md = (("x-api-key", "key-a"),)
+    long_id = "s" + "0123456789" * 12 + "abcdefg"  # 128 characters: a well-formed id nobody has
+    for sid in (long_id, "x" * (64 << 10)):  # the 64 KiB one would make a status too large to receive
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=20, metadata=md)
+        assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        assert len(err.value.details()) < 200 and sid not in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetSession(pb.GetSessionRequest(session_id=long_id), timeout=20, metadata=md)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and long_id[:64] in err.value.details()
+    assert client.list_sessions() == []
+
+
+def test_busy_answers_do_not_tell_a_tenant_how_many_calls_are_in_flight(tmp_path):
+    from memlong.errors import ResourceExhausted
+
+    stack = start_stack(tmp_path, max_inflight=1)
+    try:
+        engine = stack.decoder.engine
+        with engine._admitted():  # the one slot is taken (by any tenant's call)
+            with pytest.raises(ResourceExhausted) as err:
+                with engine._admitted():
+                    pass
+        assert "busy" in str(err.value) and "retry" in str(err.value)
+        assert "in flight" not in str(err.value) and not any(c.isdigit() for c in str(err.value))
+        table = stack.gateway.table
+        with table.admitted("tenant-b", global_limit=1):
+            with pytest.raises(ResourceExhausted) as err:
+                with table.admitted("tenant-a", global_limit=1):
+                    pass
+        assert "busy" in str(err.value) and not any(c.isdigit() for c in str(err.value))
+    finally:
+        stack.gateway.stop(0)
+        stack.decoder.stop(0)
+        stack.retmem.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -69,8 +70,26 @@ def _ray_cli() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
+# Ray resolves "127.0.0.1" to the machine's interface address unless it runs as a single-node
+# instance; this variable (read when ray is imported) is how Ray itself is told so.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _stay_local(address: str) -> None:
+    """For a local Ray ('auto', or a loopback address) keep every Ray address on 127.0.0.1.
+
+    Must run before ray is imported; a remote cluster's address leaves Ray's own choice alone."""
+    host = address.rsplit(":", 1)[0].removeprefix("ray://")
+    if address == "auto" or host in ("127.0.0.1", "localhost"):
+        if "ray" in sys.modules and os.environ.get(SINGLE_NODE_ENV) != "0":
+            log.warning("ray was imported before the loopback setting; its node address may not be 127.0.0.1")
+        os.environ.setdefault(SINGLE_NODE_ENV, "0")
+
+
 def _connect(address: str, num_cpus: int | None = None) -> None:
-    """Connect to Ray at `address`; with 'auto' and nothing running, start a local head first."""
+    """Connect to Ray at `address`; with 'auto' and nothing running, start a local head first (on
+    127.0.0.1: node address, GCS and every worker stay on loopback)."""
+    _stay_local(address)
     import ray
 
     try:
@@ -84,6 +103,7 @@ def _connect(address: str, num_cpus: int | None = None) -> None:
             _ray_cli(),
             "start",
             "--head",
+            "--node-ip-address=127.0.0.1",
             f"--num-cpus={num_cpus}",
             "--include-dashboard=false",
             "--disable-usage-stats",
@@ -125,6 +145,7 @@ def _memlong_overrides(args: argparse.Namespace) -> dict:
 def up_command(args: argparse.Namespace) -> int:
     from services.gateway.embedded import local_api_key
 
+    _stay_local(args.address)
     from .app import deploy
 
     config = config_from_args(args)
@@ -136,6 +157,7 @@ def up_command(args: argparse.Namespace) -> int:
 
 
 def down_command(args: argparse.Namespace) -> int:
+    _stay_local(args.address)
     import ray
     from ray import serve
 
@@ -152,6 +174,7 @@ def down_command(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
+    _stay_local(args.address)
     from ray import serve
 
     _connect(args.address)

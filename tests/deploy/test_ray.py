@@ -62,6 +62,9 @@ def ray_instance() -> Iterator[None]:
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}},
     )
+    # Loopback only: the GCS and every node (so every raylet and worker) on 127.0.0.1.
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield
     serve.shutdown()
     ray.shutdown()
@@ -89,7 +92,7 @@ def eventually(call, timeout_s: float = 15.0):
                 raise
 
 
-def memlong_ray(*args: str, timeout_s: float = 300) -> str:
+def memlong_ray(*args: str, timeout_s: float = 600) -> str:
     """`memlong ray ...` in a subprocess (the CLI module, as `memlong.cli` registers it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(
@@ -142,7 +145,7 @@ def test_ray_up_serves_a_session_end_to_end_and_shard_data_survives_replica_rest
     ray.kill(actor, no_restart=True)
     with pytest.raises(ray.exceptions.RayActorError):  # returns once the old replica is gone
         ray.get(actor.__ray_ready__.remote(), timeout=60)
-    wait_serving(ring[owner], timeout_s=180)  # its replacement has recovered
+    wait_serving(ring[owner], timeout_s=300)  # its replacement has recovered
     after = eventually(lambda: client.get_session(session.session_id))
     assert (after.chunks, after.tokens) == (before.chunks, before.tokens)
     again = client.score(session.session_id, "alpha beta gamma")

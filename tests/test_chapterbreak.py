@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from memlong.eval.chapterbreak import ChapterBreakSettings, build_cases, run_chapterbreak, works
+from memlong.eval import chapterbreak
+from memlong.eval.chapterbreak import ChapterBreakSettings, Work, build_cases, run_chapterbreak, works
 from memlong.eval.common import Stack
 from tests.factories import RecordingRetriever, tiny_memlong
 
@@ -30,6 +31,29 @@ def test_sections_drop_headings_and_start_where_each_body_begins():
     books = works("kjv")
     genesis = next(b for b in books if b.name == "Genesis")
     assert len(genesis.starts) == 50 and genesis.text[genesis.starts[1] :].startswith("1 Thus the heavens")
+
+
+def test_a_heading_goes_with_its_blank_lines():
+    # The text before a heading ends with a blank line: the prefix runs straight into the next body, and an
+    # ACT heading directly followed by a SCENE heading is one start, not an empty section whose opening is
+    # the scene's own opening again, one "\n\n" token earlier (two candidates, one text).
+    for play in works("shakespeare"):
+        for lo, hi in zip(play.starts, [*play.starts[1:], len(play.text)], strict=True):
+            assert play.text[lo:hi].strip() and not play.text[lo].isspace(), (play.name, lo)
+
+
+def test_no_distractor_overlaps_the_true_opening(monkeypatch):
+    # A section shorter than a candidate: the true opening runs on into the next section, whose opening
+    # must not be a distractor (the answer would compete against itself, shifted). One letter per section.
+    bodies = ["a" * 60, "b" * 5, *(ch * 20 for ch in "cdefg")]
+    starts = [sum(len(x) for x in bodies[:i]) for i in range(len(bodies))]
+    monkeypatch.setattr(chapterbreak, "works", lambda book: [Work("w", "".join(bodies), starts)])
+    for seed in range(3):
+        settings = ChapterBreakSettings(context=60, candidate_tokens=10, distractors=4, cases=10, seed=seed)
+        cases = build_cases(_stack(), settings)
+        assert cases
+        for case in cases:
+            assert not any(set(case.candidates[0]) & set(c) for c in case.candidates[1:])
 
 
 def test_the_true_candidate_is_what_follows_the_prefix_and_distractors_are_other_sections():

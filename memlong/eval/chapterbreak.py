@@ -10,7 +10,8 @@ distant past (memory) should rank the true opening first more often than one wit
   answer away); every candidate is the first `candidate_tokens` tokens of its section's body.
 - Cases: section breaks with at least `context` tokens of the same work before them, drawn with a seed;
   distractors are openings of other sections of the same work that do not occur in the prefix (after
-  the break, or wholly before the prefix): an opening the reader has seen would be copied, not judged.
+  the true opening, or wholly before the prefix): an opening the reader has seen would be copied, not
+  judged.
 - Every method reads the same prefix tokens and scores the same candidate tokens: `full` (one forward up
   to `full_max`), `sliding` (local window and sinks only), `per_layer` (per-layer memory).
 - Accuracy: the true opening ranked first by summed log-probability (all candidates have the same token
@@ -34,7 +35,10 @@ from tqdm import tqdm
 from memlong.data import kjv_text, shakespeare_plays
 from memlong.eval.common import Stack, machine_info, markdown_table, stock_attention, write_json
 
-_SCENE = re.compile(r"^#{2,3} (?:ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION).*$", re.M)
+# A heading line goes with its line break and the blank lines after it: the text before a heading already
+# ends with a blank line, so the prefix runs straight into the next body ("_Exeunt_\n\n_Enter ..."), and an
+# ACT heading directly followed by a SCENE heading leaves two starts at one place (merged by _dedupe).
+_SCENE = re.compile(r"^#{2,3} (?:ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION).*\n*", re.M)
 
 
 @dataclass(frozen=True)
@@ -126,14 +130,18 @@ def build_cases(stack: Stack, settings: ChapterBreakSettings) -> list[Case]:
         work, ids, offs = pool[wi]
         start = offs[si]
         # Distractors never occur in the prefix: an opening the reader has seen would be recognised
-        # (copied), not judged as a continuation. So: openings after the break, or wholly before the prefix.
+        # (copied), not judged as a continuation. Nor do they overlap the true opening (a section shorter
+        # than a candidate would make the answer its own distractor, shifted). So: openings after the true
+        # candidate, or wholly before the prefix.
         others = sorted(
             {
                 o
                 for o in offs
-                if o != start
-                and o + settings.candidate_tokens <= len(ids)
-                and (o > start or o + settings.candidate_tokens <= start - settings.context)
+                if o + settings.candidate_tokens <= len(ids)
+                and (
+                    o >= start + settings.candidate_tokens
+                    or o + settings.candidate_tokens <= start - settings.context
+                )
             }
         )
         if len(others) < settings.distractors:

@@ -89,6 +89,9 @@ class ReaderStats:
     store_s: float = 0.0
     compute_s: float = 0.0
     bytes_retrieved: int = 0
+    # Blocks read after a memory search for their chunk (this call's, or the one a fork carried over).
+    blocks_searched: int = 0
+    blocks_with_memory: int = 0  # blocks that attended to retrieved chunks
     extra: dict = field(default_factory=dict)
 
 
@@ -225,6 +228,7 @@ class Reader:
         self._next_query: list[int] | None = None  # a given prompt, the next boundary's query instead
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
+        self._block_searched = False  # a memory search ran for the current chunk
         # (position, query tokens, next chunk id at issue, wait-for-result) of a retrieval started ahead
         self._prefetched: tuple[int, list[int], int, Callable[[], SearchResultLike]] | None = None
 
@@ -244,6 +248,8 @@ class Reader:
         other._pend_k, other._pend_v = list(self._pend_k), list(self._pend_v)
         other._history = list(self._history)
         other._last_logp = self._last_logp
+        if memory is not None:  # mid-chunk, the rest of the chunk reads what its boundary retrieved
+            other._block_memory, other._block_searched = self._block_memory, self._block_searched
         return other
 
     # -- memory traffic -------------------------------------------------------------------------------
@@ -317,6 +323,7 @@ class Reader:
         """
         query = list(tokens)[-self.cfg.chunk :]
         if self.position % self.cfg.chunk:
+            self._block_searched = False
             self._block_memory = self._retrieve(query)
         else:
             self._next_query = query
@@ -358,6 +365,7 @@ class Reader:
             query = self._queries.embed(self.tokenizer.decode(query_tokens))
             res = self.memory.search(query, self.cfg.top_k + len(self._in_window(self.position)))
         res = _leave_out(res, self._in_window(self.position), self.cfg.top_k)
+        self._block_searched = True
         self.stats.retrievals += 1
         self.stats.bytes_retrieved += int(res.records.nbytes)
         valid = res.ids[0] >= 0
@@ -435,7 +443,10 @@ class Reader:
     def _forward(self, block: list[int]) -> torch.Tensor:
         """Read a block with every layer (retrieving at a chunk boundary); (s, hidden) final states."""
         if self.position % self.cfg.chunk == 0:
+            self._block_searched = False
             self._block_memory = self._retrieve()
+        self.stats.blocks_searched += self._block_searched
+        self.stats.blocks_with_memory += self._block_memory is not None
         out = self.model.forward_block(torch.tensor([block]), self.stream, memory=self._block_memory)
         self.position += len(block)
         self._absorb(block, out.mem_k, out.mem_v)

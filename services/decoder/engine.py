@@ -285,7 +285,9 @@ class DecoderEngine:
         self._check_spec(session_id, info.spec)
         if info.num_chunks == 0:
             report.note = "session memory is empty"
-        return self._port(session_id, call, commit)
+        port = self._port(session_id, call, commit)
+        port.stored_chunks = info.num_chunks
+        return port
 
     def _check_spec(self, session_id: str, spec: SessionSpec) -> None:
         want = self.session_spec()
@@ -336,7 +338,7 @@ class DecoderEngine:
         if port is not None:
             report.retrieved_ids = list(port.retrieved_ids)
             report.retrieval_total_s = port.search_s
-            report.memory_used = bool(port.retrieved_ids)
+            report.memory_used = bool(port.retrieved_ids) or reader.stats.blocks_with_memory > 0
             if not report.memory_used and not report.note:
                 report.note = "no chunk boundary with anything to retrieve"
 
@@ -432,6 +434,19 @@ class DecoderEngine:
         for i in range(0, len(tokens), step):
             with self._model(call, report):
                 parts.append(reader.score(tokens[i : i + step]))
+        if (
+            mode == MEMORY_REQUIRED
+            and port is not None
+            and port.stored_chunks
+            and not reader.stats.blocks_searched
+        ):
+            # Short text inside a chunk whose retrieval this replica does not hold (cold window): no
+            # memory was read. A causal query for this chunk is the text before it, which is not here.
+            raise FailedPrecondition(
+                f"memory REQUIRED, but none was read: the text ({len(tokens)} tokens) reaches no chunk "
+                "boundary and this replica holds no retrieval for the session's current chunk (cold "
+                "window). Send text that reaches a chunk boundary, or use memory_mode IF_AVAILABLE."
+            )
         if commit:
             with self._model(call, report):
                 self._keep(session_id, reader)

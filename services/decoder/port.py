@@ -56,6 +56,7 @@ class SessionPort:
         self.keep_recent = keep_recent
         self._recent = PendingChunks()  # this call's own chunks, merged into every search
         self.retrieved_ids: list[int] = []
+        self.stored_chunks = 0  # chunks the session held when the call opened it
         self.search_s = 0.0  # time in ret-mem searches (+ query embedding when in the background)
 
     # -- plumbing -----------------------------------------------------------------------------------

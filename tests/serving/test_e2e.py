@@ -110,6 +110,35 @@ def test_a_session_read_in_several_calls_reads_as_one_pass_and_a_cold_replica_sa
     assert not np.allclose(np.array(cold.logprobs[1:]), np.array(served.logprobs[1:]))
 
 
+def test_a_short_score_inside_a_chunk_reads_the_chunks_memory_or_refuses_when_required(stack):
+    """A session that ends mid-chunk, then a text too short to reach the next boundary: the rest of
+    the chunk reads what its boundary retrieved (as one pass would); a replica that does not hold that
+    retrieval refuses a REQUIRED read instead of answering without memory."""
+    client = stack.client()
+    sid = client.create_session().session_id
+    tok, c = stack.tokenizer, stack.model.config.chunk
+    text = _text(40, seed=31)
+    text = text[: len(text) // c * c + 1]  # ends one token into a chunk
+    passage = "ab"  # two tokens: stays inside that chunk
+    assert len(tok.encode(text)) % c == 1 and len(tok.encode(text + passage)) % c == 3
+    client.append(sid, text)
+    served = client.score(sid, passage, return_logprobs=True)
+    assert served.memory.memory_used and served.memory.retrievals == 0  # the boundary's, carried over
+
+    one = Reader(stack.model, RecordingRetriever(), tok, tiny_memory(stack.model, RecordingRetriever()))
+    one.ingest(tok.encode(text))
+    want = one.score(tok.encode(passage))
+    torch.testing.assert_close(torch.tensor(list(served.logprobs))[1:], want[1:].float(), atol=1e-4, rtol=0)
+    no_memory = client.score(sid, passage, memory="off", return_logprobs=True)
+    assert not np.allclose(no_memory.logprobs[1:], served.logprobs[1:])  # memory made a difference
+
+    stack.decoder.engine.windows.drop(sid)  # a replica without the session's state
+    with pytest.raises(FailedPrecondition, match="REQUIRED"):
+        client.score(sid, passage)
+    cold = client.score(sid, passage, memory="if_available")
+    assert not cold.memory.memory_used and "cold" in cold.memory.note
+
+
 def test_score_without_memory_says_so(stack):
     client = stack.client()
     sid = client.create_session().session_id

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2
 
-from memlong.errors import InvalidArgument, ResourceExhausted, Unavailable
+from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from memlong.memory import SearchResult
 from memlong.retmem.v1 import retmem_pb2 as pb
 from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetMem"].full_name
+# A write that arrives with less time than this left is refused before anything is written: a durable
+# write (apply, log, fsync) cannot be promised in less. One that starts runs to completion; see
+# `_start_write`.
+MIN_WRITE_BUDGET_S = 0.05
 # Health entry for stored data: NOT_SERVING while any session is lost (answers DATA_LOSS); the service
 # itself stays SERVING for every other session.
 INTEGRITY_NAME = SERVICE_NAME + ".integrity"
@@ -92,6 +96,21 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         self.accepting.set()
         self.on_delete: Callable[[], None] = lambda: None
 
+    @staticmethod
+    def _start_write(context: grpc.ServicerContext) -> None:
+        """Refuse a write whose deadline leaves no time for it (DEADLINE_EXCEEDED, nothing written).
+
+        A write that starts completes even if the caller's deadline passes meanwhile: the caller then
+        sees DEADLINE_EXCEEDED for a write that may be applied, and retrying it is safe (appends are
+        idempotent by chunk id; a repeated create or delete answers ALREADY_EXISTS / NOT_FOUND).
+        A call without a deadline has no time limit."""
+        left = context.time_remaining()
+        if left is not None and left < MIN_WRITE_BUDGET_S:
+            raise DeadlineExceeded(
+                f"write not started: {max(left, 0) * 1000:.0f} ms left, a durable write needs at least "
+                f"{MIN_WRITE_BUDGET_S * 1000:.0f} ms; nothing was written"
+            )
+
     def _shard(self, session_id: str) -> Shard:
         if not self.accepting.is_set():
             raise Unavailable("ret-mem is stopping")
@@ -99,6 +118,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
 
     @grpc_errors
     def CreateSession(self, request, context):  # noqa: N802
+        self._start_write(context)
         shard = self._shard(request.session_id)
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "must be set")
@@ -107,6 +127,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
 
     @grpc_errors
     def Append(self, request, context):  # noqa: N802
+        self._start_write(context)
         shard = self._shard(request.session_id)
         spec = shard.spec(request.session_id)
         chunks = request.chunks
@@ -166,16 +187,19 @@ class RetMemServicer(pb_grpc.RetMemServicer):
 
     @grpc_errors
     def Pin(self, request, context):  # noqa: N802
+        self._start_write(context)
         self._shard(request.session_id).pin(request.session_id, np.asarray(request.ids, np.int64))
         return pb.PinResponse()
 
     @grpc_errors
     def Unpin(self, request, context):  # noqa: N802
+        self._start_write(context)
         self._shard(request.session_id).unpin(request.session_id, np.asarray(request.ids, np.int64))
         return pb.PinResponse()
 
     @grpc_errors
     def Evict(self, request, context):  # noqa: N802
+        self._start_write(context)
         if request.n_free < 0:
             raise InvalidArgument("n_free", "must be >= 0")
         n_free = request.n_free or None
@@ -202,6 +226,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
 
     @grpc_errors
     def DeleteSession(self, request, context):  # noqa: N802
+        self._start_write(context)
         self._shard(request.session_id).delete_session(request.session_id)
         self.on_delete()  # deleting a lost session may clear the integrity alarm
         return pb.DeleteSessionResponse()
@@ -213,6 +238,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
 
     @grpc_errors
     def ImportSession(self, request_iterator, context):  # noqa: N802
+        self._start_write(context)
         session_id, spec, state = wire.parts_to_state(request_iterator)
         shard = self._shard(session_id)
         n = shard.import_session(session_id, spec, state)

@@ -227,6 +227,65 @@ def test_c5_late_append_is_refused_not_dropped(client: RetMemClient) -> None:
     assert state["ids"].tolist() == keep.tolist()
 
 
+def _append_request(spec, session_id: str, batch) -> pb.AppendRequest:
+    ids, emb, rec, lengths = batch
+    code = wire.kv_dtype_code(spec)
+    return pb.AppendRequest(
+        session_id=session_id,
+        chunks=[
+            pb.Chunk(
+                seq=int(ids[i]),
+                embedding=tensor.encode(emb[i]),
+                kv=tensor.encode_bytes(rec[i].tobytes(), code, spec.kv_shape),
+                length=int(lengths[i]),
+            )
+            for i in range(len(ids))
+        ],
+    )
+
+
+def test_c6_a_write_without_time_for_it_is_refused_and_stores_nothing(server, client) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(17)
+    client.create_session("tight", spec)
+    stub = pb_grpc.RetMemStub(grpc.insecure_channel(server.serving_address()))
+    for k in range(10):
+        req = _append_request(spec, "tight", chunks(rng, spec, k, 1))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Append(req, timeout=0.001)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.info("tight").num_chunks == 0  # refused before anything was written, 10 of 10
+
+
+def test_c6_a_write_that_outlives_its_deadline_may_be_applied_and_a_retry_stores_it_once(
+    server, client, monkeypatch
+) -> None:
+    """The contract in retmem.proto: DEADLINE_EXCEEDED on a write means "maybe applied"; retry."""
+    spec, rng = tiny_spec(), np.random.default_rng(18)
+    client.create_session("slow", spec)
+    batch = chunks(rng, spec, 0, 4)
+    shard = server.shards["shard0"]
+    real, applied = shard.append, threading.Event()
+    release = threading.Event()
+
+    def slow_append(*args):
+        n = real(*args)  # durable now
+        applied.set()
+        release.wait(30)  # the reply is held back past the caller's deadline
+        return n
+
+    monkeypatch.setattr(shard, "append", slow_append)
+    stub = pb_grpc.RetMemStub(grpc.insecure_channel(server.serving_address()))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Append(_append_request(spec, "slow", batch), timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert applied.wait(30)
+    release.set()
+    monkeypatch.setattr(shard, "append", real)
+    assert client.append("slow", *batch) == 0  # the retry finds it applied
+    _, state = client.export_session("slow")
+    assert state["ids"].tolist() == batch[0].tolist()
+
+
 def test_d4_health_not_serving_while_recovering(tmp_path: Path, monkeypatch) -> None:
     gate = threading.Event()
     real_open = Shard.open

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class DecoderStub:
-    """The decoder service. All methods need a deadline; ret-mem calls get what remains of it.
+    """The decoder service. A call without a deadline gets the configured default (600 s); ret-mem calls
+    get what remains of it, and an expired budget is DEADLINE_EXCEEDED.
     """
 
     def __init__(self, channel):
@@ -58,7 +59,8 @@ class DecoderStub:
 
 
 class DecoderServicer:
-    """The decoder service. All methods need a deadline; ret-mem calls get what remains of it.
+    """The decoder service. A call without a deadline gets the configured default (600 s); ret-mem calls
+    get what remains of it, and an expired budget is DEADLINE_EXCEEDED.
     """
 
     def Describe(self, request, context):
@@ -121,7 +123,8 @@ def add_DecoderServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Decoder:
-    """The decoder service. All methods need a deadline; ret-mem calls get what remains of it.
+    """The decoder service. A call without a deadline gets the configured default (600 s); ret-mem calls
+    get what remains of it, and an expired budget is DEADLINE_EXCEEDED.
     """
 
     @staticmethod

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """The public API. Every call needs a deadline; the gateway caps it at its configured maximum.
+    """The public API. A call's deadline is capped at the gateway's configured maximum (default 3,600 s);
+    a call without one gets the configured default (600 s). Every downstream call gets what remains.
+    DEADLINE_EXCEEDED on Append means the text may be partly stored: the session's text_bytes says
+    what is committed, and sending the rest from that offset is safe (a failed append commits nothing).
     """
 
     def __init__(self, channel):
@@ -73,7 +76,10 @@ class GatewayStub:
 
 
 class GatewayServicer:
-    """The public API. Every call needs a deadline; the gateway caps it at its configured maximum.
+    """The public API. A call's deadline is capped at the gateway's configured maximum (default 3,600 s);
+    a call without one gets the configured default (600 s). Every downstream call gets what remains.
+    DEADLINE_EXCEEDED on Append means the text may be partly stored: the session's text_bytes says
+    what is committed, and sending the rest from that offset is safe (a failed append commits nothing).
     """
 
     def CreateSession(self, request, context):
@@ -173,7 +179,10 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """The public API. Every call needs a deadline; the gateway caps it at its configured maximum.
+    """The public API. A call's deadline is capped at the gateway's configured maximum (default 3,600 s);
+    a call without one gets the configured default (600 s). Every downstream call gets what remains.
+    DEADLINE_EXCEEDED on Append means the text may be partly stored: the session's text_bytes says
+    what is committed, and sending the rest from that offset is safe (a failed append commits nothing).
     """
 
     @staticmethod

@@ -30,6 +30,13 @@ class RetMemStub:
     FAILED_PRECONDITION naming the owner. A session whose stored data could not be recovered intact
     answers DATA_LOSS on every call but DeleteSession (its files are kept until then; health entry
     "memlong.retmem.v1.RetMem.integrity" is NOT_SERVING meanwhile).
+
+    Deadlines: a call without one has no time limit (the decoder and gateway always send one). A write
+    (CreateSession, Append, Pin, Unpin, Evict, DeleteSession, ImportSession) that arrives with less than
+    50 ms left is refused with DEADLINE_EXCEEDED before anything is written. A write that has started
+    completes even if the deadline passes meanwhile, so DEADLINE_EXCEEDED on a write means "maybe
+    applied": retrying it is safe (Append is idempotent by seq; a repeated CreateSession or
+    DeleteSession answers ALREADY_EXISTS or NOT_FOUND).
     """
 
     def __init__(self, channel):
@@ -105,6 +112,13 @@ class RetMemServicer:
     FAILED_PRECONDITION naming the owner. A session whose stored data could not be recovered intact
     answers DATA_LOSS on every call but DeleteSession (its files are kept until then; health entry
     "memlong.retmem.v1.RetMem.integrity" is NOT_SERVING meanwhile).
+
+    Deadlines: a call without one has no time limit (the decoder and gateway always send one). A write
+    (CreateSession, Append, Pin, Unpin, Evict, DeleteSession, ImportSession) that arrives with less than
+    50 ms left is refused with DEADLINE_EXCEEDED before anything is written. A write that has started
+    completes even if the deadline passes meanwhile, so DEADLINE_EXCEEDED on a write means "maybe
+    applied": retrying it is safe (Append is idempotent by seq; a repeated CreateSession or
+    DeleteSession answers ALREADY_EXISTS or NOT_FOUND).
     """
 
     def CreateSession(self, request, context):
@@ -272,6 +286,13 @@ class RetMem:
     FAILED_PRECONDITION naming the owner. A session whose stored data could not be recovered intact
     answers DATA_LOSS on every call but DeleteSession (its files are kept until then; health entry
     "memlong.retmem.v1.RetMem.integrity" is NOT_SERVING meanwhile).
+
+    Deadlines: a call without one has no time limit (the decoder and gateway always send one). A write
+    (CreateSession, Append, Pin, Unpin, Evict, DeleteSession, ImportSession) that arrives with less than
+    50 ms left is refused with DEADLINE_EXCEEDED before anything is written. A write that has started
+    completes even if the deadline passes meanwhile, so DEADLINE_EXCEEDED on a write means "maybe
+    applied": retrying it is safe (Append is idempotent by seq; a repeated CreateSession or
+    DeleteSession answers ALREADY_EXISTS or NOT_FOUND).
     """
 
     @staticmethod

@@ -533,6 +533,26 @@ class SessionMemory:
             self._drop(pos)
         return evicted
 
+    def retire(self, first: int, end: int) -> None:
+        """Count every id in [first, end) as accepted, stored or not: a later append of one is a replay
+        (a no-op), never a new chunk. Rolling back a write whose writer may still be running (a cancelled
+        ingest) removes its chunks and retires their ids, so that nothing it sends later is stored."""
+        if not (_is_int(first) and _is_int(end)) or not 0 <= first < end:
+            raise InvalidArgument("id_range", f"need 0 <= first < end, got [{first}, {end})")
+        first, last = int(first), int(end) - 1
+        acc = self._accepted
+        keep = (acc[:, 1] < first - 1) | (acc[:, 0] > last + 1)  # runs that neither overlap nor touch
+        touch = acc[~keep]
+        if len(touch):
+            first, last = min(first, int(touch[:, 0].min())), max(last, int(touch[:, 1].max()))
+        runs = np.concatenate([acc[keep], [[first, last]]]).astype(np.int64)
+        self._accepted = runs[np.argsort(runs[:, 0], kind="stable")]
+        if len(self._accepted) > MAX_ACCEPTED_RUNS:
+            extra = len(self._accepted) - MAX_ACCEPTED_RUNS
+            merged = [[self._accepted[0, 0], self._accepted[extra, 1]]]
+            self._accepted = np.concatenate([merged, self._accepted[extra + 1 :]]).astype(np.int64)
+        self._max_id = max(self._max_id, last)
+
     def remove(self, ids: Any) -> None:
         """Remove exactly `ids` (any order, no repeats) from index, metadata and slabs.
 

@@ -369,6 +369,29 @@ def test_late_id_never_stored_is_refused_and_changes_nothing():
     assert append(copy, [1, 20], emb) == 1
 
 
+def test_retired_ids_are_never_stored_afterwards():
+    """A rolled-back range whose writer is still running: whatever it sends later is a no-op."""
+    mem = make(memory_size=16)
+    emb = table(40)
+    append(mem, [0, 1, 2, 3], emb)
+    mem.remove(np.array([2, 3]))
+    mem.retire(2, 10)  # the failed write had reserved ids 2..9
+    before = mem.export_state()
+    assert append(mem, [3, 4, 9], emb) == 0  # the zombie writer's chunks, before and past its last
+    assert_same_state(before, mem.export_state())
+    assert append(mem, [10, 11], emb) == 2  # the retry, after the range
+    mem.retire(20, 25)  # beyond everything: the history jumps; [12, 20) was never accepted
+    with pytest.raises(FailedPrecondition):
+        append(mem, [15], emb)
+    assert SessionMemory.from_state(mem.export_state()).export_state()["accepted"].tolist() == [
+        [0, 11],
+        [20, 24],
+    ]
+    for bad in ((5, 5), (-1, 3), (3, 1)):
+        with pytest.raises(InvalidArgument):
+            mem.retire(*bad)
+
+
 def test_accepted_history_stays_bounded():
     from memlong.memory import MAX_ACCEPTED_RUNS
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -119,6 +119,46 @@ def enable_reflection(names: Sequence[str], server: grpc.Server) -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
     )
+
+
+T = TypeVar("T")
+
+
+def closed_on_termination(context: grpc.ServicerContext, items: Iterator[T]) -> Iterator[T]:
+    """Yield from the generator `items`, closing it as soon as the call ends.
+
+    gRPC stops pulling the response generator of a cancelled or expired call but does not close it,
+    so whatever the generator holds (an admission slot, a session's write lock, a running ingest)
+    would stay held. Closing it runs its `finally` blocks at once. A lock orders the close with the
+    pulls: a call that ends while `items` computes its next item is closed right after it."""
+    lock, ended = threading.Lock(), threading.Event()
+
+    def close_now() -> None:
+        with lock:
+            items.close()
+
+    def close() -> None:  # on gRPC's callback thread: never wait there for a pull to finish
+        ended.set()
+        if lock.acquire(blocking=False):
+            try:
+                items.close()
+            finally:
+                lock.release()
+        else:
+            threading.Thread(target=close_now, name="close-on-end", daemon=True).start()
+
+    if not context.add_callback(close):
+        close()
+    while True:
+        with lock:
+            if ended.is_set():
+                items.close()
+                return
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+        yield item
 
 
 def create_server(

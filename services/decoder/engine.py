@@ -185,6 +185,8 @@ class DecoderEngine:
         self.windows = WindowCache(window_cache_sessions)
         self._model_lock = threading.Lock()
         self._admit = threading.BoundedSemaphore(max_inflight)
+        self._count_lock = threading.Lock()
+        self.in_flight = 0  # calls admitted and not yet finished (for health, metrics and tests)
         self.max_inflight = max_inflight
         self._prefetch_pool = ThreadPoolExecutor(max_inflight, "prefetch") if prefetch else None
         self.cancelled_calls = 0  # calls stopped because their caller went away (tests read it)
@@ -214,9 +216,13 @@ class DecoderEngine:
         if not self._admit.acquire(blocking=False):
             # No count: how many calls are in flight would tell a tenant that others are active.
             raise ResourceExhausted("decoder busy; retry with backoff")
+        with self._count_lock:
+            self.in_flight += 1
         try:
             yield
         finally:
+            with self._count_lock:
+                self.in_flight -= 1
             self._admit.release()
 
     @contextlib.contextmanager

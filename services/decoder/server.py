@@ -20,7 +20,7 @@ from memlong.errors import InvalidArgument
 from memlong.ids import check_session_id
 from memlong.model import MemLongModel
 from services.common.channel import Deadline
-from services.common.server import ServerOptions, Service, ServiceProcess
+from services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
 from services.common.status import grpc_errors
 from services.retmem.client import RetMemClient
 
@@ -129,7 +129,8 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                 yield msg.text
 
         try:
-            for p in self.engine.ingest(session_id, next_id, pieces(), self._call(context)):
+            progress = self.engine.ingest(session_id, next_id, pieces(), self._call(context))
+            for p in closed_on_termination(context, progress):
                 yield pb.IngestProgress(
                     bytes_done=p.bytes_done,
                     tokens_done=p.tokens_done,
@@ -170,7 +171,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
     def Generate(self, request, context):  # noqa: N802
         session_id, next_id = _session(request.session)
         params = sampling_from_proto(request.sampling)
-        stream = self.engine.generate(
+        stream = self.engine.generate(  # closed when the call ends: its admission slot frees at once
             session_id,
             next_id,
             request.prompt,
@@ -180,7 +181,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             ignore_eos=request.sampling.ignore_eos,
         )
         try:
-            for t in stream:
+            for t in closed_on_termination(context, stream):
                 msg = pb.GenerateResponse(
                     token_id=t.token_id, text=t.text, finish_reason=_FINISH[t.finish_reason]
                 )

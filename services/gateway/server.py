@@ -20,7 +20,7 @@ from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, Resour
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.channel import ChannelOptions, Deadline, get_channel
-from services.common.server import ServerOptions, Service, ServiceProcess
+from services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
 from services.common.status import raise_for_rpc_error
 from services.retmem.client import RetMemClient
 from services.retmem.routing import Ring
@@ -188,6 +188,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return rec, new, rec.text_bytes
 
     def Append(self, request_iterator, context):  # noqa: N802
+        # Closed when the call ends: a cancelled append rolls back and frees its slots at once.
+        return closed_on_termination(context, self._append(request_iterator, context))
+
+    def _append(self, request_iterator, context):
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
             rec, new, offset = self._read_append(request_iterator)
@@ -204,7 +208,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                     raise InvalidArgument(
                         "offset", f"session moved to {rec.text_bytes} bytes meanwhile; resume there"
                     )
-                yield from self._ingest(rec, new, call.deadline)
+                yield from self._ingest(rec, new, call.deadline, context)
 
     def _roll_back(self, rec: SessionRecord, deadline: Deadline) -> SessionRecord:
         """Remove the chunks of a failed append (ids dirty_from..next_chunk_id) from ret-mem, so that the
@@ -234,7 +238,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 return rec, dpb.MEMORY_MODE_OFF
             raise
 
-    def _ingest(self, rec: SessionRecord, new: bytes, deadline: Deadline) -> Iterator[pb.AppendProgress]:
+    def _ingest(
+        self, rec: SessionRecord, new: bytes, deadline: Deadline, context: grpc.ServicerContext
+    ) -> Iterator[pb.AppendProgress]:
         chunk = self._spec(rec.decoder, deadline).chunk_tokens
         first_id = rec.next_chunk_id
 
@@ -251,7 +257,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         rec = self.table.update(rec.session_id, next_chunk_id=id_bound, dirty_from=first_id)
         done = False
         try:
-            for p in self._decoder(rec.decoder).Ingest(pieces(), timeout=self._timeout(deadline)):
+            stream = self._decoder(rec.decoder).Ingest(pieces(), timeout=self._timeout(deadline))
+            _cancel_with(context, stream)
+            for p in stream:
                 if p.done:
                     done = True
                     rec = self.table.update(
@@ -293,10 +301,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 memory_mode=mode,
                 return_logprobs=request.return_logprobs,
             )
+            future = self._decoder(rec.decoder).Score.future(req, timeout=self._timeout(call.deadline))
+            _cancel_with(context, future)
             try:
-                r = self._decoder(rec.decoder).Score(req, timeout=self._timeout(call.deadline))
+                r = future.result()
             except grpc.RpcError as err:
                 raise_for_rpc_error(err)
+            except grpc.FutureCancelledError:  # the caller went away: nobody reads this answer
+                context.abort(grpc.StatusCode.CANCELLED, "call cancelled")
             return pb.ScoreResponse(
                 token_ids=r.token_ids,
                 logprobs=r.logprobs,
@@ -306,6 +318,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             )
 
     def Generate(self, request, context):  # noqa: N802
+        return closed_on_termination(context, self._generate(request, context))
+
+    def _generate(self, request, context):
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
             rec = self.table.get(call.tenant, request.session_id)
@@ -318,10 +333,19 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 memory_mode=mode,
             )
             try:
-                for t in self._decoder(rec.decoder).Generate(req, timeout=self._timeout(call.deadline)):
+                stream = self._decoder(rec.decoder).Generate(req, timeout=self._timeout(call.deadline))
+                _cancel_with(context, stream)
+                for t in stream:
                     yield pb.GenerateResponse(token=t)
             except grpc.RpcError as err:
                 raise_for_rpc_error(err)
+
+
+def _cancel_with(context: grpc.ServicerContext, downstream: grpc.Future) -> None:
+    """Cancel `downstream` when the caller's call ends (cancelled, disconnected or out of time), so the
+    decoder stops and its slot frees at once. Nothing else would: the call object stays referenced."""
+    if not context.add_callback(downstream.cancel):  # already over
+        downstream.cancel()
 
 
 class GatewayServer(ServiceProcess):

@@ -310,7 +310,8 @@ class Shard:
         self, session_id: str, n_free: int | None = None, id_range: tuple[int, int] | None = None
     ) -> np.ndarray:
         """Evict by the policy (n_free chunks, None: the policy's default), or every stored chunk with
-        an id in [id_range[0], id_range[1]) (pinned ones too): the evicted ids, ascending."""
+        an id in [id_range[0], id_range[1]) (pinned ones too) and retire the range: no id in it is
+        stored afterwards (`SessionMemory.retire`). Returns the evicted ids, ascending."""
         meta, mem = self._locked(session_id)
         try:
             if id_range is None:
@@ -324,6 +325,9 @@ class Shard:
                     mem.remove(evicted)
             if len(evicted):
                 self._log(meta, {"op": "evict", "sid": session_id, "ids": evicted.astype(np.int64).tobytes()})
+            if id_range is not None:
+                mem.retire(*id_range)
+                self._log(meta, {"op": "retire", "sid": session_id, "first": id_range[0], "end": id_range[1]})
             return evicted
         finally:
             meta.lock.release()
@@ -615,6 +619,8 @@ class Shard:
             (mem.pin if rec["on"] else mem.unpin)(ids)
         elif op == "evict":
             mem.remove(_arr(rec["ids"], np.int64, -1))
+        elif op == "retire":
+            mem.retire(rec["first"], rec["end"])
         elif op != "credit":
             raise ValueError(f"unknown op {op!r}")
 

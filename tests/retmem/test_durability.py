@@ -356,3 +356,19 @@ def test_a_shard_that_keeps_crashing_still_compacts_its_log(tmp_path: Path) -> N
         assert report.errors == []
     run_bytes = max(np.diff(replayed[:4]))  # one run's log, measured before any compaction
     assert max(replayed) <= 2 * threshold + run_bytes, replayed
+
+
+def test_a_retired_range_survives_a_restart(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(22)
+    shard = Shard("s", tmp_path)
+    shard.open()
+    shard.create_session("a", spec)
+    shard.append("a", *chunks(rng, spec, 0, 6))
+    assert shard.evict("a", id_range=(3, 12)).tolist() == [3, 4, 5]
+    shard.close()  # no checkpoint: the log alone carries the retirement
+    again = Shard("s", tmp_path)
+    again.open()
+    assert again.append("a", *chunks(rng, spec, 7, 2)) == 0  # a late writer's chunks stay out
+    assert again.bank.get("a").ids().tolist() == [0, 1, 2]
+    assert again.append("a", *chunks(rng, spec, 12, 1)) == 1
+    again.close()

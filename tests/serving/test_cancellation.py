@@ -1,0 +1,102 @@
+"""A call the client cancels stops downstream: the decoder stops working, its slot frees, and a
+cancelled Append leaves no chunk behind (its retry stores what a fresh session stores)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from memlong.chunkloop import Reader
+from memlong.decoder.v1 import decoder_pb2 as dpb
+from memlong.gateway.v1 import gateway_pb2 as pb
+from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from services.common.channel import get_channel
+
+MD = (("x-api-key", "key-a"),)
+
+
+def _until(condition, timeout_s: float = 60.0) -> bool:
+    """Wait for `condition()` on a condition variable's clock, not a fixed sleep; False at timeout."""
+    done = threading.Event()
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        done.wait(0.01)
+    return True
+
+
+class _Paced:
+    """Counts the steps a wrapped generator takes and holds each one until the test lets it go on."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.go = threading.Semaphore(0)
+
+    def wrap(self, real):
+        pace = self
+
+        def generate(reader, *args, **kw):
+            for token in real(reader, *args, **kw):
+                pace.steps += 1
+                pace.go.acquire(timeout=5)
+                yield token
+
+        return generate
+
+
+def test_a_cancelled_generate_stops_the_decoder_and_frees_its_slot(stack, monkeypatch):
+    client = stack.client()
+    sid = client.create_session().session_id
+    client.append(sid, "alpha beta gamma delta " * 4)
+    pace = _Paced()
+    monkeypatch.setattr(Reader, "generate", pace.wrap(Reader.generate))
+    stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
+    req = pb.GenerateRequest(session_id=sid, prompt=b"alpha", sampling=dpb.SamplingParams(max_new_tokens=400))
+    call = stub.Generate(req, timeout=120, metadata=MD)
+    for _ in range(3):
+        pace.go.release()
+    next(call)  # the decoder is generating
+    call.cancel()
+    for _ in range(400):  # let a decoder that did not notice run on to the end
+        pace.go.release()
+    engine = stack.decoder.engine
+    assert _until(lambda: engine.in_flight == 0), "the decoder slot was never freed"
+    assert pace.steps < 400, "the decoder generated every token of a cancelled call"
+    assert client.score(sid, "alpha beta").scored_tokens > 0  # serving goes on
+
+
+def test_a_cancelled_append_leaves_no_chunk_and_its_retry_stores_the_text_once(stack, monkeypatch):
+    client = stack.client()
+    text = "alpha beta gamma delta epsilon zeta eta theta " * 40
+    fresh = client.create_session().session_id
+    client.append(fresh, text)
+    want = stack.retmem.shard.info(fresh).num_chunks
+
+    sid = client.create_session().session_id
+    pace = _Paced()
+    monkeypatch.setattr(Reader, "_blocks", pace.wrap(Reader._blocks))
+    stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
+    call = stub.Append(
+        iter([pb.AppendRequest(session_id=sid, offset=0, text=text.encode())]), timeout=120, metadata=MD
+    )
+    for _ in range(30):  # some chunks reach ret-mem
+        pace.go.release()
+    assert _until(lambda: pace.steps >= 30)
+    call.cancel()
+    for _ in range(10_000):  # a decoder that did not notice would store the rest now
+        pace.go.release()
+    engine = stack.decoder.engine
+    assert _until(lambda: engine.in_flight == 0)
+    monkeypatch.undo()
+    assert client.get_session(sid).text_bytes == 0
+    assert stack.retmem.shard.info(sid).num_chunks == 0, "chunks of a cancelled append outlived it"
+    client.append(sid, text)
+    assert stack.retmem.shard.info(sid).num_chunks == want
+    a = client.score(fresh, "alpha beta gamma", return_logprobs=True)
+    b = client.score(sid, "alpha beta gamma", return_logprobs=True)
+    # The same memory, chunk for chunk (the retry's ids start after the range the cancelled one used).
+    table = stack.gateway.servicer.table
+    shift = table.get("tenant-a", sid).next_chunk_id - table.get("tenant-a", fresh).next_chunk_id
+    assert list(a.memory.retrieved_ids) == [i - shift for i in b.memory.retrieved_ids]
+    assert a.logprobs[1:] == b.logprobs[1:]  # (the first is NaN: nothing scored before it)

@@ -23,7 +23,7 @@ import grpc
 
 from memlong.errors import DeadlineExceeded
 
-from . import tracing
+from . import internal, tracing
 from .server import DEFAULT_MAX_MESSAGE_BYTES
 from .tls import TlsConfig, process_tls
 
@@ -40,6 +40,7 @@ class ChannelOptions:
     max_backoff_s: float = 1.0
     tls: TlsConfig | None = None  # None: the process default; tls.PLAINTEXT: off
     telemetry: bool = True  # client spans + trace context in metadata
+    internal_token: str | None = None  # sent to internal services (services.common.internal)
     # Reconnect backoff after a failed connect. gRPC's default grows to 120 s, so a caller would
     # keep failing fast long after a restarted shard is back; cap it so it reconnects within ~1 s.
     initial_reconnect_backoff_ms: int = 100
@@ -104,6 +105,8 @@ def _new_channel(target: str, options: ChannelOptions) -> grpc.Channel:
         channel = grpc.secure_channel(target, tls.channel_credentials(), options=grpc_options)
     else:
         channel = grpc.insecure_channel(target, options=grpc_options)
+    if options.internal_token:
+        channel = grpc.intercept_channel(channel, internal.SendToken(options.internal_token))
     if options.telemetry:
         tracing.ensure_telemetry()
         channel = grpc.intercept_channel(channel, tracing.ClientTelemetry())

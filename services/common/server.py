@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from . import metrics, tracing
+from . import internal, metrics, tracing
 from .status import RequestDecoding
 from .tls import TlsConfig, process_tls
 
@@ -46,6 +46,7 @@ class ServerOptions:
     # Plaintext health-only listener ("host:port"); None: MEMLONG_HEALTH_ADDRESS if set; "": none.
     health_address: str | None = None
     telemetry: bool = True  # spans and metrics for every call (ServerTelemetry first in the chain)
+    internal_token: str | None = None  # internal services: callers must send it (services.common.internal)
 
     def __post_init__(self) -> None:
         if self.max_message_bytes <= 0 or self.max_workers <= 0:
@@ -175,6 +176,8 @@ def create_server(
     """
     options = options or ServerOptions()
     interceptors = tuple(options.interceptors)
+    if options.internal_token:
+        interceptors = (internal.RequireToken(options.internal_token), *interceptors)
     if options.telemetry:
         tracing.ensure_telemetry()
         interceptors = (tracing.ServerTelemetry(), *interceptors)

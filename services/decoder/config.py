@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from memlong.config import MemLongConfig
 from memlong.errors import InvalidArgument
+from services.common.internal import token_from_env
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
 from services.retmem.routing import parse_addresses
 
@@ -38,6 +39,7 @@ class DecoderConfig:
     window_cache_sessions: int = 8
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_workers: int = 16
+    internal_token: str | None = None  # required of callers and sent to ret-mem (services.common.internal)
     grace_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -95,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> DecoderConfig:
     if getattr(args, "memlong_json", ""):
         memlong = MemLongConfig.from_dict({**memlong.__dict__, **json.loads(args.memlong_json)})
     return DecoderConfig(
+        internal_token=token_from_env(),
         retmem=parse_addresses(args.retmem),
         memlong=memlong,
         model=args.model,

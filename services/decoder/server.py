@@ -206,7 +206,10 @@ class DecoderServer(ServiceProcess):
         cls, model: MemLongModel, tokenizer, retriever, config: DecoderConfig, source: str = ""
     ) -> DecoderServer:
         client = RetMemClient(
-            config.retmem, timeout_s=config.retmem_timeout_s, max_message_bytes=config.max_message_bytes
+            config.retmem,
+            timeout_s=config.retmem_timeout_s,
+            max_message_bytes=config.max_message_bytes,
+            internal_token=config.internal_token,
         )
         engine = DecoderEngine(
             model,
@@ -244,6 +247,7 @@ class DecoderServer(ServiceProcess):
             max_message_bytes=self.config.max_message_bytes,
             max_workers=self.config.max_workers,
             interceptors=tuple(interceptors),
+            internal_token=self.config.internal_token,
         )
         return self.serve(options)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlong.errors import InvalidArgument
+from services.common.internal import token_from_env
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
 from services.retmem.routing import parse_addresses
 
@@ -53,6 +54,7 @@ class GatewayConfig:
     max_text_bytes: int = 4 << 20  # one Score text or Generate prompt
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 5.0
+    internal_token: str | None = None  # sent to the decoders and ret-mem (services.common.internal)
 
     def __post_init__(self) -> None:
         if not self.decoders:
@@ -106,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     if args.api_keys_file:
         keys.update(load_key_file(args.api_keys_file))
     return GatewayConfig(
+        internal_token=token_from_env(),
         decoders=parse_addresses(args.decoders),
         retmem=parse_addresses(args.retmem),
         key_hashes=keys,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongConfig
+from services.common.internal import installation_token
 from services.decoder.config import DecoderConfig
 from services.decoder.server import DecoderServer
 from services.retmem.server import RetMemConfig, RetMemServer
@@ -83,7 +84,14 @@ class EmbeddedStack:
         """Start all three services. `components` = (model, tokenizer, retriever) skips loading (tests)."""
         data_dir = Path(data_dir)
         api_key = local_api_key(data_dir)  # before anything starts: a bad key file fails at once
-        retmem = RetMemServer(RetMemConfig(data_dir=data_dir / "retmem", host=host, port=ports[0]))
+        # Ret-mem and the decoder take calls only from this installation (their loopback ports are
+        # open to every local process): a secret kept owner-only in the data directory.
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o700)  # session table, keys, logs and K/V: the owner's only
+        token = installation_token(data_dir)
+        retmem = RetMemServer(
+            RetMemConfig(data_dir=data_dir / "retmem", host=host, port=ports[0], internal_token=token)
+        )
         retmem.start()
         rm = {"shard0": retmem.serving_address()}
         dcfg = DecoderConfig(
@@ -95,6 +103,7 @@ class EmbeddedStack:
             port=ports[1],
             threads=threads,
             prefetch=prefetch,
+            internal_token=token,
         )
         try:
             if components is not None:
@@ -111,6 +120,7 @@ class EmbeddedStack:
                 data_dir=data_dir / "gateway",
                 host=host,
                 port=ports[2],
+                internal_token=token,
             )
             gateway = GatewayServer(gcfg)
             gateway.start()

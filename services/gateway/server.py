@@ -53,6 +53,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.options = ChannelOptions(
             max_message_bytes=config.max_message_bytes,
             idempotent_methods=((DECODER_SERVICE, "Describe"),),
+            internal_token=config.internal_token,
         )
         self._specs: dict[str, SessionSpec] = {}
         self._spec_lock = threading.Lock()
@@ -356,7 +357,9 @@ class GatewayServer(ServiceProcess):
         self.config = config
         path = None if config.data_dir is None else config.data_dir / "sessions.json"
         self.table = SessionTable(path, config.quotas)
-        self.retmem = RetMemClient(config.retmem, max_message_bytes=config.max_message_bytes)
+        self.retmem = RetMemClient(
+            config.retmem, max_message_bytes=config.max_message_bytes, internal_token=config.internal_token
+        )
         self.servicer = GatewayServicer(config, self.table, self.retmem)
 
     def _service(self) -> Service:

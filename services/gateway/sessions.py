@@ -68,7 +68,8 @@ class SessionTable:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         payload = {"format": FORMAT, "sessions": [asdict(r) for r in self._sessions.values()]}
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # tenants' session ids: private
+        with os.fdopen(fd, "w") as f:
             json.dump(payload, f)
             f.flush()
             os.fsync(f.fileno())

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from services.common.cli import run
+from services.common.internal import token_from_env
 
 from .routing import parse_addresses
 from .server import RetMemConfig, RetMemServer
@@ -39,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RetMemConfig:
     return RetMemConfig(
+        internal_token=token_from_env(),
         data_dir=args.data_dir,
         shards=tuple(s for s in args.shards.split(",") if s),
         host=args.host,

@@ -40,6 +40,7 @@ class RetMemClient:
         shards: Mapping[str, str],
         timeout_s: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        internal_token: str | None = None,
     ) -> None:
         self.ring = Ring(list(shards))
         self.targets = dict(shards)
@@ -48,6 +49,7 @@ class RetMemClient:
         self.options = ChannelOptions(
             max_message_bytes=max_message_bytes,
             idempotent_methods=tuple((SERVICE_NAME, m) for m in IDEMPOTENT),
+            internal_token=internal_token,
         )
         self._specs: dict[str, SessionSpec] = {}
 

@@ -69,6 +69,7 @@ class RetMemConfig:
     checkpoint_on_stop: bool = True
     # FAISS OpenMP threads. One: a per-chunk search is one query row, calls run in parallel on gRPC
     # threads, and idle OpenMP workers spinning on 2 cores made a 2000-chunk search 20x slower.
+    internal_token: str | None = None  # callers must send it (services.common.internal)
     faiss_threads: int = 1  # snapshot at graceful stop so retrieval counters survive it
 
     def __post_init__(self) -> None:
@@ -267,7 +268,9 @@ class RetMemServer:
     def start(self, recover_in_background: bool = False) -> int:
         """Listen (NOT_SERVING), recover every shard, then SERVING. Returns the bound port."""
         options = ServerOptions(
-            max_message_bytes=self.config.max_message_bytes, max_workers=self.config.max_workers
+            max_message_bytes=self.config.max_message_bytes,
+            max_workers=self.config.max_workers,
+            internal_token=self.config.internal_token,
         )
         services = [Service(SERVICE_NAME, pb_grpc.add_RetMemServicer_to_server, self.servicer)]
         self.server, self.port = create_server(

@@ -93,3 +93,60 @@ def test_a_key_file_without_the_local_tenant_is_a_clear_error(tmp_path, capsys, 
     assert str(key_file) in message and '"local"' in message
     assert main(["session", "list", "--data-dir", str(tmp_path), "--gateway", "127.0.0.1:1"]) == 2
     assert str(key_file) in capsys.readouterr().err
+
+
+def test_the_embedded_internal_services_refuse_callers_without_the_installation_secret(tmp_path):
+    import grpc
+    import pytest
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from memlong.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+    from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
+    from services.common.internal import HEADER
+
+    model = tiny_model()
+    stack = EmbeddedStack.start(
+        tmp_path, model.config, components=(model, ByteTokenizer(), RecordingRetriever())
+    )
+    try:
+        client = Client(stack.gateway_address, stack.api_key, timeout_s=30)
+        sid = client.create_session("mine").session_id
+        client.append(sid, "alpha beta gamma delta " * 5)
+        assert client.score(sid, "alpha beta").memory.memory_used  # the installation's own calls pass
+
+        where = stack.describe()
+        retmem = retmem_pb2_grpc.RetMemStub(grpc.insecure_channel(where["retmem"]))
+        decoder = decoder_pb2_grpc.DecoderStub(grpc.insecure_channel(where["decoder"]))
+        stranger = [
+            lambda md: retmem.GetSession(
+                retmem_pb2.GetSessionRequest(session_id=sid), timeout=10, metadata=md
+            ),
+            lambda md: decoder.Describe(decoder_pb2.DescribeRequest(), timeout=10, metadata=md),
+        ]
+        for call in stranger:  # another local process, without (or with a wrong) secret
+            for md in ((), ((HEADER, "guess"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(md)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = (tmp_path / "internal.key").read_text().strip()
+        assert (
+            retmem.GetSession(
+                retmem_pb2.GetSessionRequest(session_id=sid), timeout=10, metadata=((HEADER, token),)
+            ).num_chunks
+            > 0
+        )
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(where["retmem"]))
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+
+        for path in (
+            tmp_path / "internal.key",
+            tmp_path / "gateway" / "sessions.json",
+            tmp_path / "api_keys.json",
+        ):
+            assert path.stat().st_mode & 0o077 == 0, path  # nothing for group or others
+        assert tmp_path.stat().st_mode & 0o077 == 0
+    finally:
+        stack.stop(0)

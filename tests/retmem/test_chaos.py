@@ -1,11 +1,17 @@
 """A1: kill loop. SIGKILL the server every few seconds while 20 sessions append; after the final
 restart: 0 acknowledged chunks lost, 0 phantoms, 0 duplicates, 0 checksum mismatches.
-Run with `pytest -m chaos tests/retmem/test_chaos.py`."""
+Run with `pytest -m chaos tests/retmem/test_chaos.py`; MEMLONG_CHAOS_ROUNDS sets the rounds (default 8),
+and MEMLONG_CHAOS_REPORT=path.json writes the counts and each restart's recovery time (start to
+SERVING) there (measured, never asserted)."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +33,13 @@ def test_a1_kill_loop(tmp_path: Path) -> None:
     attempted = {s: set() for s in sessions}
     next_seq = dict.fromkeys(sessions, 0)
     created = False
-    for _round in range(8):
+    rounds = int(os.environ.get("MEMLONG_CHAOS_ROUNDS", "8"))
+    recovery_s = []
+    for _round in range(rounds):
+        t0 = time.monotonic()
         proc = ServerProcess(tmp_path)
         proc.wait_serving()
+        recovery_s.append(time.monotonic() - t0)
         client = RetMemClient({"shard0": proc.target}, timeout_s=5)
         if not created:
             for s in sessions:
@@ -56,8 +66,10 @@ def test_a1_kill_loop(tmp_path: Path) -> None:
         stop.set()
         for t in threads:
             t.join(60)
+    t0 = time.monotonic()
     proc = ServerProcess(tmp_path)
     proc.wait_serving()
+    recovery_s.append(time.monotonic() - t0)
     client = RetMemClient({"shard0": proc.target}, timeout_s=30)
     totals = np.zeros(4, int)
     for s in sessions:
@@ -70,5 +82,21 @@ def test_a1_kill_loop(tmp_path: Path) -> None:
             found["mismatches"],
         ]
     proc.kill(signal.SIGTERM)
+    if os.environ.get("MEMLONG_CHAOS_REPORT"):
+        wal = sum(p.stat().st_size for p in tmp_path.rglob("*.wal"))
+        report = {
+            "rounds": rounds,
+            "sessions": len(sessions),
+            "acknowledged": sum(len(a) for a in acked.values()),
+            "lost": int(totals[0]),
+            "phantom": int(totals[1]),
+            "duplicated": int(totals[2]),
+            "checksum_mismatches": int(totals[3]),
+            "recovery_s": [round(x, 3) for x in recovery_s],
+            "longest_recovery_s": round(max(recovery_s), 3),
+            "wal_bytes_at_end": wal,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        }
+        Path(os.environ["MEMLONG_CHAOS_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
     assert sum(len(a) for a in acked.values()) > 0
     assert totals.tolist() == [0, 0, 0, 0]

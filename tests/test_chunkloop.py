@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from memlong.chunkloop import Reader, SamplingParams, records_to_kv
@@ -221,3 +222,38 @@ def test_a_session_continued_after_a_flush_reads_as_one_pass():
     lp_one = one.score(toks)
     torch.testing.assert_close(lp_served[1:], lp_one[split + 1 :], atol=1e-5, rtol=0)
     _assert_same_caches(served, one, range(4))
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, temperature",
+    [(0, 1.0, 1.0), (3, 1.0, 1.0), (0, 0.7, 1.0), (4, 0.8, 0.5)],
+)
+def test_sampling_draws_from_the_truncated_distribution(top_k, top_p, temperature):
+    """Support and frequencies of `_sample` on fixed log-probs, against a plain NumPy reference."""
+    from memlong.chunkloop import _sample
+
+    logp = torch.log_softmax(torch.tensor([2.0, 1.6, 1.2, 0.9, 0.5, 0.1, -0.4, -1.0]), dim=0)
+    # Reference: temperature, then the top_k largest, then the smallest prefix (by probability)
+    # whose mass reaches top_p, renormalised.
+    z = logp.double().numpy() / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = order[:top_k] if top_k else order
+    q = np.zeros_like(p)
+    q[keep] = p[keep]
+    q /= q.sum()
+    order_q = np.argsort(-q, kind="stable")
+    mass_before = np.cumsum(q[order_q]) - q[order_q]
+    nucleus = order_q[mass_before < top_p]
+    want = np.zeros_like(q)
+    want[nucleus] = q[nucleus]
+    want /= want.sum()
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    gen = torch.Generator().manual_seed(11)
+    n = 20_000
+    counts = np.bincount([_sample(logp, params, gen) for _ in range(n)], minlength=len(want))
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(want)), "a token outside top-k/top-p was drawn"
+    se = np.sqrt(want * (1 - want) / n)
+    assert np.all(np.abs(counts / n - want) <= 5 * se + 1e-12), (counts / n, want)

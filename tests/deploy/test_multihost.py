@@ -72,6 +72,19 @@ def append_loop(client: RetMemClient, s: Session, stop: threading.Event) -> None
         s.next_seq = seq + 1
 
 
+def _until(condition, what: str, timeout_s: float = 120.0) -> None:
+    """Wait until `condition()` holds (checked every 10 ms); fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        pause.wait(0.01)
+
+
+def _acks_since(sessions: list[Session], t: float) -> int:
+    return sum(1 for s in sessions for a in list(s.ack_times) if a > t)
+
+
 def run(cluster: ShardCluster, rounds: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     client = RetMemClient(cluster.shards, timeout_s=5)
@@ -89,15 +102,26 @@ def run(cluster: ShardCluster, rounds: int, seed: int) -> None:
     outages = []
     try:
         for _ in range(rounds):
-            stop.wait(float(rng.uniform(1.0, 2.0)))  # a random moment of a live workload
             victim = cluster.hosts[int(rng.integers(len(cluster.hosts)))]
+            mine = [s for s in sessions if s.shard == victim.name]
+            others = [s for s in sessions if s.shard != victim.name]
+            start = time.monotonic()  # a live workload: every session acknowledges a chunk first
+            _until(lambda t=start: all(any(a > t for a in list(s.ack_times)) for s in sessions), "all append")
             down = time.monotonic()
+            errors_before = sum(sum(s.errors.values()) for s in mine)
             victim.kill(signal.SIGKILL)
-            stop.wait(1.5)  # the outage: victim's sessions fail, the others go on
+            # The outage lasts until the victim's sessions have failed and the others went on.
+            _until(
+                lambda m=mine, e=errors_before: sum(sum(s.errors.values()) for s in m) > e, "the kill is seen"
+            )
+            _until(
+                lambda o=others, t=down: _acks_since(o, t) >= 10, "other shards progress during the outage"
+            )
             victim.start(cluster.ring)
             wait_serving(victim.address)
             outages.append((victim.name, down, time.monotonic()))
-        stop.wait(1.0)
+        up = time.monotonic()
+        _until(lambda: _acks_since(sessions, up) >= len(sessions), "appends go on after the restart")
     finally:
         stop.set()
         for t in threads:

@@ -79,11 +79,9 @@ def test_a_caller_who_gives_up_gets_deadline_exceeded_and_the_work_stops(tmp_pat
         sid = client.create_session().session_id
         client.append(sid, "alpha beta gamma delta " * 4)
         long_text = "alpha beta gamma delta epsilon " * 200  # ~1500 chunks of 4: ~30 s of slow embeds
-        t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             stack.client(timeout_s=0.5).score(sid, long_text)
-        took = time.monotonic() - t0
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and took < 2.0
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert stack.decoder.engine.cancel_event.wait(10), "the decoder did not stop the abandoned call"
         calls = retriever.calls
         assert client.score(sid, "alpha beta").scored_tokens > 0  # and it serves the next call
@@ -106,10 +104,9 @@ def test_a_busy_decoder_answers_resource_exhausted_not_a_hang(tmp_path):
         )
         worker.start()
         assert retriever.waiting.wait(10)
-        t0 = time.monotonic()
+        # Refused, not parked: a call that waited would end DEADLINE_EXCEEDED at the client's 20 s.
         with pytest.raises(ResourceExhausted, match="busy"):
             client.score(sid, "gamma delta")
-        assert time.monotonic() - t0 < 5
         retriever.gate.set()
         worker.join(20)
         assert result["r"].scored_tokens > 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
+import numpy as np
 import pytest
 
 from memlong.decoder.v1 import decoder_pb2 as dpb
@@ -99,22 +102,66 @@ def test_foreign_and_missing_sessions_look_identical(stack):
     assert b.list_sessions() == []
 
 
-def test_no_chunk_of_another_session_is_ever_retrieved(stack):
-    """F5: sessions of two tenants with disjoint texts; every retrieved id is the caller's own."""
+def _record_searches(stack, monkeypatch) -> list:
+    """Every ret-mem search the decoder makes, as (session id, SearchResult) as it came back."""
+    seen = []
+    client = stack.decoder.engine.memory
+    real = client.search
+
+    def search(session_id, *args, **kw):
+        res = real(session_id, *args, **kw)
+        seen.append((session_id, res))
+        return res
+
+    monkeypatch.setattr(client, "search", search)
+    return seen
+
+
+def _foreign_rows(stack, seen) -> int:
+    """Retrieved rows whose K/V record or embedding is not a row the searched session itself holds.
+
+    Checked by bytes against the session's own export, not by id: chunk ids restart at 0 in every
+    session, so a leaked chunk could carry an id that is in range."""
+    foreign = 0
+    for sid, res in seen:
+        _, state = stack.retmem.shard.export_session(sid)
+        own = {bytes(r) for r in state["records"]}
+        for row_ids, row_rec in zip(res.ids, res.records, strict=True):
+            foreign += sum(bytes(rec) not in own for i, rec in zip(row_ids, row_rec, strict=True) if i >= 0)
+    return foreign
+
+
+def test_no_chunk_of_another_session_is_ever_retrieved(stack, monkeypatch):
+    """F5: sessions of two tenants with disjoint texts; every retrieved record is the caller's own."""
     a, b = stack.client("key-a"), stack.client("key-b")
     sa, sb = a.create_session().session_id, b.create_session().session_id
     a.append(sa, "alpha beta gamma " * 8)
     b.append(sb, "delta epsilon zeta " * 8)
-    own_a = a.get_session(sa).chunks
+    seen = _record_searches(stack, monkeypatch)
     for client, sid in ((a, sa), (b, sb)):
         r = client.score(sid, "alpha beta delta epsilon " * 4)
         assert r.memory.memory_used
-        assert all(0 <= i < own_a + 64 for i in r.memory.retrieved_ids)
-    # Texts differ in bytes, so the embeddings the decoder stores differ: check the shard's contents.
-    ia, ib = stack.retmem.shard.info(sa), stack.retmem.shard.info(sb)
-    assert ia.num_chunks > 0 and ib.num_chunks > 0
+    assert {sid for sid, _ in seen} == {sa, sb} and all((res.ids >= 0).any() for _, res in seen)
+    assert _foreign_rows(stack, seen) == 0
     with pytest.raises(Exception, match="not found"):
         stack.client("key-b").get_session(sa)
+
+
+def test_the_isolation_check_catches_a_leaked_record(stack, monkeypatch):
+    """The check above is not vacuous: a search that answers with another session's row is caught."""
+    a, b = stack.client("key-a"), stack.client("key-b")
+    sa, sb = a.create_session().session_id, b.create_session().session_id
+    a.append(sa, "alpha beta gamma " * 8)
+    b.append(sb, "delta epsilon zeta " * 8)
+    seen = _record_searches(stack, monkeypatch)
+    a.score(sa, "alpha beta delta epsilon " * 4)
+    _, other = stack.retmem.shard.export_session(sb)
+    sid, res = seen[0]
+    col = int(np.flatnonzero(res.ids[0] >= 0)[0])
+    records = res.records.copy()
+    records[0, col] = other["records"][0]  # the same id, another session's bytes
+    leaked = dataclasses.replace(res, records=records)
+    assert _foreign_rows(stack, [(sid, res)]) == 0 and _foreign_rows(stack, [(sid, leaked)]) == 1
 
 
 @pytest.mark.parametrize(

@@ -31,16 +31,24 @@ def token_from_env() -> str | None:
 
 
 def installation_token(data_dir: Path) -> str:
-    """The installation's secret in `<data_dir>/internal.key`, created (owner-only) on first use."""
+    """The installation's secret in `<data_dir>/internal.key`, created (owner-only) on first use.
+
+    Several processes may start at once (Ray replicas): the first link wins and all read its secret."""
     path = Path(data_dir) / "internal.key"
-    if path.is_file():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32))
-    os.replace(tmp, path)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"internal.key.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic create-if-absent
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path.read_text().strip()
 
 

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
 from services.common.channel import ChannelOptions, get_channel
+from services.common.internal import installation_token
 
 from .config import RayAppConfig
 
@@ -77,6 +78,7 @@ class RetMemShard(_Replica):
                 host=config.host,
                 port=config.retmem_ports[index],
                 all_shards=config.ring,
+                internal_token=installation_token(config.data_dir),
             )
         )
         self.server.start()  # recovers before the replica reports ready
@@ -104,6 +106,7 @@ class DecoderReplica(_Replica):
             host=config.host,
             port=config.decoder_ports[index],
             threads=config.threads,
+            internal_token=installation_token(config.data_dir),
         )
         if config.components:
             module, _, fn = config.components.partition(":")
@@ -143,6 +146,7 @@ class Gateway(_Replica):
             data_dir=config.data_dir / "gateway",
             host=config.host,
             port=config.gateway_port,
+            internal_token=installation_token(config.data_dir),
         )
         self.server = GatewayServer(gcfg)
         self.server.start()

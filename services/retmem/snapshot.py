@@ -47,7 +47,7 @@ def _sha256(data: bytes | memoryview) -> str:
 
 
 def _write_file(path: Path, data: bytes | memoryview) -> str:
-    with open(path, "wb") as f:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -172,7 +172,7 @@ class WriteAheadLog:
 
     def _new_segment(self, first_lsn: int) -> int:
         path = self.directory / f"{first_lsn:020d}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # K/V and ids: private
         fsync_dir(self.directory)
         return fd
 

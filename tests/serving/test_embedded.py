@@ -150,3 +150,14 @@ def test_the_embedded_internal_services_refuse_callers_without_the_installation_
         assert tmp_path.stat().st_mode & 0o077 == 0
     finally:
         stack.stop(0)
+
+
+def test_processes_starting_at_once_agree_on_the_installation_secret(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.common.internal import installation_token
+
+    with ThreadPoolExecutor(8) as pool:
+        tokens = set(pool.map(lambda _: installation_token(tmp_path), range(32)))
+    assert len(tokens) == 1 and tokens == {(tmp_path / "internal.key").read_text().strip()}
+    assert [p.name for p in tmp_path.iterdir()] == ["internal.key"]  # no temporary files left

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 
 import grpc
-import numpy as np
 import pytest
 
 from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.channel import get_channel
+from services.decoder.port import SessionPort
 from services.gateway.config import Quotas
 from tests.serving.conftest import start_stack
 
@@ -102,66 +102,101 @@ def test_foreign_and_missing_sessions_look_identical(stack):
     assert b.list_sessions() == []
 
 
-def _record_searches(stack, monkeypatch) -> list:
-    """Every ret-mem search the decoder makes, as (session id, SearchResult) as it came back."""
-    seen = []
-    client = stack.decoder.engine.memory
-    real = client.search
+class Retrievals:
+    """What the decoder's memory ports handed to the chunk loop (ids and K/V records of every search
+    result, after merging the call's own chunks) and the rows the ports appended themselves.
 
-    def search(session_id, *args, **kw):
-        res = real(session_id, *args, **kw)
-        seen.append((session_id, res))
-        return res
+    Recorded on `SessionPort`, the last step before the records become attention K/V, so a leak from
+    ret-mem, from the routing, or from the port's merge would all show up here."""
 
-    monkeypatch.setattr(client, "search", search)
-    return seen
+    def __init__(self, monkeypatch) -> None:
+        self.results: list = []
+        self.appended: dict[int, bytes] = {}
+        finish, append = SessionPort._finish, SessionPort.append
+
+        def recording_finish(port, queries, remote, top_k):
+            res = finish(port, queries, remote, top_k)
+            self.results.append(res)
+            return res
+
+        def recording_append(port, ids, embeddings, records, lengths):
+            self.appended.update((int(i), bytes(r)) for i, r in zip(ids, records, strict=True))
+            return append(port, ids, embeddings, records, lengths)
+
+        monkeypatch.setattr(SessionPort, "_finish", recording_finish)
+        monkeypatch.setattr(SessionPort, "append", recording_append)
+
+    def clear(self) -> None:
+        self.results.clear()
+        self.appended.clear()
+
+    def pairs(self) -> list[tuple[int, bytes]]:
+        """(chunk id, K/V record) of every retrieved row, padding left out."""
+        return [
+            (int(i), bytes(rec))
+            for res in self.results
+            for row_ids, row_rec in zip(res.ids, res.records, strict=True)
+            for i, rec in zip(row_ids, row_rec, strict=True)
+            if i >= 0
+        ]
 
 
-def _foreign_rows(stack, seen) -> int:
-    """Retrieved rows whose K/V record or embedding is not a row the searched session itself holds.
+def _own_rows(stack, session_id: str) -> dict[int, bytes]:
+    """The session's rows as ret-mem exports them: chunk id -> K/V record bytes."""
+    _, state = stack.retmem.shard.export_session(session_id)
+    return {int(i): bytes(r) for i, r in zip(state["ids"], state["records"], strict=True)}
 
-    Checked by bytes against the session's own export, not by id: chunk ids restart at 0 in every
-    session, so a leaked chunk could carry an id that is in range."""
-    foreign = 0
-    for sid, res in seen:
-        _, state = stack.retmem.shard.export_session(sid)
-        own = {bytes(r) for r in state["records"]}
-        for row_ids, row_rec in zip(res.ids, res.records, strict=True):
-            foreign += sum(bytes(rec) not in own for i, rec in zip(row_ids, row_rec, strict=True) if i >= 0)
-    return foreign
+
+def _not_own(stack, caller_sid: str, seen: Retrievals) -> int:
+    """Retrieved rows that are not the caller's: compared by (id, record bytes) with the export of the
+    session the caller named (and the rows the call appended from its own text), never by id alone:
+    chunk ids restart at 0 in every session, so another session's chunk can carry an id in range."""
+    own = _own_rows(stack, caller_sid) | seen.appended
+    return sum(own.get(i) != rec for i, rec in seen.pairs())
+
+
+def _two_tenants(stack):
+    a, b = stack.client("key-a"), stack.client("key-b")
+    sa, sb = a.create_session().session_id, b.create_session().session_id
+    a.append(sa, "alpha beta gamma " * 8)
+    b.append(sb, "delta epsilon zeta " * 8)
+    rows_a, rows_b = _own_rows(stack, sa), _own_rows(stack, sb)
+    # The check can tell them apart: ids overlap (both start at 0), record bytes never do.
+    assert set(rows_a) & set(rows_b) and not set(rows_a.values()) & set(rows_b.values())
+    return (a, sa), (b, sb)
 
 
 def test_no_chunk_of_another_session_is_ever_retrieved(stack, monkeypatch):
-    """F5: sessions of two tenants with disjoint texts; every retrieved record is the caller's own."""
-    a, b = stack.client("key-a"), stack.client("key-b")
-    sa, sb = a.create_session().session_id, b.create_session().session_id
-    a.append(sa, "alpha beta gamma " * 8)
-    b.append(sb, "delta epsilon zeta " * 8)
-    seen = _record_searches(stack, monkeypatch)
-    for client, sid in ((a, sa), (b, sb)):
-        r = client.score(sid, "alpha beta delta epsilon " * 4)
-        assert r.memory.memory_used
-    assert {sid for sid, _ in seen} == {sa, sb} and all((res.ids >= 0).any() for _, res in seen)
-    assert _foreign_rows(stack, seen) == 0
+    """F5: sessions of two tenants with disjoint texts; every record retrieved for a call is one the
+    caller's own session holds, at the id it holds it (score and generate)."""
+    tenants = _two_tenants(stack)
+    seen = Retrievals(monkeypatch)
+    for (client, sid), how in itertools.product(tenants, ("score", "generate")):
+        seen.clear()
+        if how == "score":
+            report = client.score(sid, "alpha beta delta epsilon " * 4).memory
+        else:
+            report = list(client.generate(sid, "alpha delta epsilon beta", max_new_tokens=6))[-1].memory
+        assert report.memory_used and seen.pairs(), how  # not vacuous: this call retrieved rows
+        assert _not_own(stack, sid, seen) == 0, how
     with pytest.raises(Exception, match="not found"):
-        stack.client("key-b").get_session(sa)
+        stack.client("key-b").get_session(tenants[0][1])
 
 
-def test_the_isolation_check_catches_a_leaked_record(stack, monkeypatch):
-    """The check above is not vacuous: a search that answers with another session's row is caught."""
-    a, b = stack.client("key-a"), stack.client("key-b")
-    sa, sb = a.create_session().session_id, b.create_session().session_id
-    a.append(sa, "alpha beta gamma " * 8)
-    b.append(sb, "delta epsilon zeta " * 8)
-    seen = _record_searches(stack, monkeypatch)
+def test_the_isolation_check_catches_a_leaked_record_with_an_id_in_range(stack, monkeypatch):
+    """The check above is not vacuous: ret-mem answering tenant a's searches with tenant b's rows (ids
+    in a's range, so an id check passes) is caught, through the whole serving path."""
+    (a, sa), (_, sb) = _two_tenants(stack)
+    memory = stack.decoder.engine.memory
+    search = memory.search
+    monkeypatch.setattr(
+        memory, "search", lambda sid, *args, **kw: search(sb if sid == sa else sid, *args, **kw)
+    )
+    seen = Retrievals(monkeypatch)
     a.score(sa, "alpha beta delta epsilon " * 4)
-    _, other = stack.retmem.shard.export_session(sb)
-    sid, res = seen[0]
-    col = int(np.flatnonzero(res.ids[0] >= 0)[0])
-    records = res.records.copy()
-    records[0, col] = other["records"][0]  # the same id, another session's bytes
-    leaked = dataclasses.replace(res, records=records)
-    assert _foreign_rows(stack, [(sid, res)]) == 0 and _foreign_rows(stack, [(sid, leaked)]) == 1
+    own_ids = set(_own_rows(stack, sa)) | set(seen.appended)
+    assert seen.pairs() and all(i in own_ids for i, _ in seen.pairs())  # every id is in range
+    assert _not_own(stack, sa, seen) > 0
 
 
 @pytest.mark.parametrize(

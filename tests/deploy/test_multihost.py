@@ -56,33 +56,42 @@ class Session:
     ack_times: list[float] = field(default_factory=list)
 
 
-def append_loop(client: RetMemClient, s: Session, stop: threading.Event) -> None:
-    """Append chunk after chunk; on an error retry the same id (appends are idempotent)."""
+def append_loop(
+    client: RetMemClient, s: Session, stop: threading.Event, progress: threading.Condition
+) -> None:
+    """Append chunk after chunk; on an error retry the same id (appends are idempotent). Every outcome is
+    recorded under `progress` and announced on it, so the test waits on conditions, not on time."""
     while not stop.is_set():
         seq = s.next_seq
         s.attempted.add(seq)
         try:
             client.append(s.sid, *deterministic_chunk(SPEC, seq))
         except MemLongError as exc:
-            s.errors[type(exc).__name__] += 1
-            stop.wait(0.05)  # back off while the shard is away
+            with progress:
+                s.errors[type(exc).__name__] += 1
+                progress.notify_all()
+            stop.wait(0.05)  # back off while the shard is away (workload pacing, not synchronisation)
             continue
-        s.acked.add(seq)
-        s.ack_times.append(time.monotonic())
-        s.next_seq = seq + 1
+        with progress:
+            s.acked.add(seq)
+            s.ack_times.append(time.monotonic())
+            s.next_seq = seq + 1
+            progress.notify_all()
 
 
-def _until(condition, what: str, timeout_s: float = 120.0) -> None:
-    """Wait until `condition()` holds (checked every 10 ms); fail naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    pause = threading.Event()
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        pause.wait(0.01)
+def _until(progress: threading.Condition, condition, what: str, timeout_s: float = 120.0) -> None:
+    """Wait until `condition()` holds, re-checked whenever an append loop reports; fail naming `what`
+    after `timeout_s` (a bound against hangs: nothing is timed)."""
+    with progress:
+        assert progress.wait_for(condition, timeout_s), f"timed out waiting until {what}"
 
 
 def _acks_since(sessions: list[Session], t: float) -> int:
-    return sum(1 for s in sessions for a in list(s.ack_times) if a > t)
+    return sum(1 for s in sessions for a in s.ack_times if a > t)
+
+
+def _errors(sessions: list[Session]) -> int:
+    return sum(sum(s.errors.values()) for s in sessions)
 
 
 def run(cluster: ShardCluster, rounds: int, seed: int) -> None:
@@ -95,8 +104,8 @@ def run(cluster: ShardCluster, rounds: int, seed: int) -> None:
         assert client.info(s.sid).shard == s.shard  # placed by consistent hashing
     assert len({s.shard for s in sessions}) == 3
 
-    stop = threading.Event()
-    threads = [threading.Thread(target=append_loop, args=(client, s, stop)) for s in sessions]
+    stop, progress = threading.Event(), threading.Condition()
+    threads = [threading.Thread(target=append_loop, args=(client, s, stop, progress)) for s in sessions]
     for t in threads:
         t.start()
     outages = []
@@ -106,22 +115,24 @@ def run(cluster: ShardCluster, rounds: int, seed: int) -> None:
             mine = [s for s in sessions if s.shard == victim.name]
             others = [s for s in sessions if s.shard != victim.name]
             start = time.monotonic()  # a live workload: every session acknowledges a chunk first
-            _until(lambda t=start: all(any(a > t for a in list(s.ack_times)) for s in sessions), "all append")
-            down = time.monotonic()
-            errors_before = sum(sum(s.errors.values()) for s in mine)
+            _until(
+                progress, lambda t=start: all(_acks_since([s], t) for s in sessions), "all sessions append"
+            )
+            with progress:
+                down, errors_before = time.monotonic(), _errors(mine)
             victim.kill(signal.SIGKILL)
             # The outage lasts until the victim's sessions have failed and the others went on.
+            _until(progress, lambda m=mine, e=errors_before: _errors(m) > e, "the kill is seen")
             _until(
-                lambda m=mine, e=errors_before: sum(sum(s.errors.values()) for s in m) > e, "the kill is seen"
-            )
-            _until(
-                lambda o=others, t=down: _acks_since(o, t) >= 10, "other shards progress during the outage"
+                progress,
+                lambda o=others, t=down: _acks_since(o, t) >= 10,
+                "other shards progress in the outage",
             )
             victim.start(cluster.ring)
-            wait_serving(victim.address)
+            wait_serving(victim.address)  # health Watch stream until SERVING
             outages.append((victim.name, down, time.monotonic()))
         up = time.monotonic()
-        _until(lambda: _acks_since(sessions, up) >= len(sessions), "appends go on after the restart")
+        _until(progress, lambda: all(_acks_since([s], up) for s in sessions), "every session appends again")
     finally:
         stop.set()
         for t in threads:

@@ -4,6 +4,7 @@ real gRPC on loopback ports. Every server records the deadline of every call it 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +43,21 @@ class ByteTokenizer(TinyTokenizer):
 
 @dataclass
 class CallLog:
-    """(server, method, seconds remaining at arrival or None) of every call a server saw."""
+    """(server, method, seconds remaining at arrival or None) of every call a server saw; for calls with
+    a deadline also (server, method, earliest, latest) bounds of that deadline on `time.monotonic()`.
+
+    Remaining times of calls that arrive at different moments do not show whether a deadline was passed
+    on with a margin or unchanged (time passes between the hops either way); the absolute deadlines do.
+    """
 
     calls: list[tuple[str, str, float | None]] = field(default_factory=list)
+    deadlines: list[tuple[str, str, float, float]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.calls.clear()
+            self.deadlines.clear()
 
     def interceptor(self, server: str) -> grpc.ServerInterceptor:
         log = self
@@ -58,8 +70,14 @@ class CallLog:
                 method = details.method
 
                 def record(context):
+                    # The deadline is remaining + the moment gRPC read its clock, which lies between these.
+                    before = time.monotonic()
+                    remaining = context.time_remaining()
+                    after = time.monotonic()
                     with log.lock:
-                        log.calls.append((server, method, context.time_remaining()))
+                        log.calls.append((server, method, remaining))
+                        if remaining is not None:
+                            log.deadlines.append((server, method, before + remaining, after + remaining))
 
                 from services.gateway.interceptors import _around, _wrap
 

@@ -3,6 +3,7 @@ backpressure answers RESOURCE_EXHAUSTED instead of parking the call."""
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 
@@ -53,19 +54,32 @@ def _stop(stack) -> None:
     stack.retmem.stop()
 
 
+def _assert_strictly_earlier(log, downstream: str, upstream: str) -> None:
+    """D2 on absolute deadlines: the latest any call to `downstream` can have is before the earliest any
+    call to `upstream` can have. A deadline handed on unchanged fails (gRPC only rounds it later)."""
+
+    def bounds(server: str) -> tuple[float, float]:
+        spans = [(lo, hi) for srv, _, lo, hi in log.deadlines if srv == server]
+        assert spans, f"{server} saw no call with a deadline"
+        return min(lo for lo, _ in spans), max(hi for _, hi in spans)
+
+    assert bounds(downstream)[1] < bounds(upstream)[0], f"{downstream}'s deadline is not before {upstream}'s"
+
+
 def test_every_call_carries_a_deadline_and_deadlines_shrink_downstream(stack):
     client = stack.client(timeout_s=20)
     sid = client.create_session().session_id
     client.append(sid, "alpha beta gamma delta " * 6)
     list(client.generate(sid, "alpha", max_new_tokens=3))
     client.list_sessions()
-    stack.log.calls.clear()
+    stack.log.clear()
     client.score(sid, "alpha beta gamma delta epsilon zeta " * 4)
     calls = list(stack.log.calls)
     by = {s: [r for srv, _, r in calls if srv == s] for s in ("gateway", "decoder", "retmem")}
-    assert by["gateway"] and by["decoder"] and len(by["retmem"]) > 5
-    assert max(by["decoder"]) < min(by["gateway"]) <= 20 * 1.01  # D2 (gRPC rounds timeouts up <= 1%)
-    assert max(by["retmem"]) < min(by["decoder"])
+    assert len(by["gateway"]) == len(by["decoder"]) == 1 and len(by["retmem"]) > 5
+    assert by["gateway"][0] <= 20 * 1.01  # the caller's budget (gRPC rounds timeouts up <= 1 %)
+    _assert_strictly_earlier(stack.log, "decoder", "gateway")  # D2
+    _assert_strictly_earlier(stack.log, "retmem", "decoder")
     client.delete_session(sid)
     # D1 over the whole suite's traffic in this test: no server saw a call without a deadline.
     assert all(remaining is not None for _, _, remaining in stack.log.calls)
@@ -79,10 +93,25 @@ def test_a_caller_who_gives_up_gets_deadline_exceeded_and_the_work_stops(tmp_pat
         sid = client.create_session().session_id
         client.append(sid, "alpha beta gamma delta " * 4)
         long_text = "alpha beta gamma delta epsilon " * 200  # ~1500 chunks of 4: ~30 s of slow embeds
+        before, stored = client.get_session(sid), stack.retmem.shard.info(sid).num_chunks
+        stack.log.clear()
         with pytest.raises(grpc.RpcError) as err:
             stack.client(timeout_s=0.5).score(sid, long_text)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert stack.decoder.engine.cancel_event.wait(10), "the decoder did not stop the abandoned call"
+        assert stack.decoder.engine.cancelled_calls == 1
+        # The caller's 0.5 s budget reached every hop, each deadline strictly earlier than its caller's.
+        seen = list(stack.log.calls)
+        by = {s: [r for srv, _, r in seen if srv == s] for s in ("gateway", "decoder", "retmem")}
+        assert all(by.values()) and all(r is not None for rs in by.values() for r in rs)
+        assert max(by["gateway"]) <= 0.5 * 1.01  # gRPC rounds timeouts up by at most 1 %
+        _assert_strictly_earlier(stack.log, "decoder", "gateway")
+        _assert_strictly_earlier(stack.log, "retmem", "decoder")
+        # A score stores nothing, and the abandoned one wrote nothing to ret-mem on its way out.
+        assert not [m for srv, m, _ in seen if srv == "retmem" and m.endswith("/Append")]
+        after, size = client.get_session(sid), operator.attrgetter("text_bytes", "tokens", "chunks")
+        assert size(after) == size(before)
+        assert stack.retmem.shard.info(sid).num_chunks == stored
         calls = retriever.calls
         assert client.score(sid, "alpha beta").scored_tokens > 0  # and it serves the next call
         assert retriever.calls - calls < 10  # the abandoned call's work is not going on
@@ -107,6 +136,7 @@ def test_a_busy_decoder_answers_resource_exhausted_not_a_hang(tmp_path):
         # Refused, not parked: a call that waited would end DEADLINE_EXCEEDED at the client's 20 s.
         with pytest.raises(ResourceExhausted, match="busy"):
             client.score(sid, "gamma delta")
+        assert stack.decoder.engine.in_flight == 1  # the refused call was never admitted
         retriever.gate.set()
         worker.join(20)
         assert result["r"].scored_tokens > 0

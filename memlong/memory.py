@@ -492,11 +492,7 @@ class SessionMemory:
             acc = acc.copy()
             acc[-1, 1] = runs[0, 1]
             runs = runs[1:]
-        acc = np.concatenate([acc, runs])
-        if len(acc) > MAX_ACCEPTED_RUNS:
-            extra = len(acc) - MAX_ACCEPTED_RUNS
-            acc = np.concatenate([[[acc[0, 0], acc[extra, 1]]], acc[extra + 1 :]]).astype(np.int64)
-        self._accepted = acc
+        self._accepted = _bounded_runs(np.concatenate([acc, runs]))
 
     def _take_slots(self, m: int) -> np.ndarray:
         """`m` free slots, growing the slabs (geometrically, capped at memory_size) when needed."""
@@ -546,11 +542,7 @@ class SessionMemory:
         if len(touch):
             first, last = min(first, int(touch[:, 0].min())), max(last, int(touch[:, 1].max()))
         runs = np.concatenate([acc[keep], [[first, last]]]).astype(np.int64)
-        self._accepted = runs[np.argsort(runs[:, 0], kind="stable")]
-        if len(self._accepted) > MAX_ACCEPTED_RUNS:
-            extra = len(self._accepted) - MAX_ACCEPTED_RUNS
-            merged = [[self._accepted[0, 0], self._accepted[extra, 1]]]
-            self._accepted = np.concatenate([merged, self._accepted[extra + 1 :]]).astype(np.int64)
+        self._accepted = _bounded_runs(runs[np.argsort(runs[:, 0], kind="stable")])
         self._max_id = max(self._max_id, last)
 
     def remove(self, ids: Any) -> None:
@@ -804,6 +796,14 @@ class SessionMemory:
         if n and out["counters"].min() < 0:
             raise InvalidArgument("state.counters", "must be non-negative")
         return out
+
+
+def _bounded_runs(runs: np.ndarray) -> np.ndarray:
+    """Sorted accepted-id runs (k, 2), at most MAX_ACCEPTED_RUNS: the oldest ones merge into one."""
+    if len(runs) <= MAX_ACCEPTED_RUNS:
+        return runs
+    extra = len(runs) - MAX_ACCEPTED_RUNS
+    return np.concatenate([[[runs[0, 0], runs[extra, 1]]], runs[extra + 1 :]]).astype(np.int64)
 
 
 def _checked_index(index: Any, ids: np.ndarray, embeddings: np.ndarray, dim: int) -> faiss.Index:

@@ -99,22 +99,16 @@ class RetMemClient:
         """Append chunks: ids (n,), embeddings (n, dim) float32, kv (n, record_bytes) uint8 or typed."""
         spec = self.spec(session_id, deadline)
         records = as_records(spec, np.asarray(kv))  # (n, record_bytes)
-        code, embeddings = wire.kv_dtype_code(spec), np.asarray(embeddings, np.float32)
+        embeddings = np.asarray(embeddings, np.float32)
         # Several requests when the chunks would not fit one message (per-layer records are MBs each);
         # appends are idempotent per sequence number, so a retried part stores nothing twice.
         per_msg = max(1, (self.max_message_bytes - 4096) // (spec.record_bytes + 4 * spec.dim + 256))
         appended = 0
         for lo in range(0, len(ids), per_msg):
-            chunks = [
-                pb.Chunk(
-                    seq=int(ids[i]),
-                    embedding=tensor.encode(embeddings[i]),
-                    kv=tensor.encode_bytes(records[i].tobytes(), code, spec.kv_shape),
-                    length=int(lengths[i]),
-                )
-                for i in range(lo, min(len(ids), lo + per_msg))
-            ]
-            req = pb.AppendRequest(session_id=session_id, chunks=chunks)
+            part = slice(lo, lo + per_msg)
+            req = wire.append_request(
+                spec, session_id, ids[part], embeddings[part], records[part], lengths[part]
+            )
             appended += self._call(session_id, "Append", req, deadline).appended
         return appended
 

@@ -61,6 +61,30 @@ def kv_dtype_code(spec: SessionSpec) -> int:
     return tensor.dtype_code(spec.kv_dtype)
 
 
+def append_request(
+    spec: SessionSpec,
+    session_id: str,
+    ids: np.ndarray,
+    embeddings: np.ndarray,
+    records: np.ndarray,
+    lengths: np.ndarray,
+) -> pb.AppendRequest:
+    """One Append message for chunks (ids (n,), embeddings (n, dim) float32, records (n, record_bytes))."""
+    code = kv_dtype_code(spec)
+    return pb.AppendRequest(
+        session_id=session_id,
+        chunks=[
+            pb.Chunk(
+                seq=int(ids[i]),
+                embedding=tensor.encode(embeddings[i]),
+                kv=tensor.encode_bytes(records[i].tobytes(), code, spec.kv_shape),
+                length=int(lengths[i]),
+            )
+            for i in range(len(ids))
+        ],
+    )
+
+
 def fill_row(msg: pb.SearchResponse, spec: SessionSpec, result: SearchResult, row: int) -> None:
     """Write one query row of a search result into a reply message (the payload copied once)."""
     msg.row = row

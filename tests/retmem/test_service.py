@@ -228,20 +228,7 @@ def test_c5_late_append_is_refused_not_dropped(client: RetMemClient) -> None:
 
 
 def _append_request(spec, session_id: str, batch) -> pb.AppendRequest:
-    ids, emb, rec, lengths = batch
-    code = wire.kv_dtype_code(spec)
-    return pb.AppendRequest(
-        session_id=session_id,
-        chunks=[
-            pb.Chunk(
-                seq=int(ids[i]),
-                embedding=tensor.encode(emb[i]),
-                kv=tensor.encode_bytes(rec[i].tobytes(), code, spec.kv_shape),
-                length=int(lengths[i]),
-            )
-            for i in range(len(ids))
-        ],
-    )
+    return wire.append_request(spec, session_id, *batch)
 
 
 def test_c6_a_write_without_time_for_it_is_refused_and_stores_nothing(server, client) -> None:

@@ -5,9 +5,11 @@ expensive to build. Retries live in the service config and cover only the method
 idempotent; they fire on UNAVAILABLE only (the request never reached a handler or the server was
 going away).
 
-Channels use TLS when `options.tls` (else the process default, `tls.process_tls()`) says so: they
-verify the server against its CA and, for mTLS, present this process's certificate. Every channel is
-wrapped with `tracing.ClientTelemetry`, which carries the trace context to the server in metadata.
+Channels use TLS when `options.tls` (else the process default of the channel's policy: internal,
+`tls.internal_tls()`, for channels to the decoder and ret-mem; public, `tls.process_tls()`, for
+clients of the gateway) says so: they verify the server against its CA and, for mTLS, present this
+process's certificate. Every channel is wrapped with `tracing.ClientTelemetry`, which carries the
+trace context to the server in metadata.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from memlong.errors import DeadlineExceeded
 
 from . import internal, tracing
 from .server import DEFAULT_MAX_MESSAGE_BYTES
-from .tls import TlsConfig, process_tls
+from .tls import TlsConfig, internal_tls, process_tls
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class ChannelOptions:
     max_attempts: int = 4
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 1.0
-    tls: TlsConfig | None = None  # None: the process default; tls.PLAINTEXT: off
+    tls: TlsConfig | None = None  # None: the process default of the policy below; tls.PLAINTEXT: off
+    internal: bool = False  # to an internal service (decoder, ret-mem): the internal TLS policy
     telemetry: bool = True  # client spans + trace context in metadata
     internal_token: str | None = None  # sent to internal services (services.common.internal)
     # Reconnect backoff after a failed connect. gRPC's default grows to 120 s, so a caller would
@@ -86,7 +89,7 @@ def get_channel(target: str, options: ChannelOptions | None = None) -> grpc.Chan
     """A shared channel to `target` ("host:port"), created on first use (TLS as configured)."""
     options = options or ChannelOptions()
     if options.tls is None:  # resolve now, so a changed process default never reuses a stale channel
-        options = dataclasses.replace(options, tls=process_tls())
+        options = dataclasses.replace(options, tls=internal_tls() if options.internal else process_tls())
     key = (target, options)
     with _lock:
         channel = _channels.get(key)

@@ -18,15 +18,27 @@ from typing import Any
 
 import grpc
 
+from memlong.errors import InvalidArgument
+
 HEADER = "x-memlong-internal"
+MIN_TOKEN_CHARS = 16
 EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def token_from_env() -> str | None:
-    """MEMLONG_INTERNAL_TOKEN, else the contents of MEMLONG_INTERNAL_TOKEN_FILE, else None."""
-    token = os.environ.get("MEMLONG_INTERNAL_TOKEN")
+    """MEMLONG_INTERNAL_TOKEN, else the contents of MEMLONG_INTERNAL_TOKEN_FILE, else None.
+
+    A secret everyone could know is refused (InvalidArgument): one shorter than MIN_TOKEN_CHARS, or
+    a placeholder left in place (k8s/base/secrets.yaml's "REPLACE: ...")."""
+    name, token = "MEMLONG_INTERNAL_TOKEN", os.environ.get("MEMLONG_INTERNAL_TOKEN")
     if not token and os.environ.get("MEMLONG_INTERNAL_TOKEN_FILE"):
-        token = Path(os.environ["MEMLONG_INTERNAL_TOKEN_FILE"]).read_text().strip()
+        name = "MEMLONG_INTERNAL_TOKEN_FILE"
+        token = Path(os.environ[name]).read_text()
+    token = (token or "").strip()
+    if token.startswith("REPLACE"):
+        raise InvalidArgument(name, "is the placeholder; create the real secret (k8s/README.md)")
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise InvalidArgument(name, f"too short to be a secret (under {MIN_TOKEN_CHARS} characters)")
     return token or None
 
 

@@ -6,7 +6,8 @@ TLS / mTLS, telemetry.
 Tests bind port 0 and read the port back. Health starts NOT_SERVING for every service; the owner
 flips it to SERVING once it can answer (e.g. after recovery) and back before it stops.
 
-TLS comes from `options.tls`, else the process default (`tls.process_tls()`, from MEMLONG_TLS_*).
+TLS comes from `options.tls`, else the process default of the server's policy: internal
+(`tls.internal_tls()`) for the decoder and ret-mem, public (`tls.process_tls()`) for the gateway.
 When TLS is on, the kubelet cannot probe the service port (its gRPC probe speaks plaintext), so
 `options.health_address` (default MEMLONG_HEALTH_ADDRESS) adds a plaintext port that serves only
 grpc.health.v1 from the same HealthServicer. Every server records spans and metrics through
@@ -28,7 +29,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from . import internal, metrics, tracing
 from .status import RequestDecoding
-from .tls import TlsConfig, process_tls
+from .tls import TlsConfig, internal_tls, process_tls
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -42,7 +43,8 @@ class ServerOptions:
     max_workers: int = 16
     interceptors: tuple[grpc.ServerInterceptor, ...] = ()
     extra: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
-    tls: TlsConfig | None = None  # None: the process default; tls.PLAINTEXT: off
+    tls: TlsConfig | None = None  # None: the process default of the policy below; tls.PLAINTEXT: off
+    internal: bool = False  # an internal service (decoder, ret-mem): the internal TLS policy
     # Plaintext health-only listener ("host:port"); None: MEMLONG_HEALTH_ADDRESS if set; "": none.
     health_address: str | None = None
     telemetry: bool = True  # spans and metrics for every call (ServerTelemetry first in the chain)
@@ -194,7 +196,9 @@ def create_server(
     enable_reflection([s.name for s in services] + [health.SERVICE_NAME], server)
     for svc in services:
         metrics.observe_servicer(svc.servicer)  # memory gauges for ret-mem shards
-    tls = options.tls if options.tls is not None else process_tls()
+    tls = options.tls
+    if tls is None:
+        tls = internal_tls() if options.internal else process_tls()
     port = (
         server.add_secure_port(address, tls.server_credentials())
         if tls.enabled

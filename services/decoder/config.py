@@ -12,6 +12,7 @@ from memlong.config import MemLongConfig
 from memlong.errors import InvalidArgument
 from services.common.internal import token_from_env
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
+from services.common.tls import TlsConfig
 from services.retmem.routing import parse_addresses
 
 ENV_PREFIX = "MEMLONG_DECODER_"
@@ -40,6 +41,7 @@ class DecoderConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_workers: int = 16
     internal_token: str | None = None  # required of callers and sent to ret-mem (services.common.internal)
+    tls: TlsConfig | None = None  # its port and its ret-mem channels; None: the process's internal policy
     grace_s: float = 5.0
 
     def __post_init__(self) -> None:

@@ -210,6 +210,7 @@ class DecoderServer(ServiceProcess):
             timeout_s=config.retmem_timeout_s,
             max_message_bytes=config.max_message_bytes,
             internal_token=config.internal_token,
+            tls=config.tls,
         )
         engine = DecoderEngine(
             model,
@@ -248,6 +249,8 @@ class DecoderServer(ServiceProcess):
             max_workers=self.config.max_workers,
             interceptors=tuple(interceptors),
             internal_token=self.config.internal_token,
+            tls=self.config.tls,
+            internal=True,
         )
         return self.serve(options)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from memlong.errors import InvalidArgument
 from services.common.internal import token_from_env
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
+from services.common.tls import TlsConfig
 from services.retmem.routing import parse_addresses
 
 from .interceptors import hash_key
@@ -55,6 +56,10 @@ class GatewayConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 5.0
     internal_token: str | None = None  # sent to the decoders and ret-mem (services.common.internal)
+    # TLS of the public port and of the channels to the decoders and ret-mem; None: the process's
+    # public / internal policy (services.common.tls).
+    tls: TlsConfig | None = None
+    internal_tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.decoders:

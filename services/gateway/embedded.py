@@ -7,10 +7,16 @@
 
 The API key for the local tenant comes from MEMLONG_API_KEYS, or from `<data_dir>/api_keys.json`
 (created with a random key on first start, readable only by its owner).
+
+TLS: the gateway's port follows the public policy (`tls`, else MEMLONG_TLS_*); ret-mem, the decoder
+and the channels between the three follow the internal one (`internal_tls`, else
+MEMLONG_INTERNAL_TLS_*). Unset, the internal policy is plaintext on loopback (every internal call still
+carries the installation secret) and the public one elsewhere (services.common.tls).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -20,6 +26,7 @@ from pathlib import Path
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongConfig
 from services.common.internal import installation_token
+from services.common.tls import PLAINTEXT, TlsConfig, configured_internal_tls, process_tls
 from services.decoder.config import DecoderConfig
 from services.decoder.server import DecoderServer
 from services.retmem.server import RetMemConfig, RetMemServer
@@ -32,6 +39,24 @@ LOCAL_TENANT = "local"
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("MEMLONG_DATA", Path.home() / ".local" / "share" / "memlong"))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def embedded_internal_tls(host: str, public: TlsConfig) -> TlsConfig:
+    """The internal policy of an embedded stack on `host` when none is given: the one configured for
+    the process, else plaintext on loopback (one process, the secret still required), else `public`."""
+    configured = configured_internal_tls()
+    if configured is not None:
+        return configured
+    return PLAINTEXT if is_loopback(host) else public
 
 
 def local_api_key(data_dir: Path) -> str:
@@ -80,9 +105,16 @@ class EmbeddedStack:
         host: str = "127.0.0.1",
         threads: int = 0,
         prefetch: bool = True,
+        tls: TlsConfig | None = None,
+        internal_tls: TlsConfig | None = None,
     ) -> EmbeddedStack:
-        """Start all three services. `components` = (model, tokenizer, retriever) skips loading (tests)."""
+        """Start all three services. `components` = (model, tokenizer, retriever) skips loading (tests).
+
+        `tls` is the gateway port's policy and `internal_tls` the internal one (None: see the module)."""
         data_dir = Path(data_dir)
+        public = tls if tls is not None else process_tls()
+        if internal_tls is None:
+            internal_tls = embedded_internal_tls(host, public)
         api_key = local_api_key(data_dir)  # before anything starts: a bad key file fails at once
         # Ret-mem and the decoder take calls only from this installation (their loopback ports are
         # open to every local process): a secret kept owner-only in the data directory.
@@ -90,7 +122,13 @@ class EmbeddedStack:
         os.chmod(data_dir, 0o700)  # session table, keys, logs and K/V: the owner's only
         token = installation_token(data_dir)
         retmem = RetMemServer(
-            RetMemConfig(data_dir=data_dir / "retmem", host=host, port=ports[0], internal_token=token)
+            RetMemConfig(
+                data_dir=data_dir / "retmem",
+                host=host,
+                port=ports[0],
+                internal_token=token,
+                tls=internal_tls,
+            )
         )
         retmem.start()
         rm = {"shard0": retmem.serving_address()}
@@ -104,6 +142,7 @@ class EmbeddedStack:
             threads=threads,
             prefetch=prefetch,
             internal_token=token,
+            tls=internal_tls,
         )
         try:
             if components is not None:
@@ -121,6 +160,8 @@ class EmbeddedStack:
                 host=host,
                 port=ports[2],
                 internal_token=token,
+                tls=public,
+                internal_tls=internal_tls,
             )
             gateway = GatewayServer(gcfg)
             gateway.start()

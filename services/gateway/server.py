@@ -54,6 +54,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             max_message_bytes=config.max_message_bytes,
             idempotent_methods=((DECODER_SERVICE, "Describe"),),
             internal_token=config.internal_token,
+            tls=config.internal_tls,
+            internal=True,
         )
         self._specs: dict[str, SessionSpec] = {}
         self._spec_lock = threading.Lock()
@@ -358,7 +360,10 @@ class GatewayServer(ServiceProcess):
         path = None if config.data_dir is None else config.data_dir / "sessions.json"
         self.table = SessionTable(path, config.quotas)
         self.retmem = RetMemClient(
-            config.retmem, max_message_bytes=config.max_message_bytes, internal_token=config.internal_token
+            config.retmem,
+            max_message_bytes=config.max_message_bytes,
+            internal_token=config.internal_token,
+            tls=config.internal_tls,
         )
         self.servicer = GatewayServicer(config, self.table, self.retmem)
 
@@ -378,5 +383,6 @@ class GatewayServer(ServiceProcess):
             max_message_bytes=self.config.max_message_bytes,
             max_workers=self.config.max_inflight + 8,
             interceptors=interceptors,
+            tls=self.config.tls,
         )
         return self.serve(options)

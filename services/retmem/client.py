@@ -22,6 +22,7 @@ from services.common import tensor
 from services.common.channel import ChannelOptions, Deadline, get_channel
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.status import raise_for_rpc_error
+from services.common.tls import TlsConfig
 
 from . import wire
 from .routing import Ring
@@ -41,6 +42,7 @@ class RetMemClient:
         timeout_s: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         internal_token: str | None = None,
+        tls: TlsConfig | None = None,  # None: the process's internal TLS policy
     ) -> None:
         self.ring = Ring(list(shards))
         self.targets = dict(shards)
@@ -50,6 +52,8 @@ class RetMemClient:
             max_message_bytes=max_message_bytes,
             idempotent_methods=tuple((SERVICE_NAME, m) for m in IDEMPOTENT),
             internal_token=internal_token,
+            tls=tls,
+            internal=True,
         )
         self._specs: dict[str, SessionSpec] = {}
 

@@ -31,6 +31,7 @@ from services.common.server import (
     set_health,
 )
 from services.common.status import grpc_errors
+from services.common.tls import TlsConfig
 
 from . import wire
 from .routing import Placement
@@ -70,6 +71,7 @@ class RetMemConfig:
     # FAISS OpenMP threads. One: a per-chunk search is one query row, calls run in parallel on gRPC
     # threads, and idle OpenMP workers spinning on 2 cores made a 2000-chunk search 20x slower.
     internal_token: str | None = None  # callers must send it (services.common.internal)
+    tls: TlsConfig | None = None  # None: the process's internal TLS policy (services.common.tls)
     faiss_threads: int = 1  # snapshot at graceful stop so retrieval counters survive it
 
     def __post_init__(self) -> None:
@@ -271,6 +273,8 @@ class RetMemServer:
             max_message_bytes=self.config.max_message_bytes,
             max_workers=self.config.max_workers,
             internal_token=self.config.internal_token,
+            tls=self.config.tls,
+            internal=True,
         )
         services = [Service(SERVICE_NAME, pb_grpc.add_RetMemServicer_to_server, self.servicer)]
         self.server, self.port = create_server(

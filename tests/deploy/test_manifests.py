@@ -82,20 +82,73 @@ def test_workloads_services_and_probes(overlay: str) -> None:
     assert config["MEMLONG_HEALTH_ADDRESS"].endswith(f":{HEALTH_PORT}")
 
 
+def environment(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """A container's environment: its ConfigMaps (envFrom), then its own `env` values on top."""
+    maps = by_kind(docs, "ConfigMap")
+    env: dict[str, str] = {}
+    for ref in container.get("envFrom", []):
+        env.update(maps[ref["configMapRef"]["name"]]["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def mounted_secrets(load: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """mount path -> Secret name, for the container's Secret volumes."""
+    volumes = {v["name"]: v["secret"]["secretName"] for v in pod_spec(load)["volumes"] if "secret" in v}
+    return {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"] if m["name"] in volumes}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_tls_settings_mtls_inside_api_keys_at_the_edge(overlay: str) -> None:
-    """Services talk mTLS; the gateway's public port is TLS without client certificates."""
+    """Internal hops (decoder and ret-mem ports, every channel) require client certificates; the
+    gateway's public port is TLS without them (separate policies, services/common/tls.py)."""
     docs = rendered(overlay)
-    config = by_kind(docs, "ConfigMap")["memlong-config"]["data"]
-    assert config["MEMLONG_TLS_CLIENT_AUTH"] == "require"
-    files = [config[f"MEMLONG_TLS_{k}"] for k in ("CERT", "KEY", "CA")]
-    assert {Path(f).parent for f in files} == {Path("/etc/memlong/tls")}  # the memlong-tls mount
-    assert {Path(f).name for f in files} == set(by_kind(docs, "Secret")["memlong-tls"]["stringData"])
+    tls_files = set(by_kind(docs, "Secret")["memlong-tls"]["stringData"])
     for name, load in workloads(docs).items():
         (container,) = pod_spec(load)["containers"]
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
-        expected = "none" if name == "memlong-gateway" else None  # None: the ConfigMap's "require"
-        assert env.get("MEMLONG_TLS_CLIENT_AUTH") == expected, name
+        env = environment(docs, container)
+        assert env.get("MEMLONG_TLS_CLIENT_AUTH", "none") == "none", name
+        assert env["MEMLONG_INTERNAL_TLS_CLIENT_AUTH"] == "require", name
+        assert "MEMLONG_INTERNAL_TLS" not in env, name  # not switched off
+        for prefix in ("MEMLONG_TLS_", "MEMLONG_INTERNAL_TLS_"):
+            files = [Path(env[prefix + k]) for k in ("CERT", "KEY", "CA")]
+            assert mounted_secrets(load, container)[str(files[0].parent)] == "memlong-tls", name
+            assert {f.parent for f in files} == {files[0].parent} and {f.name for f in files} == tls_files
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_workload_gets_the_internal_secret(overlay: str) -> None:
+    """The decoder and ret-mem refuse callers without the installation secret, and the gateway and the
+    decoder send it: all three read it from the Secret memlong-internal (MEMLONG_INTERNAL_TOKEN_FILE)."""
+    docs = rendered(overlay)
+    secret = by_kind(docs, "Secret")["memlong-internal"]
+    assert set(secret["stringData"]) == {"internal.key"}
+    loads = workloads(docs)
+    assert set(loads) == set(GRPC_PORTS)
+    for name, load in loads.items():
+        (container,) = pod_spec(load)["containers"]
+        token_file = Path(environment(docs, container)["MEMLONG_INTERNAL_TOKEN_FILE"])
+        assert mounted_secrets(load, container).get(str(token_file.parent)) == "memlong-internal", name
+        assert token_file.name in secret["stringData"], name
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(token_file.parent))
+        assert mount.get("readOnly") is True, name
+
+
+def test_the_internal_secret_placeholder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Applied as shipped, the placeholder would be a secret everyone knows: the services refuse it."""
+    from memlong.errors import InvalidArgument
+    from services.common.internal import token_from_env
+
+    (placeholder,) = by_kind(rendered("cpu"), "Secret")["memlong-internal"]["stringData"].values()
+    path = tmp_path / "internal.key"
+    monkeypatch.delenv("MEMLONG_INTERNAL_TOKEN", raising=False)
+    monkeypatch.setenv("MEMLONG_INTERNAL_TOKEN_FILE", str(path))
+    for text in (placeholder, "short"):
+        path.write_text(text)
+        with pytest.raises(InvalidArgument, match="MEMLONG_INTERNAL_TOKEN_FILE"):
+            token_from_env()
+    path.write_text("0123456789abcdef0123456789abcdef\n")
+    assert token_from_env() == "0123456789abcdef0123456789abcdef"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -123,7 +176,7 @@ def test_retmem_is_a_statefulset_with_volumes_behind_a_headless_service(overlay:
 def test_configmaps_and_secrets_referenced_exist(overlay: str) -> None:
     docs = rendered(overlay)
     secrets, maps = by_kind(docs, "Secret"), by_kind(docs, "ConfigMap")
-    assert {"memlong-tls", "memlong-api-keys"} <= set(secrets)
+    assert {"memlong-tls", "memlong-api-keys", "memlong-internal"} <= set(secrets)
     for name, load in workloads(docs).items():
         spec = pod_spec(load)
         for vol in spec.get("volumes", []):

@@ -33,7 +33,7 @@ import torch
 
 from memlong.errors import InvalidArgument
 from memlong.memory import PendingChunks, SearchResult
-from memlong.model import MemLongModel, Memory
+from memlong.model import BlockOutput, MemLongModel, Memory
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Temperatures below this decode greedily: sampling there is argmax in all but exact ties, and dividing
@@ -225,7 +225,9 @@ class Reader:
         self._pend_k: list[torch.Tensor] = []  # (L_mem, Hkv, s, D) parts, concatenated lazily
         self._pend_v: list[torch.Tensor] = []
         self._history: list[int] = []  # the last `chunk` tokens read: the retrieval query's text
-        self._next_query: list[int] | None = None  # a given prompt, the next boundary's query instead
+        self._key_history: torch.Tensor | None = None  # (<= chunk, key_dim) their queries ("keys")
+        # A given prompt (its tokens and, retrieving by keys, their queries): the next boundary's query.
+        self._next_query: tuple[list[int], torch.Tensor | None] | None = None
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
         self._block_searched = False  # a memory search ran for the current chunk
@@ -247,6 +249,7 @@ class Reader:
         other._pend_tokens = list(self._pend_tokens)
         other._pend_k, other._pend_v = list(self._pend_k), list(self._pend_v)
         other._history = list(self._history)
+        other._key_history = self._key_history
         other._last_logp = self._last_logp
         if memory is not None:  # mid-chunk, the rest of the chunk reads what its boundary retrieved
             other._block_memory, other._block_searched = self._block_memory, self._block_searched
@@ -254,13 +257,15 @@ class Reader:
 
     # -- memory traffic -------------------------------------------------------------------------------
 
-    def _absorb(self, tokens: Sequence[int], mem_k: torch.Tensor, mem_v: torch.Tensor) -> None:
+    def _absorb(self, tokens: Sequence[int], out: BlockOutput) -> None:
         """Queue a block's memory K/V (B=1, L_mem, Hkv, s, D), then store every chunk that has left the
         local window."""
         self._pend_tokens.extend(tokens)
-        self._pend_k.append(mem_k[0])
-        self._pend_v.append(mem_v[0])
+        self._pend_k.append(out.mem_k[0])
+        self._pend_v.append(out.mem_v[0])
         self._history = (self._history + list(tokens))[-self.cfg.chunk :]
+        if out.queries is not None:
+            self._key_history = _last_rows(self._key_history, out.queries[0], self.cfg.chunk)
         c, w = self.cfg.chunk, self.cfg.local_window
         n_out = max(0, (self.position - w - self._pend_start) // c)  # whole chunks older than the window
         if n_out:
@@ -286,11 +291,16 @@ class Reader:
         n_layers, hkv, _, d = k.shape
         k = k.reshape(n_layers, hkv, n_chunks, c, d).permute(2, 0, 1, 3, 4)  # (n, L_mem, Hkv, c, D)
         v = v.reshape(n_layers, hkv, n_chunks, c, d).permute(2, 0, 1, 3, 4)
-        texts = [self.tokenizer.decode(toks[i * c : (i + 1) * c]) for i in range(n_chunks)]
         lengths = np.array([min(c, n_tokens - i * c) for i in range(n_chunks)], dtype=np.int32)
         ids = np.arange(self.next_chunk_id, self.next_chunk_id + n_chunks, dtype=np.int64)
         t0 = time.perf_counter()
-        emb = self._queries.embed_chunks(texts)
+        if self.cfg.retrieval == "keys":
+            starts = self._pend_start - n_tokens + torch.arange(n_chunks) * c  # stream positions
+            skip = (self.cfg.sink_tokens - starts).clamp(min=0, max=c)
+            emb = self.model.chunk_keys(k, torch.from_numpy(lengths), skip).numpy()
+        else:
+            texts = [self.tokenizer.decode(toks[i * c : (i + 1) * c]) for i in range(n_chunks)]
+            emb = self._queries.embed_chunks(texts)
         self.memory.append(ids, emb, kv_to_records(k, v, self.cfg.kv_dtype), lengths)
         self.stats.store_s += time.perf_counter() - t0
         self.stats.chunks_stored += n_chunks
@@ -314,24 +324,34 @@ class Reader:
         if not keep_window:
             self._reset_local()
 
-    def seed_query(self, tokens: Sequence[int]) -> None:
+    def seed_query(self, tokens: Sequence[int], unread: int = 0) -> None:
         """Retrieve memory for the tokens about to be read with `tokens` (a given prompt) as the query.
 
         Used by `read_prompt`: the prompt is given and only what follows is predicted, so querying with
-        it is no look-ahead. Scoring never seeds (DESIGN §2.3). Mid-chunk the retrieval runs now and
-        serves the rest of the chunk; at a boundary the boundary's own retrieval uses it.
+        it is no look-ahead. Scoring never seeds. Mid-chunk the retrieval runs now and serves the rest of
+        the chunk; at a boundary the boundary's own retrieval uses it. The last `unread` of `tokens` are
+        not read yet: retrieval by keys runs them once ahead, on a copy of the local state, for their
+        attention queries (they stay within one chunk, so this is one block).
         """
         query = list(tokens)[-self.cfg.chunk :]
+        keys = None
+        if self.cfg.retrieval == "keys":
+            ahead = list(tokens)[len(tokens) - unread :] if unread else []
+            keys = self._key_history
+            if ahead:
+                memory = self._block_memory if self.position % self.cfg.chunk else None
+                out = self.model.forward_block(torch.tensor([ahead]), self.stream.clone(), memory=memory)
+                keys = _last_rows(keys, out.queries[0], self.cfg.chunk)
         if self.position % self.cfg.chunk:
             self._block_searched = False
-            self._block_memory = self._retrieve(query)
+            self._block_memory = self._retrieve(query, keys)
         else:
-            self._next_query = query
+            self._next_query = (query, keys)
 
     def _prefetch(self, position: int, query_tokens: list[int]) -> None:
         """Start the retrieval for the boundary at `position` (query known ahead) in the background."""
         search_async = getattr(self.memory, "search_async", None)
-        if search_async is None:
+        if search_async is None or self.cfg.retrieval == "keys":  # the query comes out of this block
             return
         text = self.tokenizer.decode(query_tokens)
         handle = search_async(
@@ -346,24 +366,33 @@ class Reader:
             del self._early[i]
         return set(self._early)
 
-    def _retrieve(self, query_tokens: Sequence[int] | None = None) -> Memory | None:
+    def _retrieve(
+        self, query_tokens: Sequence[int] | None = None, key_rows: torch.Tensor | None = None
+    ) -> Memory | None:
         """Top-k chunks for the next chunk, queried with the text before it (or `query_tokens`, a given
-        prompt); None when nothing to use."""
+        prompt, with `key_rows` their attention queries when retrieving by keys); None when nothing to
+        use."""
         pre, self._prefetched = self._prefetched, None
         if query_tokens is None:
-            query_tokens, self._next_query = self._next_query or self._history, None
+            query_tokens, key_rows = self._next_query or (self._history, self._key_history)
+            self._next_query = None
         query_tokens = list(query_tokens)
         if self.memory is None or not query_tokens or self._pend_start == 0 and self.next_chunk_id == 0:
             return None
         t0 = time.perf_counter()
+        top_k = self.cfg.top_k + len(self._in_window(self.position))
         # A prefetched result is used only if it answers this boundary's query against the same memory:
         # a chunk stored after it was issued (one that just left the window) would be missing from it.
         if pre is not None and pre[:3] == (self.position, query_tokens, self.next_chunk_id):
             res = pre[3]()
             self.stats.extra["prefetched"] = self.stats.extra.get("prefetched", 0) + 1
+        elif self.cfg.retrieval == "keys":
+            if key_rows is None:  # the text was read without queries (a paper-layout lower-only ingest)
+                raise InvalidArgument("retrieval", "no attention queries recorded for a retrieval by keys")
+            res = self.memory.search(key_rows.mean(0, keepdim=True).float().numpy(), top_k)
         else:
             query = self._queries.embed(self.tokenizer.decode(query_tokens))
-            res = self.memory.search(query, self.cfg.top_k + len(self._in_window(self.position)))
+            res = self.memory.search(query, top_k)
         res = _leave_out(res, self._in_window(self.position), self.cfg.top_k)
         self._block_searched = True
         self.stats.retrievals += 1
@@ -405,7 +434,7 @@ class Reader:
             if paper and self.stream.tokens_seen >= self.cfg.chunk:
                 out = self.model.forward_block(torch.tensor([block]), self.stream, lower_only=True)
                 self.position += step
-                self._absorb(block, out.mem_k, out.mem_v)
+                self._absorb(block, out)
             else:
                 self._forward(block)
         self._last_logp = None  # the LM head did not run: the next token cannot be scored
@@ -449,7 +478,7 @@ class Reader:
         self.stats.blocks_with_memory += self._block_memory is not None
         out = self.model.forward_block(torch.tensor([block]), self.stream, memory=self._block_memory)
         self.position += len(block)
-        self._absorb(block, out.mem_k, out.mem_v)
+        self._absorb(block, out)
         return out.hidden[0]
 
     def _read_block(self, block: list[int]) -> torch.Tensor:
@@ -467,7 +496,7 @@ class Reader:
         c = self.cfg.chunk
         cut = max(0, (self.position + len(prompt) - 1) // c * c - self.position)  # last boundary inside
         head = self.score(prompt[:cut]) if cut else torch.zeros(0)
-        self.seed_query(prompt)
+        self.seed_query(prompt, unread=len(prompt) - cut)
         return torch.cat([head, self.score(prompt[cut:])])
 
     @torch.no_grad()
@@ -490,6 +519,12 @@ class Reader:
                     return
             logp = self._read_block([token])
             self._last_logp = logp[-1]
+
+
+def _last_rows(rows: torch.Tensor | None, new: torch.Tensor, n: int) -> torch.Tensor:
+    """The last n rows of `rows` followed by `new` (a rolling window of per-token vectors)."""
+    both = new if rows is None else torch.cat([rows, new])
+    return both[-n:]
 
 
 def _leave_out(res: SearchResultLike, ids: set[int], top_k: int) -> SearchResultLike:

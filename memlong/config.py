@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from memlong.errors import InvalidArgument
 
 LAYOUTS = ("per_layer", "paper")
+RETRIEVAL_SOURCES = ("text", "keys")
+KEY_LAYER_DEFAULT = 15  # provisional; chosen by measurement (bench/results/keys_study)
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,17 @@ class MemLongConfig:
     mem_position: str = "zero"
     kv_dtype: str = "bfloat16"  # dtype of stored memory K/V
     sink_tokens: int = 4  # first tokens of a stream every layer keeps attending to (attention sinks)
+    # What chunks are found by. "text": the retriever's embedding of the chunk's text, queried with the
+    # embedding of the text before the boundary (MemLong). "keys": the model's own attention (LongMem's
+    # token-to-chunk): a chunk is the mean of its stored keys at `key_layers`, the query the mean of the
+    # previous chunk's attention queries there (as rotated when they attend memory), per KV head.
+    retrieval: str = "text"
+    key_layers: tuple[int, ...] = (KEY_LAYER_DEFAULT,)  # "keys": layers whose keys and queries are used
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
         object.__setattr__(self, "mem_layers", tuple(sorted({int(i) for i in self.mem_layers})))
+        object.__setattr__(self, "key_layers", tuple(sorted({int(i) for i in self.key_layers})))
         if self.layout not in LAYOUTS:
             raise InvalidArgument("layout", f"must be one of {LAYOUTS}, got {self.layout!r}")
         if self.mem_layers and self.mem_layers[0] < 0:
@@ -63,6 +72,10 @@ class MemLongConfig:
             raise InvalidArgument("query", f"unknown retrieval query mode {self.query!r}")
         if self.mem_position not in ("zero", "prefix"):
             raise InvalidArgument("mem_position", f"unknown memory position mode {self.mem_position!r}")
+        if self.retrieval not in RETRIEVAL_SOURCES:
+            raise InvalidArgument("retrieval", f"must be one of {RETRIEVAL_SOURCES}, got {self.retrieval!r}")
+        if not self.key_layers or self.key_layers[0] < 0:
+            raise InvalidArgument("key_layers", "at least one layer index >= 0")
         if self.kv_dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
 
@@ -80,6 +93,17 @@ class MemLongConfig:
             raise InvalidArgument("ret_attn_layers", f"model has only {n_layers} layers")
         if self.mem_layers and self.mem_layers[-1] >= n_layers:
             raise InvalidArgument("mem_layers", f"model has only {n_layers} layers")
+        if self.retrieval == "keys":
+            stored = set(self.memory_layers(n_layers))
+            if not set(self.key_layers) <= stored:
+                raise InvalidArgument(
+                    "key_layers", f"retrieval by keys reads stored layers only: {sorted(stored)}"
+                )
+
+    def key_slices(self, n_layers: int) -> tuple[int, ...]:
+        """Indices of `key_layers` in the stored record (`memory_layers` order)."""
+        order = {layer: i for i, layer in enumerate(self.memory_layers(n_layers))}
+        return tuple(order[layer] for layer in self.key_layers)
 
     def memory_layers(self, n_layers: int) -> tuple[int, ...]:
         """Layers whose K/V are stored, in record order."""
@@ -96,9 +120,13 @@ class MemLongConfig:
     def layout_tag(self, n_layers: int) -> str:
         """What wrote a session's memory; a reader of another layout is refused (see `SessionSpec`)."""
         if self.layout == "paper":
-            return f"paper:mem_layer={self.mem_layer}"
+            return f"paper:mem_layer={self.mem_layer}" + self._retrieval_tag()
         layers = self.memory_layers(n_layers)
-        return "per_layer:" + ",".join(map(str, layers))
+        return "per_layer:" + ",".join(map(str, layers)) + self._retrieval_tag()
+
+    def _retrieval_tag(self) -> str:
+        """ "" for text retrieval (the tag sessions had before keys existed), else the key layers."""
+        return "" if self.retrieval == "text" else ";retrieval=keys:" + ",".join(map(str, self.key_layers))
 
     def describe(self) -> str:
         """One line for logs and reports: the layout and the reading settings."""
@@ -110,7 +138,12 @@ class MemLongConfig:
             )
         return (
             f"{where}; chunk {self.chunk}, top-k {self.top_k}, local window {self.local_window}, "
-            f"{self.sink_tokens} sinks, memory keys at '{self.mem_position}', query '{self.query}'"
+            f"{self.sink_tokens} sinks, memory keys at '{self.mem_position}', query '{self.query}', "
+            + (
+                "retrieval by text"
+                if self.retrieval == "text"
+                else f"retrieval by keys of layers {list(self.key_layers)}"
+            )
         )
 
     @property

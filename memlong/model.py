@@ -114,6 +114,8 @@ class _Forward:
     frame: int  # P: the block's first token sits at position P+1
     k_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, S, Hkv*D) from k_proj
     mem_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slice -> (k_pre, v)
+    query_layers: tuple[int, ...] = ()  # layers whose queries retrieval by keys uses
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Hkv, S, D)
 
 
 _CURRENT: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("memlong_forward", default=None)
@@ -155,6 +157,8 @@ def memlong_attention(
     n = cache.length
 
     k_new = fwd.k_pre.pop(layer).view(b, s, n_kv, d).transpose(1, 2)  # (B, Hkv, S, D), before RoPE
+    if layer in fwd.query_layers:  # as rotated when they attend memory, averaged over each KV group
+        fwd.queries[layer] = _group_queries(query, n_kv)
     if layer in fwd.store_index:
         fwd.mem_kv[fwd.store_index[layer]] = (k_new, value)  # (B, Hkv, S, D) each
     k_loc = k_new if cache.k is None else torch.cat([cache.k, k_new], dim=2)  # (B, Hkv, n+S, D)
@@ -220,14 +224,22 @@ def memlong_attention(
 AttentionInterface.register(ATTN_NAME, memlong_attention)
 
 
+def _group_queries(query: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """(B, H, S, D) queries -> (B, Hkv, S, D): the mean of the query heads that share each KV head."""
+    b, h, s, d = query.shape
+    return query.detach().view(b, n_kv, h // n_kv, s, d).mean(2)
+
+
 @dataclass
 class BlockOutput:
     """hidden: (B, S, hidden) final-norm states (None for a lower-only pass).
-    mem_k, mem_v: (B, L_mem, Hkv, S, D) every memory layer's K (before RoPE) and V of the block."""
+    mem_k, mem_v: (B, L_mem, Hkv, S, D) every memory layer's K (before RoPE) and V of the block.
+    queries: (B, S, key_dim) each token's retrieval query under `retrieval="keys"` (else None)."""
 
     hidden: torch.Tensor | None
     mem_k: torch.Tensor
     mem_v: torch.Tensor
+    queries: torch.Tensor | None = None
 
 
 class MemLongModel(torch.nn.Module):
@@ -292,6 +304,31 @@ class MemLongModel(torch.nn.Module):
         return one if self.config.layout == "paper" else (len(self.memory_layers), *one)
 
     @property
+    def key_dim(self) -> int:
+        """Width of a retrieval-by-keys vector: key layers x KV heads x head dim."""
+        return len(self.config.key_layers) * self.n_kv_heads * self.head_dim
+
+    def retrieval_dim(self, text_dim: int) -> int:
+        """Width of the vectors a session of this model indexes: the text retriever's (`text_dim`) or
+        `key_dim`."""
+        return self.key_dim if self.config.retrieval == "keys" else text_dim
+
+    def chunk_keys(
+        self, k: torch.Tensor, lengths: torch.Tensor, skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(n, L_mem, Hkv, c, D) chunk keys and (n,) valid lengths -> (n, key_dim) float32 retrieval
+        vectors: each key layer's keys averaged over the chunk's valid tokens, per KV head. skip (n,):
+        leading tokens left out (the stream's attention sinks: their keys score high against every query,
+        so the chunk holding them would win every search)."""
+        sel = k[:, list(self.config.key_slices(self.n_layers))].float()  # (n, L_key, Hkv, c, D)
+        slot = torch.arange(sel.shape[3])[None, :]
+        first = torch.zeros_like(lengths) if skip is None else skip
+        valid = (slot < lengths[:, None]) & (slot >= first[:, None])  # (n, c)
+        total = (sel * valid[:, None, None, :, None]).sum(3)  # (n, L_key, Hkv, D)
+        count = valid.sum(1).clamp(min=1)[:, None, None, None].float()
+        return (total / count).reshape(k.shape[0], -1)
+
+    @property
     def layout_tag(self) -> str:
         return self.config.layout_tag(self.n_layers)
 
@@ -352,6 +389,7 @@ class MemLongModel(torch.nn.Module):
             cos=cos,
             sin=sin,
             frame=frame,
+            query_layers=cfg.key_layers if cfg.retrieval == "keys" else (),
         )
         q_pos = (cos[:, -s:], sin[:, -s:])  # queries are the block: positions P+1..P+S
         token = _CURRENT.set(fwd)
@@ -366,6 +404,10 @@ class MemLongModel(torch.nn.Module):
                 v = mem_layer.self_attn.v_proj(normed)
                 mem_k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)[:, None]
                 mem_v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)[:, None]
+                if fwd.query_layers:  # the memory layer's own queries, rotated as its attention would
+                    q = mem_layer.self_attn.q_proj(normed).view(b, s, -1, self.head_dim).transpose(1, 2)
+                    q, _ = apply_rotary_pos_emb(q, q, *q_pos)
+                    fwd.queries[cfg.mem_layer] = _group_queries(q, self.n_kv_heads)
                 out = None
             else:
                 mem_k = torch.stack([fwd.mem_kv[i][0] for i in range(len(stored))], dim=1)
@@ -374,7 +416,10 @@ class MemLongModel(torch.nn.Module):
         finally:
             _CURRENT.reset(token)
         stream.tokens_seen += s
-        return BlockOutput(hidden=out, mem_k=mem_k, mem_v=mem_v)
+        queries = None
+        if fwd.query_layers:  # (B, S, L_key * Hkv * D), key layers in order
+            queries = torch.cat([fwd.queries[i].permute(0, 2, 1, 3).flatten(2) for i in fwd.query_layers], -1)
+        return BlockOutput(hidden=out, mem_k=mem_k, mem_v=mem_v, queries=queries)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)

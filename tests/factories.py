@@ -74,4 +74,6 @@ def tiny_memory(model: MemLongModel, retriever, memory_chunks: int = 64):
     from memlong.memory import MemoryConfig, SessionMemory
 
     rec = int(np.prod(model.kv_record_shape)) * 4  # float32 records in tests
-    return SessionMemory(MemoryConfig(dim=retriever.dim, record_bytes=rec, memory_size=memory_chunks))
+    return SessionMemory(
+        MemoryConfig(dim=model.retrieval_dim(retriever.dim), record_bytes=rec, memory_size=memory_chunks)
+    )

@@ -54,7 +54,7 @@ class Stack:
         )
         return SessionMemory(
             MemoryConfig(
-                dim=self.retriever.dim, record_bytes=rec, memory_size=self.model.config.memory_chunks
+                dim=self.model.retrieval_dim(self.retriever.dim), record_bytes=rec, memory_size=self.model.config.memory_chunks
             )
         )
 

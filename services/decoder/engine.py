@@ -199,7 +199,7 @@ class DecoderEngine:
     def session_spec(self) -> SessionSpec:
         """The ret-mem spec a session must have for this model."""
         return SessionSpec(
-            dim=int(self.retriever.dim),
+            dim=self.model.retrieval_dim(int(self.retriever.dim)),
             kv_shape=self.model.kv_record_shape,
             kv_dtype=self.cfg.kv_dtype,
             memory_size=self.cfg.memory_chunks,

@@ -1,0 +1,159 @@
+"""Which layers' attention keys find the passkey's chunk (issue 15): the rank of the needle's chunk
+among every stored chunk, per layer, when chunks are represented by their mean keys and the query by the
+mean attention query of the question (retrieval by keys), beside the text retriever's rank.
+
+One reading per trial with per-layer memory and retrieval by keys over *all* layers (so one pass gives
+every layer's vectors); each layer's score is its slice of the stored vectors and of the query. Layer
+sets are scored as the sum of their slices (what `key_layers=(a, b, ...)` computes).
+
+    .venv/bin/python bench/keys_study.py --length 8192 --trials 8 --threads 1
+Writes bench/results/keys_study/{keys_study.json,keys_study.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memlong.data import PASSKEY_QUESTION, passkey_needle
+from memlong.eval.common import Stack, machine_info, markdown_table, write_json
+from memlong.model import MemLongConfig
+
+OUT = Path(__file__).parent / "results" / "keys_study"
+
+
+class _Tap:
+    """A memory that records the query vectors of its searches."""
+
+    def __init__(self, memory) -> None:
+        self.memory, self.queries = memory, []
+
+    def append(self, *args) -> int:
+        return self.memory.append(*args)
+
+    def search(self, queries, top_k):
+        self.queries.append(np.array(queries))
+        return self.memory.search(queries, top_k)
+
+
+def _rank(scores: np.ndarray, target: int) -> int:
+    """1-based rank of `target` (ties count against it)."""
+    return int((scores >= scores[target]).sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--book", default="kjv")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    n_layers = 30
+    cfg = MemLongConfig(retrieval="keys", key_layers=tuple(range(n_layers)))
+    stack = Stack.load(cfg)
+    c, w = cfg.chunk, cfg.local_window
+    hkv, d = stack.model.n_kv_heads, stack.model.head_dim
+    book = stack.encode_book(args.book)
+    question = stack.encode(PASSKEY_QUESTION)
+    rng = random.Random(f"keys:{args.seed}:{args.length}")
+    offset = rng.randrange(0, len(book) - args.length)
+    hay = book[offset : offset + args.length]
+    rows, per_layer = [], np.zeros((args.trials, n_layers), dtype=np.int64)
+    per_layer_cos = np.zeros_like(per_layer)
+    text_ranks = []
+    t0 = time.time()
+    for trial in range(args.trials):
+        key, text = passkey_needle(rng)
+        needle = stack.encode(text)
+        n_hay = args.length - len(needle) - len(question)
+        depth = rng.randrange(0, (n_hay - w - c) // c + 1) * c
+        seq = hay[:depth] + needle + hay[depth:n_hay] + question
+        memory = _Tap(stack.fresh_memory())
+        reader = stack.reader(with_memory=False)
+        reader.memory = memory
+        split = (len(seq) - len(question) - w) // c * c
+        reader.ingest(seq[:split])
+        memory.queries.clear()
+        reader.read_prompt(seq[split:])
+        query = memory.queries[0][0].reshape(n_layers, hkv * d)  # the question's query (seeded first)
+        state = memory.memory.export_state()
+        emb = state["embeddings"].reshape(-1, n_layers, hkv * d)
+        target = int(np.flatnonzero(state["ids"] == depth // c)[0])
+        scores = np.einsum("nld,ld->ln", emb.astype(np.float64), query.astype(np.float64))
+        per_layer[trial] = [_rank(scores[layer], target) for layer in range(n_layers)]
+        unit = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+        cosines = np.einsum("nld,ld->ln", unit.astype(np.float64), query.astype(np.float64))
+        per_layer_cos[trial] = [_rank(cosines[layer], target) for layer in range(n_layers)]
+        texts = [stack.tokenizer.decode(seq[i * c : (i + 1) * c]) for i in range(len(state["ids"]))]
+        emb_text = stack.retriever.embed(texts)
+        q_text = stack.retriever.embed([stack.tokenizer.decode(seq[-c:])])[0]
+        text_ranks.append(_rank(emb_text @ q_text, target))
+        for name, layers in _SETS.items():
+            total = scores[list(layers)].sum(0)
+            rows.append({"trial": trial, "set": name, "rank": _rank(total, target)})
+            rows.append(
+                {"trial": trial, "set": name + " cos", "rank": _rank(cosines[list(layers)].sum(0), target)}
+            )
+        print(
+            f"trial {trial}: depth {depth}, chunks {len(state['ids'])}, text rank {text_ranks[-1]}, "
+            f"best layers {np.argsort(per_layer[trial])[:5].tolist()}",
+            flush=True,
+        )
+    n_chunks = len(state["ids"])
+    table = []
+    for layer in range(n_layers):
+        r = per_layer[:, layer]
+        table.append(_summary(f"layer {layer}", r))
+        table.append(_summary(f"layer {layer} cos", per_layer_cos[:, layer]))
+    for name in [n + suffix for n in _SETS for suffix in ("", " cos")]:
+        r = np.array([row["rank"] for row in rows if row["set"] == name])
+        table.append(_summary(f"layers {name}", r))
+    table.append(_summary("text (MiniLM)", np.array(text_ranks)))
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "length": args.length,
+        "trials": args.trials,
+        "book": args.book,
+        "chunks_stored": n_chunks,
+        "settings": cfg.describe(),
+        "machine": machine_info(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    write_json(OUT / "keys_study.json", {"meta": meta, "rows": table})
+    cols = ["reading", "top1", "top8", "median_rank", "mean_rank"]
+    (OUT / "keys_study.md").write_text(
+        f"Needle-chunk rank among {n_chunks} stored chunks, {args.trials} passkey trials at "
+        f"{args.length} tokens ({args.book}); {cfg.describe()}.\n\n" + markdown_table(table, cols)
+    )
+    print(markdown_table(table, cols))
+
+
+_SETS = {
+    "0-29": tuple(range(30)),
+    "0-9": tuple(range(10)),
+    "10-19": tuple(range(10, 20)),
+    "20-29": tuple(range(20, 30)),
+    "2,6,10,14": (2, 6, 10, 14),
+}
+
+
+def _summary(name: str, ranks: np.ndarray) -> dict:
+    return {
+        "reading": name,
+        "top1": f"{int((ranks <= 1).sum())}/{len(ranks)}",
+        "top8": f"{int((ranks <= 8).sum())}/{len(ranks)}",
+        "median_rank": float(np.median(ranks)),
+        "mean_rank": round(float(ranks.mean()), 1),
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,11 @@ COPY pyproject.toml ./
 COPY memlong ./memlong
 COPY services ./services
 COPY proto ./proto
-RUN pip install . && python -c "import memlong.retmem.v1.retmem_pb2, services.retmem.server"
+# Checked from / so the installed package is imported, not /src: code, generated stubs and the
+# package data (the shipped adapters, the ICL data).
+RUN pip install . && cd / && python -c "import memlong.retmem.v1.retmem_pb2, services.retmem.server; \
+from memlong.packages import ADAPTERS_DIR as a, ICL_DATA_DIR as i; \
+assert (a / 'smollm2-135m-memlong' / 'adapter.safetensors').is_file() and (i / 'subj').is_dir(), (a, i)"
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 RUN groupadd --gid 10001 memlong && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin memlong \

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from memlong.errors import MemLongError
+from memlong.packages import ICL_DATA_DIR
 
 # Sub-command groups contributed by other modules: each exposes register(subparsers).
 PLUGINS = (
@@ -48,8 +49,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--adapter",
         default=None,
-        help="MemLong LoRA adapter dir (from `memlong train`) folded into the weights; refused when it was "
-        "trained for another base model, memory layer, retrieval layers or memory position",
+        help="MemLong LoRA adapter folded into the weights: a dir (from `memlong train`), the name of a "
+        "shipped one (smollm2-135m-memlong, smollm2-135m-lora-no-memory) or `default` (the shipped one "
+        "when it matches the settings); refused when it was trained for another base model, memory "
+        "layer, retrieval layers or memory position",
     )
     g.add_argument(
         "--layout",
@@ -241,10 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     icl = ev.add_parser("icl", help="in-context learning: demonstrations in memory vs none")
     icl.add_argument(
         "--data",
-        default=os.environ.get(
-            "MEMLONG_ICL_DATA", str(Path(__file__).resolve().parents[2] / "shared/data/icl")
-        ),
-        help="folder with sst-2/, mr/, sst-5/, subj/ (default: ../shared/data/icl beside the repository)",
+        default=os.environ.get("MEMLONG_ICL_DATA", str(ICL_DATA_DIR)),
+        help="folder with sst-2/, mr/, sst-5/, subj/ (default: $MEMLONG_ICL_DATA, else the copy shipped "
+        "in the package, memlong/eval/icl_data)",
     )
     icl.add_argument("--tasks", default="sst-2,mr,sst-5,subj")
     icl.add_argument("--seeds", default="0,1,2")

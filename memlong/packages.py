@@ -8,6 +8,11 @@ from pathlib import Path
 
 from memlong.errors import ModelUnavailable
 
+# Files shipped inside this package (package data: in the wheel and the image, not only a checkout).
+SHIPPED = Path(__file__).resolve().parent
+ADAPTERS_DIR = SHIPPED / "adapters"  # trained MemLong adapters, one directory each (adapters/README.md)
+ICL_DATA_DIR = SHIPPED / "eval" / "icl_data"  # sst-2/, mr/, sst-5/, subj/ for `memlong eval icl`
+
 
 def package_dir(package: str, install_hint: str) -> Path:
     """Directory of an installed package, or ModelUnavailable saying how to install it."""

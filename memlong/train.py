@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongModel
+from memlong.packages import ADAPTERS_DIR
 from memlong.training.adapter import (
     AdapterSpec,
     attach_lora,
@@ -45,19 +46,32 @@ from memlong.training.docpass import DocumentPass, chunk_texts
 
 log = logging.getLogger(__name__)
 
-# Shipped with the repository; the decoder loads it by default when its settings match (see load_adapter).
-DEFAULT_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "smollm2-135m-memlong"
+# Shipped as package data; `--adapter default` loads it when its settings match (see load_adapter).
+DEFAULT_ADAPTER = ADAPTERS_DIR / "smollm2-135m-memlong"
 # Held-out Shakespeare plays: never trained on, used for every evaluation of the shipped adapters.
 HELDOUT_PLAYS = ("hamlet", "macbeth", "the-tempest", "twelfth-night", "julius-caesar")
 
 
+def resolve_adapter(name_or_path: str | Path) -> Path:
+    """An adapter directory, or the name of one shipped in memlong/adapters (e.g. smollm2-135m-memlong)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    shipped = ADAPTERS_DIR / path.name
+    if path.name == str(name_or_path) and shipped.is_dir():
+        return shipped
+    names = sorted(p.name for p in ADAPTERS_DIR.iterdir() if p.is_dir()) if ADAPTERS_DIR.is_dir() else []
+    raise InvalidArgument("adapter", f"no adapter directory {path} (shipped adapters: {names})")
+
+
 def load_adapter(model: MemLongModel, path: str | Path, check_base: bool = True) -> dict:
-    """Fold the adapter in directory `path` into `model`'s weights; returns its metadata.
+    """Fold the adapter in directory `path` (or a shipped adapter's name) into `model`'s weights;
+    returns its metadata.
 
     Raises InvalidArgument when the adapter was trained for another base model, memory layer, retrieval
     layers or memory position; warns when the window, chunk or top-k differ from training.
     """
-    path = Path(path)
+    path = resolve_adapter(path)
     spec, meta, tensors = read_adapter(path)
     check_binding(model, meta, path, check_base=check_base)
     merge_adapter(model, spec, tensors)
@@ -66,9 +80,14 @@ def load_adapter(model: MemLongModel, path: str | Path, check_base: bool = True)
 
 
 def maybe_load_default_adapter(model: MemLongModel, enabled: bool = True) -> dict | None:
-    """Load the shipped adapter when present, enabled and trained for this model; else leave it as is."""
-    if not enabled or not (DEFAULT_ADAPTER / "adapter.json").is_file():
+    """Load the shipped adapter when enabled and trained for this model; else leave the model as is.
+
+    An installation without it is broken (it ships as package data): InvalidArgument, never base
+    weights in silence."""
+    if not enabled:
         return None
+    if not (DEFAULT_ADAPTER / "adapter.json").is_file():
+        raise InvalidArgument("adapter", f"the shipped default adapter is missing: {DEFAULT_ADAPTER}")
     try:
         return load_adapter(model, DEFAULT_ADAPTER)
     except InvalidArgument as exc:

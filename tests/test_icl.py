@@ -69,3 +69,25 @@ def test_a_missing_task_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(InvalidArgument, match="no ICL task folder"):
         load_task(tmp_path, "subj", ICLSettings(data_dir=str(tmp_path)))
+
+
+def test_the_data_ships_in_the_package_compressed_and_reads_the_same(tmp_path):
+    """The default data folder is inside the package; a .gz file gives the rows of the plain file."""
+    import gzip
+    from pathlib import Path
+
+    from memlong.packages import ICL_DATA_DIR, SHIPPED
+
+    settings = ICLSettings(test_pool=20, test_examples=10)
+    assert Path(settings.data_dir) == ICL_DATA_DIR and ICL_DATA_DIR.is_relative_to(SHIPPED)
+    _write_task(tmp_path / "plain", "mr", 100)
+    packed = tmp_path / "packed" / "mr"
+    packed.mkdir(parents=True)
+    (packed / "train.csv.gz").write_bytes(gzip.compress((tmp_path / "plain/mr/train.csv").read_bytes()))
+    assert load_task(tmp_path / "packed", "mr", settings) == load_task(tmp_path / "plain", "mr", settings)
+    shared = Path(__file__).resolve().parents[2] / "shared/data/icl"  # the copy the results used, if here
+    for task in ("sst-2", "mr", "sst-5", "subj"):
+        pool, test = load_task(ICL_DATA_DIR, task, ICLSettings())
+        assert len(test) == ICLSettings().test_examples
+        if shared.is_dir():
+            assert (pool, test) == load_task(shared, task, ICLSettings()), task

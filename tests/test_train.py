@@ -162,5 +162,22 @@ def test_default_adapter_loads_when_present_and_matching(tmp_path, monkeypatch):
     assert (
         train.maybe_load_default_adapter(tiny_memlong(layout="paper", seed=1)) is None
     )  # another base: skipped
+    # Missing from the installation: an error, not base weights in silence.
     monkeypatch.setattr(train, "DEFAULT_ADAPTER", tmp_path / "missing")
-    assert train.maybe_load_default_adapter(tiny_memlong(layout="paper")) is None
+    with pytest.raises(InvalidArgument, match="shipped default adapter is missing"):
+        train.maybe_load_default_adapter(tiny_memlong(layout="paper"))
+
+
+def test_shipped_adapters_resolve_by_name_from_the_package(tmp_path):
+    from memlong.packages import ADAPTERS_DIR, SHIPPED
+    from memlong.train import DEFAULT_ADAPTER, resolve_adapter
+
+    assert ADAPTERS_DIR.parent == SHIPPED and DEFAULT_ADAPTER.parent == ADAPTERS_DIR  # inside memlong/
+    for name in ("smollm2-135m-memlong", "smollm2-135m-lora-no-memory"):
+        path = resolve_adapter(name)
+        assert path == ADAPTERS_DIR / name and (path / "adapter.safetensors").is_file()
+    assert resolve_adapter(tmp_path) == tmp_path  # a directory is taken as is
+    with pytest.raises(InvalidArgument, match="shipped adapters: .*smollm2-135m-memlong"):
+        resolve_adapter("no-such-adapter")
+    with pytest.raises(InvalidArgument, match="no adapter directory"):
+        resolve_adapter(tmp_path / "smollm2-135m-memlong")  # a path is never swapped for a shipped one

@@ -18,18 +18,21 @@ every seed and method; each seed draws its own local and memory demonstrations.
 from __future__ import annotations
 
 import csv
+import gzip
 import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 from tqdm import tqdm
 
 from memlong.errors import InvalidArgument
 from memlong.eval.common import Stack, machine_info, markdown_table, write_json
+from memlong.packages import ICL_DATA_DIR
 
 TASKS = {  # task: (label words by label id, what the label names)
     "sst-2": (("negative", "positive"), "Sentiment"),
@@ -41,7 +44,7 @@ TASKS = {  # task: (label words by label id, what the label names)
 
 @dataclass(frozen=True)
 class ICLSettings:
-    data_dir: str
+    data_dir: str = str(ICL_DATA_DIR)  # shipped in the package (gzip); any folder of the same layout
     tasks: tuple[str, ...] = ("sst-2", "mr", "sst-5", "subj")
     seeds: tuple[int, ...] = (0, 1, 2)
     local_demos: int = 4
@@ -51,9 +54,17 @@ class ICLSettings:
     split_seed: int = 1234
 
 
+def _open_text(path: Path) -> IO[str]:
+    """`path`, or its gzip-compressed `path.gz` (how the package ships the data)."""
+    if not path.is_file() and path.with_name(path.name + ".gz").is_file():
+        return gzip.open(path.with_name(path.name + ".gz"), "rt", newline="", encoding="utf-8")
+    return open(path, newline="", encoding="utf-8")
+
+
 def _rows(path: Path) -> list[tuple[str, int]]:
-    """(sentence, label) pairs of one ICL file: TSV with a header (SST-2) or label,sentence CSV."""
-    with open(path, newline="", encoding="utf-8") as f:
+    """(sentence, label) pairs of one ICL file (or its .gz): TSV with a header (SST-2) or label,sentence
+    CSV."""
+    with _open_text(path) as f:
         if path.suffix == ".tsv":
             reader = csv.reader(f, delimiter="\t")
             next(reader)

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from memlong.config import MemLongConfig
 from memlong.errors import MemLongError
 from memlong.packages import ICL_DATA_DIR
 
@@ -34,7 +35,7 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
     items = []
     for part in filter(None, spec.split(";")):
         key, _, value = part.partition("=")
-        if key in ("ret_attn_layers", "mem_layers"):
+        if key in ("ret_attn_layers", "mem_layers", "key_layers"):
             items.append((key, tuple(int(x) for x in value.split(",") if x)))
         elif key in ("top_k", "chunk", "local_window", "mem_layer"):
             items.append((key, int(value)))
@@ -44,6 +45,8 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    """Model flags; their defaults are MemLongConfig's (defined there once)."""
+    d = MemLongConfig
     g = p.add_argument_group("MemLong settings")
     g.add_argument("--model", default=None, help="HF LLaMA-family checkpoint dir (default: packaged SmolLM2)")
     g.add_argument(
@@ -62,20 +65,34 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "default) or paper (one memory layer read by the retrieval layers; the default with --adapter)",
     )
     g.add_argument("--mem-layers", default="", help="per_layer: comma-separated memory layers (default: all)")
-    g.add_argument("--mem-layer", type=int, default=15, help="paper layout: the memory layer")
+    g.add_argument("--mem-layer", type=int, default=d.mem_layer, help="paper layout: the memory layer")
     g.add_argument(
-        "--ret-layers", default="15,19,23,27", help="paper layout: comma-separated retrieval layers"
+        "--ret-layers",
+        default=",".join(map(str, d.ret_attn_layers)),
+        help="paper layout: comma-separated retrieval layers",
     )
-    g.add_argument("--chunk", type=int, default=128)
-    g.add_argument("--top-k", type=int, default=8)
-    g.add_argument("--local-window", type=int, default=1024)
-    g.add_argument("--memory-size", type=int, default=1 << 20, help="memory tokens per session")
+    g.add_argument("--chunk", type=int, default=d.chunk)
+    g.add_argument("--top-k", type=int, default=d.top_k)
+    g.add_argument("--local-window", type=int, default=d.local_window)
+    g.add_argument("--memory-size", type=int, default=d.memory_size, help="memory tokens per session")
     g.add_argument(
         "--mem-position",
         choices=("zero", "prefix"),
-        default="zero",
+        default=d.mem_position,
         help="where memory keys sit: zero (unrotated, position 0; the default) or prefix (as the text "
         "just before the window)",
+    )
+    g.add_argument(
+        "--retrieval",
+        choices=("text", "keys"),
+        default=d.retrieval,
+        help="what chunks are found by: text (the retriever's embedding of the chunk text; MemLong) or keys "
+        "(the model's own attention keys; LongMem's token-to-chunk). The default for new sessions",
+    )
+    g.add_argument(
+        "--key-layers",
+        default="",
+        help="retrieval by keys: comma-separated layers (default: the middle stored layer)",
     )
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
 
@@ -83,8 +100,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer"):
     """MemLongConfig from the model flags. The layout defaults to per_layer, or paper when an adapter
     (trained for the paper layout) is given."""
-    from memlong.model import MemLongConfig
-
     layout = args.layout or ("paper" if getattr(args, "adapter", None) else default_layout)
     return MemLongConfig(
         layout=layout,
@@ -96,6 +111,8 @@ def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer"):
         local_window=args.local_window,
         memory_size=args.memory_size,
         mem_position=args.mem_position,
+        retrieval=args.retrieval,
+        **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
     )
 
 

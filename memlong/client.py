@@ -66,8 +66,10 @@ class Client:
 
     # -- sessions -----------------------------------------------------------------------------------
 
-    def create_session(self, name: str = "") -> pb.Session:
-        return self._call("CreateSession", pb.CreateSessionRequest(name=name))
+    def create_session(self, name: str = "", retrieval: str = "") -> pb.Session:
+        """A new session; `retrieval` "text" or "keys" picks what its chunks are found by ("" takes the
+        decoder's default)."""
+        return self._call("CreateSession", pb.CreateSessionRequest(name=name, retrieval=retrieval))
 
     def get_session(self, session_id: str) -> pb.Session:
         return self._call("GetSession", pb.GetSessionRequest(session_id=check_session_id(session_id)))

@@ -35,11 +35,14 @@ def _client(args: argparse.Namespace):
 def cmd_session(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.session_command == "create":
-        s = client.create_session(args.name)
+        s = client.create_session(args.name, args.retrieval)
         print(s.session_id)
     elif args.session_command == "list":
         for s in client.list_sessions():
-            print(f"{s.session_id}  {s.name or '-':20s} {s.tokens:>10} tokens  {s.text_bytes:>10} bytes")
+            print(
+                f"{s.session_id}  {s.name or '-':20s} {s.tokens:>10} tokens  {s.text_bytes:>10} bytes  "
+                f"retrieval {s.retrieval}"
+            )
     else:
         client.delete_session(args.session)
         print(f"deleted {args.session}")
@@ -90,6 +93,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = session.add_subparsers(dest="session_command", required=True)
     create = sub.add_parser("create")
     create.add_argument("--name", default="")
+    create.add_argument(
+        "--retrieval",
+        choices=("text", "keys"),
+        default="",
+        help="what the session's chunks are found by (default: the decoder's)",
+    )
     sub.add_parser("list")
     delete = sub.add_parser("delete")
     delete.add_argument("session")

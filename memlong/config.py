@@ -9,7 +9,11 @@ from memlong.errors import InvalidArgument
 
 LAYOUTS = ("per_layer", "paper")
 RETRIEVAL_SOURCES = ("text", "keys")
-KEY_LAYER_DEFAULT = 15  # provisional; chosen by measurement (bench/results/keys_study)
+
+
+def retrieval_source(layout_tag: str) -> str:
+    """The retrieval source recorded in a session's layout tag (`MemLongConfig.layout_tag`)."""
+    return "keys" if ";retrieval=keys" in layout_tag else "text"
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class MemLongConfig:
     chunk: int = 128  # tokens per memory chunk
     top_k: int = 8  # chunks retrieved per chunk boundary
     local_window: int = 1024  # previous tokens each token sees locally (plus itself)
-    memory_size: int = 32768  # tokens of memory per session (rounded down to whole chunks)
+    memory_size: int = 1 << 20  # tokens of memory per session (rounded down to whole chunks)
     query: str = "prev_chunk"  # retrieval query: the chunk of text just before the tokens predicted
     # "zero": memory keys unrotated, at position 0 (the paper's choice; measured as good as "prefix" for
     # per-layer memory, bench/results/study_8k); "prefix": the retrieved chunks read as the text just
@@ -43,7 +47,8 @@ class MemLongConfig:
     # token-to-chunk): a chunk is the mean of its stored keys at `key_layers`, the query the mean of the
     # previous chunk's attention queries there (as rotated when they attend memory), per KV head.
     retrieval: str = "text"
-    key_layers: tuple[int, ...] = (KEY_LAYER_DEFAULT,)  # "keys": layers whose keys and queries are used
+    # "keys": layers whose keys and queries are used (empty: `key_layers_of` picks them).
+    key_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
@@ -74,8 +79,8 @@ class MemLongConfig:
             raise InvalidArgument("mem_position", f"unknown memory position mode {self.mem_position!r}")
         if self.retrieval not in RETRIEVAL_SOURCES:
             raise InvalidArgument("retrieval", f"must be one of {RETRIEVAL_SOURCES}, got {self.retrieval!r}")
-        if not self.key_layers or self.key_layers[0] < 0:
-            raise InvalidArgument("key_layers", "at least one layer index >= 0")
+        if self.key_layers and self.key_layers[0] < 0:
+            raise InvalidArgument("key_layers", "layer indices must be >= 0")
         if self.kv_dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
 
@@ -95,15 +100,23 @@ class MemLongConfig:
             raise InvalidArgument("mem_layers", f"model has only {n_layers} layers")
         if self.retrieval == "keys":
             stored = set(self.memory_layers(n_layers))
-            if not set(self.key_layers) <= stored:
+            if not set(self.key_layers_of(n_layers)) <= stored:
                 raise InvalidArgument(
                     "key_layers", f"retrieval by keys reads stored layers only: {sorted(stored)}"
                 )
 
+    def key_layers_of(self, n_layers: int) -> tuple[int, ...]:
+        """The layers retrieval by keys reads: `key_layers`, else the memory layer (paper layout) or the
+        middle stored layer (per-layer memory; bench/results/keys_study)."""
+        if self.key_layers:
+            return self.key_layers
+        stored = self.memory_layers(n_layers)
+        return (stored[len(stored) // 2],)
+
     def key_slices(self, n_layers: int) -> tuple[int, ...]:
-        """Indices of `key_layers` in the stored record (`memory_layers` order)."""
+        """Indices of the key layers in the stored record (`memory_layers` order)."""
         order = {layer: i for i, layer in enumerate(self.memory_layers(n_layers))}
-        return tuple(order[layer] for layer in self.key_layers)
+        return tuple(order[layer] for layer in self.key_layers_of(n_layers))
 
     def memory_layers(self, n_layers: int) -> tuple[int, ...]:
         """Layers whose K/V are stored, in record order."""
@@ -120,13 +133,17 @@ class MemLongConfig:
     def layout_tag(self, n_layers: int) -> str:
         """What wrote a session's memory; a reader of another layout is refused (see `SessionSpec`)."""
         if self.layout == "paper":
-            return f"paper:mem_layer={self.mem_layer}" + self._retrieval_tag()
+            return f"paper:mem_layer={self.mem_layer}" + self._retrieval_tag(n_layers)
         layers = self.memory_layers(n_layers)
-        return "per_layer:" + ",".join(map(str, layers)) + self._retrieval_tag()
+        return "per_layer:" + ",".join(map(str, layers)) + self._retrieval_tag(n_layers)
 
-    def _retrieval_tag(self) -> str:
+    def _retrieval_tag(self, n_layers: int) -> str:
         """ "" for text retrieval (the tag sessions had before keys existed), else the key layers."""
-        return "" if self.retrieval == "text" else ";retrieval=keys:" + ",".join(map(str, self.key_layers))
+        return (
+            ""
+            if self.retrieval == "text"
+            else ";retrieval=keys:" + ",".join(map(str, self.key_layers_of(n_layers)))
+        )
 
     def describe(self) -> str:
         """One line for logs and reports: the layout and the reading settings."""
@@ -142,7 +159,7 @@ class MemLongConfig:
             + (
                 "retrieval by text"
                 if self.retrieval == "text"
-                else f"retrieval by keys of layers {list(self.key_layers)}"
+                else f"retrieval by keys of layers {list(self.key_layers) or 'default'}"
             )
         )
 

@@ -306,12 +306,15 @@ class MemLongModel(torch.nn.Module):
     @property
     def key_dim(self) -> int:
         """Width of a retrieval-by-keys vector: key layers x KV heads x head dim."""
-        return len(self.config.key_layers) * self.n_kv_heads * self.head_dim
+        return self.retrieval_dim(0, dataclasses.replace(self.config, retrieval="keys"))
 
-    def retrieval_dim(self, text_dim: int) -> int:
-        """Width of the vectors a session of this model indexes: the text retriever's (`text_dim`) or
-        `key_dim`."""
-        return self.key_dim if self.config.retrieval == "keys" else text_dim
+    def retrieval_dim(self, text_dim: int, config: MemLongConfig | None = None) -> int:
+        """Width of the vectors a session of this model indexes under `config` (default: the current
+        one): the text retriever's (`text_dim`) or key layers x KV heads x head dim."""
+        cfg = config or self.config
+        if cfg.retrieval != "keys":
+            return text_dim
+        return len(cfg.key_layers_of(self.n_layers)) * self.n_kv_heads * self.head_dim
 
     def chunk_keys(
         self, k: torch.Tensor, lengths: torch.Tensor, skip: torch.Tensor | None = None
@@ -389,7 +392,7 @@ class MemLongModel(torch.nn.Module):
             cos=cos,
             sin=sin,
             frame=frame,
-            query_layers=cfg.key_layers if cfg.retrieval == "keys" else (),
+            query_layers=cfg.key_layers_of(self.n_layers) if cfg.retrieval == "keys" else (),
         )
         q_pos = (cos[:, -s:], sin[:, -s:])  # queries are the block: positions P+1..P+S
         token = _CURRENT.set(fwd)

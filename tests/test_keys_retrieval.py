@@ -123,6 +123,9 @@ def test_paper_layout_ingest_records_the_same_queries_as_reading_every_layer():
 def test_retrieval_source_is_part_of_the_layout_and_checked():
     model = tiny_memlong()
     assert model.layout_tag == "per_layer:0,1,2,3"  # text: the tag sessions always had
+    with model.configured(retrieval="keys"):  # default: the middle stored layer (paper: the memory layer)
+        assert model.layout_tag == "per_layer:0,1,2,3;retrieval=keys:2"
+        assert model.key_dim == 2 * 8
     with model.configured(retrieval="keys", key_layers=(2, 0)):
         assert model.layout_tag == "per_layer:0,1,2,3;retrieval=keys:0,2"
         assert model.retrieval_dim(16) == model.key_dim

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memlong.chunkloop import Reader, SamplingParams
+from memlong.config import RETRIEVAL_SOURCES
 from memlong.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -196,14 +198,34 @@ class DecoderEngine:
 
     # -- description --------------------------------------------------------------------------------
 
-    def session_spec(self) -> SessionSpec:
-        """The ret-mem spec a session must have for this model."""
+    def session_spec(self, retrieval: str = "") -> SessionSpec:
+        """The ret-mem spec a session must have for this model, retrieving by `retrieval` ("text" or
+        "keys"; "" is this decoder's default)."""
+        cfg = dataclasses.replace(self.cfg, retrieval=retrieval or self.cfg.retrieval)
+        cfg.check_model(self.model.n_layers)
         return SessionSpec(
-            dim=self.model.retrieval_dim(int(self.retriever.dim)),
+            dim=self.model.retrieval_dim(int(self.retriever.dim), cfg),
             kv_shape=self.model.kv_record_shape,
             kv_dtype=self.cfg.kv_dtype,
             memory_size=self.cfg.memory_chunks,
-            layout=self.model.layout_tag,
+            layout=cfg.layout_tag(self.model.n_layers),
+        )
+
+    def _source_of(self, session_id: str, spec: SessionSpec) -> str:
+        """The retrieval source a session was created with; refuses a session this decoder cannot read."""
+        for source in RETRIEVAL_SOURCES:
+            want = self.session_spec(source)
+            if spec.layout == want.layout:
+                if spec != want:
+                    raise InvalidArgument(
+                        "session_id", "session was created for another model or MemLong setting"
+                    )
+                return source
+        raise FailedPrecondition(
+            f"session {shown(session_id)} holds memory written by layout "
+            f"{spec.layout or 'unrecorded'!r}; this decoder reads layout {self.session_spec().layout!r} "
+            f"(or {self.session_spec('keys' if self.cfg.retrieval == 'text' else 'text').layout!r}). "
+            "Serve it with a decoder of that layout, or create a new session."
         )
 
     def vocab_size(self) -> int:
@@ -226,7 +248,8 @@ class DecoderEngine:
             self._admit.release()
 
     @contextlib.contextmanager
-    def _model(self, call: Call, report: MemoryReport | None = None) -> Iterator[None]:
+    def _model(self, call: Call, report: MemoryReport | None = None, source: str = "") -> Iterator[None]:
+        """Hold the model for one step of a call, reading with the session's retrieval `source`."""
         t0 = time.perf_counter()
         if not self._model_lock.acquire(timeout=max(call.deadline.remaining(), 0.0)):
             raise CallCancelled("deadline passed while waiting for the model")
@@ -235,7 +258,11 @@ class DecoderEngine:
         try:
             if not call.alive():
                 raise CallCancelled("the call was cancelled")
-            yield
+            if source and source != self.cfg.retrieval:
+                with self.model.configured(retrieval=source):
+                    yield
+            else:
+                yield
         finally:
             self._model_lock.release()
 
@@ -270,41 +297,31 @@ class DecoderEngine:
 
     def _open(
         self, session_id: str, mode: str, call: Call, commit: bool, report: MemoryReport
-    ) -> SessionPort | None:
-        """The call's memory port, or None (mode off, or ret-mem down in if_available mode)."""
+    ) -> tuple[SessionPort | None, str]:
+        """The call's memory port (None: mode off, or ret-mem down in if_available mode) and the
+        session's retrieval source (this decoder's default when memory is not read)."""
         if mode == MEMORY_OFF:
             if commit:
                 raise InvalidArgument("commit", "cannot store text with memory_mode OFF")
             report.note = "memory off (requested): local window only"
-            return None
+            return None, self.cfg.retrieval
         try:
             # DeadlineExceeded (too little time left for the call) is not caught: it is not ret-mem down.
             info = self.memory.info(session_id, call.deadline.downstream())
         except Unavailable as exc:
             if mode == MEMORY_IF_AVAILABLE and not commit:
                 report.note = f"ret-mem unreachable ({exc}); ran WITHOUT memory as the request allowed"
-                return None
+                return None, self.cfg.retrieval
             raise Unavailable(
                 f"ret-mem unreachable for session {shown(session_id)}: {exc}. Retry later, or ask with "
                 "memory_mode IF_AVAILABLE to run without memory."
             ) from exc
-        self._check_spec(session_id, info.spec)
+        source = self._source_of(session_id, info.spec)
         if info.num_chunks == 0:
             report.note = "session memory is empty"
         port = self._port(session_id, call, commit)
         port.stored_chunks = info.num_chunks
-        return port
-
-    def _check_spec(self, session_id: str, spec: SessionSpec) -> None:
-        want = self.session_spec()
-        if spec.layout != want.layout:
-            raise FailedPrecondition(
-                f"session {shown(session_id)} holds memory written by layout "
-                f"{spec.layout or 'unrecorded'!r}; this decoder reads layout {want.layout!r}. Serve it with "
-                "a decoder of that layout, or create a new session."
-            )
-        if spec != want:
-            raise InvalidArgument("session_id", "session was created for another model or MemLong setting")
+        return port, source
 
     def _reader(
         self,
@@ -362,7 +379,8 @@ class DecoderEngine:
                 raise
 
     def _ingest(self, session_id, next_chunk_id, pieces, call) -> Iterator[IngestProgress]:
-        self.memory.info(session_id, call.deadline.downstream())  # NOT_FOUND / UNAVAILABLE before any work
+        info = self.memory.info(session_id, call.deadline.downstream())  # NOT_FOUND etc. before any work
+        source = self._source_of(session_id, info.spec)
         port = self._port(session_id, call, commit=True, keep_recent=False)
         reader = self._reader(session_id, port, next_chunk_id)
         utf8 = codecs.getincrementaldecoder("utf-8")()
@@ -378,7 +396,7 @@ class DecoderEngine:
             nonlocal done_bytes
             tokens, base, step = self.encode(text), done_bytes, self.progress_tokens
             for i in range(0, len(tokens), step):
-                with self._model(call):
+                with self._model(call, source=source):
                     reader.ingest(tokens[i : i + step])
                 done_bytes = base + n_bytes * min(len(tokens), i + step) // len(tokens)
                 yield progress()
@@ -403,7 +421,7 @@ class DecoderEngine:
             raise InvalidArgument("text", "ends inside a UTF-8 character") from None
         if pending:
             yield from run(pending, len(pending.encode()))
-        with self._model(call):
+        with self._model(call, source=source):
             self._keep(session_id, reader)  # the last partial chunk and the window go to memory too
         yield progress(done=True)
 
@@ -432,13 +450,13 @@ class DecoderEngine:
         if not tokens:
             raise InvalidArgument("text", "has no tokens")
         report = MemoryReport()
-        port = self._open(session_id, mode, call, commit, report)
+        port, source = self._open(session_id, mode, call, commit, report)
         reader = self._reader(session_id, port, next_chunk_id, report)
         # With memory the port checks cancellation per chunk; without, slices give the check points.
         step = len(tokens) if port is not None else SCORE_SLICE_CHUNKS * self.cfg.chunk
         parts = []
         for i in range(0, len(tokens), step):
-            with self._model(call, report):
+            with self._model(call, report, source):
                 parts.append(reader.score(tokens[i : i + step]))
         if (
             mode == MEMORY_REQUIRED
@@ -454,7 +472,7 @@ class DecoderEngine:
                 "window). Send text that reaches a chunk boundary, or use memory_mode IF_AVAILABLE."
             )
         if commit:
-            with self._model(call, report):
+            with self._model(call, report, source):
                 self._keep(session_id, reader)
         logp = torch.cat(parts)
         finite = logp[~torch.isnan(logp)]
@@ -499,13 +517,13 @@ class DecoderEngine:
                 **{**params.__dict__, "stop_token_ids": params.stop_token_ids + self.eos_ids}
             )
         report = MemoryReport()
-        port = self._open(session_id, mode, call, False, report)
+        port, source = self._open(session_id, mode, call, False, report)
         reader = self._reader(session_id, port, next_chunk_id, report)
         steps = reader.generate(tokens, params)
         out: list[int] = []
         text = ""
         while True:
-            with self._model(call, report):
+            with self._model(call, report, source):
                 token = next(steps, None)
             if token is None:
                 break

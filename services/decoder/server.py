@@ -14,9 +14,10 @@ from collections.abc import Iterator
 import grpc
 
 from memlong.chunkloop import SamplingParams
+from memlong.config import RETRIEVAL_SOURCES
 from memlong.decoder.v1 import decoder_pb2 as pb
 from memlong.decoder.v1 import decoder_pb2_grpc as pb_grpc
-from memlong.errors import InvalidArgument
+from memlong.errors import InvalidArgument, shown
 from memlong.ids import check_session_id
 from memlong.model import MemLongModel
 from services.common.channel import Deadline
@@ -104,7 +105,10 @@ class DecoderServicer(pb_grpc.DecoderServicer):
 
     @grpc_errors
     def Describe(self, request, context):  # noqa: N802
-        spec = self.engine.session_spec()
+        retrieval = request.retrieval or self.engine.cfg.retrieval
+        if retrieval not in RETRIEVAL_SOURCES:
+            raise InvalidArgument("retrieval", f"must be one of {RETRIEVAL_SOURCES}, got {shown(retrieval)}")
+        spec = self.engine.session_spec(retrieval)
         return pb.DescribeResponse(
             model=self.engine.source,
             memlong_config_json=json.dumps(self.engine.cfg.__dict__),
@@ -114,6 +118,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             memory_chunks=spec.memory_size,
             vocab_size=self.engine.vocab_size(),
             layout=spec.layout,
+            retrieval=retrieval,
         )
 
     @grpc_errors

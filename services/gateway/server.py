@@ -14,9 +14,17 @@ from collections.abc import Iterator
 
 import grpc
 
+from memlong.config import RETRIEVAL_SOURCES, retrieval_source
 from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
-from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from memlong.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    shown,
+)
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.channel import ChannelOptions, Deadline, get_channel
@@ -57,7 +65,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             tls=config.internal_tls,
             internal=True,
         )
-        self._specs: dict[str, SessionSpec] = {}
+        self._specs: dict[tuple[str, str], SessionSpec] = {}  # (decoder, retrieval) -> spec
         self._spec_lock = threading.Lock()
 
     # -- plumbing -----------------------------------------------------------------------------------
@@ -69,13 +77,16 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def _timeout(deadline: Deadline) -> float:
         return deadline.downstream().timeout()
 
-    def _spec(self, decoder: str, deadline: Deadline) -> SessionSpec:
-        """The ret-mem spec for sessions served by `decoder` (asked once per replica)."""
+    def _spec(self, decoder: str, retrieval: str, deadline: Deadline) -> SessionSpec:
+        """The ret-mem spec for sessions served by `decoder` that retrieve by `retrieval` ("" for the
+        decoder's default); asked once per replica and source."""
         with self._spec_lock:
-            spec = self._specs.get(decoder)
+            spec = self._specs.get((decoder, retrieval))
         if spec is None:
             try:
-                d = self._decoder(decoder).Describe(dpb.DescribeRequest(), timeout=self._timeout(deadline))
+                d = self._decoder(decoder).Describe(
+                    dpb.DescribeRequest(retrieval=retrieval), timeout=self._timeout(deadline)
+                )
             except grpc.RpcError as err:
                 raise_for_rpc_error(err)
             spec = SessionSpec(
@@ -86,7 +97,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 layout=d.layout,
             )
             with self._spec_lock:
-                self._specs[decoder] = spec
+                self._specs[(decoder, retrieval)] = spec
         return spec
 
     def _session_msg(self, rec: SessionRecord, deadline: Deadline) -> pb.Session:
@@ -100,6 +111,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             created_at=rec.created_at,
             decoder=rec.decoder,
             shard=info.shard,
+            retrieval=retrieval_source(info.spec.layout),
         )
 
     def _text(self, data: bytes, field: str) -> str:
@@ -113,9 +125,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     def CreateSession(self, request, context):  # noqa: N802
         call = current()
+        if request.retrieval not in ("", *RETRIEVAL_SOURCES):
+            raise InvalidArgument(
+                "retrieval", f"must be one of {RETRIEVAL_SOURCES} (or empty), got {shown(request.retrieval)}"
+            )
         with self.table.admitted(call.tenant, self.config.max_inflight):
             rec = self.table.new_record(call.tenant, request.name, self.decoder_ring.owner)
-            spec = self._spec(rec.decoder, call.deadline)
+            spec = self._spec(rec.decoder, request.retrieval, call.deadline)
             self.retmem.create_session(rec.session_id, spec, call.deadline.downstream())
             self.table.add(rec)
             return self._session_msg(rec, call.deadline)
@@ -244,7 +260,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def _ingest(
         self, rec: SessionRecord, new: bytes, deadline: Deadline, context: grpc.ServicerContext
     ) -> Iterator[pb.AppendProgress]:
-        chunk = self._spec(rec.decoder, deadline).chunk_tokens
+        chunk = self._spec(rec.decoder, "", deadline).chunk_tokens  # the same for every source
         first_id = rec.next_chunk_id
 
         def pieces() -> Iterator[dpb.IngestRequest]:

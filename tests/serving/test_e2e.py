@@ -243,3 +243,47 @@ def test_streamed_text_holds_back_incomplete_utf8_so_the_pieces_add_up():
     assert "".join(pieces) == "；スレス" and "\ufffd" not in "".join(pieces)
     # A text that really ends in an invalid byte still says so with the last token.
     assert stream_delta("a", "a\ufffd", last=True) == ("\ufffd", "a\ufffd")
+
+
+def test_each_session_keeps_the_retrieval_source_it_was_created_with(stack):
+    """Sessions retrieving by text and by keys on one decoder, each served as the in-process reader
+    of its source reads; a bad source is refused; a decoder of other key layers refuses the session."""
+    import dataclasses
+
+    client = stack.client()
+    tok = stack.tokenizer
+    book, passage = _text(36, seed=31), _text(8, seed=32)
+    served = {}
+    for source in ("text", "keys"):
+        s = client.create_session(source, retrieval=source)
+        client.append(s.session_id, book)
+        got = client.get_session(s.session_id)
+        assert got.retrieval == source and got.chunks > 0
+        served[source] = (s.session_id, client.score(s.session_id, passage, return_logprobs=True))
+    assert client.get_session(client.create_session().session_id).retrieval == "text"  # the default
+    with pytest.raises(InvalidArgument, match="retrieval"):
+        client.create_session("x", retrieval="bm25")
+
+    model = stack.model
+    with model.configured(retrieval="keys"):
+        retriever = RecordingRetriever()
+        memory = tiny_memory(model, retriever)
+        first = Reader(model, retriever, tok, memory)
+        first.ingest(tok.encode(book))
+        first.flush(keep_window=True)
+        want = first.fork(memory).score(tok.encode(passage))
+        assert retriever.texts == []  # nothing embedded as text
+    sid, got = served["keys"]
+    torch.testing.assert_close(torch.tensor(list(got.logprobs))[1:], want[1:].float(), atol=1e-4, rtol=0)
+    assert got.memory.memory_used
+    assert not np.allclose(np.array(served["text"][1].logprobs[1:]), np.array(got.logprobs[1:]))
+
+    engine = stack.decoder.engine
+    other = dataclasses.replace(engine.cfg, key_layers=(0,))
+    saved = engine.cfg
+    engine.cfg = other  # as a decoder started with other key layers
+    try:
+        with pytest.raises(FailedPrecondition, match="retrieval=keys:2"):
+            client.score(sid, passage)
+    finally:
+        engine.cfg = saved

@@ -28,11 +28,13 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("retrieval",)
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    retrieval: str
+    def __init__(self, retrieval: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "memlong_config_json", "dim", "kv_shape", "kv_dtype", "memory_chunks", "vocab_size", "layout")
+    __slots__ = ("model", "memlong_config_json", "dim", "kv_shape", "kv_dtype", "memory_chunks", "vocab_size", "layout", "retrieval")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MEMLONG_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +43,7 @@ class DescribeResponse(_message.Message):
     MEMORY_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     memlong_config_json: str
     dim: int
@@ -49,7 +52,8 @@ class DescribeResponse(_message.Message):
     memory_chunks: int
     vocab_size: int
     layout: str
-    def __init__(self, model: _Optional[str] = ..., memlong_config_json: _Optional[str] = ..., dim: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., memory_chunks: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
+    retrieval: str
+    def __init__(self, model: _Optional[str] = ..., memlong_config_json: _Optional[str] = ..., dim: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., memory_chunks: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[str] = ..., retrieval: _Optional[str] = ...) -> None: ...
 
 class SessionRef(_message.Message):
     __slots__ = ("session_id", "next_chunk_id")

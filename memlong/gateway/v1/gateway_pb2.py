@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from memlong.decoder.v1 import decoder_pb2 as memlong_dot_decoder_dot_v1_dot_decoder__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n memlong/gateway/v1/gateway.proto\x12\x12memlong.gateway.v1\x1a memlong/decoder/v1/decoder.proto\"\x93\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ntext_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x03\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x0f\n\x07\x64\x65\x63oder\x18\x07 \x01(\t\x12\r\n\x05shard\x18\x08 \x01(\t\"$\n\x14\x43reateSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x15\n\x13ListSessionsRequest\"E\n\x14ListSessionsResponse\x12-\n\x08sessions\x18\x01 \x03(\x0b\x32\x1b.memlong.gateway.v1.Session\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"A\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\x0c\"p\n\x0e\x41ppendProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x03\x12\x13\n\x0btokens_done\x18\x03 \x01(\x03\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x12\n\ntext_bytes\x18\x05 \x01(\x03\"~\n\x0cScoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x33\n\x0bmemory_mode\x18\x03 \x01(\x0e\x32\x1e.memlong.decoder.v1.MemoryMode\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\"\x91\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rscored_tokens\x18\x03 \x01(\x03\x12\x12\n\nperplexity\x18\x04 \x01(\x01\x12\x30\n\x06memory\x18\x05 \x01(\x0b\x32 .memlong.decoder.v1.MemoryReport\"\xa0\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".memlong.decoder.v1.SamplingParams\x12\x33\n\x0bmemory_mode\x18\x04 \x01(\x0e\x32\x1e.memlong.decoder.v1.MemoryMode\"G\n\x10GenerateResponse\x12\x33\n\x05token\x18\x01 \x01(\x0b\x32$.memlong.decoder.v1.GenerateResponse2\xf8\x04\n\x07Gateway\x12V\n\rCreateSession\x12(.memlong.gateway.v1.CreateSessionRequest\x1a\x1b.memlong.gateway.v1.Session\x12P\n\nGetSession\x12%.memlong.gateway.v1.GetSessionRequest\x1a\x1b.memlong.gateway.v1.Session\x12\x61\n\x0cListSessions\x12\'.memlong.gateway.v1.ListSessionsRequest\x1a(.memlong.gateway.v1.ListSessionsResponse\x12\x64\n\rDeleteSession\x12(.memlong.gateway.v1.DeleteSessionRequest\x1a).memlong.gateway.v1.DeleteSessionResponse\x12S\n\x06\x41ppend\x12!.memlong.gateway.v1.AppendRequest\x1a\".memlong.gateway.v1.AppendProgress(\x01\x30\x01\x12L\n\x05Score\x12 .memlong.gateway.v1.ScoreRequest\x1a!.memlong.gateway.v1.ScoreResponse\x12W\n\x08Generate\x12#.memlong.gateway.v1.GenerateRequest\x1a$.memlong.gateway.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n memlong/gateway/v1/gateway.proto\x12\x12memlong.gateway.v1\x1a memlong/decoder/v1/decoder.proto\"\xa6\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ntext_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x03\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x0f\n\x07\x64\x65\x63oder\x18\x07 \x01(\t\x12\r\n\x05shard\x18\x08 \x01(\t\x12\x11\n\tretrieval\x18\t \x01(\t\"7\n\x14\x43reateSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tretrieval\x18\x02 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x15\n\x13ListSessionsRequest\"E\n\x14ListSessionsResponse\x12-\n\x08sessions\x18\x01 \x03(\x0b\x32\x1b.memlong.gateway.v1.Session\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"A\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\x0c\"p\n\x0e\x41ppendProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x03\x12\x13\n\x0btokens_done\x18\x03 \x01(\x03\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x12\n\ntext_bytes\x18\x05 \x01(\x03\"~\n\x0cScoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x33\n\x0bmemory_mode\x18\x03 \x01(\x0e\x32\x1e.memlong.decoder.v1.MemoryMode\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\"\x91\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rscored_tokens\x18\x03 \x01(\x03\x12\x12\n\nperplexity\x18\x04 \x01(\x01\x12\x30\n\x06memory\x18\x05 \x01(\x0b\x32 .memlong.decoder.v1.MemoryReport\"\xa0\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".memlong.decoder.v1.SamplingParams\x12\x33\n\x0bmemory_mode\x18\x04 \x01(\x0e\x32\x1e.memlong.decoder.v1.MemoryMode\"G\n\x10GenerateResponse\x12\x33\n\x05token\x18\x01 \x01(\x0b\x32$.memlong.decoder.v1.GenerateResponse2\xf8\x04\n\x07Gateway\x12V\n\rCreateSession\x12(.memlong.gateway.v1.CreateSessionRequest\x1a\x1b.memlong.gateway.v1.Session\x12P\n\nGetSession\x12%.memlong.gateway.v1.GetSessionRequest\x1a\x1b.memlong.gateway.v1.Session\x12\x61\n\x0cListSessions\x12\'.memlong.gateway.v1.ListSessionsRequest\x1a(.memlong.gateway.v1.ListSessionsResponse\x12\x64\n\rDeleteSession\x12(.memlong.gateway.v1.DeleteSessionRequest\x1a).memlong.gateway.v1.DeleteSessionResponse\x12S\n\x06\x41ppend\x12!.memlong.gateway.v1.AppendRequest\x1a\".memlong.gateway.v1.AppendProgress(\x01\x30\x01\x12L\n\x05Score\x12 .memlong.gateway.v1.ScoreRequest\x1a!.memlong.gateway.v1.ScoreResponse\x12W\n\x08Generate\x12#.memlong.gateway.v1.GenerateRequest\x1a$.memlong.gateway.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memlong.gateway.v1.gateway_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SESSION']._serialized_start=91
-  _globals['_SESSION']._serialized_end=238
-  _globals['_CREATESESSIONREQUEST']._serialized_start=240
-  _globals['_CREATESESSIONREQUEST']._serialized_end=276
-  _globals['_GETSESSIONREQUEST']._serialized_start=278
-  _globals['_GETSESSIONREQUEST']._serialized_end=317
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=319
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=340
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=342
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=411
-  _globals['_DELETESESSIONREQUEST']._serialized_start=413
-  _globals['_DELETESESSIONREQUEST']._serialized_end=455
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=457
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=480
-  _globals['_APPENDREQUEST']._serialized_start=482
-  _globals['_APPENDREQUEST']._serialized_end=547
-  _globals['_APPENDPROGRESS']._serialized_start=549
-  _globals['_APPENDPROGRESS']._serialized_end=661
-  _globals['_SCOREREQUEST']._serialized_start=663
-  _globals['_SCOREREQUEST']._serialized_end=789
-  _globals['_SCORERESPONSE']._serialized_start=792
-  _globals['_SCORERESPONSE']._serialized_end=937
-  _globals['_GENERATEREQUEST']._serialized_start=940
-  _globals['_GENERATEREQUEST']._serialized_end=1100
-  _globals['_GENERATERESPONSE']._serialized_start=1102
-  _globals['_GENERATERESPONSE']._serialized_end=1173
-  _globals['_GATEWAY']._serialized_start=1176
-  _globals['_GATEWAY']._serialized_end=1808
+  _globals['_SESSION']._serialized_end=257
+  _globals['_CREATESESSIONREQUEST']._serialized_start=259
+  _globals['_CREATESESSIONREQUEST']._serialized_end=314
+  _globals['_GETSESSIONREQUEST']._serialized_start=316
+  _globals['_GETSESSIONREQUEST']._serialized_end=355
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=357
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=378
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=380
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=449
+  _globals['_DELETESESSIONREQUEST']._serialized_start=451
+  _globals['_DELETESESSIONREQUEST']._serialized_end=493
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=495
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=518
+  _globals['_APPENDREQUEST']._serialized_start=520
+  _globals['_APPENDREQUEST']._serialized_end=585
+  _globals['_APPENDPROGRESS']._serialized_start=587
+  _globals['_APPENDPROGRESS']._serialized_end=699
+  _globals['_SCOREREQUEST']._serialized_start=701
+  _globals['_SCOREREQUEST']._serialized_end=827
+  _globals['_SCORERESPONSE']._serialized_start=830
+  _globals['_SCORERESPONSE']._serialized_end=975
+  _globals['_GENERATEREQUEST']._serialized_start=978
+  _globals['_GENERATEREQUEST']._serialized_end=1138
+  _globals['_GENERATERESPONSE']._serialized_start=1140
+  _globals['_GENERATERESPONSE']._serialized_end=1211
+  _globals['_GATEWAY']._serialized_start=1214
+  _globals['_GATEWAY']._serialized_end=1846
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "name", "text_bytes", "tokens", "chunks", "created_at", "decoder", "shard")
+    __slots__ = ("session_id", "name", "text_bytes", "tokens", "chunks", "created_at", "decoder", "shard", "retrieval")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     DECODER_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     name: str
     text_bytes: int
@@ -25,13 +26,16 @@ class Session(_message.Message):
     created_at: float
     decoder: str
     shard: str
-    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., text_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., created_at: _Optional[float] = ..., decoder: _Optional[str] = ..., shard: _Optional[str] = ...) -> None: ...
+    retrieval: str
+    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., text_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., created_at: _Optional[float] = ..., decoder: _Optional[str] = ..., shard: _Optional[str] = ..., retrieval: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "retrieval")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    retrieval: str
+    def __init__(self, name: _Optional[str] = ..., retrieval: _Optional[str] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)

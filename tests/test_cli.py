@@ -44,3 +44,28 @@ def test_every_command_that_loads_the_model_takes_an_adapter():
     ):
         assert parser.parse_args([*argv, "--adapter", "a"]).adapter == "a", argv
     assert ray_config(parser.parse_args(["ray", "up", "--adapter", "a"])).adapter.endswith("/a")
+
+
+def test_one_default_for_the_memlong_settings_everywhere():
+    """The flags take MemLongConfig's defaults (memory size included: one value, defined once), so a
+    command, the Ray application and a config built in code agree."""
+    from memlong.cli import build_parser, memlong_config
+    from memlong.config import MemLongConfig
+    from services.decoder.config import DecoderConfig
+    from services.ray_app.cli import config_from_args as ray_config
+
+    assert MemLongConfig().memory_size == 1 << 20
+    parser = build_parser()
+    for argv in (["up"], ["demo"], ["eval", "ppl"], ["eval", "passkey"], ["eval", "icl"]):
+        assert memlong_config(parser.parse_args(argv)) == MemLongConfig(), argv
+    assert MemLongConfig.from_dict(ray_config(parser.parse_args(["ray", "up"])).memlong) == MemLongConfig()
+    assert DecoderConfig(retmem={"s0": "h:1"}).memlong == MemLongConfig()
+
+
+def test_shipped_adapters_pass_to_ray_replicas_by_name():
+    from memlong.cli import build_parser
+    from services.ray_app.cli import config_from_args as ray_config
+
+    parser = build_parser()
+    for name in ("default", "smollm2-135m-memlong"):
+        assert ray_config(parser.parse_args(["ray", "up", "--adapter", name])).adapter == name

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from memlong.packages import ADAPTERS_DIR
 from services.common.cli import run
 
 from .config import RayAppConfig
@@ -128,10 +129,18 @@ def config_from_args(args: argparse.Namespace) -> RayAppConfig:
         decoders=args.decoders,
         memlong=_memlong_overrides(args),
         model=args.model,
-        adapter=str(Path(args.adapter).resolve()) if args.adapter else None,
+        adapter=_adapter(args.adapter),
         threads=args.threads,
         components=args.components,
     )
+
+
+def _adapter(adapter: str | None) -> str | None:
+    """An adapter directory as an absolute path (replicas run elsewhere); `default` and the names of
+    shipped adapters as given (they resolve inside the installed package)."""
+    if adapter is None or adapter == "default" or ("/" not in adapter and (ADAPTERS_DIR / adapter).is_dir()):
+        return adapter
+    return str(Path(adapter).resolve())
 
 
 def _memlong_overrides(args: argparse.Namespace) -> dict:

@@ -32,7 +32,7 @@ class DecoderConfig:
     max_inflight: int = 4  # calls admitted at once; more get RESOURCE_EXHAUSTED (backpressure)
     default_timeout_s: float = 600.0  # for calls that arrive without a deadline
     retmem_timeout_s: float = 30.0  # cap of one ret-mem call (still never past the caller's deadline)
-    max_text_bytes: int = 64 << 20  # per call
+    max_call_text_bytes: int = 64 << 20  # all the text of one call (an ingest stream, a Score, a prompt)
     prefetch: bool = True  # overlap the next chunk's retrieval with the current chunk's compute
     ingest_progress_tokens: int = 2048  # tokens between two IngestProgress messages
     # Sessions whose local window (sinks + last local_window tokens, every layer) this replica keeps
@@ -49,7 +49,7 @@ class DecoderConfig:
             raise InvalidArgument("retmem", "at least one ret-mem shard address is needed")
         if not 0 <= self.port < 65536:
             raise InvalidArgument("port", f"out of range: {self.port}")
-        for name in ("max_inflight", "max_text_bytes", "ingest_progress_tokens", "max_message_bytes"):
+        for name in ("max_inflight", "max_call_text_bytes", "ingest_progress_tokens", "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
         for name in ("default_timeout_s", "retmem_timeout_s"):

@@ -171,7 +171,7 @@ class DecoderEngine:
         *,
         max_inflight: int = 4,
         prefetch: bool = True,
-        max_text_bytes: int = 64 << 20,
+        max_call_text_bytes: int = 64 << 20,
         progress_tokens: int = 2048,
         source: str = "",
         window_cache_sessions: int = 8,
@@ -181,7 +181,7 @@ class DecoderEngine:
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.memory = memory
-        self.max_text_bytes = max_text_bytes
+        self.max_call_text_bytes = max_call_text_bytes
         self.progress_tokens = progress_tokens
         self.source = source
         self.windows = WindowCache(window_cache_sessions)
@@ -277,8 +277,8 @@ class DecoderEngine:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _text(self, data: bytes, name: str) -> str:
-        if len(data) > self.max_text_bytes:
-            raise ResourceExhausted(f"{name}: {len(data)} bytes > limit {self.max_text_bytes}")
+        if len(data) > self.max_call_text_bytes:
+            raise ResourceExhausted(f"{name}: {len(data)} bytes > limit {self.max_call_text_bytes}")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -404,8 +404,8 @@ class DecoderEngine:
 
         for piece in pieces:
             received += len(piece)
-            if received > self.max_text_bytes:
-                raise ResourceExhausted(f"text: more than {self.max_text_bytes} bytes in one ingest")
+            if received > self.max_call_text_bytes:
+                raise ResourceExhausted(f"text: more than {self.max_call_text_bytes} bytes in one ingest")
             try:
                 pending += utf8.decode(piece)
             except UnicodeDecodeError as exc:

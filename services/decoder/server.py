@@ -224,7 +224,7 @@ class DecoderServer(ServiceProcess):
             client,
             max_inflight=config.max_inflight,
             prefetch=config.prefetch,
-            max_text_bytes=config.max_text_bytes,
+            max_call_text_bytes=config.max_call_text_bytes,
             progress_tokens=config.ingest_progress_tokens,
             source=source,
             window_cache_sessions=config.window_cache_sessions,

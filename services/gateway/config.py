@@ -28,11 +28,11 @@ class Quotas:
     """Per-tenant limits; exceeding one answers RESOURCE_EXHAUSTED."""
 
     max_sessions: int = 100
-    max_text_bytes: int = 1 << 30  # text committed over all of a tenant's sessions
+    max_tenant_text_bytes: int = 1 << 30  # text committed over all of the tenant's sessions
     max_inflight: int = 4  # calls at once
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_text_bytes", "max_inflight"):
+        for name in ("max_sessions", "max_tenant_text_bytes", "max_inflight"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"quotas.{name}", "must be positive")
 
@@ -52,7 +52,7 @@ class GatewayConfig:
     default_timeout_s: float = 600.0  # for calls that arrive without a deadline
     max_timeout_s: float = 3600.0
     max_append_bytes: int = 32 << 20  # one Append stream
-    max_text_bytes: int = 4 << 20  # one Score text or Generate prompt
+    max_request_text_bytes: int = 4 << 20  # the text of one Score call or one Generate prompt
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 5.0
     internal_token: str | None = None  # sent to the decoders and ret-mem (services.common.internal)
@@ -70,7 +70,7 @@ class GatewayConfig:
             raise InvalidArgument("api_keys", "no API keys configured: every call would be refused")
         if not 0 <= self.port < 65536:
             raise InvalidArgument("port", f"out of range: {self.port}")
-        for name in ("max_inflight", "max_append_bytes", "max_text_bytes", "max_message_bytes"):
+        for name in ("max_inflight", "max_append_bytes", "max_request_text_bytes", "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be positive")
         if not 0 < self.default_timeout_s <= self.max_timeout_s:

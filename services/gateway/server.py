@@ -117,8 +117,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def _text(self, data: bytes, field: str) -> str:
         if not data:
             raise InvalidArgument(field, "must not be empty")
-        if len(data) > self.config.max_text_bytes:
-            raise ResourceExhausted(f"{field}: {len(data)} bytes > limit {self.config.max_text_bytes}")
+        if len(data) > self.config.max_request_text_bytes:
+            raise ResourceExhausted(
+                f"{field}: {len(data)} bytes > limit {self.config.max_request_text_bytes}"
+            )
         return check_utf8(data, field)
 
     # -- sessions -----------------------------------------------------------------------------------
@@ -217,9 +219,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             if not new:  # everything was committed before: an idempotent resume
                 yield pb.AppendProgress(done=True, text_bytes=rec.text_bytes)
                 return
-            if self.table.tenant_bytes(call.tenant) + len(new) > self.table.quotas.max_text_bytes:
+            if self.table.tenant_bytes(call.tenant) + len(new) > self.table.quotas.max_tenant_text_bytes:
                 raise ResourceExhausted(
-                    f"tenant quota: at most {self.table.quotas.max_text_bytes} bytes of text"
+                    f"tenant quota: at most {self.table.quotas.max_tenant_text_bytes} bytes of text"
                 )
             with self.table.writing(rec.session_id):
                 rec = self._roll_back(self.table.get(call.tenant, rec.session_id), call.deadline)

@@ -258,7 +258,7 @@ def test_bad_parameters_and_unknown_session(stack):
 
 
 def test_quotas_answer_resource_exhausted(tmp_path):
-    stack = start_stack(tmp_path, quotas=Quotas(max_sessions=2, max_text_bytes=100))
+    stack = start_stack(tmp_path, quotas=Quotas(max_sessions=2, max_tenant_text_bytes=100))
     try:
         client = stack.client()
         sid = client.create_session().session_id

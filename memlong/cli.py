@@ -144,6 +144,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         methods=tuple(m for m in args.methods.split(",") if m),
         full_max=args.full_max,
         variants=tuple(_variant(v) for v in args.variant),
+        end=args.end,
     )
     stack, meta = _eval_stack(args)
     records, speeds = run_ppl(stack, settings)
@@ -223,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", default="full,sliding,per_layer,paper", help="full, sliding, per_layer, paper, memlong"
     )
     ppl.add_argument("--full-max", type=int, default=8192, help="longest context for full attention")
+    ppl.add_argument(
+        "--end",
+        type=int,
+        default=0,
+        help="with --windows 1: the token the window ends at (default: the longest length)",
+    )
     ppl.add_argument(
         "--variant",
         action="append",

@@ -145,6 +145,12 @@ class MemLongConfig:
             else ";retrieval=keys:" + ",".join(map(str, self.key_layers_of(n_layers)))
         )
 
+    def retrieval_label(self) -> str:
+        """What chunks are found by, for result tables: "text", or "keys" with the key layers."""
+        if self.retrieval == "text":
+            return "text"
+        return "keys:" + (",".join(map(str, self.key_layers)) or "default")
+
     def describe(self) -> str:
         """One line for logs and reports: the layout and the reading settings."""
         if self.layout == "paper":

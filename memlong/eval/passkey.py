@@ -171,7 +171,9 @@ def _record(
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
         "mem_position": cfg.mem_position if memory else "none",
-        "query": "question text" if memory else "none",
+        "query": ("question text" if cfg.retrieval == "text" else f"question {cfg.retrieval_label()}")
+        if memory
+        else "none",
     }
 
 

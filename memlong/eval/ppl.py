@@ -50,6 +50,9 @@ class PPLSettings:
     methods: tuple[str, ...] = METHODS
     full_max: int = 8192
     start: int = 0  # first token of the book region the windows are drawn from
+    # With one window: where it ends (0: start + the longest length). Scores the tokens a run with
+    # longer lengths scored, e.g. end=131072 reproduces the 8k..128k table's tokens with 8k alone.
+    end: int = 0
     # Extra MemLong readings on the same ingest and tokens: (method name, ((setting, value), ...)).
     variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
@@ -57,6 +60,10 @@ class PPLSettings:
 def window_ends(n_tokens: int, settings: PPLSettings) -> list[int]:
     """Window ends spread evenly over the book so that the longest window fits before the first."""
     first = settings.start + max(settings.lengths)
+    if settings.end:
+        if settings.windows != 1 or settings.end < first:
+            raise ValueError("end needs windows=1 and end >= start + the longest length")
+        first = settings.end
     if first > n_tokens:
         raise ValueError(f"book has {n_tokens} tokens; the longest window needs {first}")
     span = n_tokens - first
@@ -138,7 +145,9 @@ def _record(
         "local_window": length if method.startswith("full") else cfg.local_window,
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
-        "query": cfg.query if memory else "none",
+        "query": (cfg.query if cfg.retrieval == "text" else f"{cfg.query} {cfg.retrieval_label()}")
+        if memory
+        else "none",
         "layout": cfg.layout if memory else "none",
         "memory_layers": _memory_layers(cfg) if memory else "",
         "sink_tokens": cfg.sink_tokens,
@@ -168,7 +177,7 @@ def _mean(runs: list[dict]) -> dict:
     return out
 
 
-_SAME_TOKENS = ("book", "windows", "score_tokens", "start", "max_length")
+_SAME_TOKENS = ("book", "windows", "score_tokens", "start", "max_length", "end")
 
 
 def write_ppl(

@@ -31,6 +31,14 @@ class ResourceExhausted(MemLongError):
     """A size limit, quota or capacity would be exceeded."""
 
 
+class TooLarge(ResourceExhausted):
+    """One request, text or stream is over a size limit (HTTP 413). Other ResourceExhausted are quotas
+    and load (HTTP 429); both are RESOURCE_EXHAUSTED over gRPC, and the gateway names this one in the
+    trailing metadata `memlong-reason`."""
+
+    reason = "too_large"
+
+
 class FailedPrecondition(MemLongError):
     """The object is in a state that does not allow the operation."""
 

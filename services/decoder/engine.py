@@ -100,6 +100,7 @@ class GeneratedToken:
     text: str
     finish_reason: str = ""  # "", "length" or "stop" (last token only)
     memory: MemoryReport | None = None
+    prompt_tokens: int = 0  # last token only
 
 
 def split_at_word(text: str) -> tuple[str, str]:
@@ -534,7 +535,7 @@ class DecoderEngine:
             delta, text = stream_delta(text, full, last)
             if last:
                 self._finish_report(report, reader, port)
-                yield GeneratedToken(token, delta, "stop" if stop else "length", report)
+                yield GeneratedToken(token, delta, "stop" if stop else "length", report, len(tokens))
                 return
             yield GeneratedToken(token, delta)
 

@@ -192,6 +192,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                 )
                 if t.memory is not None:
                     msg.memory.CopyFrom(report_to_proto(t.memory))
+                    msg.prompt_tokens = t.prompt_tokens
                 yield msg
         except CallCancelled as exc:
             _abort_stopped(context, exc)

@@ -22,6 +22,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongConfig
@@ -33,6 +34,10 @@ from services.retmem.server import RetMemConfig, RetMemServer
 
 from .config import GatewayConfig, load_key_file, parse_keys
 from .server import GatewayServer
+
+if TYPE_CHECKING:
+    from services.httpapi.server import HttpServer
+    from services.httpapi.template import ChatTemplate
 
 LOCAL_TENANT = "local"
 
@@ -91,6 +96,7 @@ class EmbeddedStack:
     gateway: GatewayServer
     api_key: str
     data_dir: Path
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API beside the gateway, when started
 
     @classmethod
     def start(
@@ -107,10 +113,15 @@ class EmbeddedStack:
         prefetch: bool = True,
         tls: TlsConfig | None = None,
         internal_tls: TlsConfig | None = None,
+        http_port: int | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> EmbeddedStack:
         """Start all three services. `components` = (model, tokenizer, retriever) skips loading (tests).
 
-        `tls` is the gateway port's policy and `internal_tls` the internal one (None: see the module)."""
+        `tls` is the gateway port's policy and `internal_tls` the internal one (None: see the module).
+        `http_port` (0: a free one; None: none) adds the OpenAI-compatible HTTP API in front of the
+        gateway, on the public policy; chat messages go through `chat_template`, by default the
+        decoder's tokenizer's."""
         data_dir = Path(data_dir)
         public = tls if tls is not None else process_tls()
         if internal_tls is None:
@@ -165,10 +176,28 @@ class EmbeddedStack:
             )
             gateway = GatewayServer(gcfg)
             gateway.start()
+            http = None
+            if http_port is not None:
+                from services.httpapi.config import HttpConfig, model_id_for
+                from services.httpapi.server import HttpServer
+                from services.httpapi.template import ChatTemplate
+
+                if chat_template is None:
+                    chat_template = ChatTemplate.from_tokenizer(decoder.engine.tokenizer)
+                hcfg = HttpConfig(
+                    gateway=gateway.address(),
+                    host=host,
+                    port=http_port,
+                    model_id=model_id_for(model),
+                    tls=public,
+                    gateway_tls=public,
+                )
+                http = HttpServer(hcfg, chat_template)
+                http.start()
         except BaseException:
             retmem.stop(grace_s=0)
             raise
-        return cls(retmem, decoder, gateway, api_key, data_dir)
+        return cls(retmem, decoder, gateway, api_key, data_dir, http)
 
     @property
     def gateway_address(self) -> str:
@@ -180,10 +209,13 @@ class EmbeddedStack:
             "decoder": self.decoder.address(),
             "retmem": self.retmem.serving_address(),
             "data_dir": str(self.data_dir),
+            **({"http": self.http.url()} if self.http is not None else {}),
         }
 
     def stop(self, grace_s: float = 2.0) -> None:
-        """Front to back: the gateway stops taking calls first, ret-mem last (after its callers)."""
+        """Front to back: the HTTP API and the gateway stop taking calls first, ret-mem last."""
+        if self.http is not None:
+            self.http.stop(grace_s)
         self.gateway.stop(grace_s)
         self.decoder.stop(grace_s)
         self.retmem.stop(grace_s)

@@ -23,6 +23,7 @@ from services.common.status import status_for
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "x-api-key"
+REASON_KEY = "memlong-reason"  # trailing metadata: which kind of a status it is (errors.TooLarge.reason)
 # Downstream statuses passed through as they are (the gateway adds nothing by re-labelling them).
 _PASS_THROUGH = frozenset(
     {
@@ -115,6 +116,9 @@ class StatusInterceptor(_Interceptor):
 
         def handle(exc: Exception, context: grpc.ServicerContext) -> None:
             if isinstance(exc, MemLongError):
+                reason = getattr(exc, "reason", None)  # e.g. too_large: HTTP tells it from a quota
+                if reason:
+                    context.set_trailing_metadata(((REASON_KEY, reason),))
                 context.abort(status_for(exc), str(exc))
             if isinstance(exc, grpc.RpcError) and exc.code() in _PASS_THROUGH:
                 context.abort(exc.code(), exc.details() or exc.code().name)

@@ -9,6 +9,7 @@ a timeout derived from what remains of the caller's deadline.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ from memlong.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    TooLarge,
     Unavailable,
     shown,
 )
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
 DECODER_SERVICE = dpb.DESCRIPTOR.services_by_name["Decoder"].full_name
 PIECE_BYTES = 1 << 20  # text pieces sent to the decoder
+SCRATCH_PREFIX = "scratch-"  # decoder session ids of reads without a session (never ret-mem sessions)
 
 
 def check_utf8(data: bytes, field: str) -> str:
@@ -118,9 +121,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         if not data:
             raise InvalidArgument(field, "must not be empty")
         if len(data) > self.config.max_request_text_bytes:
-            raise ResourceExhausted(
-                f"{field}: {len(data)} bytes > limit {self.config.max_request_text_bytes}"
-            )
+            raise TooLarge(f"{field}: {len(data)} bytes > limit {self.config.max_request_text_bytes}")
         return check_utf8(data, field)
 
     # -- sessions -----------------------------------------------------------------------------------
@@ -194,11 +195,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 raise InvalidArgument(f"messages[{i}].offset", f"expected {end} (pieces must be contiguous)")
             total += len(msg.text)
             if total > self.config.max_append_bytes:
-                raise ResourceExhausted(f"text: Append stream over {self.config.max_append_bytes} bytes")
+                raise TooLarge(f"text: Append stream over {self.config.max_append_bytes} bytes")
             parts.append(msg.text)
             end += len(msg.text)
         if total > self.config.max_append_bytes:
-            raise ResourceExhausted(f"text: Append stream over {self.config.max_append_bytes} bytes")
+            raise TooLarge(f"text: Append stream over {self.config.max_append_bytes} bytes")
         data = b"".join(parts)
         if not data:
             raise InvalidArgument("text", "must not be empty")
@@ -241,6 +242,24 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         )
         log.info("session %s: rolled back %d chunks of a failed append", rec.session_id, len(gone))
         return self.table.update(rec.session_id, dirty_from=None)
+
+    def _reader_record(self, tenant: str, session_id: str) -> SessionRecord | None:
+        """The session a Score or Generate reads, or None for a call without one (the text alone)."""
+        return self.table.get(tenant, session_id) if session_id else None
+
+    def _read_target(
+        self, rec: SessionRecord | None, deadline: Deadline, mode: int
+    ) -> tuple[str, dpb.SessionRef, int]:
+        """(decoder, session ref, memory mode) of a read. Without a session: a fresh scratch id that no
+        memory or window belongs to, memory OFF (REQUIRED is refused: there is none to require), and a
+        decoder by hashing that id, so such calls spread over the replicas."""
+        if rec is None:
+            if mode == dpb.MEMORY_MODE_REQUIRED:
+                raise InvalidArgument("memory_mode", "a call without a session has no memory to require")
+            scratch = SCRATCH_PREFIX + secrets.token_hex(12)
+            return self.decoder_ring.owner(scratch), dpb.SessionRef(session_id=scratch), dpb.MEMORY_MODE_OFF
+        rec, mode = self._readable(rec, deadline, mode)
+        return rec.decoder, dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id), mode
 
     def _readable(self, rec: SessionRecord, deadline: Deadline, mode: int) -> tuple[SessionRecord, int]:
         """(record, memory mode) for a read, after rolling back a failed append unless one is running now.
@@ -313,16 +332,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def Score(self, request, context):  # noqa: N802
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
-            rec = self.table.get(call.tenant, request.session_id)
+            rec = self._reader_record(call.tenant, request.session_id)
             self._text(request.text, "text")
-            rec, mode = self._readable(rec, call.deadline, request.memory_mode)
+            decoder, ref, mode = self._read_target(rec, call.deadline, request.memory_mode)
             req = dpb.ScoreRequest(
-                session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
-                text=request.text,
-                memory_mode=mode,
-                return_logprobs=request.return_logprobs,
+                session=ref, text=request.text, memory_mode=mode, return_logprobs=request.return_logprobs
             )
-            future = self._decoder(rec.decoder).Score.future(req, timeout=self._timeout(call.deadline))
+            future = self._decoder(decoder).Score.future(req, timeout=self._timeout(call.deadline))
             _cancel_with(context, future)
             try:
                 r = future.result()
@@ -344,17 +360,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def _generate(self, request, context):
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
-            rec = self.table.get(call.tenant, request.session_id)
+            rec = self._reader_record(call.tenant, request.session_id)
             self._text(request.prompt, "prompt")
-            rec, mode = self._readable(rec, call.deadline, request.memory_mode)
+            decoder, ref, mode = self._read_target(rec, call.deadline, request.memory_mode)
             req = dpb.GenerateRequest(
-                session=dpb.SessionRef(session_id=rec.session_id, next_chunk_id=rec.next_chunk_id),
-                prompt=request.prompt,
-                sampling=request.sampling,
-                memory_mode=mode,
+                session=ref, prompt=request.prompt, sampling=request.sampling, memory_mode=mode
             )
             try:
-                stream = self._decoder(rec.decoder).Generate(req, timeout=self._timeout(call.deadline))
+                stream = self._decoder(decoder).Generate(req, timeout=self._timeout(call.deadline))
                 _cancel_with(context, stream)
                 for t in stream:
                     yield pb.GenerateResponse(token=t)

@@ -176,13 +176,15 @@ class GenerateRequest(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionRef, _Mapping]] = ..., prompt: _Optional[bytes] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., memory_mode: _Optional[_Union[MemoryMode, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_id", "text", "finish_reason", "memory")
+    __slots__ = ("token_id", "text", "finish_reason", "memory", "prompt_tokens")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     text: str
     finish_reason: FinishReason
     memory: MemoryReport
-    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ...) -> None: ...
+    prompt_tokens: int
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...

@@ -119,14 +119,17 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Score(self, request, context):
-        """Per-token log-probs and perplexity of a text read after the session's memory.
+        """Per-token log-probs and perplexity of a text read after the session's memory (or of the text
+        alone, when no session is named).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Streams generated tokens for a prompt read after the session's memory.
+        """Streams generated tokens for a prompt read after the session's memory (or after nothing, when no
+        session is named). RESOURCE_EXHAUSTED for a text over a size limit carries the trailing metadata
+        memlong-reason: too_large (other RESOURCE_EXHAUSTED are quotas and load).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

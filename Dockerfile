@@ -36,7 +36,7 @@ ENV PATH=/opt/memlong/bin:$PATH \
 USER 10001:10001
 WORKDIR /data
 # 50051 gateway, 50071 decoder, 50061 ret-mem; 8081 plaintext gRPC health; 9464 Prometheus metrics.
-EXPOSE 50051 50061 50071 8081 9464
+EXPOSE 50051 50061 50071 8080 8081 9464
 VOLUME ["/data"]
 ENTRYPOINT ["memlong"]
 CMD ["--help"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tomllib
 
-from .test_manifests import GRPC_PORTS, HEALTH_PORT
+from .test_manifests import GRPC_PORTS, HEALTH_PORT, HTTP_PORT
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,5 +70,5 @@ def test_runtime_stage_is_non_root_with_the_cli_entrypoint_and_ports() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert entry == '["memlong"]' and "memlong" in scripts
     exposed = {int(p) for op, rest in stage if op == "EXPOSE" for p in rest.split()}
-    assert exposed >= {*GRPC_PORTS.values(), HEALTH_PORT}
+    assert exposed >= {*GRPC_PORTS.values(), HEALTH_PORT, HTTP_PORT}
     assert not any(op == "ADD" for op, _ in instructions()), "ADD can fetch URLs; use COPY"

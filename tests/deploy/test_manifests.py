@@ -18,6 +18,7 @@ OVERLAYS = ("cpu", "gpu")
 VERSIONS = ("1.29.0", "1.37.0")
 HEALTH_PORT = 8081
 GRPC_PORTS = {"memlong-gateway": 50051, "memlong-decoder": 50071, "memlong-retmem": 50061}
+HTTP_PORT = 8080  # the gateway's OpenAI-compatible HTTP API
 
 
 def rendered(overlay: str) -> list[dict[str, Any]]:
@@ -54,6 +55,8 @@ def test_every_object_validates_against_the_schemas(overlay: str, version: str) 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workloads_services_and_probes(overlay: str) -> None:
+    from memlong.cli import build_parser
+
     docs = rendered(overlay)
     loads, services = workloads(docs), by_kind(docs, "Service")
     assert {n: d["kind"] for n, d in loads.items()} == {
@@ -66,13 +69,23 @@ def test_workloads_services_and_probes(overlay: str) -> None:
         assert selects(load["spec"]["selector"]["matchLabels"], labels)
         svc = services[name]
         assert selects(svc["spec"]["selector"], labels), f"Service {name} selects no pod of {name}"
-        assert [p["port"] for p in svc["spec"]["ports"]] == [GRPC_PORTS[name]]
+        http = [HTTP_PORT] if name == "memlong-gateway" else []
+        assert [p["port"] for p in svc["spec"]["ports"]] == [GRPC_PORTS[name], *http]
         (container,) = pod_spec(load)["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["grpc"] == GRPC_PORTS[name] and ports["health"] == HEALTH_PORT
         assert f"--port={GRPC_PORTS[name]}" in container["args"]
-        # gRPC health probes on the plaintext health-only port, all three kinds.
+        # gRPC health probes on the plaintext health-only port; the gateway is ready when its HTTP API
+        # answers /readyz (which asks the gRPC API's health), over TLS as the public policy says.
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if name == "memlong-gateway" and probe == "readinessProbe":
+                get = container[probe]["httpGet"]
+                assert (get["path"], ports[get["port"]], get["scheme"]) == ("/readyz", HTTP_PORT, "HTTPS")
+                args = build_parser().parse_args(container["args"])  # the CLI takes them as written
+                assert args.http_port == HTTP_PORT and args.http_gateway_server_name == "memlong-gateway"
+                svc_http = next(p for p in svc["spec"]["ports"] if p["port"] == HTTP_PORT)
+                assert ports[svc_http["targetPort"]] == HTTP_PORT
+                continue
             assert container[probe]["grpc"]["port"] == HEALTH_PORT, (name, probe)
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert pod_spec(load)["securityContext"]["runAsNonRoot"] is True
@@ -230,6 +243,7 @@ def test_network_policy_allows_only_gateway_decoder_retmem(overlay: str) -> None
         return out
 
     assert allowed_sources("memlong-gateway", 50051) == {"*"}
+    assert allowed_sources("memlong-gateway", HTTP_PORT) == {"*"}
     assert allowed_sources("memlong-decoder", 50071) == {"memlong-gateway"}
     assert allowed_sources("memlong-retmem", 50061) == {"memlong-decoder", "memlong-gateway"}
     for name in GRPC_PORTS:

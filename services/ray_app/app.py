@@ -1,11 +1,13 @@
 """The Ray Serve application: one deployment per ret-mem shard, per decoder replica, and the gateway.
 
     app = build_app(RayAppConfig(data_dir=Path("/var/lib/memlong"), shards=2))
-    serve.run(app, name="memlong", route_prefix=None)     # no HTTP: clients speak gRPC to the gateway
+    deploy(config)        # gRPC clients call the gateway's port; HTTP clients Serve's proxy
 
 Each replica hosts the service's own gRPC server (the same code as the embedded default and
 Kubernetes), so routing, deadlines, TLS and tracing behave identically; Serve supplies placement,
-health checking and restarts. A shard's data lives in `<data_dir>/retmem/<shard>`: when Serve replaces
+health checking and restarts. The gateway deployment is the application's HTTP ingress: Serve's
+proxy hands HTTP requests to the OpenAI-compatible API (services/httpapi), which calls the replica's
+own gRPC gateway, as it does beside `memlong up`. A shard's data lives in `<data_dir>/retmem/<shard>`: when Serve replaces
 a failed replica, the new one recovers from the same write-ahead log and snapshots, so an acknowledged
 append survives the restart. A single-node Ray (this machine) keeps every address stable; on several
 nodes pin each shard to its node (custom resources) so its address and disk stay with it.
@@ -125,8 +127,10 @@ class DecoderReplica(_Replica):
 
 
 @serve.deployment(ray_actor_options=ACTOR_OPTIONS, health_check_period_s=5, graceful_shutdown_timeout_s=30)
+@serve.ingress()  # the ASGI app comes from __serve_build_asgi_app__, once the gRPC gateway listens
 class Gateway(_Replica):
-    """The public gRPC API; the application's ingress. Holds handles to the other deployments."""
+    """The public gRPC API, and the application's HTTP ingress (the OpenAI-compatible API in front of
+    it). Holds handles to the other deployments."""
 
     def __init__(self, config_json: str, decoders: list[Any], shards: list[Any]) -> None:
         from services.gateway.config import GatewayConfig, load_key_file, parse_keys
@@ -152,11 +156,24 @@ class Gateway(_Replica):
         self.server.start()
         self.service, self.address = SERVICE_NAME, self.server.address()
         self.decoders, self.shards = decoders, shards
+        self.config = config
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The HTTP API over this replica's gateway; chat through the served model's template (none
+        for test components, whose tokenizer has none: /v1/completions only)."""
+        from services.httpapi.app import create_app
+        from services.httpapi.config import HttpConfig, model_id_for
+        from services.httpapi.template import ChatTemplate
+
+        template = None if self.config.components else ChatTemplate.load(self.config.model)
+        http = HttpConfig(gateway=self.address, model_id=model_id_for(self.config.model))
+        return create_app(http, template)
 
     async def describe(self) -> dict[str, Any]:
         """Addresses of every service (the `memlong ray status` answer)."""
         return {
             "gateway": self.address,
+            "http": self.config.http_url,
             "decoders": [await d.describe.remote() for d in self.decoders],
             "shards": [await s.describe.remote() for s in self.shards],
         }
@@ -171,9 +188,10 @@ def build_app(config: RayAppConfig) -> Any:
 
 
 def deploy(config: RayAppConfig, blocking: bool = False) -> Any:
-    """Run the application on the connected Ray cluster (no HTTP proxy); returns the ingress handle."""
-    serve.start(proxy_location="Disabled")
-    return serve.run(build_app(config), name=config.app_name, route_prefix=None, blocking=blocking)
+    """Run the application on the connected Ray cluster, its HTTP API behind Serve's proxy on the head
+    node (config.host:config.http_port); returns the ingress handle."""
+    serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.http_port})
+    return serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=blocking)
 
 
 def undeploy(app_name: str = "memlong") -> None:

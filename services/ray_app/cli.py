@@ -4,8 +4,8 @@
     memlong ray status
     memlong ray down                                                   # --keep-ray leaves Ray up
 
-`up` prints the gateway address and the local tenant's API key; a plain gRPC client (memlong.Client)
-connects to that address. `down` deletes the application (graceful stop, data kept on disk), then
+`up` prints the gateway address, the HTTP API's URL and the local tenant's API key; a plain gRPC
+client (memlong.Client) connects to the first, the `openai` client to the second (+ "/v1"). `down` deletes the application (graceful stop, data kept on disk), then
 stops the Ray instance that `up` started.
 """
 
@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--gateway-port", type=int, default=50051)
     up.add_argument("--decoder-port", type=int, default=50071, help="first decoder's port")
     up.add_argument("--retmem-port", type=int, default=50061, help="first shard's port")
+    up.add_argument(
+        "--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP API (Serve's proxy)"
+    )
     up.add_argument("--model", default=None, help="HF checkpoint dir (default: the packaged SmolLM2)")
     up.add_argument(
         "--adapter",
@@ -125,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> RayAppConfig:
         gateway_port=args.gateway_port,
         decoder_port=args.decoder_port,
         retmem_port=args.retmem_port,
+        http_port=args.http_port,
         shards=args.shards,
         decoders=args.decoders,
         memlong=_memlong_overrides(args),
@@ -161,7 +165,9 @@ def up_command(args: argparse.Namespace) -> int:
     _connect(args.address, args.num_cpus)
     deploy(config)
     key = local_api_key(config.data_dir)
-    sys.stdout.write(f"MEMLONG_GATEWAY={config.gateway_address}\nMEMLONG_API_KEY={key}\n")
+    sys.stdout.write(
+        f"MEMLONG_GATEWAY={config.gateway_address}\nMEMLONG_HTTP={config.http_url}\nMEMLONG_API_KEY={key}\n"
+    )
     return 0
 
 

@@ -17,7 +17,8 @@ class RayAppConfig:
     Every replica runs the service's own gRPC server on a fixed port of its node, so plain gRPC
     clients reach the gateway directly and the ring of shard addresses is known before anything
     starts (session-stable routing needs no lookup). Ports: gateway `gateway_port`, decoder i
-    `decoder_port + i`, shard i `retmem_port + i`.
+    `decoder_port + i`, shard i `retmem_port + i`; Serve's HTTP proxy `http_port` (the gateway
+    deployment's OpenAI-compatible HTTP API).
     """
 
     data_dir: Path
@@ -25,6 +26,7 @@ class RayAppConfig:
     gateway_port: int = 50051
     decoder_port: int = 50071
     retmem_port: int = 50061
+    http_port: int = 8000  # Serve's HTTP proxy: the OpenAI-compatible API (the gateway's ingress)
     shards: int = 2
     decoders: int = 1
     api_keys: tuple[tuple[str, str], ...] = ()  # (key, tenant); empty: the local tenant's key file
@@ -41,10 +43,10 @@ class RayAppConfig:
             raise InvalidArgument("shards", f"must be in [1, 64], got {self.shards}")
         if not 1 <= self.decoders <= 16:
             raise InvalidArgument("decoders", f"must be in [1, 16], got {self.decoders}")
-        ports = [self.gateway_port, *self.decoder_ports, *self.retmem_ports]
+        ports = [self.gateway_port, self.http_port, *self.decoder_ports, *self.retmem_ports]
         if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
             raise InvalidArgument(
-                "ports", f"gateway, decoder and shard ports overlap or are out of range: {ports}"
+                "ports", f"gateway, HTTP, decoder and shard ports overlap or are out of range: {ports}"
             )
         if self.components is not None and ":" not in self.components:
             raise InvalidArgument("components", "expected module:function")
@@ -69,6 +71,10 @@ class RayAppConfig:
     @property
     def gateway_address(self) -> str:
         return f"{self.host}:{self.gateway_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
 
     def to_json(self) -> str:
         out = asdict(self)

@@ -12,17 +12,20 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
+import openai  # noqa: E402
 from ray import serve  # noqa: E402
 
 from memlong.client import Client  # noqa: E402
 from memlong.errors import Unavailable  # noqa: E402
 from services.common.channel import close_channels  # noqa: E402
+from services.httpapi.config import DEFAULT_MODEL_ID  # noqa: E402
 from services.retmem.routing import Ring  # noqa: E402
 from tests.retmem.conftest import wait_serving  # noqa: E402
 
@@ -112,7 +115,7 @@ def test_ray_up_serves_a_session_end_to_end_and_shard_data_survives_replica_rest
     ray_instance, tmp_path: Path
 ) -> None:
     address = ray.get_runtime_context().gcs_address
-    base = free_base_port(4)
+    base = free_base_port(5)
     out = memlong_ray(
         "up",
         f"--address={address}",
@@ -121,6 +124,7 @@ def test_ray_up_serves_a_session_end_to_end_and_shard_data_survives_replica_rest
         f"--gateway-port={base}",
         f"--decoder-port={base + 1}",
         f"--retmem-port={base + 2}",
+        f"--http-port={base + 4}",
         "--components=tests.deploy.ray_components:tiny",
     )
     settings = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("MEMLONG_"))
@@ -139,6 +143,25 @@ def test_ray_up_serves_a_session_end_to_end_and_shard_data_survives_replica_rest
     score = client.score(session.session_id, "alpha beta gamma")
     owner = Ring(list(ring)).owner(session.session_id)
     assert before.shard == owner  # session-stable routing: the ring owner holds it
+
+    # The same session over HTTP: Serve's proxy -> the gateway deployment's ingress -> its gRPC API.
+    assert settings["MEMLONG_HTTP"] == status["http"] == f"http://127.0.0.1:{base + 4}"
+    with urllib.request.urlopen(settings["MEMLONG_HTTP"] + "/readyz", timeout=30) as r:
+        assert r.status == 200
+    http = openai.OpenAI(
+        base_url=settings["MEMLONG_HTTP"] + "/v1", api_key=settings["MEMLONG_API_KEY"], max_retries=0
+    )
+    assert http.get(f"/sessions/{session.session_id}", cast_to=object)["tokens"] == before.tokens
+    scored = http.completions.create(
+        model=DEFAULT_MODEL_ID,
+        prompt="alpha beta gamma",
+        max_tokens=0,
+        echo=True,
+        extra_body={"session_id": session.session_id},
+    )
+    assert scored.model_extra["memlong"]["perplexity"] == pytest.approx(score.perplexity, rel=1e-5)
+    streamed = http.completions.create(model=DEFAULT_MODEL_ID, prompt="alpha", max_tokens=3, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed)
 
     # Kill the owning shard's replica; Serve replaces it and it recovers from its own data.
     actor = replica_actor(f"retmem-{owner}")

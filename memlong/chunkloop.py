@@ -10,7 +10,7 @@ and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a 
 - `ingest` reads like scoring without the LM head, so ingest-then-score equals one pass of scoring at
   every layer (per-layer layout). The paper layout ingests cheaply: the text's first chunk through every
   layer (so upper layers keep the true attention sinks), the rest through layers 0..mem_layer only; the
-  upper layers' window then warms up on the next tokens read with every layer (DESIGN §2.5).
+  upper layers' window then warms up on the next tokens read with every layer.
 - Generation retrieves once with the prompt's own text before reading it (the prompt is given, so this
   is no look-ahead); scoring stays causal.
 - Prefetch: when scoring a known text through a memory that offers `search_async` (the ret-mem port),

@@ -20,7 +20,7 @@ def retrieval_source(layout_tag: str) -> str:
 class MemLongConfig:
     """MemLong settings. Layer indices are 0-based decoder layers of the wrapped model.
 
-    Two memory layouts (DESIGN §1):
+    Two memory layouts:
     - "per_layer" (default; training-free): every layer in `mem_layers` (empty: all layers) stores its
       own pre-RoPE K/V per chunk and reads them back. One record per chunk holds all of them.
     - "paper": MemLong's layout. Only `mem_layer` stores K/V; the `ret_attn_layers` read them through

@@ -10,7 +10,7 @@ keyed by *stable chunk ids*: the caller's chunk sequence numbers. The pieces:
   eviction never moves the (large) records;
 - chronological metadata (id, slot, retrieval counter, pin, length) kept sorted by id, so id -> slot
   is one vectorised `searchsorted`;
-- the paper's eviction policy (DESIGN §1, §2.4): keep the newest band, drop the oldest small band,
+- the MemLong paper's eviction policy: keep the newest band, drop the oldest small band,
   then the least-retrieved chunks in between; pinned chunks are never evicted.
 
 Search is exact: FAISS proposes candidates, which are rescored in float64 and ranked with ties

@@ -18,7 +18,7 @@ memory keys are stored before RoPE and used unrotated, i.e. at position 0 (mem_p
 paper's choice; "prefix" puts the retrieved chunks at 1-M..0 instead). Every distance then depends only
 on t, never on how the text was cut into (chunk-aligned) blocks, and the query-memory distance stays
 about one window however long the text is. Re-positioning retrieved chunks into the sequence was
-reported to collapse the model (DESIGN §1).
+reported to collapse the model (the MemLong paper).
 
 Two memory layouts (config.layout). "per_layer" (the default, training-free): every memory layer stores
 its own K/V and reads them back. "paper": every retrieval layer reuses the memory layer's K/V (KV-head
@@ -27,7 +27,8 @@ count, GQA) with its own Q and O projections (needs stage-2 training). Memory K/
 
 Sinks. A layer that skipped tokens (the upper layers during a paper-layout lower-only ingest) drops its
 now-stale window when it next runs, but keeps the sinks it recorded from the text's true first tokens;
-that is why the Reader runs the text's first chunk through every layer (DESIGN §2.5).
+that is why the Reader runs the text's first chunk through every layer (a layer that first ran
+mid-text would take mid-text tokens as its sinks).
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ class MemLongModel(torch.nn.Module):
         """Read a block of new tokens (B, S), updating the stream's caches in place.
 
         lower_only (paper layout) runs layers 0..mem_layer-1 and the memory layer's K/V projections only:
-        all that memory encoding needs (DESIGN §2.5). Those layers never see memory, so their caches and
+        all that memory encoding needs in the paper layout. Those layers never see memory, so their caches and
         the stored K/V equal what a full pass would produce.
         """
         cfg = self.config

@@ -1,4 +1,5 @@
-"""Tests of the memory bank core (memlong/memory.py): RELIABILITY B2, B3, C2 at the core level.
+"""Tests of the memory bank core (memlong/memory.py): exact search against brute force, id-to-K/V
+alignment under eviction, and validation of every input, at the core level.
 
 Records and embeddings are derived deterministically from the chunk id, so any returned
 (id, record) pair can be checked against the id alone.
@@ -108,7 +109,7 @@ def test_config_bands_round_up():
     assert MemoryConfig(dim=4, record_bytes=1, memory_size=2, evict_free=0.01).n_evict == 1
 
 
-# ------------------------------------------------------------------------------ exact search (B2)
+# ----------------------------------------------------------------------------------- exact search
 
 
 @pytest.mark.parametrize("top_k", [1, 5, 8, 17])
@@ -176,7 +177,7 @@ def test_search_on_empty_memory_is_all_padding():
     assert (res.ids == -1).all() and np.isneginf(res.scores).all() and res.records.shape == (3, 4, RECORD)
 
 
-# ----------------------------------------------------------------------- alignment under eviction (B3)
+# ---------------------------------------------------------------------------- alignment under eviction
 
 
 def test_alignment_through_many_evictions():
@@ -406,7 +407,7 @@ def test_accepted_history_stays_bounded():
     assert append(mem, [1], emb) == 0  # the oldest gaps merged: counted as accepted, a no-op
 
 
-# ------------------------------------------------------------------------------- validation (C2)
+# ------------------------------------------------------------------------------------------ validation
 
 
 def _batch(n: int = 4, start: int = 10):

@@ -11,7 +11,7 @@ book[E-L : E]. Every method scores the SAME final `score_tokens` of each window:
 - memlong:   the loaded settings as they are (whatever layout the command line chose).
 
 Every method reads the whole window from its first token (the corrected protocol: every layer has its
-true sinks and a warm window, DESIGN §2.5). Memory depends on what each method retrieved, so nothing is
+true sinks and a warm window). Memory depends on what each method retrieved, so nothing is
 shared between methods; memory is fresh per window. The paper layout ingests cheaply (layers 0..mem_layer
 after the first chunk), then reads the last `local_window` tokens before the scored span with every layer.
 """

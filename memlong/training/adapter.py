@@ -1,6 +1,6 @@
 """The MemLong adapter: what trains, how LoRA is attached, and the adapter file format.
 
-What trains (DESIGN §1, stage 2). Layers 0..mem_layer-1 are frozen, and so is everything in the memory
+What trains (MemLong's stage 2). Layers 0..mem_layer-1 are frozen, and so is everything in the memory
 layer that produces stored K/V (its input norm, k_proj and v_proj): stored memory then never goes stale.
 The memory layer is itself a retrieval layer in the default settings (15 in (15, 19, 23, 27)): it reads
 memory through its own q_proj and writes through o_proj, neither of which affects stored K/V, so by

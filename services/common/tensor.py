@@ -1,8 +1,10 @@
 """Tensor <-> numpy at the wire boundary: dtype allow-list, size checks, checksums.
 
-Decoding never copies the payload (`np.frombuffer` over the message's bytes) and never executes
-anything: a Tensor is dtype + shape + raw bytes + CRC-32. bfloat16 has no numpy dtype; it travels and
-decodes as its raw 16-bit patterns (`np.uint16`), which is what torch's `view(torch.bfloat16)` wants.
+Decoding copies the payload once, when it reads `Tensor.data` out of the parsed message (protobuf
+hands out a new bytes object), and makes no copy after that: the array is a read-only `np.frombuffer`
+view of those bytes. It never executes anything: a Tensor is dtype + shape + raw bytes + CRC-32.
+bfloat16 has no numpy dtype; it travels and decodes as its raw 16-bit patterns (`np.uint16`), which is
+what torch's `view(torch.bfloat16)` wants.
 """
 
 from __future__ import annotations

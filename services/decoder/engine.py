@@ -1,4 +1,6 @@
-"""The decoder's core: one model, admission control, and the chunk loop per call. No gRPC here.
+"""The decoder's core: one model, admission control, and the chunk loop per call. It serves no gRPC
+itself (server.py's servicer decodes requests and encodes replies around it); its memory is ret-mem,
+reached over gRPC through a `RetMemClient`, with deadlines derived from each call's own.
 
 Each call builds its own `Reader` (local window) over a `SessionPort` (its view of the ret-mem
 session), so calls never share mutable state except the model, which is used under one lock, taken

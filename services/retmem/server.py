@@ -67,11 +67,12 @@ class RetMemConfig:
     checkpoint_bytes: int = 1 << 30
     grace_s: float = 10.0
     drain_s: float = 0.0  # between health NOT_SERVING and closing the listener (probe period)
-    checkpoint_on_stop: bool = True
-    # FAISS OpenMP threads. One: a per-chunk search is one query row, calls run in parallel on gRPC
-    # threads, and idle OpenMP workers spinning on 2 cores made a 2000-chunk search 20x slower.
+    checkpoint_on_stop: bool = True  # snapshot at graceful stop so retrieval counters survive it
     internal_token: str | None = None  # callers must send it (services.common.internal)
     tls: TlsConfig | None = None  # None: the process's internal TLS policy (services.common.tls)
+    # FAISS OpenMP threads, set process-wide when the server is built. One: a per-chunk search is one
+    # query row, calls run in parallel on gRPC threads, and idle OpenMP workers spinning on 2 cores
+    # made a 2000-chunk search 20x slower.
     faiss_threads: int = 1  # snapshot at graceful stop so retrieval counters survive it
 
     def __post_init__(self) -> None:

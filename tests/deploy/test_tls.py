@@ -1,8 +1,8 @@
-"""F1 and F2: TLS and mTLS on a real ret-mem server configured through the process default (the way
-every service gets it), certificates made at test time.
+"""TLS and mTLS on a real ret-mem server configured through the process default (the way every
+service gets it), certificates made at test time.
 
-F1: TLS on -> a plaintext client is refused; a client trusting the CA works.
-F2: mTLS on -> no client certificate, or one from another CA, is refused; the right one works.
+TLS on -> a plaintext client is refused; a client trusting the CA works.
+mTLS on -> no client certificate, or one from another CA, is refused; the right one works.
 The plaintext health-only port answers probes in both modes.
 """
 
@@ -83,7 +83,7 @@ def refused(target: str, tls: tls_mod.TlsConfig) -> grpc.StatusCode:
     return info.value.code()
 
 
-def test_f1_plaintext_client_refused(secured: tuple[Pki, RetMemServer]) -> None:
+def test_tls_refuses_a_plaintext_client(secured: tuple[Pki, RetMemServer]) -> None:
     pki, server = secured
     target = server.serving_address()
     assert refused(target, tls_mod.PLAINTEXT) == grpc.StatusCode.UNAVAILABLE
@@ -95,7 +95,7 @@ def test_f1_plaintext_client_refused(secured: tuple[Pki, RetMemServer]) -> None:
         roundtrip(client_for(server), "f1")
 
 
-def test_f1_client_refuses_server_it_does_not_trust(
+def test_tls_client_refuses_a_server_it_does_not_trust(
     secured: tuple[Pki, RetMemServer], tmp_path: Path
 ) -> None:
     _, server = secured
@@ -103,11 +103,11 @@ def test_f1_client_refuses_server_it_does_not_trust(
     assert refused(server.serving_address(), stranger.client) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_f2_mtls_refuses_missing_or_foreign_client_certificate(secured: tuple[Pki, RetMemServer]) -> None:
+def test_mtls_refuses_missing_or_foreign_client_certificate(secured: tuple[Pki, RetMemServer]) -> None:
     pki, server = secured
     target = server.serving_address()
     if not pki.server.client_auth:
-        # TLS without client auth: anonymous clients are fine (F2 applies to mTLS only).
+        # TLS without client auth: anonymous clients are fine (the refusals apply to mTLS only).
         assert health(target, pki.anonymous) == SERVING
         return
     assert refused(target, pki.anonymous) == grpc.StatusCode.UNAVAILABLE

@@ -1,4 +1,4 @@
-"""H1: one trace per request with linked spans from gateway, decoder and ret-mem (in-memory exporter),
+"""One trace per request with linked spans from gateway, decoder and ret-mem (in-memory exporter),
 on the real serving stack (tiny model, gRPC on loopback). Also: attributes never carry text or keys,
 and the metrics (retrieval latency, bytes moved, memory size, evictions) are recorded."""
 

@@ -1,4 +1,4 @@
-"""A1: kill loop. SIGKILL the server every few seconds while 20 sessions append; after the final
+"""Kill loop: SIGKILL the server every few seconds while 20 sessions append; after the final
 restart: 0 acknowledged chunks lost, 0 phantoms, 0 duplicates, 0 checksum mismatches.
 Run with `pytest -m chaos tests/retmem/test_chaos.py`; MEMLONG_CHAOS_ROUNDS sets the rounds (default 8),
 and MEMLONG_CHAOS_REPORT=path.json writes the counts and each restart's recovery time (start to

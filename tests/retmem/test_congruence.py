@@ -1,5 +1,5 @@
 # ruff: noqa: B023 - each lambda is called at once, inside its own iteration
-"""B1-B3 over gRPC: the service answers exactly like the in-process core, exactly like brute force,
+"""Congruence over gRPC: the service answers exactly like the in-process core, exactly like brute force,
 and keeps ids and K/V aligned through many evictions."""
 
 from __future__ import annotations

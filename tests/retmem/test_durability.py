@@ -1,4 +1,4 @@
-"""A0 (SIGKILL during appends), A2 (torn log tail), A4 (restart determinism), deletes that stay."""
+"""SIGKILL during appends, a torn log tail, restart determinism, deletes that stay."""
 
 from __future__ import annotations
 

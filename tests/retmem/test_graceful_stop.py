@@ -1,4 +1,4 @@
-"""A3 in a real process: SIGTERM with calls in flight.
+"""Graceful stop in a real process: SIGTERM with calls in flight.
 
 In-flight calls finish with every byte; new calls get UNAVAILABLE; health flips to NOT_SERVING
 while the listener is still open (a brand-new connection sees it), and only then does the listener

@@ -1,4 +1,4 @@
-"""F6: no unsafe deserialisation anywhere; FAISS files are read only when their checksum matches."""
+"""No unsafe deserialisation anywhere; FAISS files are read only when their checksum matches."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""C1-C5, D4, A3, routing and export/import over gRPC."""
+"""Over gRPC: bad and oversized requests, unknown or deleted sessions, health, graceful stop, routing,
+export/import."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Fixtures for the serving path: ret-mem, a decoder on a tiny random LLaMA and the gateway, all over
-real gRPC on loopback ports. Every server records the deadline of every call it serves (D1, D2)."""
+real gRPC on loopback ports. Every server records the deadline of every call it serves
+(tests/serving/test_deadlines.py)."""
 
 from __future__ import annotations
 

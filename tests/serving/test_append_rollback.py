@@ -1,5 +1,5 @@
 """A failed append is rolled back: the chunks it stored leave ret-mem, so the client's retry of the same
-text is stored once (RELIABILITY promise 2), also when the gateway restarts before it can roll back."""
+text is stored once (appends are idempotent), also when the gateway restarts before it can roll back."""
 
 from __future__ import annotations
 

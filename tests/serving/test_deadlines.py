@@ -1,4 +1,4 @@
-"""D1-D3: every call carries a deadline, deadlines shrink downstream, a caller who gives up stops the work;
+"""Every call carries a deadline, deadlines shrink downstream, a caller who gives up stops the work;
 backpressure answers RESOURCE_EXHAUSTED instead of parking the call."""
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def _stop(stack) -> None:
 
 
 def _assert_strictly_earlier(log, downstream: str, upstream: str) -> None:
-    """D2 on absolute deadlines: the latest any call to `downstream` can have is before the earliest any
-    call to `upstream` can have. A deadline handed on unchanged fails (gRPC only rounds it later)."""
+    """Deadlines shrink downstream, checked on absolute deadlines: the latest any call to `downstream`
+    can have is before the earliest any call to `upstream` can have. A deadline handed on unchanged
+    fails (gRPC only rounds it later)."""
 
     def bounds(server: str) -> tuple[float, float]:
         spans = [(lo, hi) for srv, _, lo, hi in log.deadlines if srv == server]
@@ -78,10 +79,10 @@ def test_every_call_carries_a_deadline_and_deadlines_shrink_downstream(stack):
     by = {s: [r for srv, _, r in calls if srv == s] for s in ("gateway", "decoder", "retmem")}
     assert len(by["gateway"]) == len(by["decoder"]) == 1 and len(by["retmem"]) > 5
     assert by["gateway"][0] <= 20 * 1.01  # the caller's budget (gRPC rounds timeouts up <= 1 %)
-    _assert_strictly_earlier(stack.log, "decoder", "gateway")  # D2
+    _assert_strictly_earlier(stack.log, "decoder", "gateway")
     _assert_strictly_earlier(stack.log, "retmem", "decoder")
     client.delete_session(sid)
-    # D1 over the whole suite's traffic in this test: no server saw a call without a deadline.
+    # Over the whole suite's traffic in this test: no server saw a call without a deadline.
     assert all(remaining is not None for _, _, remaining in stack.log.calls)
 
 

@@ -1,4 +1,5 @@
-"""F3 (API keys), F4 (the authorization table, complete over the public methods), F5 (isolation), C5."""
+"""API keys, the authorization table (complete over the public methods), tenant isolation, and bad text
+at the gateway."""
 
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def _two_tenants(stack):
 
 
 def test_no_chunk_of_another_session_is_ever_retrieved(stack, monkeypatch):
-    """F5: sessions of two tenants with disjoint texts; every record retrieved for a call is one the
+    """Sessions of two tenants with disjoint texts; every record retrieved for a call is one the
     caller's own session holds, at the id it holds it (score and generate)."""
     tenants = _two_tenants(stack)
     seen = Retrievals(monkeypatch)

@@ -73,7 +73,7 @@ class RetMemConfig:
     # FAISS OpenMP threads, set process-wide when the server is built. One: a per-chunk search is one
     # query row, calls run in parallel on gRPC threads, and idle OpenMP workers spinning on 2 cores
     # made a 2000-chunk search 20x slower.
-    faiss_threads: int = 1  # snapshot at graceful stop so retrieval counters survive it
+    faiss_threads: int = 1
 
     def __post_init__(self) -> None:
         if not self.shards or len(set(self.shards)) != len(self.shards):

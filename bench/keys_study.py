@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memlong.chunkloop import records_to_kv
 from memlong.data import PASSKEY_QUESTION, passkey_needle
 from memlong.eval.common import Stack, machine_info, markdown_table, write_json
 from memlong.model import MemLongConfig
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--book", default="kjv")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dump", default="", help="save each trial's per-token keys and question queries here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -70,6 +72,8 @@ def main() -> None:
     per_layer_cos = np.zeros_like(per_layer)
     text_ranks = []
     t0 = time.time()
+    if args.dump:
+        Path(args.dump).mkdir(parents=True, exist_ok=True)
     for trial in range(args.trials):
         key, text = passkey_needle(rng)
         needle = stack.encode(text)
@@ -92,6 +96,16 @@ def main() -> None:
         unit = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
         cosines = np.einsum("nld,ld->ln", unit.astype(np.float64), query.astype(np.float64))
         per_layer_cos[trial] = [_rank(cosines[layer], target) for layer in range(n_layers)]
+        if args.dump:
+            kv = records_to_kv(state["records"], stack.model.kv_record_shape, cfg.kv_dtype)
+            np.savez(
+                Path(args.dump) / f"trial{trial}.npz",
+                keys=kv[:, :, 0].to(torch.float16).numpy(),  # (n, L, Hkv, c, D) pre-RoPE
+                lengths=state["lengths"],
+                ids=state["ids"],
+                queries=reader._key_history.to(torch.float16).numpy(),  # (c, L*Hkv*D) question tokens
+                target=target,
+            )
         texts = [stack.tokenizer.decode(seq[i * c : (i + 1) * c]) for i in range(len(state["ids"]))]
         emb_text = stack.retriever.embed(texts)
         q_text = stack.retriever.embed([stack.tokenizer.decode(seq[-c:])])[0]

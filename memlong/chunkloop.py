@@ -389,7 +389,7 @@ class Reader:
         elif self.cfg.retrieval == "keys":
             if key_rows is None:  # the text was read without queries (a paper-layout lower-only ingest)
                 raise InvalidArgument("retrieval", "no attention queries recorded for a retrieval by keys")
-            res = self.memory.search(key_rows.mean(0, keepdim=True).float().numpy(), top_k)
+            res = self.memory.search(_key_query(key_rows, self.cfg), top_k)
         else:
             query = self._queries.embed(self.tokenizer.decode(query_tokens))
             res = self.memory.search(query, top_k)
@@ -519,6 +519,15 @@ class Reader:
                     return
             logp = self._read_block([token])
             self._last_logp = logp[-1]
+
+
+def _key_query(rows: torch.Tensor, cfg) -> np.ndarray:
+    """(1, key_dim) float32 query for retrieval by keys from the queries of the tokens before the
+    boundary (rows, oldest first): the mean of the last `key_query_tokens`, less `key_query_center` x
+    the mean of them all."""
+    recent = rows[-cfg.key_query_tokens :] if cfg.key_query_tokens else rows
+    query = recent.float().mean(0) - cfg.key_query_center * rows.float().mean(0)
+    return query[None].numpy()
 
 
 def _last_rows(rows: torch.Tensor | None, new: torch.Tensor, n: int) -> torch.Tensor:

@@ -37,8 +37,10 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
         key, _, value = part.partition("=")
         if key in ("ret_attn_layers", "mem_layers", "key_layers"):
             items.append((key, tuple(int(x) for x in value.split(",") if x)))
-        elif key in ("top_k", "chunk", "local_window", "mem_layer"):
+        elif key in ("top_k", "chunk", "local_window", "mem_layer", "key_query_tokens"):
             items.append((key, int(value)))
+        elif key == "key_query_center":
+            items.append((key, float(value)))
         else:
             items.append((key, value))
     return name, tuple(items)
@@ -92,7 +94,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--key-layers",
         default="",
-        help="retrieval by keys: comma-separated layers (default: the middle stored layer)",
+        help="retrieval by keys: comma-separated layers (default: the two stored layers at 40%% depth)",
     )
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
 

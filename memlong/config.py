@@ -49,6 +49,12 @@ class MemLongConfig:
     retrieval: str = "text"
     # "keys": layers whose keys and queries are used (empty: `key_layers_of` picks them).
     key_layers: tuple[int, ...] = ()
+    # "keys": the query is the mean of the last `key_query_tokens` queries before the boundary (0: the
+    # whole chunk) minus `key_query_center` x the whole chunk's mean query, which takes out what every
+    # query has in common (without it the same few "hub" chunks win every search). Defaults from
+    # bench/results/keys_study (passkey, SmolLM2-135M): last token, half the common direction.
+    key_query_tokens: int = 1
+    key_query_center: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
@@ -79,6 +85,10 @@ class MemLongConfig:
             raise InvalidArgument("mem_position", f"unknown memory position mode {self.mem_position!r}")
         if self.retrieval not in RETRIEVAL_SOURCES:
             raise InvalidArgument("retrieval", f"must be one of {RETRIEVAL_SOURCES}, got {self.retrieval!r}")
+        if not 0 <= self.key_query_tokens <= self.chunk:
+            raise InvalidArgument("key_query_tokens", f"must be in 0..chunk, got {self.key_query_tokens}")
+        if not 0.0 <= self.key_query_center <= 1.0:  # false for NaN too
+            raise InvalidArgument("key_query_center", f"must be in [0, 1], got {self.key_query_center}")
         if self.key_layers and self.key_layers[0] < 0:
             raise InvalidArgument("key_layers", "layer indices must be >= 0")
         if self.kv_dtype not in ("float32", "float16", "bfloat16"):
@@ -107,11 +117,13 @@ class MemLongConfig:
 
     def key_layers_of(self, n_layers: int) -> tuple[int, ...]:
         """The layers retrieval by keys reads: `key_layers`, else the memory layer (paper layout) or the
-        middle stored layer (per-layer memory; bench/results/keys_study)."""
+        two stored layers at 40 % of the depth (per-layer memory: 12 and 13 of SmolLM2's 30, where
+        bench/results/keys_study found the needle most often)."""
         if self.key_layers:
             return self.key_layers
         stored = self.memory_layers(n_layers)
-        return (stored[len(stored) // 2],)
+        at = len(stored) * 2 // 5
+        return tuple(stored[at : at + 2])
 
     def key_slices(self, n_layers: int) -> tuple[int, ...]:
         """Indices of the key layers in the stored record (`memory_layers` order)."""

@@ -74,7 +74,7 @@ def test_chunks_are_their_mean_keys_and_queries_the_previous_chunks_mean_query()
             want = kv[row, [0, 2], 0, :, first:].mean(2).reshape(-1)  # layers 0 and 2, per KV head
             np.testing.assert_allclose(state["embeddings"][row], want.numpy(), atol=1e-5)
     # Queries: with key layer 0 alone the reference needs no attention at all.
-    with model.configured(retrieval="keys", key_layers=(0,)):
+    with model.configured(retrieval="keys", key_layers=(0,), key_query_tokens=0, key_query_center=0.0):
         reader, tap, _ = _keys_reader(model)
         reader.score(toks)
         ref = _layer0_queries(model, toks)
@@ -88,7 +88,7 @@ def test_chunks_are_their_mean_keys_and_queries_the_previous_chunks_mean_query()
 def test_a_prompt_seeds_the_search_with_its_own_queries_and_the_look_ahead_changes_nothing():
     model = tiny_memlong(chunk=4, window=8, sink_tokens=2)
     text, prompt = _tokens(30, seed=2), _tokens(7, seed=3)
-    with model.configured(retrieval="keys", key_layers=(0,)):
+    with model.configured(retrieval="keys", key_layers=(0,), key_query_tokens=0, key_query_center=0.0):
         reader, tap, _ = _keys_reader(model)
         reader.score(text)
         twin = reader.fork(tap.memory, writable=False)
@@ -123,9 +123,9 @@ def test_paper_layout_ingest_records_the_same_queries_as_reading_every_layer():
 def test_retrieval_source_is_part_of_the_layout_and_checked():
     model = tiny_memlong()
     assert model.layout_tag == "per_layer:0,1,2,3"  # text: the tag sessions always had
-    with model.configured(retrieval="keys"):  # default: the middle stored layer (paper: the memory layer)
-        assert model.layout_tag == "per_layer:0,1,2,3;retrieval=keys:2"
-        assert model.key_dim == 2 * 8
+    with model.configured(retrieval="keys"):  # default: two layers at 40 % depth (paper: the memory layer)
+        assert model.layout_tag == "per_layer:0,1,2,3;retrieval=keys:1,2"
+        assert model.key_dim == 2 * 2 * 8
     with model.configured(retrieval="keys", key_layers=(2, 0)):
         assert model.layout_tag == "per_layer:0,1,2,3;retrieval=keys:0,2"
         assert model.retrieval_dim(16) == model.key_dim
@@ -139,3 +139,20 @@ def test_retrieval_source_is_part_of_the_layout_and_checked():
     with pytest.raises(InvalidArgument, match="key_layers"):
         with paper.configured(retrieval="keys", key_layers=(3,)):
             pass
+
+
+@torch.no_grad()
+def test_the_query_can_favour_the_last_tokens_and_take_out_the_common_direction():
+    model = tiny_memlong(chunk=4, window=8, sink_tokens=2)
+    toks = _tokens(32, seed=5)
+    with model.configured(retrieval="keys", key_layers=(0,), key_query_tokens=2, key_query_center=0.5):
+        reader, tap, _ = _keys_reader(model)
+        reader.score(toks)
+        ref = _layer0_queries(model, toks)
+        for b, query in zip(range(12, 32, 4), tap.queries, strict=True):
+            want = ref[b - 2 : b].mean(0) - 0.5 * ref[b - 4 : b].mean(0)
+            np.testing.assert_allclose(query[0], want.numpy(), atol=1e-5)
+    for bad in ({"key_query_tokens": 5}, {"key_query_center": float("nan")}, {"key_query_center": -0.1}):
+        with pytest.raises(InvalidArgument, match="key_query"):
+            with model.configured(**bad):
+                pass

@@ -283,7 +283,7 @@ def test_each_session_keeps_the_retrieval_source_it_was_created_with(stack):
     saved = engine.cfg
     engine.cfg = other  # as a decoder started with other key layers
     try:
-        with pytest.raises(FailedPrecondition, match="retrieval=keys:2"):
+        with pytest.raises(FailedPrecondition, match="retrieval=keys:1,2"):
             client.score(sid, passage)
     finally:
         engine.cfg = saved

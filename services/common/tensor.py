@@ -66,11 +66,6 @@ def dtype_name(code: int) -> str:
     return _NUMPY[code][1]
 
 
-def itemsize(name: str) -> int:
-    """Bytes per element of a dtype name."""
-    return _NUMPY[dtype_code(name)][0].itemsize
-
-
 def encode(array: np.ndarray, dtype: str | None = None) -> tensor_pb2.Tensor:
     """numpy -> Tensor. `dtype` overrides the wire dtype (e.g. "bfloat16" for uint16 patterns)."""
     code = dtype_code(dtype) if dtype is not None else _BY_NUMPY.get(array.dtype.newbyteorder("<"))

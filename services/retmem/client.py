@@ -1,4 +1,4 @@
-"""RetMemClient: the MemoryStore protocol over gRPC, routed by consistent hashing of session ids.
+"""RetMemClient: ret-mem sessions over gRPC, routed by consistent hashing of session ids.
 
 Every call carries a deadline (the client default, or the caller's remaining `Deadline`); only the
 idempotent methods are retried, by the channel's service config. Server statuses come back as the
@@ -12,7 +12,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memlong.errors import InvalidArgument
 from memlong.memory import SearchResult
@@ -78,11 +77,6 @@ class RetMemClient:
             spec = self.info(session_id, deadline).spec
             self._specs[session_id] = spec
         return spec
-
-    def health(self, target: str, timeout_s: float = 1.0) -> int:
-        """grpc.health.v1 status of the RetMem service at `target`."""
-        stub = health_pb2_grpc.HealthStub(get_channel(target, self.options))
-        return stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s).status
 
     # ----------------------------------------------------------------------------- the protocol
 

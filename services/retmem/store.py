@@ -1,22 +1,19 @@
-"""What a decoder needs from memory, served in-process or over gRPC alike.
+"""A ret-mem session's spec and the checks on what is stored in it, shared by the shards and the client.
 
-`MemoryStore` is the small protocol both `LocalStore` (an in-process shard, no disk) and
-`services.retmem.client.RetMemClient` satisfy, so the decoder can switch between them. K/V travel as
-opaque per-chunk records: `(n, record_bytes)` uint8 in, `SearchResult.records` `(q, k, record_bytes)`
-uint8 out; `kv_view` reinterprets them as `(…, 2, n_kv_heads, chunk_tokens, head_dim)` without copying.
-No grpc and no file system here.
+K/V travel as opaque per-chunk records: `(n, record_bytes)` uint8 in, `SearchResult.records`
+`(q, k, record_bytes)` uint8 out. `LocalStore` is a shard with no disk. No grpc and no file system here.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from memlong.errors import InvalidArgument
-from memlong.memory import MemoryConfig, SearchResult
+from memlong.memory import MemoryConfig
 
 # K/V element types a session may hold, with their in-memory numpy dtype (bf16 as raw uint16).
 KV_DTYPES: dict[str, np.dtype] = {
@@ -122,46 +119,14 @@ def as_records(spec: SessionSpec, kv: np.ndarray, field: str = "kv") -> np.ndarr
     return kv.view(np.uint8).reshape(len(kv), spec.record_bytes)
 
 
-def kv_view(spec: SessionSpec, records: np.ndarray) -> np.ndarray:
-    """(…, record_bytes) uint8 -> (…, *kv_shape) typed view (no copy)."""
-    lead = records.shape[:-1]
-    return np.ascontiguousarray(records).view(KV_DTYPES[spec.kv_dtype]).reshape(*lead, *spec.kv_shape)
-
-
 def check_lengths(spec: SessionSpec, lengths: np.ndarray) -> None:
     """Valid token counts cannot exceed the chunk size (the core checks >= 1)."""
     if lengths.size and int(lengths.max()) > spec.chunk_tokens:
         raise InvalidArgument("lengths", f"must be <= chunk_tokens {spec.chunk_tokens}")
 
 
-class MemoryStore(Protocol):
-    """Memory as the decoder uses it; `LocalStore` and `RetMemClient` both implement it."""
-
-    def create_session(self, session_id: str, spec: SessionSpec) -> None: ...
-
-    def append(
-        self, session_id: str, ids: np.ndarray, embeddings: np.ndarray, kv: np.ndarray, lengths: np.ndarray
-    ) -> int: ...
-
-    def search(self, session_id: str, queries: np.ndarray, top_k: int) -> SearchResult: ...
-
-    def fetch(self, session_id: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def pin(self, session_id: str, ids: np.ndarray) -> None: ...
-
-    def unpin(self, session_id: str, ids: np.ndarray) -> None: ...
-
-    def evict(
-        self, session_id: str, n_free: int | None = None, id_range: tuple[int, int] | None = None
-    ) -> np.ndarray: ...
-
-    def info(self, session_id: str) -> SessionInfo: ...
-
-    def delete_session(self, session_id: str) -> None: ...
-
-
 def LocalStore(name: str = "local", faiss_threads: int | None = 1) -> Any:  # noqa: N802 - reads as a class
-    """An in-process MemoryStore: a shard with no disk (nothing survives the process).
+    """An in-process ret-mem shard with no disk (nothing survives the process).
 
     `faiss_threads` sets FAISS's OpenMP threads process-wide (None leaves it alone): one query row
     per call gains nothing from OpenMP, and spinning workers cost milliseconds on small machines.

@@ -204,7 +204,7 @@ def echo_server() -> int:
 
 class EchoProcess:
     def __init__(self) -> None:
-        from services.common.channel import ChannelOptions, get_channel
+        from memlong.rpc.channel import ChannelOptions, get_channel
 
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--echo-server"],

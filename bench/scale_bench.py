@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.common.channel import close_channels  # noqa: E402
+from memlong.rpc.channel import close_channels  # noqa: E402
 from services.retmem.client import RetMemClient  # noqa: E402
 from services.retmem.store import SessionSpec  # noqa: E402
 from tests.deploy.hosts import ShardCluster, netns_available  # noqa: E402

@@ -23,8 +23,8 @@ from memlong.errors import Unavailable
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.ids import check_session_id
-from services.common.channel import ChannelOptions, get_channel
-from services.common.status import raise_for_rpc_error
+from memlong.rpc.channel import ChannelOptions, get_channel
+from memlong.rpc.status import raise_for_rpc_error
 
 MEMORY_MODES = {
     "required": dpb.MEMORY_MODE_REQUIRED,

@@ -1,7 +1,7 @@
 """Domain exceptions of the pure core.
 
 The core raises these; each service edge maps them to a gRPC status in one table
-(`services/common/status.py`). A client mistake is never INTERNAL or UNKNOWN.
+(`memlong/rpc/status.py`). A client mistake is never INTERNAL or UNKNOWN.
 """
 
 from __future__ import annotations

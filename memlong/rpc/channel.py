@@ -26,8 +26,11 @@ import grpc
 from memlong.errors import DeadlineExceeded
 
 from . import internal, tracing
-from .server import DEFAULT_MAX_MESSAGE_BYTES
 from .tls import TlsConfig, internal_tls, process_tls
+
+MiB = 1 << 20
+# The message size limit both ends of every channel and server use unless configured otherwise.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class ChannelOptions:
     tls: TlsConfig | None = None  # None: the process default of the policy below; tls.PLAINTEXT: off
     internal: bool = False  # to an internal service (decoder, ret-mem): the internal TLS policy
     telemetry: bool = True  # client spans + trace context in metadata
-    internal_token: str | None = None  # sent to internal services (services.common.internal)
+    internal_token: str | None = None  # sent to internal services (memlong.rpc.internal)
     # Reconnect backoff after a failed connect. gRPC's default grows to 120 s, so a caller would
     # keep failing fast long after a restarted shard is back; cap it so it reconnects within ~1 s.
     initial_reconnect_backoff_ms: int = 100

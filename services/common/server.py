@@ -27,12 +27,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from . import internal, metrics, tracing
-from .status import RequestDecoding
-from .tls import TlsConfig, internal_tls, process_tls
-
-MiB = 1 << 20
-DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+from memlong.rpc import internal, metrics, tracing
+from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
+from memlong.rpc.status import RequestDecoding
+from memlong.rpc.tls import TlsConfig, internal_tls, process_tls
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class ServerOptions:
     # Plaintext health-only listener ("host:port"); None: MEMLONG_HEALTH_ADDRESS if set; "": none.
     health_address: str | None = None
     telemetry: bool = True  # spans and metrics for every call (ServerTelemetry first in the chain)
-    internal_token: str | None = None  # internal services: callers must send it (services.common.internal)
+    internal_token: str | None = None  # internal services: callers must send it (memlong.rpc.internal)
 
     def __post_init__(self) -> None:
         if self.max_message_bytes <= 0 or self.max_workers <= 0:

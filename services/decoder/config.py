@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, fields
 
 from memlong.config import MemLongConfig
 from memlong.errors import InvalidArgument
-from services.common.internal import token_from_env
-from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
-from services.common.tls import TlsConfig
+from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
+from memlong.rpc.internal import token_from_env
+from memlong.rpc.tls import TlsConfig
 from services.retmem.routing import parse_addresses
 
 ENV_PREFIX = "MEMLONG_DECODER_"
@@ -40,7 +40,7 @@ class DecoderConfig:
     window_cache_sessions: int = 8
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_workers: int = 16
-    internal_token: str | None = None  # required of callers and sent to ret-mem (services.common.internal)
+    internal_token: str | None = None  # required of callers and sent to ret-mem (memlong.rpc.internal)
     tls: TlsConfig | None = None  # its port and its ret-mem channels; None: the process's internal policy
     grace_s: float = 5.0
 

@@ -42,7 +42,7 @@ from memlong.errors import (
     shown,
 )
 from memlong.model import MemLongModel
-from services.common.channel import Deadline
+from memlong.rpc.channel import Deadline
 from services.retmem.client import RetMemClient
 from services.retmem.store import SessionSpec
 

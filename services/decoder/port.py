@@ -24,8 +24,8 @@ import numpy as np
 
 from memlong.errors import DeadlineExceeded, MemLongError, Unavailable, shown
 from memlong.memory import PendingChunks, SearchResult
-from services.common import tracing
-from services.common.channel import Deadline
+from memlong.rpc import tracing
+from memlong.rpc.channel import Deadline
 from services.retmem.client import RetMemClient
 
 

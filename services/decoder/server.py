@@ -20,9 +20,9 @@ from memlong.decoder.v1 import decoder_pb2_grpc as pb_grpc
 from memlong.errors import InvalidArgument, shown
 from memlong.ids import check_session_id
 from memlong.model import MemLongModel
-from services.common.channel import Deadline
+from memlong.rpc.channel import Deadline
+from memlong.rpc.status import grpc_errors
 from services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
-from services.common.status import grpc_errors
 from services.retmem.client import RetMemClient
 
 from .config import DecoderConfig

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from services.common.tls import process_tls
+from memlong.rpc.tls import process_tls
 from services.httpapi.config import add_arguments as add_http_arguments
 from services.httpapi.config import config_from_args as http_config
 

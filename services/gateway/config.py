@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlong.errors import InvalidArgument
-from services.common.internal import token_from_env
-from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
-from services.common.tls import TlsConfig
+from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
+from memlong.rpc.internal import token_from_env
+from memlong.rpc.tls import TlsConfig
 from services.retmem.routing import parse_addresses
 
 from .interceptors import hash_key
@@ -55,9 +55,9 @@ class GatewayConfig:
     max_request_text_bytes: int = 4 << 20  # the text of one Score call or one Generate prompt
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 5.0
-    internal_token: str | None = None  # sent to the decoders and ret-mem (services.common.internal)
+    internal_token: str | None = None  # sent to the decoders and ret-mem (memlong.rpc.internal)
     # TLS of the public port and of the channels to the decoders and ret-mem; None: the process's
-    # public / internal policy (services.common.tls).
+    # public / internal policy (memlong.rpc.tls).
     tls: TlsConfig | None = None
     internal_tls: TlsConfig | None = None
 

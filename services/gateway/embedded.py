@@ -11,7 +11,7 @@ The API key for the local tenant comes from MEMLONG_API_KEYS, or from `<data_dir
 TLS: the gateway's port follows the public policy (`tls`, else MEMLONG_TLS_*); ret-mem, the decoder
 and the channels between the three follow the internal one (`internal_tls`, else
 MEMLONG_INTERNAL_TLS_*). Unset, the internal policy is plaintext on loopback (every internal call still
-carries the installation secret) and the public one elsewhere (services.common.tls).
+carries the installation secret) and the public one elsewhere (memlong.rpc.tls).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongConfig
-from services.common.internal import installation_token
-from services.common.tls import PLAINTEXT, TlsConfig, configured_internal_tls, process_tls
+from memlong.rpc.internal import installation_token
+from memlong.rpc.tls import PLAINTEXT, TlsConfig, configured_internal_tls, process_tls
 from services.decoder.config import DecoderConfig
 from services.decoder.server import DecoderServer
 from services.retmem.server import RetMemConfig, RetMemServer

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import grpc
 
 from memlong.errors import MemLongError
-from services.common.channel import Deadline
-from services.common.status import status_for
+from memlong.rpc.channel import Deadline
+from memlong.rpc.status import status_for
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class _Interceptor(grpc.ServerInterceptor):
 
 
 class StatusInterceptor(_Interceptor):
-    """Domain exceptions -> their status (services.common.status); never UNKNOWN."""
+    """Domain exceptions -> their status (memlong.rpc.status); never UNKNOWN."""
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)

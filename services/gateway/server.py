@@ -29,9 +29,9 @@ from memlong.errors import (
 )
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from services.common.channel import ChannelOptions, Deadline, get_channel
+from memlong.rpc.channel import ChannelOptions, Deadline, get_channel
+from memlong.rpc.status import raise_for_rpc_error
 from services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
-from services.common.status import raise_for_rpc_error
 from services.retmem.client import RetMemClient
 from services.retmem.routing import Ring
 from services.retmem.store import SessionSpec

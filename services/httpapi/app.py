@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.errors import shown
 from memlong.gateway.v1 import gateway_pb2 as pb
-from services.common.channel import Deadline
+from memlong.rpc.channel import Deadline
 
 from . import shapes
 from .config import HttpConfig

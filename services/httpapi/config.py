@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memlong.errors import InvalidArgument
-from services.common.tls import TlsConfig
+from memlong.rpc.tls import TlsConfig
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 

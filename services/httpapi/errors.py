@@ -3,7 +3,7 @@
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": "..."}}
 
 Every error reaches the client through one path: a domain exception raised here is first given its
-gRPC status by the services' table (`services.common.status.status_for`), and a gRPC status (from the
+gRPC status by the services' table (`memlong.rpc.status.status_for`), and a gRPC status (from the
 gateway, or from that table) becomes an HTTP status by `HTTP_STATUS`. RESOURCE_EXHAUSTED is two things
 over HTTP: a request over a size limit (413; the gateway marks it with the trailing metadata
 `memlong-reason: too_large`) and a quota or a busy server (429). A client mistake never becomes 500.
@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from memlong.errors import MemLongError, TooLarge
-from services.common.status import status_for
+from memlong.rpc.status import status_for
 from services.gateway.interceptors import REASON_KEY
 
 HTTP_STATUS: Mapping[grpc.StatusCode, int] = {

@@ -19,7 +19,7 @@ import threading
 
 import uvicorn
 
-from services.common.tls import TlsConfig, process_tls
+from memlong.rpc.tls import TlsConfig, process_tls
 
 from .app import create_app
 from .config import HttpConfig

@@ -17,9 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memlong.errors import MemLongError
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from services.common.channel import ChannelOptions, Deadline, get_channel
-from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
-from services.common.tls import TlsConfig
+from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelOptions, Deadline, get_channel
+from memlong.rpc.tls import TlsConfig
 
 from .errors import ApiError, from_exception, from_rpc_error
 

@@ -24,8 +24,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
-from services.common.channel import ChannelOptions, get_channel
-from services.common.internal import installation_token
+from memlong.rpc.channel import ChannelOptions, get_channel
+from memlong.rpc.internal import installation_token
 
 from .config import RayAppConfig
 

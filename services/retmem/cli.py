@@ -13,8 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
+from memlong.rpc.internal import token_from_env
 from services.common.cli import run
-from services.common.internal import token_from_env
 
 from .routing import parse_addresses
 from .server import RetMemConfig, RetMemServer

@@ -17,11 +17,10 @@ from memlong.errors import InvalidArgument
 from memlong.memory import SearchResult
 from memlong.retmem.v1 import retmem_pb2 as pb
 from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
+from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelOptions, Deadline, get_channel
+from memlong.rpc.status import raise_for_rpc_error
+from memlong.rpc.tls import TlsConfig
 from services.common import tensor
-from services.common.channel import ChannelOptions, Deadline, get_channel
-from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
-from services.common.status import raise_for_rpc_error
-from services.common.tls import TlsConfig
 
 from . import wire
 from .routing import Ring

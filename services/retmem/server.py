@@ -22,6 +22,8 @@ from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted,
 from memlong.memory import SearchResult
 from memlong.retmem.v1 import retmem_pb2 as pb
 from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
+from memlong.rpc.status import grpc_errors
+from memlong.rpc.tls import TlsConfig
 from services.common import tensor
 from services.common.server import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -30,8 +32,6 @@ from services.common.server import (
     create_server,
     set_health,
 )
-from services.common.status import grpc_errors
-from services.common.tls import TlsConfig
 
 from . import wire
 from .routing import Placement
@@ -68,8 +68,8 @@ class RetMemConfig:
     grace_s: float = 10.0
     drain_s: float = 0.0  # between health NOT_SERVING and closing the listener (probe period)
     checkpoint_on_stop: bool = True  # snapshot at graceful stop so retrieval counters survive it
-    internal_token: str | None = None  # callers must send it (services.common.internal)
-    tls: TlsConfig | None = None  # None: the process's internal TLS policy (services.common.tls)
+    internal_token: str | None = None  # callers must send it (memlong.rpc.internal)
+    tls: TlsConfig | None = None  # None: the process's internal TLS policy (memlong.rpc.tls)
     # FAISS OpenMP threads, set process-wide when the server is built. One: a per-chunk search is one
     # query row, calls run in parallel on gRPC threads, and idle OpenMP workers spinning on 2 cores
     # made a 2000-chunk search 20x slower.

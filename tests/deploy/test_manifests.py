@@ -114,7 +114,7 @@ def mounted_secrets(load: dict[str, Any], container: dict[str, Any]) -> dict[str
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_tls_settings_mtls_inside_api_keys_at_the_edge(overlay: str) -> None:
     """Internal hops (decoder and ret-mem ports, every channel) require client certificates; the
-    gateway's public port is TLS without them (separate policies, services/common/tls.py)."""
+    gateway's public port is TLS without them (separate policies, memlong/rpc/tls.py)."""
     docs = rendered(overlay)
     tls_files = set(by_kind(docs, "Secret")["memlong-tls"]["stringData"])
     for name, load in workloads(docs).items():
@@ -150,7 +150,7 @@ def test_every_workload_gets_the_internal_secret(overlay: str) -> None:
 def test_the_internal_secret_placeholder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Applied as shipped, the placeholder would be a secret everyone knows: the services refuse it."""
     from memlong.errors import InvalidArgument
-    from services.common.internal import token_from_env
+    from memlong.rpc.internal import token_from_env
 
     (placeholder,) = by_kind(rendered("cpu"), "Secret")["memlong-internal"]["stringData"].values()
     path = tmp_path / "internal.key"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from memlong.errors import MemLongError, Unavailable
-from services.common.channel import close_channels
+from memlong.rpc.channel import close_channels
 from services.retmem.client import RetMemClient
 from services.retmem.routing import Ring
 from tests.retmem.conftest import deterministic_chunk, tiny_spec, wait_serving

@@ -24,7 +24,7 @@ from ray import serve  # noqa: E402
 
 from memlong.client import Client  # noqa: E402
 from memlong.errors import Unavailable  # noqa: E402
-from services.common.channel import close_channels  # noqa: E402
+from memlong.rpc.channel import close_channels  # noqa: E402
 from services.httpapi.config import DEFAULT_MODEL_ID  # noqa: E402
 from services.retmem.routing import Ring  # noqa: E402
 from tests.retmem.conftest import wait_serving  # noqa: E402

@@ -18,8 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memlong import errors
-from services.common import tls as tls_mod
-from services.common.channel import ChannelOptions, close_channels, get_channel
+from memlong.rpc import tls as tls_mod
+from memlong.rpc.channel import ChannelOptions, close_channels, get_channel
 from services.common.server import ServerWithHealthPort
 from services.retmem.client import RetMemClient
 from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from services.common import metrics, tracing
+from memlong.rpc import metrics, tracing
 from tests.serving.conftest import KEYS, Stack, start_stack
 
 GATEWAY = "memlong.gateway.v1.Gateway"

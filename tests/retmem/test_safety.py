@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memlong.errors import DataLoss
 from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
-from services.common.metrics import shard_memory
+from memlong.rpc.metrics import shard_memory
 from services.retmem import snapshot
 from services.retmem.server import INTEGRITY_NAME, SERVICE_NAME, RetMemConfig, RetMemServer
 from services.retmem.shard import Shard

@@ -10,7 +10,7 @@ from memlong.chunkloop import Reader
 from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from services.common.channel import get_channel
+from memlong.rpc.channel import get_channel
 
 MD = (("x-api-key", "key-a"),)
 

@@ -175,8 +175,8 @@ def test_retmem_down_is_unavailable_then_serving_again(stack):
 
 def test_a_budget_with_no_time_for_a_downstream_call_is_deadline_exceeded():
     from memlong.errors import DeadlineExceeded
-    from services.common.channel import Deadline
-    from services.common.status import status_for
+    from memlong.rpc.channel import Deadline
+    from memlong.rpc.status import status_for
 
     with pytest.raises(DeadlineExceeded):  # 20 ms is under the downstream margin (50 ms + 1 %)
         Deadline.after(0.02).downstream().timeout()
@@ -191,7 +191,7 @@ def test_short_deadlines_are_deadline_exceeded_at_every_hop_not_unavailable(stac
     from memlong.errors import DeadlineExceeded
     from memlong.gateway.v1 import gateway_pb2 as pb
     from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
-    from services.common.channel import Deadline, get_channel
+    from memlong.rpc.channel import Deadline, get_channel
     from services.decoder.engine import Call
 
     client = stack.client(timeout_s=20)
@@ -218,7 +218,7 @@ def test_short_deadlines_are_deadline_exceeded_at_every_hop_not_unavailable(stac
 
 def test_a_downstream_deadline_exceeded_is_deadline_exceeded_not_internal():
     """A ret-mem call that ran out of the time the decoder handed it: the decoder's call is out of time."""
-    from services.common.status import grpc_errors
+    from memlong.rpc.status import grpc_errors
 
     class DownstreamTimedOut(grpc.RpcError):
         def code(self):

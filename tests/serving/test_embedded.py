@@ -102,7 +102,7 @@ def test_the_embedded_internal_services_refuse_callers_without_the_installation_
 
     from memlong.decoder.v1 import decoder_pb2, decoder_pb2_grpc
     from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
-    from services.common.internal import HEADER
+    from memlong.rpc.internal import HEADER
 
     model = tiny_model()
     stack = EmbeddedStack.start(
@@ -155,7 +155,7 @@ def test_the_embedded_internal_services_refuse_callers_without_the_installation_
 def test_processes_starting_at_once_agree_on_the_installation_secret(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from services.common.internal import installation_token
+    from memlong.rpc.internal import installation_token
 
     with ThreadPoolExecutor(8) as pool:
         tokens = set(pool.map(lambda _: installation_token(tmp_path), range(32)))

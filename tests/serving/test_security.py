@@ -11,7 +11,7 @@ import pytest
 from memlong.decoder.v1 import decoder_pb2 as dpb
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from services.common.channel import get_channel
+from memlong.rpc.channel import get_channel
 from services.decoder.port import SessionPort
 from services.gateway.config import Quotas
 from tests.serving.conftest import start_stack

@@ -12,7 +12,7 @@ from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.retmem.v1 import retmem_pb2 as rpb
 from memlong.retmem.v1 import retmem_pb2_grpc as rpb_grpc
-from services.common.channel import get_channel
+from memlong.rpc.channel import get_channel
 from services.retmem.client import RetMemClient
 
 BAD_IDS = ["..", "-rf", ".hidden", ":x", "a/b", "a" * 129, ""]

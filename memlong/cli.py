@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from memlong.config import MemLongConfig
 from memlong.errors import MemLongError
+from memlong.flags import add_model_args, memlong_config, set_threads
 from memlong.packages import ICL_DATA_DIR
 
 # Sub-command groups contributed by other modules: each exposes register(subparsers).
@@ -46,90 +46,11 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
     return name, tuple(items)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    """Model flags; their defaults are MemLongConfig's (defined there once)."""
-    d = MemLongConfig
-    g = p.add_argument_group("MemLong settings")
-    g.add_argument("--model", default=None, help="HF LLaMA-family checkpoint dir (default: packaged SmolLM2)")
-    g.add_argument(
-        "--adapter",
-        default=None,
-        help="MemLong LoRA adapter folded into the weights: a dir (from `memlong train`), the name of a "
-        "shipped one (smollm2-135m-memlong, smollm2-135m-lora-no-memory) or `default` (the shipped one "
-        "when it matches the settings); refused when it was trained for another base model, memory "
-        "layer, retrieval layers or memory position",
-    )
-    g.add_argument(
-        "--layout",
-        choices=("per_layer", "paper"),
-        default=None,
-        help="memory layout: per_layer (every memory layer stores and reads its own K/V; training-free, the "
-        "default) or paper (one memory layer read by the retrieval layers; the default with --adapter)",
-    )
-    g.add_argument("--mem-layers", default="", help="per_layer: comma-separated memory layers (default: all)")
-    g.add_argument("--mem-layer", type=int, default=d.mem_layer, help="paper layout: the memory layer")
-    g.add_argument(
-        "--ret-layers",
-        default=",".join(map(str, d.ret_attn_layers)),
-        help="paper layout: comma-separated retrieval layers",
-    )
-    g.add_argument("--chunk", type=int, default=d.chunk)
-    g.add_argument("--top-k", type=int, default=d.top_k)
-    g.add_argument("--local-window", type=int, default=d.local_window)
-    g.add_argument("--memory-size", type=int, default=d.memory_size, help="memory tokens per session")
-    g.add_argument(
-        "--mem-position",
-        choices=("zero", "prefix"),
-        default=d.mem_position,
-        help="where memory keys sit: zero (unrotated, position 0; the default) or prefix (as the text "
-        "just before the window)",
-    )
-    g.add_argument(
-        "--retrieval",
-        choices=("text", "keys"),
-        default=d.retrieval,
-        help="what chunks are found by: text (the retriever's embedding of the chunk text; MemLong) or keys "
-        "(the model's own attention keys; LongMem's token-to-chunk). The default for new sessions",
-    )
-    g.add_argument(
-        "--key-layers",
-        default="",
-        help="retrieval by keys: comma-separated layers (default: the two stored layers at 40%% depth)",
-    )
-    g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-
-
-def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer"):
-    """MemLongConfig from the model flags. The layout defaults to per_layer, or paper when an adapter
-    (trained for the paper layout) is given."""
-    layout = args.layout or ("paper" if getattr(args, "adapter", None) else default_layout)
-    return MemLongConfig(
-        layout=layout,
-        mem_layers=tuple(int(x) for x in args.mem_layers.split(",") if x),
-        mem_layer=args.mem_layer,
-        ret_attn_layers=tuple(int(x) for x in args.ret_layers.split(",")),
-        chunk=args.chunk,
-        top_k=args.top_k,
-        local_window=args.local_window,
-        memory_size=args.memory_size,
-        mem_position=args.mem_position,
-        retrieval=args.retrieval,
-        **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
-    )
-
-
-def _threads(args: argparse.Namespace) -> None:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
 def _eval_stack(args: argparse.Namespace):
     """(stack, meta) for an evaluation: threads set, model and adapter loaded, what was loaded recorded."""
     from memlong.eval.common import Stack
 
-    _threads(args)
+    set_threads(args)
     config = memlong_config(args)
     stack = Stack.load(config, args.model, args.adapter)
     return stack, {"model": stack.source, "adapter": stack.adapter, "memlong": config.__dict__}
@@ -239,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra MemLong reading on the same tokens: NAME:ret_attn_layers=15;mem_position=prefix",
     )
     ppl.add_argument("--out", default="bench/results")
-    _model_args(ppl)
+    add_model_args(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
 
     pk = ev.add_parser("passkey", help="passkey retrieval accuracy")
@@ -250,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--methods", default="full,sliding,memlong", help="full runs up to 8192 tokens only")
     pk.add_argument("--variant", action="append", default=[], help="as for eval ppl")
     pk.add_argument("--out", default="bench/results")
-    _model_args(pk)
+    add_model_args(pk)
     pk.set_defaults(func=cmd_eval_passkey)
 
     cb = ev.add_parser(
@@ -264,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--seed", type=int, default=0)
     cb.add_argument("--methods", default="full,sliding,per_layer")
     cb.add_argument("--out", default="bench/results")
-    _model_args(cb)
+    add_model_args(cb)
     cb.set_defaults(func=cmd_eval_chapterbreak)
 
     icl = ev.add_parser("icl", help="in-context learning: demonstrations in memory vs none")
@@ -280,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     icl.add_argument("--memory-demos", type=int, default=200)
     icl.add_argument("--test-examples", type=int, default=60)
     icl.add_argument("--out", default="bench/results")
-    _model_args(icl)
+    add_model_args(icl)
     icl.set_defaults(func=cmd_eval_icl)
 
     for name in PLUGINS:

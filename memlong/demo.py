@@ -27,7 +27,7 @@ from memlong.data import PASSKEY_QUESTION, book_text, passkey_needle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from memlong.cli import _model_args
+    from memlong.flags import add_model_args
 
     p = subparsers.add_parser("demo", help="the main job: embedded stack, long book, planted fact, answers")
     p.add_argument(
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temporary directory")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    _model_args(p)
+    add_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -51,11 +51,11 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memlong.cli import _threads, memlong_config
     from memlong.client import Client
+    from memlong.flags import memlong_config, set_threads
     from services.gateway.embedded import EmbeddedStack
 
-    _threads(args)
+    set_threads(args)
     cfg = memlong_config(args)
     timings: dict[str, float] = {}
     tmp = None

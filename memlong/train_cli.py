@@ -77,10 +77,10 @@ def shakespeare_split(seed: int) -> tuple[list[str], list[str]]:
 
 
 def cmd_train_run(args: argparse.Namespace) -> int:
-    from memlong.cli import _threads, memlong_config
     from memlong.data import shakespeare_plays
     from memlong.errors import InvalidArgument
     from memlong.eval.common import Stack
+    from memlong.flags import memlong_config, set_threads
     from memlong.train import Document, Trainer, embed_documents
     from memlong.weights import default_cache_dir
 
@@ -88,7 +88,7 @@ def cmd_train_run(args: argparse.Namespace) -> int:
         raise InvalidArgument(
             "adapter", "training starts from the base weights; a run continues from its --out directory"
         )
-    _threads(args)
+    set_threads(args)
     tcfg = _train_config(args)
     mcfg = memlong_config(args, default_layout="paper")  # stage 2 teaches the paper layout
     if args.sink_tokens is not None:
@@ -142,10 +142,10 @@ def cmd_train_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train_eval(args: argparse.Namespace) -> int:
-    from memlong.cli import _threads, memlong_config
+    from memlong.flags import memlong_config, set_threads
     from memlong.training.evaluate import run_train_eval
 
-    _threads(args)
+    set_threads(args)
     config = memlong_config(args, default_layout="paper")
     if args.sink_tokens is not None:
         config = dataclasses.replace(config, sink_tokens=args.sink_tokens)
@@ -165,14 +165,14 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from memlong.cli import _model_args
+    from memlong.flags import add_model_args
 
     train = subparsers.add_parser("train", help="MemLong stage-2 training of the upper layers (LoRA)")
     sub = train.add_subparsers(dest="train", required=True)
 
     run = sub.add_parser("run", help="train an adapter on Shakespeare (held-out plays fixed)")
     _training_args(run)
-    _model_args(run)
+    add_model_args(run)
     run.set_defaults(func=cmd_train_run)
 
     exp = sub.add_parser("export", help="copy a checkpoint's adapter out of a run directory")
@@ -191,5 +191,5 @@ def register(subparsers) -> None:
     ev.add_argument("--score-tokens", type=int, default=256)
     ev.add_argument("--out-dir", default="bench/results")
     ev.add_argument("--sink-tokens", type=int, default=None, help="attention sinks (default: the model's)")
-    _model_args(ev)
+    add_model_args(ev)
     ev.set_defaults(func=cmd_train_eval)

@@ -49,8 +49,9 @@ def test_every_command_that_loads_the_model_takes_an_adapter():
 def test_one_default_for_the_memlong_settings_everywhere():
     """The flags take MemLongConfig's defaults (memory size included: one value, defined once), so a
     command, the Ray application and a config built in code agree."""
-    from memlong.cli import build_parser, memlong_config
+    from memlong.cli import build_parser
     from memlong.config import MemLongConfig
+    from memlong.flags import memlong_config
     from services.decoder.config import DecoderConfig
     from services.ray_app.cli import config_from_args as ray_config
 

@@ -18,34 +18,20 @@ import torch
 
 from memlong.chunkloop import Reader
 from memlong.data import book_text
+from memlong.loading import LoadedModel, load_model
 from memlong.memory import MemoryConfig, SessionMemory
 from memlong.model import MemLongConfig, MemLongModel
-from memlong.retriever import Retriever
-from memlong.weights import default_cache_dir, load_decoder
+from memlong.weights import default_cache_dir
 
 
 @dataclass
-class Stack:
-    """Model, tokenizer and retriever loaded once per evaluation run."""
-
-    model: MemLongModel
-    tokenizer: object
-    retriever: Retriever
-    source: str
-    adapter: dict | None = None  # metadata of the MemLong adapter folded into the weights, if any
+class Stack(LoadedModel):
+    """The loaded model of an evaluation run, with fresh memories and readers over it."""
 
     @classmethod
     def load(cls, config: MemLongConfig, model_path: str | None = None, adapter: str | None = None) -> Stack:
-        """adapter: None (base weights), "default" (the shipped adapter when present and trained for
-        these settings, see memlong.train.maybe_load_default_adapter) or an adapter directory."""
-        dec = load_decoder(model_path)
-        model = MemLongModel(dec.model, config)
-        meta = None
-        if adapter is not None:
-            from memlong.train import load_adapter, maybe_load_default_adapter
-
-            meta = maybe_load_default_adapter(model) if adapter == "default" else load_adapter(model, adapter)
-        return cls(model, dec.tokenizer, Retriever(), dec.source, meta)
+        """See memlong.loading.load_model."""
+        return cls(**vars(load_model(config, model_path, adapter)))
 
     def fresh_memory(self) -> SessionMemory:
         rec = (
@@ -54,7 +40,9 @@ class Stack:
         )
         return SessionMemory(
             MemoryConfig(
-                dim=self.model.retrieval_dim(self.retriever.dim), record_bytes=rec, memory_size=self.model.config.memory_chunks
+                dim=self.model.retrieval_dim(self.retriever.dim),
+                record_bytes=rec,
+                memory_size=self.model.config.memory_chunks,
             )
         )
 

@@ -16,13 +16,13 @@ from .config import add_arguments, config_from_args
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `decoder` command group to a parent CLI."""
-    from memlong.cli import _model_args
+    from memlong.flags import add_model_args
 
     decoder = subparsers.add_parser("decoder", help="the decoder service (owns the model)")
     sub = decoder.add_subparsers(dest="decoder_command", required=True)
     serve = sub.add_parser("serve", help="serve the Decoder API over gRPC")
     add_arguments(serve)
-    _model_args(serve)
+    add_model_args(serve)
     serve.set_defaults(func=serve_command)
 
 

@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DecoderConfig:
     """Build the config from parsed flags (memlong.cli's model flags plus add_arguments')."""
-    from memlong.cli import memlong_config
+    from memlong.flags import memlong_config
 
     memlong = memlong_config(args)
     if getattr(args, "memlong_json", ""):

@@ -237,13 +237,13 @@ class DecoderServer(ServiceProcess):
         """Load the model named in the config (the packaged SmolLM2 by default) and the retriever."""
         import torch
 
-        from memlong.eval.common import Stack
+        from memlong.loading import load_model
 
         if config.threads:
             torch.set_num_threads(config.threads)
-        stack = Stack.load(config.memlong, config.model, config.adapter)
-        source = stack.source if config.adapter is None else f"{stack.source} + adapter {config.adapter}"
-        return cls.from_components(stack.model, stack.tokenizer, stack.retriever, config, source)
+        loaded = load_model(config.memlong, config.model, config.adapter)
+        source = loaded.source if config.adapter is None else f"{loaded.source} + adapter {config.adapter}"
+        return cls.from_components(loaded.model, loaded.tokenizer, loaded.retriever, config, source)
 
     def _service(self) -> Service:
         return Service(SERVICE_NAME, pb_grpc.add_DecoderServicer_to_server, self.servicer)

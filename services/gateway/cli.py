@@ -19,7 +19,7 @@ from .server import GatewayServer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from memlong.cli import _model_args
+    from memlong.flags import add_model_args
 
     up = subparsers.add_parser("up", help="start ret-mem, decoder and gateway on loopback (embedded default)")
     up.add_argument(
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--port", type=int, default=50051, help="gateway port (ret-mem and decoder: free ports)")
     add_http_arguments(up, default_port=8080)
-    _model_args(up)
+    add_model_args(up)
     up.set_defaults(func=up_command)
 
     gw = subparsers.add_parser("gateway", help="the public API service")
@@ -51,11 +51,11 @@ def _wait_for_signal() -> None:
 
 
 def up_command(args: argparse.Namespace) -> int:
-    from memlong.cli import _threads, memlong_config
+    from memlong.flags import memlong_config, set_threads
 
     from .embedded import EmbeddedStack, default_data_dir
 
-    _threads(args)
+    set_threads(args)
     data_dir = args.data_dir or default_data_dir()
     sys.stdout.write("memlong: loading the model and starting ret-mem, decoder, gateway ...\n")
     sys.stdout.flush()

@@ -1,0 +1,88 @@
+"""The MemLong model flags every command shares (`memlong eval`, `up`, `demo`, `decoder serve`, `train`),
+and the config built from them: the one place command-line settings become a `MemLongConfig`."""
+
+from __future__ import annotations
+
+import argparse
+
+from memlong.config import MemLongConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Model flags; their defaults are MemLongConfig's (defined there once)."""
+    d = MemLongConfig
+    g = p.add_argument_group("MemLong settings")
+    g.add_argument("--model", default=None, help="HF LLaMA-family checkpoint dir (default: packaged SmolLM2)")
+    g.add_argument(
+        "--adapter",
+        default=None,
+        help="MemLong LoRA adapter folded into the weights: a dir (from `memlong train`), the name of a "
+        "shipped one (smollm2-135m-memlong, smollm2-135m-lora-no-memory) or `default` (the shipped one "
+        "when it matches the settings); refused when it was trained for another base model, memory "
+        "layer, retrieval layers or memory position",
+    )
+    g.add_argument(
+        "--layout",
+        choices=("per_layer", "paper"),
+        default=None,
+        help="memory layout: per_layer (every memory layer stores and reads its own K/V; training-free, the "
+        "default) or paper (one memory layer read by the retrieval layers; the default with --adapter)",
+    )
+    g.add_argument("--mem-layers", default="", help="per_layer: comma-separated memory layers (default: all)")
+    g.add_argument("--mem-layer", type=int, default=d.mem_layer, help="paper layout: the memory layer")
+    g.add_argument(
+        "--ret-layers",
+        default=",".join(map(str, d.ret_attn_layers)),
+        help="paper layout: comma-separated retrieval layers",
+    )
+    g.add_argument("--chunk", type=int, default=d.chunk)
+    g.add_argument("--top-k", type=int, default=d.top_k)
+    g.add_argument("--local-window", type=int, default=d.local_window)
+    g.add_argument("--memory-size", type=int, default=d.memory_size, help="memory tokens per session")
+    g.add_argument(
+        "--mem-position",
+        choices=("zero", "prefix"),
+        default=d.mem_position,
+        help="where memory keys sit: zero (unrotated, position 0; the default) or prefix (as the text "
+        "just before the window)",
+    )
+    g.add_argument(
+        "--retrieval",
+        choices=("text", "keys"),
+        default=d.retrieval,
+        help="what chunks are found by: text (the retriever's embedding of the chunk text; MemLong) or keys "
+        "(the model's own attention keys; LongMem's token-to-chunk). The default for new sessions",
+    )
+    g.add_argument(
+        "--key-layers",
+        default="",
+        help="retrieval by keys: comma-separated layers (default: the two stored layers at 40%% depth)",
+    )
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+
+
+def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer") -> MemLongConfig:
+    """MemLongConfig from the model flags. The layout defaults to per_layer, or paper when an adapter
+    (trained for the paper layout) is given."""
+    layout = args.layout or ("paper" if getattr(args, "adapter", None) else default_layout)
+    return MemLongConfig(
+        layout=layout,
+        mem_layers=tuple(int(x) for x in args.mem_layers.split(",") if x),
+        mem_layer=args.mem_layer,
+        ret_attn_layers=tuple(int(x) for x in args.ret_layers.split(",")),
+        chunk=args.chunk,
+        top_k=args.top_k,
+        local_window=args.local_window,
+        memory_size=args.memory_size,
+        mem_position=args.mem_position,
+        retrieval=args.retrieval,
+        **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
+    )
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """torch threads from --threads (0: leave torch's default, all cores)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)

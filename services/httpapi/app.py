@@ -51,6 +51,22 @@ MEMORY_MODES = {
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events from an async generator that is closed when the response ends, however it
+    ends: a client that goes away runs the generator's `finally` (which cancels the gateway call, and
+    so the decoder's work) at once, not whenever the garbage collector gets to it."""
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._events = events
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self._events.aclose()  # type: ignore[attr-defined]
+
+
 def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
@@ -144,7 +160,7 @@ class Front:
         stream: bool,
         include_usage: bool,
         remember: Callable[[str], str] | None,
-    ) -> JSONResponse | StreamingResponse:
+    ) -> JSONResponse | EventStream:
         """Run Generate; answer whole or as events. The first token is awaited before answering, so a
         refused request (key, session, limits) gets its HTTP status rather than a failed stream."""
         call = self.upstream.stream("Generate", req, caller)
@@ -167,7 +183,7 @@ class Front:
             use = shapes.usage(_prompt_tokens(last), len(msgs))
             return JSONResponse(shape.full(out.visible, shapes.finish_reason(out, last), use, info))
         events = self._events(call, first, caller, shape, out, include_usage, remember, session_id)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(events)
 
     async def _events(
         self,
@@ -438,7 +454,7 @@ def create_app(
             finally:
                 call.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(events())
 
     # -- health -------------------------------------------------------------------------------------
 

@@ -19,15 +19,17 @@ import grpc
 import openai
 import pytest
 
+from memlong.chunkloop import Reader
 from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from services.common.channel import get_channel
+from memlong.rpc.channel import get_channel
 from services.gateway.config import Quotas
 from services.httpapi.config import DEFAULT_MODEL_ID, HttpConfig
 from services.httpapi.server import HttpServer
 from services.httpapi.template import ChatTemplate
 
 from .conftest import Stack, start_stack
+from .test_cancellation import _Paced, _until
 
 REPO = Path(__file__).resolve().parents[2]
 BOOK = "alpha beta gamma delta epsilon zeta eta theta iota kappa " * 6
@@ -145,6 +147,23 @@ def test_text_completion_streams_and_scoring_equals_grpc_score(served) -> None:
     assert lp.tokens == [f"token_id:{t}" for t in grpc_score.token_ids]
     assert scored.model_extra["memlong"]["perplexity"] == pytest.approx(grpc_score.perplexity)
     assert scored.choices[0].text == BOOK[:80] and scored.usage.prompt_tokens == len(BOOK[:80])
+
+
+def test_a_client_leaving_a_stream_stops_the_decoder(served, monkeypatch) -> None:
+    """Closing the HTTP stream cancels the gateway call, which stops the decoder's work (promise 7)."""
+    stack, http = served
+    pace = _Paced()  # each decoding step waits for the test's go
+    monkeypatch.setattr(Reader, "generate", pace.wrap(Reader.generate))
+    for _ in range(3):
+        pace.go.release()
+    ask = {"model": MODEL, "prompt": "alpha", "max_tokens": 400, "temperature": 0}
+    with client(http).completions.create(**ask, stream=True) as stream:
+        next(iter(stream))  # the first token came: the call runs
+    for _ in range(400):  # let a decoder that did not notice run on to the end
+        pace.go.release()
+    assert _until(lambda: stack.decoder.engine.in_flight == 0), "the decoder slot was never freed"
+    assert pace.steps < 400, "the decoder generated every token of an abandoned stream"
+    assert client(http).completions.create(model=MODEL, prompt="beta", max_tokens=2).choices[0].text
 
 
 def test_stop_strings_are_cut_from_the_answer(served) -> None:
@@ -378,7 +397,7 @@ def test_gateway_serve_flags_build_the_front_config(tmp_path: Path) -> None:
     """`memlong gateway serve --http-port` (Kubernetes): the front calls its gateway on loopback, and
     under TLS expects the name the gateway's certificate carries."""
     from memlong.cli import build_parser
-    from services.common.tls import PLAINTEXT, TlsConfig
+    from memlong.rpc.tls import PLAINTEXT, TlsConfig
     from services.httpapi.config import config_from_args
     from tests.deploy.certs import issue, make_ca
 
@@ -397,7 +416,7 @@ def test_gateway_serve_flags_build_the_front_config(tmp_path: Path) -> None:
 
 
 def test_the_http_port_serves_tls_under_the_public_policy(tmp_path: Path, template) -> None:
-    from services.common.tls import PLAINTEXT, TlsConfig
+    from memlong.rpc.tls import PLAINTEXT, TlsConfig
     from tests.deploy.certs import issue, make_ca
 
     ca = make_ca(tmp_path, "ca")

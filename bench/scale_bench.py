@@ -244,7 +244,7 @@ def ray_vs_embedded(root: Path, calls: int) -> dict:
     started = time.perf_counter() - t0
     try:
         client = Client(stack.gateway_address, stack.api_key, timeout_s=60)
-        shard = RetMemClient({"shard0": stack.retmem.serving_address()})
+        shard = RetMemClient({"shard0": stack.retmem.address()})
         out["embedded"] = {"startup_s": started, **serving_path(client, shard, text, calls)}
     finally:
         stack.stop()

@@ -221,34 +221,56 @@ def create_server(
 
 
 class ServiceProcess:
-    """One public service behind one listener, with health: what the decoder and gateway processes share.
+    """One service behind one listener, with health: the lifecycle every service process shares.
 
-    Subclasses set `config` (with host, port and grace_s) and say which servicer they serve in
-    `_service()`; `serve` starts the listener and flips health to SERVING, `stop` flips it back before
-    the listener closes (in-flight calls get `grace_s` to finish).
+    Subclasses set `config` (with host, port and grace_s) and say which servicer they
+    serve in `_service()`. `serve` listens and flips health to SERVING; a service that must get ready
+    first (ret-mem recovers its shards) calls `listen`, then `set_serving(True)` once it can answer.
+    `stop` is `begin_stop` (health NOT_SERVING), `drain_s` for probes to see that, then `finish_stop`
+    (the listener closes; in-flight calls get `grace_s` to finish). Every service parses requests
+    through `RequestDecoding` (innermost), so undecodable bytes are INVALID_ARGUMENT.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drain_s: float = 0.0) -> None:
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
         self.port = 0
+        self.drain_s = drain_s
 
     def _service(self) -> Service:
         raise NotImplementedError
 
-    def serve(self, options: ServerOptions) -> int:
-        """Listen and serve; a request that does not parse is INVALID_ARGUMENT (innermost interceptor)."""
-        service = self._service()
+    def listen(self, options: ServerOptions) -> int:
+        """Start the listener with health NOT_SERVING; returns the bound port."""
         options = replace(options, interceptors=(*options.interceptors, RequestDecoding()))
         address = f"{self.config.host}:{self.config.port}"
-        self.server, self.port = create_server(address, [service], options, self.health)
-        set_health(self.health, [service.name], serving=True)
+        self.server, self.port = create_server(address, [self._service()], options, self.health)
         return self.port
 
-    def stop(self, grace_s: float | None = None) -> None:
-        set_health(self.health, [self._service().name], serving=False)
+    def set_serving(self, serving: bool) -> None:
+        set_health(self.health, [self._service().name], serving=serving)
+
+    def serve(self, options: ServerOptions) -> int:
+        """Listen and serve at once."""
+        port = self.listen(options)
+        self.set_serving(True)
+        return port
+
+    def begin_stop(self) -> None:
+        """Phase 1: health NOT_SERVING; in-flight calls go on."""
+        self.set_serving(False)
+
+    def finish_stop(self, grace_s: float | None = None) -> None:
+        """Phase 2: close the listener and wait up to `grace_s` (default config.grace_s) for calls."""
         if self.server is not None:
             self.server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Graceful stop: begin_stop, let probes see NOT_SERVING for drain_s, finish_stop."""
+        self.begin_stop()
+        if self.drain_s > 0:
+            threading.Event().wait(self.drain_s)
+        self.finish_stop(grace_s)
 
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"

@@ -260,6 +260,6 @@ class DecoderServer(ServiceProcess):
         )
         return self.serve(options)
 
-    def stop(self, grace_s: float | None = None) -> None:
-        super().stop(grace_s)
+    def finish_stop(self, grace_s: float | None = None) -> None:
+        super().finish_stop(grace_s)
         self.engine.close()

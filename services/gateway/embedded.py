@@ -142,7 +142,7 @@ class EmbeddedStack:
             )
         )
         retmem.start()
-        rm = {"shard0": retmem.serving_address()}
+        rm = {"shard0": retmem.address()}
         dcfg = DecoderConfig(
             retmem=rm,
             memlong=memlong or MemLongConfig(),
@@ -207,7 +207,7 @@ class EmbeddedStack:
         return {
             "gateway": self.gateway.address(),
             "decoder": self.decoder.address(),
-            "retmem": self.retmem.serving_address(),
+            "retmem": self.retmem.address(),
             "data_dir": str(self.data_dir),
             **({"http": self.http.url()} if self.http is not None else {}),
         }

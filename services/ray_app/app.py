@@ -84,7 +84,7 @@ class RetMemShard(_Replica):
             )
         )
         self.server.start()  # recovers before the replica reports ready
-        self.address = self.server.serving_address()
+        self.address = self.server.address()
 
     def describe(self) -> dict[str, Any]:
         return {"address": self.address, "recovery": {k: str(v) for k, v in self.server.recovery.items()}}

@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from memlong.memory import SearchResult
@@ -25,13 +25,7 @@ from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.rpc.status import grpc_errors
 from memlong.rpc.tls import TlsConfig
 from services.common import tensor
-from services.common.server import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ServerOptions,
-    Service,
-    create_server,
-    set_health,
-)
+from services.common.server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions, Service, ServiceProcess
 
 from . import wire
 from .routing import Placement
@@ -249,10 +243,13 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         return pb.ImportSessionResponse(num_chunks=n, shard=shard.name)
 
 
-class RetMemServer:
-    """A process's ret-mem: its shards, the gRPC server, health. Start, recover, serve, stop."""
+class RetMemServer(ServiceProcess):
+    """A process's ret-mem: its shards behind one listener. Listens at once (NOT_SERVING), recovers every
+    shard, then serves; `begin_stop` also refuses new calls (UNAVAILABLE), `finish_stop` snapshots and
+    closes the logs once the listener is closed."""
 
     def __init__(self, config: RetMemConfig) -> None:
+        super().__init__(drain_s=config.drain_s)
         self.config = config
         faiss.omp_set_num_threads(config.faiss_threads)
         self.shards = {
@@ -260,13 +257,13 @@ class RetMemServer:
             for name in config.shards
         }
         self.placement = Placement(config.shards, config.all_shards)
-        self.health = health.HealthServicer()
         self.servicer = RetMemServicer(self.shards, self.placement, config.max_message_bytes)
         self.servicer.on_delete = self._report_integrity
-        self.server: grpc.Server | None = None
-        self.port = 0
         self.recovery: dict[str, RecoveryReport] = {}
         self.recovered = threading.Event()
+
+    def _service(self) -> Service:
+        return Service(SERVICE_NAME, pb_grpc.add_RetMemServicer_to_server, self.servicer)
 
     def start(self, recover_in_background: bool = False) -> int:
         """Listen (NOT_SERVING), recover every shard, then SERVING. Returns the bound port."""
@@ -277,22 +274,19 @@ class RetMemServer:
             tls=self.config.tls,
             internal=True,
         )
-        services = [Service(SERVICE_NAME, pb_grpc.add_RetMemServicer_to_server, self.servicer)]
-        self.server, self.port = create_server(
-            f"{self.config.host}:{self.config.port}", services, options, self.health
-        )
+        port = self.listen(options)
         if recover_in_background:
             threading.Thread(target=self._recover, name="recovery", daemon=True).start()
         else:
             self._recover()
-        return self.port
+        return port
 
     def _recover(self) -> None:
         for name, shard in self.shards.items():
             self.recovery[name] = report = shard.open()
             log.info("shard %s recovered: %s", name, report)
         self._report_integrity()
-        set_health(self.health, [SERVICE_NAME], serving=True)
+        self.set_serving(True)
         self.recovered.set()
 
     def lost_sessions(self) -> dict[str, str]:
@@ -305,25 +299,13 @@ class RetMemServer:
 
     def begin_stop(self) -> None:
         """Phase 1: health NOT_SERVING and new calls UNAVAILABLE; in-flight calls go on."""
-        set_health(self.health, [SERVICE_NAME], serving=False)
+        super().begin_stop()
         self.servicer.accepting.clear()
 
     def finish_stop(self, grace_s: float | None = None) -> None:
         """Phase 2: close the listener, wait up to `grace_s` for in-flight calls, snapshot, close logs."""
-        grace = self.config.grace_s if grace_s is None else grace_s
-        if self.server is not None:
-            self.server.stop(grace).wait()
+        super().finish_stop(grace_s)
         for shard in self.shards.values():
             if self.config.checkpoint_on_stop and shard.healthy:
                 shard.checkpoint()
             shard.close()
-
-    def stop(self, grace_s: float | None = None) -> None:
-        """Graceful stop: begin_stop, let probes see NOT_SERVING for drain_s, finish_stop."""
-        self.begin_stop()
-        if self.config.drain_s > 0:
-            threading.Event().wait(self.config.drain_s)
-        self.finish_stop(grace_s)
-
-    def serving_address(self) -> str:
-        return f"{self.config.host}:{self.port}"

@@ -44,7 +44,7 @@ def secured(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
         tls_mod.configure(previous)
     yield pki, server
     server.stop(grace_s=1)
-    close_channels([server.serving_address()])
+    close_channels([server.address()])
 
 
 def health(target: str, tls: tls_mod.TlsConfig, timeout_s: float = 5) -> int:
@@ -64,7 +64,7 @@ def process_default(tls: tls_mod.TlsConfig) -> Iterator[None]:
 
 
 def client_for(server: RetMemServer) -> RetMemClient:
-    return RetMemClient({"shard0": server.serving_address()}, timeout_s=5)
+    return RetMemClient({"shard0": server.address()}, timeout_s=5)
 
 
 def roundtrip(client: RetMemClient, session: str) -> None:
@@ -85,7 +85,7 @@ def refused(target: str, tls: tls_mod.TlsConfig) -> grpc.StatusCode:
 
 def test_tls_refuses_a_plaintext_client(secured: tuple[Pki, RetMemServer]) -> None:
     pki, server = secured
-    target = server.serving_address()
+    target = server.address()
     assert refused(target, tls_mod.PLAINTEXT) == grpc.StatusCode.UNAVAILABLE
     # The server keeps serving TLS clients, and the health-only port answers plaintext probes.
     assert health(target, pki.client) == SERVING
@@ -100,12 +100,12 @@ def test_tls_client_refuses_a_server_it_does_not_trust(
 ) -> None:
     _, server = secured
     stranger = Pki.create(tmp_path / "stranger", client_auth=False)
-    assert refused(server.serving_address(), stranger.client) == grpc.StatusCode.UNAVAILABLE
+    assert refused(server.address(), stranger.client) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mtls_refuses_missing_or_foreign_client_certificate(secured: tuple[Pki, RetMemServer]) -> None:
     pki, server = secured
-    target = server.serving_address()
+    target = server.address()
     if not pki.server.client_auth:
         # TLS without client auth: anonymous clients are fine (the refusals apply to mTLS only).
         assert health(target, pki.anonymous) == SERVING
@@ -188,7 +188,7 @@ def test_internal_services_use_the_internal_policy(tmp_path: Path) -> None:
         tls_mod.configure(previous[0])
         tls_mod.configure_internal(previous[1])
     try:
-        target = server.serving_address()
+        target = server.address()
         assert refused(target, tls_mod.PLAINTEXT) == grpc.StatusCode.UNAVAILABLE
         assert refused(target, internal.anonymous) == grpc.StatusCode.UNAVAILABLE
         previous = tls_mod.configure(tls_mod.PLAINTEXT), tls_mod.configure_internal(internal.client)
@@ -199,7 +199,7 @@ def test_internal_services_use_the_internal_policy(tmp_path: Path) -> None:
             tls_mod.configure_internal(previous[1])
     finally:
         server.stop(grace_s=1)
-        close_channels([server.serving_address()])
+        close_channels([server.address()])
 
 
 def test_embedded_stack_public_tls_without_client_certs_internal_mtls(tmp_path: Path) -> None:

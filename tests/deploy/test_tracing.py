@@ -146,7 +146,7 @@ def test_trace_context_crosses_a_client_to_retmem_hop(telemetry, tmp_path: Path)
     server = RetMemServer(RetMemConfig(data_dir=tmp_path))
     server.start()
     try:
-        client = RetMemClient({"shard0": server.serving_address()})
+        client = RetMemClient({"shard0": server.address()})
         spec = tiny_spec()
         with tracing.tracer().start_as_current_span("request") as root:
             client.create_session("hop", spec)

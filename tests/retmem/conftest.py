@@ -80,7 +80,7 @@ def server(tmp_path: Path) -> Iterator[RetMemServer]:
 
 @pytest.fixture
 def client(server: RetMemServer) -> RetMemClient:
-    return RetMemClient({"shard0": server.serving_address()}, timeout_s=20)
+    return RetMemClient({"shard0": server.address()}, timeout_s=20)
 
 
 class ServerProcess:

@@ -46,7 +46,7 @@ def test_b1_congruence_random_operations(tmp_path: Path) -> None:
     config = RetMemConfig(data_dir=tmp_path, shards=("shard0",))
     server = RetMemServer(config)
     server.start()
-    client = RetMemClient({"shard0": server.serving_address()}, timeout_s=20)
+    client = RetMemClient({"shard0": server.address()}, timeout_s=20)
     bank = MemoryBank()
     live: dict[str, int] = {}  # session -> next chunk id
     history: dict[str, list] = {}  # session -> appended batches (for replays)
@@ -57,7 +57,7 @@ def test_b1_congruence_random_operations(tmp_path: Path) -> None:
             server.stop(grace_s=5)
             server = RetMemServer(config)
             server.start()
-            client = RetMemClient({"shard0": server.serving_address()}, timeout_s=20)
+            client = RetMemClient({"shard0": server.address()}, timeout_s=20)
         if not live or rng.random() < 0.03:
             sid = f"s{n_sessions}"
             n_sessions += 1

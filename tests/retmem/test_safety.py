@@ -145,7 +145,7 @@ def test_a_session_with_no_usable_snapshot_answers_data_loss_and_keeps_its_files
         assert set(wal_before) <= set((tmp_path / "s" / "wal").glob("*.wal"))
         assert {p: p.read_bytes() for p in evidence} == evidence
 
-        channel = grpc.insecure_channel(server.serving_address())
+        channel = grpc.insecure_channel(server.address())
         health = health_pb2_grpc.HealthStub(channel)
         check = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status  # noqa: E731
         assert check(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING

@@ -6,8 +6,13 @@ One reading per trial with per-layer memory and retrieval by keys over *all* lay
 every layer's vectors); each layer's score is its slice of the stored vectors and of the query. Layer
 sets are scored as the sum of their slices (what `key_layers=(a, b, ...)` computes).
 
-    .venv/bin/python bench/keys_study.py --length 8192 --trials 8 --threads 1
-Writes bench/results/keys_study/{keys_study.json,keys_study.md}.
+    .venv/bin/python bench/keys_study.py --length 8192 --trials 8 --threads 1 --dump /tmp/kdump
+Writes bench/results/keys_study/{keys_study.json,keys_study.md}. With --dump, each trial's per-token keys
+and question queries are saved, and
+
+    .venv/bin/python bench/keys_study.py --analyze /tmp/kdump
+ranks the needle's chunk under query variants from them (which layers; the mean of the last m query
+tokens; less a fraction of the chunk's mean query) into query_variants.{json,md}.
 """
 
 from __future__ import annotations
@@ -47,6 +52,51 @@ def _rank(scores: np.ndarray, target: int) -> int:
     return int((scores >= scores[target]).sum())
 
 
+def analyze(dump: Path) -> None:
+    """Needle-chunk ranks under query variants, from the per-token keys and queries of --dump."""
+    layer_sets = {
+        "12": (12,),
+        "13": (13,),
+        "12,13": (12, 13),
+        "11-13": (11, 12, 13),
+        "10-16": tuple(range(10, 17)),
+    }
+    ranks: dict[tuple[str, int, float], list[int]] = {}
+    files = sorted(dump.glob("trial*.npz"))
+    for f in files:
+        z = np.load(f)
+        keys = torch.from_numpy(z["keys"].astype(np.float32))  # (n, L, Hkv, c, D)
+        n, n_layers, hkv, c, d = keys.shape
+        queries = torch.from_numpy(z["queries"].astype(np.float32)).view(
+            -1, n_layers, hkv, d
+        )  # (c, L, Hkv, D)
+        valid = torch.arange(c)[None] < torch.from_numpy(z["lengths"])[:, None]
+        valid[0, :4] = False  # the stream's sinks, as the reader leaves them out
+        mean_k = (keys * valid[:, None, None, :, None]).sum(3) / valid.sum(1)[:, None, None, None]
+        target = int(z["target"])
+        for name, layers in layer_sets.items():
+            for m in (1, 4, 16, 0):
+                for center in (0.0, 0.5, 1.0):
+                    recent = queries[-m:] if m else queries
+                    q = recent.mean(0) - center * queries.mean(0)  # (L, Hkv, D)
+                    scores = torch.einsum("nlhd,lhd->n", mean_k[:, list(layers)], q[list(layers)])
+                    ranks.setdefault((name, m, center), []).append(_rank(scores.numpy(), target))
+    table = []
+    for (name, m, center), r in sorted(ranks.items(), key=lambda kv: (np.mean(kv[1]), kv[0][0])):
+        row = _summary(f"layers {name}, last {m or 'all'} query tokens, less {center} x mean", np.array(r))
+        table.append({**row, "ranks": " ".join(map(str, r))})
+    cols = ["reading", "top1", "top8", "median_rank", "mean_rank", "ranks"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_json(OUT / "query_variants.json", {"trials": len(files), "dump": str(dump), "rows": table})
+    (OUT / "query_variants.md").write_text(
+        f"Needle-chunk rank under query variants, from the {len(files)} trials of keys_study.md "
+        "(chunks: mean pre-RoPE keys per KV head, the sinks left out; query: mean of the last m rotated "
+        "query tokens, less a fraction of the mean over the chunk before the boundary).\n\n"
+        + markdown_table(table, cols)
+    )
+    print(markdown_table(table[:15], cols))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=8192)
@@ -55,7 +105,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dump", default="", help="save each trial's per-token keys and question queries here")
+    ap.add_argument("--analyze", default="", help="rank query variants from a --dump directory, then exit")
     args = ap.parse_args()
+    if args.analyze:
+        analyze(Path(args.analyze))
+        return
     torch.set_num_threads(args.threads)
 
     n_layers = 30

@@ -31,11 +31,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from memlong.dtypes import KV_DTYPES
 from memlong.errors import InvalidArgument
 from memlong.memory import PendingChunks, SearchResult
 from memlong.model import BlockOutput, MemLongModel, Memory
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {name: getattr(torch, name) for name in KV_DTYPES}
 # Temperatures below this decode greedily: sampling there is argmax in all but exact ties, and dividing
 # log-probs by a near-zero temperature overflows every logit to -inf (1e-45 gives NaN probabilities).
 GREEDY_BELOW = 1e-4

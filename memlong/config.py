@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memlong.dtypes import KV_DTYPES
 from memlong.errors import InvalidArgument
 
 LAYOUTS = ("per_layer", "paper")
@@ -91,7 +92,7 @@ class MemLongConfig:
             raise InvalidArgument("key_query_center", f"must be in [0, 1], got {self.key_query_center}")
         if self.key_layers and self.key_layers[0] < 0:
             raise InvalidArgument("key_layers", "layer indices must be >= 0")
-        if self.kv_dtype not in ("float32", "float16", "bfloat16"):
+        if self.kv_dtype not in KV_DTYPES:
             raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
 
     @classmethod

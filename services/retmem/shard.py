@@ -14,6 +14,17 @@ for that one search). Replay credits them before applying the record. A crash th
 most the hits since the session's last record and never more than `counter_flush_hits` of them; a
 checkpoint (and so a graceful stop) snapshots them and clears the pending list.
 
+K/V on disk: with a data directory, each chunk's K/V bytes go once to append-only data files
+(`kvfiles`), written before the log record that refers to them and synced before the log is. The
+memory core holds a 16-byte reference per chunk instead of the record, and so do the log records and
+snapshots: resident memory is the index, ids, counters and metadata, whatever the stored size.
+Searches and fetches read the K/V back with positional reads and check each record's CRC-32 (a
+mismatch is DATA_LOSS). A replayed append whose K/V fail their CRC was never acknowledged (its bytes
+had not reached the disk when the power went): the log is cut there, like a torn tail. A checkpoint
+deletes data files that neither the sessions, their kept snapshot generations nor the kept log refer
+to. Data written by versions that kept K/V inline (in log records and snapshots) is moved into data
+files when it is recovered.
+
 Deleted session ids are written to a tombstone log before anything is removed and are never
 reused, so a delete survives restarts and stale snapshots. Without a data directory the shard is
 purely in memory (`LocalStore`).
@@ -28,6 +39,7 @@ health and metrics, and checkpoints delete no log segment until an operator dele
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,11 +54,12 @@ import numpy as np
 
 from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from memlong.ids import check_session_id
-from memlong.memory import MemoryBank, SearchResult, SessionMemory
+from memlong.memory import MemoryBank, MemoryConfig, SearchResult, SessionMemory
 
 from . import snapshot
+from .kvfiles import REF_BYTES, KVFiles, referenced_files
 from .store import SessionInfo, SessionSpec, as_records, check_lengths
-from .wal import ReplayReport, WriteAheadLog, fsync_dir, replay
+from .wal import ReplayReport, WriteAheadLog, fsync_dir, replay, truncate_from
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +80,9 @@ class RecoveryReport:
     wal_dropped_bytes: int = 0
     tombstones: int = 0
     sessions_lost: int = 0  # no intact snapshot (or the log no longer covers an older one): DATA_LOSS
+    kv_torn_records: int = 0  # a replayed record's K/V failed their CRC: the log was cut there
+    kv_bytes_replayed: int = 0  # K/V bytes read back (and checked) for replayed records
+    kv_migrated_chunks: int = 0  # inline K/V of older versions moved into data files
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -102,6 +118,10 @@ class _Meta:
         self.hits, self.n_hits, self.searches, self.queries = [], 0, 0, 0
 
 
+class _TornKV(Exception):
+    """A replayed record's K/V are not what it says: it was never acknowledged."""
+
+
 def _arr(buf: bytes, dtype: Any, *shape: int) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
@@ -120,6 +140,7 @@ class Shard:
         fsync: str = "grouped",
         checkpoint_bytes: int = 1 << 30,
         counter_flush_hits: int = 4096,
+        kv_file_bytes: int = 1 << 30,
     ) -> None:
         self.name = name
         self.counter_flush_hits = counter_flush_hits
@@ -133,6 +154,10 @@ class Shard:
         self._prev_cut = 0  # LSN cut of the latest checkpoint: the log after it is kept one round more
         self._lock = threading.RLock()  # session set, checkpoints
         self._wal: WriteAheadLog | None = None
+        # K/V data files (None: no data directory, K/V stay in the memory core) and, per file, the
+        # last log record that refers to it (a file the kept log refers to is kept).
+        self.kv = None if self.root is None else KVFiles(self.root / "kv", kv_file_bytes)
+        self._kv_lsn: dict[int, int] = {}
         self._tombs: WriteAheadLog | None = None
         self._failed: BaseException | None = None
         self._checkpointing = threading.Lock()
@@ -162,6 +187,13 @@ class Shard:
         for w in (self._wal, self._tombs):
             if w is not None:
                 w.close()
+        if self.kv is not None:
+            self.kv.close()
+
+    def _config(self, spec: SessionSpec) -> MemoryConfig:
+        """The memory core's settings for a session: with K/V on disk its records are references."""
+        config = spec.memory_config()
+        return config if self.kv is None else dataclasses.replace(config, record_bytes=REF_BYTES)
 
     # --------------------------------------------------------------------------------- access
 
@@ -187,13 +219,15 @@ class Shard:
             raise NotFound(f"session {session_id!r} not found")
         return meta, self.bank.get(session_id)
 
-    def _log(self, meta: _Meta, record: dict[str, Any]) -> None:
-        """Append a record for an already applied change (carrying the pending hits); returns once durable."""
+    def _log(self, meta: _Meta, record: dict[str, Any], kv_bytes: int = 0) -> None:
+        """Append a record for an already applied change (carrying the pending hits); returns once durable.
+
+        kv_bytes: K/V bytes the record refers to (a recovery reads them back)."""
         meta.dirty = True
         if self._wal is None:
             return
         try:
-            meta.applied_lsn = self._wal.append({**record, **meta.take_hits()})
+            meta.applied_lsn = self._wal.append({**record, **meta.take_hits()}, kv_bytes)
         except OSError as e:
             self._failed = e
             log.exception("shard %s: write-ahead log failed; failing stop", self.name)
@@ -225,7 +259,7 @@ class Shard:
                 raise DataLoss(f"session {session_id!r} could not be recovered: {self._lost[session_id]}")
             meta = _Meta(spec)
             with meta.lock:
-                self.bank.create(session_id, spec.memory_config())
+                self.bank.create(session_id, self._config(spec))
                 self._meta[session_id] = meta
                 try:
                     self._log(meta, {"op": "create", "sid": session_id, "spec": spec.to_dict()})
@@ -242,6 +276,9 @@ class Shard:
         try:
             records = as_records(meta.spec, kv)
             check_lengths(meta.spec, np.asarray(lengths))
+            kv_bytes = 0
+            if self.kv is not None:
+                records, kv_bytes = self._write_kv(meta.spec, mem, ids, records)
             n = len(ids)
             before = mem.ids() if len(mem) + n > meta.spec.memory_size else None
             n_before = len(mem)
@@ -259,19 +296,62 @@ class Shard:
                     "sid": session_id,
                     "ids": np.ascontiguousarray(ids[new], np.int64).tobytes(),
                     "emb": np.ascontiguousarray(embeddings[new], np.float32).tobytes(),
-                    "rec": np.ascontiguousarray(records[new]).tobytes(),
+                    "rec" if self.kv is None else "ref": np.ascontiguousarray(records[new]).tobytes(),
                     "len": np.ascontiguousarray(lengths[new], np.int32).tobytes(),
                     "evicted": evicted.astype(np.int64).tobytes(),
                 },
+                kv_bytes,
             )
+            if self.kv is not None:
+                self._note_kv(records[new], meta.applied_lsn)
             return n_new
         finally:
             meta.lock.release()
+
+    def _write_kv(
+        self, spec: SessionSpec, mem: SessionMemory, ids: Any, records: np.ndarray
+    ) -> tuple[np.ndarray, int]:
+        """Write a batch's new K/V to the data files; returns the references the core stores and the
+        bytes written. A replay of a stored chunk is compared with the stored bytes here (different
+        bytes: AlreadyExists) and gets the stored reference, so the core sees an exact replay."""
+        assert self.kv is not None
+        if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.shape != (len(records),):
+            raise InvalidArgument("ids", f"must be ({len(records)},) int64 aligned with the records")
+        if len(ids) > 1 and not (np.diff(ids) > 0).all():
+            raise InvalidArgument("ids", "chunk ids in a batch must be strictly increasing")
+        refs = np.zeros((len(ids), REF_BYTES), np.uint8)  # (n, REF_BYTES); zero: never stored
+        n_old = int(np.searchsorted(ids, mem.stats()["max_id"], side="right"))  # replays form a prefix
+        if n_old:
+            held_ids = mem.ids()
+            pos = np.searchsorted(held_ids, ids[:n_old])
+            held = pos < len(held_ids)
+            held[held] = held_ids[pos[held]] == ids[:n_old][held]
+            if held.any():
+                stored_refs, _ = mem.fetch(ids[:n_old][held])
+                same = (self.kv.read(stored_refs, spec.record_bytes) == records[:n_old][held]).all(axis=1)
+                if not same.all():
+                    bad = ids[:n_old][held][~same][:8].tolist()
+                    raise AlreadyExists(f"chunk ids already stored with different content: {bad}")
+                refs[np.flatnonzero(held)] = stored_refs
+        if n_old < len(ids):
+            refs[n_old:] = self.kv.write(records[n_old:])
+        return refs, records[n_old:].nbytes
+
+    def _note_kv(self, refs: np.ndarray, lsn: int) -> None:
+        for f in referenced_files(refs):
+            self._kv_lsn[f] = max(lsn, self._kv_lsn.get(f, 0))
+
+    def _read_kv(self, spec: SessionSpec, records: np.ndarray) -> np.ndarray:
+        """The core's records as K/V: read from the data files when they are references."""
+        return records if self.kv is None else self.kv.read(records, spec.record_bytes)
 
     def search(self, session_id: str, queries: np.ndarray, top_k: int) -> SearchResult:
         meta, mem = self._locked(session_id)
         try:
             result = mem.search(queries, top_k)
+            if self.kv is not None:
+                kv = self.kv.read(result.records, meta.spec.record_bytes)  # (q, k, record_bytes)
+                result = SearchResult(result.ids, result.scores, kv, result.lengths)
             if self._wal is not None:
                 hit = result.ids[result.ids >= 0]  # (h,)
                 meta.hits.append(hit)
@@ -287,7 +367,8 @@ class Shard:
     def fetch(self, session_id: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         meta, mem = self._locked(session_id)
         try:
-            return mem.fetch(ids)
+            records, lengths = mem.fetch(ids)
+            return self._read_kv(meta.spec, records), lengths
         finally:
             meta.lock.release()
 
@@ -340,6 +421,8 @@ class Shard:
         meta, mem = self._locked(session_id)
         try:
             stats = {k: float(v) for k, v in mem.stats().items()}
+            spec = meta.spec
+            stats["bytes"] = float(len(mem) * (spec.record_bytes + 4 * spec.dim + 4))  # K/V counted in full
             return SessionInfo(session_id, meta.spec, len(mem), self.name, stats)
         finally:
             meta.lock.release()
@@ -386,7 +469,11 @@ class Shard:
     def export_session(self, session_id: str) -> tuple[SessionSpec, dict[str, Any]]:
         meta, mem = self._locked(session_id)
         try:
-            return meta.spec, mem.export_state()
+            state = mem.export_state()
+            if self.kv is not None:
+                state["records"] = self.kv.read(state["records"], meta.spec.record_bytes)
+                state["record_bytes"] = meta.spec.record_bytes
+            return meta.spec, state
         finally:
             meta.lock.release()
 
@@ -401,15 +488,31 @@ class Shard:
         with self._lock:
             if session_id in self._deleted or session_id in self._meta:
                 raise AlreadyExists(f"session {session_id!r} exists or was deleted")
+            kv_bytes = 0
+            if self.kv is not None:  # the K/V go to the data files (durable before the snapshot names them)
+                full = mem.export_state()
+                refs = self.kv.write(full["records"])
+                self.kv.sync()
+                kv_bytes = full["records"].nbytes
+                mem = SessionMemory.from_state({**full, "records": refs, "record_bytes": REF_BYTES})
             meta = _Meta(spec)
             with meta.lock:
                 tmp = None
                 if self.root is not None:
                     sdir = self.root / "snapshots" / _session_dirname(session_id)
-                    tmp = snapshot.write(sdir, IMPORT_TMP, spec.to_dict(), mem.export_state(), final=False)
+                    tmp = snapshot.write(
+                        sdir,
+                        IMPORT_TMP,
+                        spec.to_dict(),
+                        mem.export_state(),
+                        final=False,
+                        kv=self._kv_layout(),
+                    )
                 self.bank.adopt(session_id, mem)
                 self._meta[session_id] = meta
-                self._log(meta, {"op": "import", "sid": session_id})
+                self._log(meta, {"op": "import", "sid": session_id}, kv_bytes)
+                if self.kv is not None:
+                    self._note_kv(mem.fetch(mem.ids())[0], meta.applied_lsn)
                 if tmp is not None:
                     snapshot.publish(tmp, meta.applied_lsn)
                 meta.dirty = False
@@ -445,6 +548,7 @@ class Shard:
                             meta.spec.to_dict(),
                             self.bank.get(sid).export_state(),
                             cut=cut,
+                            kv=self._kv_layout(),
                         )
                         # Keep one older generation: recovery falls back to it if the new one is damaged.
                         snapshot.remove_older(sdir, min([meta.applied_lsn, *previous]))
@@ -453,11 +557,39 @@ class Shard:
                         written += 1
                 if not self._lost:  # a lost session's log records are evidence: keep every segment
                     self._wal.remove_segments_upto(self._prev_cut)
+                    self._remove_unused_kv()
                 self._prev_cut = cut
                 _write_json(self.root / CHECKPOINT_FILE, {"cut": cut})
                 return written
         finally:
             self._checkpointing.release()
+
+    def _kv_layout(self) -> str:
+        return snapshot.KV_INLINE if self.kv is None else snapshot.KV_FILES
+
+    def _remove_unused_kv(self) -> None:
+        """Delete the data files nothing can read any more: no stored chunk, no kept snapshot generation
+        and no record of the kept log refers to them (under self._lock, after the log was cut)."""
+        if self.kv is None or self.root is None:
+            return
+        newest = self.kv.active  # writes from now on land here or later: never candidates
+        needed: set[int] = set()
+        for sid, meta in list(self._meta.items()):
+            with meta.lock:
+                if not meta.deleted:
+                    mem = self.bank.get(sid)
+                    needed |= referenced_files(mem.fetch(mem.ids())[0])
+        for sdir in (self.root / "snapshots").iterdir():
+            for lsn in snapshot.generations(sdir):
+                needed |= snapshot.kv_files(sdir / f"{lsn:020d}")
+        segs = sorted((self.root / "wal").glob("*.wal"))
+        first_kept = int(segs[0].stem) if segs else 0
+        needed |= {f for f, lsn in self._kv_lsn.items() if lsn >= first_kept}
+        needed |= {f for f in self.kv.files() if f >= newest}
+        removed = self.kv.remove_unused(needed)
+        self._kv_lsn = {f: lsn for f, lsn in self._kv_lsn.items() if f in needed}
+        if removed:
+            log.info("shard %s: removed %d unused K/V files", self.name, removed)
 
     # ------------------------------------------------------------------------------- recovery
 
@@ -465,6 +597,8 @@ class Shard:
         assert self.root is not None
         snaps, waldir, tombdir = self.root / "snapshots", self.root / "wal", self.root / "tombstones"
         snaps.mkdir(parents=True, exist_ok=True)
+        if self.kv is not None:
+            self.kv.open()  # a fresh active file: K/V moved from older layouts during recovery go there
         tomb_report = ReplayReport()
         self._deleted = (
             {rec.get("sid") for _, rec in replay(tombdir, tomb_report)} if tombdir.exists() else set()
@@ -483,7 +617,15 @@ class Shard:
         wal_report = ReplayReport()
         if waldir.exists():
             for lsn, rec in replay(waldir, wal_report):
-                self._replay_one(lsn, rec, snaps, report)
+                try:
+                    self._replay_one(lsn, rec, snaps, report)
+                except _TornKV as e:  # never acknowledged: cut the log here, like a torn tail
+                    log.warning("shard %s: %s; the log is cut before lsn %d", self.name, e, lsn)
+                    report.kv_torn_records += 1
+                    wal_report.dropped_records += 1
+                    wal_report.dropped_bytes += truncate_from(waldir, lsn)
+                    wal_report.last_lsn = lsn - 1
+                    break
             segs = sorted(waldir.glob("*.wal"))
             if segs:
                 max_lsn = max(max_lsn, int(segs[-1].stem) - 1)
@@ -508,8 +650,11 @@ class Shard:
             else:
                 for p in sdir.glob("*.tmp"):
                     shutil.rmtree(p, ignore_errors=True)
-        self._wal = WriteAheadLog(waldir, self.fsync)
+        if self.kv is not None:
+            self.kv.sync()  # K/V moved from older layouts: durable before anything names them
+        self._wal = WriteAheadLog(waldir, self.fsync, None if self.kv is None else self.kv.sync)
         self._wal.open(max(max_lsn, wal_report.last_lsn) + 1)
+        self._wal.bytes_written += report.kv_bytes_replayed  # what the next recovery would read again
         self._tombs = WriteAheadLog(tombdir, "per-append")
         self._tombs.open(tomb_report.last_lsn + 1)
 
@@ -539,9 +684,13 @@ class Shard:
             if damaged and (log_from is None or log_from > max(lsn, snap.cut) + 1):
                 damaged.append(f"generation {lsn} is intact but the log no longer holds what followed it")
                 break
+            migrated = self.kv is not None and snap.kv == snapshot.KV_INLINE
+            if migrated:
+                mem = self._move_inline_kv(mem, report)
             self.bank.adopt(sid, mem)
-            # Loaded from an older generation: dirty, so the next checkpoint writes a sound one.
-            self._meta[sid] = _Meta(spec, applied_lsn=lsn, dirty=bool(damaged))
+            # Loaded from an older generation (or K/V just moved): dirty, so the next checkpoint writes
+            # a sound one.
+            self._meta[sid] = _Meta(spec, applied_lsn=lsn, dirty=bool(damaged) or migrated)
             report.snapshots_loaded += 1
             return sid
         if damaged:
@@ -562,8 +711,18 @@ class Shard:
             report.index_files_rejected += 1
         return SessionMemory.from_state(snap.state)
 
+    def _move_inline_kv(self, mem: SessionMemory, report: RecoveryReport) -> SessionMemory:
+        """A memory holding K/V inline (an older version's snapshot) as one holding references."""
+        assert self.kv is not None
+        state = mem.export_state()
+        refs = self.kv.write(state["records"])
+        report.kv_migrated_chunks += len(refs)
+        return SessionMemory.from_state({**state, "records": refs, "record_bytes": REF_BYTES})
+
     def _replay_one(self, lsn: int, rec: dict[str, Any], snaps: Path, report: RecoveryReport) -> None:
         sid, op = rec.get("sid"), rec.get("op")
+        if self.kv is not None and "ref" in rec and isinstance(rec["ref"], bytes):
+            self._note_kv(np.frombuffer(rec["ref"], np.uint8), lsn)  # kept log: its files are kept
         if sid in self._lost and op == "create":  # the log still holds the whole session: rebuild it
             report.errors.append(f"session {sid!r}: rebuilt from the log ({self._lost.pop(sid)})")
         if sid in self._deleted or sid in self._lost:
@@ -574,7 +733,7 @@ class Shard:
         try:
             if op == "create":
                 if meta is None:
-                    self.bank.create(sid, SessionSpec.from_dict(rec["spec"]).memory_config())
+                    self.bank.create(sid, self._config(SessionSpec.from_dict(rec["spec"])))
                     self._meta[sid] = meta = _Meta(SessionSpec.from_dict(rec["spec"]))
             elif op == "import":
                 tmp = snaps / _session_dirname(sid) / f"{IMPORT_TMP:020d}.tmp"
@@ -590,14 +749,40 @@ class Shard:
             elif meta is None:
                 raise NotFound(f"record {op!r} for unknown session {sid!r}")
             else:
-                self._apply(sid, meta, op, rec)
+                self._apply(sid, meta, op, rec, report)
             meta.applied_lsn = lsn
             meta.dirty = True
+        except _TornKV:
+            raise
         except Exception as e:  # noqa: BLE001 - recovery counts what it cannot apply and goes on
             report.errors.append(f"lsn {lsn} {op} {sid}: {type(e).__name__}: {e}")
 
-    def _apply(self, sid: str, meta: _Meta, op: str, rec: dict[str, Any]) -> None:
+    def _replayed_records(
+        self, spec: SessionSpec, rec: dict[str, Any], n: int, report: RecoveryReport
+    ) -> np.ndarray:
+        """An append record's records for the core: references checked against the K/V files (_TornKV
+        when they fail), or inline K/V (older versions), moved to the K/V files when there are some."""
+        if "ref" in rec:
+            refs = _arr(rec["ref"], np.uint8, n, REF_BYTES)
+            if self.kv is None:
+                raise FailedPrecondition("a record refers to K/V files but the shard has none")
+            try:
+                self.kv.read(refs, spec.record_bytes)
+            except DataLoss as e:
+                raise _TornKV(str(e)) from None
+            report.kv_bytes_replayed += n * spec.record_bytes
+            return refs
+        records = _arr(rec["rec"], np.uint8, n, spec.record_bytes)
+        if self.kv is None:
+            return records
+        report.kv_migrated_chunks += n
+        return self.kv.write(records)
+
+    def _apply(self, sid: str, meta: _Meta, op: str, rec: dict[str, Any], report: RecoveryReport) -> None:
         spec, mem = meta.spec, self.bank.get(sid)
+        records = None
+        if op == "append":  # checked first: a record with torn K/V changes nothing
+            records = self._replayed_records(spec, rec, len(rec["ids"]) // 8, report)
         if "searches" in rec:  # retrievals since the previous record happened before this change
             mem.credit(
                 _arr(rec["hits"], np.int64, -1),
@@ -611,7 +796,7 @@ class Shard:
             mem.append(
                 ids,
                 _arr(rec["emb"], np.float32, len(ids), spec.dim),
-                _arr(rec["rec"], np.uint8, len(ids), spec.record_bytes),
+                records,
                 _arr(rec["len"], np.int32, len(ids)),
             )
         elif op == "pin":

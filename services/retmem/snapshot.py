@@ -1,5 +1,9 @@
 """Per-session snapshots: .npy arrays + a FAISS index file + a JSON manifest of sha256 checksums.
 
+`records.npy` holds the K/V records themselves (`kv: inline`, written by shards without K/V files and
+by older versions) or 16-byte references into the shard's K/V files (`kv: files`; the manifest lists
+the files they point into, so a checkpoint keeps the files an older generation needs).
+
 Layout: `<session_dir>/<lsn:020d>/` where `lsn` is the last log record the snapshot reflects.
 Written as `<lsn>.tmp/` (each file fsynced), renamed into place, then the parent directory fsynced:
 a snapshot directory without `.tmp` is complete. Arrays are loaded with `allow_pickle=False` after
@@ -22,11 +26,14 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .kvfiles import referenced_files
 from .wal import fsync_dir
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
+KV_INLINE = "inline"  # records.npy holds the K/V
+KV_FILES = "files"  # records.npy holds references into the shard's K/V files
 
 
 class SnapshotError(Exception):
@@ -40,6 +47,7 @@ class LoadedSnapshot:
     state: dict[str, Any]
     index: faiss.Index | None  # deserialised only when present and its sha256 matched the manifest
     cut: int = 0  # the log cut of the checkpoint that wrote it: no record of the session lies in (lsn, cut]
+    kv: str = KV_INLINE  # what its records are (KV_INLINE or KV_FILES)
 
 
 def _sha256(data: bytes | memoryview) -> str:
@@ -69,7 +77,13 @@ def build_index(ids: np.ndarray, embeddings: np.ndarray, dim: int) -> faiss.Inde
 
 
 def write(
-    session_dir: Path, lsn: int, spec: dict[str, Any], state: dict[str, Any], final: bool = True, cut: int = 0
+    session_dir: Path,
+    lsn: int,
+    spec: dict[str, Any],
+    state: dict[str, Any],
+    final: bool = True,
+    cut: int = 0,
+    kv: str = KV_INLINE,
 ) -> Path:
     """Write a snapshot of `state` (SessionMemory.export_state()) as `<lsn>.tmp`, then publish it.
 
@@ -96,7 +110,10 @@ def write(
         "files": files,
         "index": {"file": INDEX_FILE, "sha256": index_sha},
         "cut": cut,
+        "kv": kv,
     }
+    if kv == KV_FILES:
+        manifest["kv_files"] = sorted(referenced_files(state["records"]))
     _write_file(tmp / MANIFEST, json.dumps(manifest, sort_keys=True).encode())
     fsync_dir(tmp)
     return publish(tmp) if final else tmp
@@ -136,7 +153,19 @@ def read(path: Path) -> LoadedSnapshot:
         state[name[: -len(".npy")]] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
     cut = manifest.get("cut", 0)
     cut = cut if isinstance(cut, int) else 0
-    return LoadedSnapshot(int(path.name), manifest["spec"], state, _load_index(path, manifest), cut)
+    kv = manifest.get("kv", KV_INLINE)
+    if kv not in (KV_INLINE, KV_FILES):
+        raise SnapshotError(f"{path}: unknown K/V layout {kv!r}")
+    return LoadedSnapshot(int(path.name), manifest["spec"], state, _load_index(path, manifest), cut, kv)
+
+
+def kv_files(path: Path) -> set[int]:
+    """The K/V files a published snapshot refers to, from its manifest (empty when unreadable)."""
+    try:
+        files = json.loads((path / MANIFEST).read_bytes()).get("kv_files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {int(f) for f in files if isinstance(f, int)}
 
 
 def _load_index(path: Path, manifest: dict[str, Any]) -> faiss.Index | None:

@@ -12,15 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from memlong.dtypes import KV_DTYPES
 from memlong.errors import InvalidArgument
 from memlong.memory import MemoryConfig
-
-# K/V element types a session may hold, with their in-memory numpy dtype (bf16 as raw uint16).
-KV_DTYPES: dict[str, np.dtype] = {
-    "bfloat16": np.dtype("<u2"),
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
-}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,14 +136,45 @@ def replay(directory: Path, report: ReplayReport, truncate: bool = True) -> Iter
                 report.errors.append(f"lsn {lsn}: undecodable payload ({e})")
 
 
+def truncate_from(directory: Path, lsn: int) -> int:
+    """Cut the log just before record `lsn`: that record and every later one are removed (recovery
+    found `lsn` unusable, so nothing after it was acknowledged). Returns the bytes removed."""
+    removed = 0
+    for path in _segments(directory):
+        if int(path.stem) >= lsn:
+            removed += path.stat().st_size
+            path.unlink()
+            continue
+        size, pos = path.stat().st_size, 0
+        with open(path, "rb") as f:
+            while pos + HEADER.size <= size:
+                f.seek(pos)
+                length, _, rec_lsn = HEADER.unpack(f.read(HEADER.size))
+                if rec_lsn >= lsn:
+                    break
+                pos += HEADER.size + length
+        if pos < size:
+            removed += size - pos
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                os.fsync(f.fileno())
+    fsync_dir(directory)
+    return removed
+
+
 class WriteAheadLog:
     """Appender over the newest segment. Thread-safe; `append` returns once the record is durable."""
 
-    def __init__(self, directory: Path, fsync: str = "grouped") -> None:
+    def __init__(
+        self, directory: Path, fsync: str = "grouped", before_sync: Callable[[], None] | None = None
+    ) -> None:
+        """before_sync: runs before every sync of the log (the shard syncs its K/V files there, so a
+        durable record never refers to bytes that are not)."""
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
         self.directory = Path(directory)
         self.fsync = fsync
+        self._before_sync = before_sync or (lambda: None)
         self._lock = threading.Lock()  # order of LSNs and bytes in the file
         self._sync_lock = threading.Lock()  # held around fdatasync and segment switches
         self._durable = threading.Condition(threading.Lock())
@@ -182,6 +213,7 @@ class WriteAheadLog:
                 return
             self._closed = True
             if self._fd >= 0:
+                self._before_sync()
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
@@ -197,8 +229,11 @@ class WriteAheadLog:
 
     # ---------------------------------------------------------------------------------- write
 
-    def append(self, record: dict[str, Any]) -> int:
-        """Write one record; return its LSN once it is on stable storage."""
+    def append(self, record: dict[str, Any], payload_bytes: int = 0) -> int:
+        """Write one record; return its LSN once it is on stable storage.
+
+        payload_bytes: bytes written elsewhere that a recovery reads with this record (K/V the record
+        refers to); they count toward `bytes_written`, which triggers checkpoints."""
         payload = msgpack.packb(record, use_bin_type=True)
         if len(payload) > MAX_RECORD_BYTES:
             raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
@@ -207,8 +242,9 @@ class WriteAheadLog:
             lsn = self._next_lsn
             _write_all(self._fd, encode_frame(lsn, payload), payload)
             self._next_lsn += 1
-            self.bytes_written += HEADER.size + len(payload)
+            self.bytes_written += HEADER.size + len(payload) + payload_bytes
             if self.fsync == "per-append":
+                self._before_sync()
                 os.fdatasync(self._fd)
                 self._written_lsn = self._durable_lsn = lsn
                 return lsn
@@ -236,6 +272,7 @@ class WriteAheadLog:
             try:
                 with self._sync_lock:
                     if self._fd >= 0:
+                        self._before_sync()
                         os.fdatasync(self._fd)
             except OSError as e:  # fail-stop: no append is acknowledged after this
                 log.exception("wal fsync failed")
@@ -250,6 +287,7 @@ class WriteAheadLog:
         """Close the current segment (durably) and start a new one; return the last LSN before it."""
         with self._lock, self._sync_lock:
             self._check()
+            self._before_sync()
             os.fsync(self._fd)
             old, self._fd = self._fd, self._new_segment(self._next_lsn)
             os.close(old)

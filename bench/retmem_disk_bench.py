@@ -1,0 +1,212 @@
+"""ret-mem at per-layer scale: resident memory vs stored K/V, durable append rate, retrieval, recovery.
+
+    python bench/retmem_disk_bench.py [--tokens 32k,128k] [--iters 60] [--label NAME] [--out bench/results]
+
+One shard with a data directory (grouped fsync, one writer), one session of per-layer records
+(SmolLM2-135M: 30 layers x (2, 3, 128, 64) bf16 = 2.81 MiB per 128-token chunk), filled with
+single-chunk appends. Each size runs in a fresh child process so that its peak RSS is its own.
+Reported per size: stored K/V bytes, RSS after filling and after recovery, peak RSS, append MB/s
+against this disk's synced write bandwidth measured in the same run (8 MiB writes + fdatasync),
+top-8 retrieval p50/p99 (1 query row, in-process, page cache warm), recovery time. Writes
+retmem_disk[_LABEL].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KV_SHAPE = (30, 2, 3, 128, 64)  # SmolLM2-135M, every layer stores its own K/V
+TOP_K = 8
+DIM = 384
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def disk_sync_bandwidth(directory: Path, total: int = 256 << 20, block: int = 8 << 20) -> float:
+    """MB/s of sequential writes with fdatasync after each block (what a durable append pays)."""
+    buf = np.random.default_rng(1).integers(0, 256, block, dtype=np.uint8).tobytes()
+    path = directory / "ddtest"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    t0 = time.perf_counter()
+    for _ in range(total // block):
+        os.write(fd, buf)
+        os.fdatasync(fd)
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    path.unlink()
+    return total / 1e6 / dt
+
+
+def child(tokens: int, iters: int, data_dir: Path, extra: dict) -> dict:
+    """One size: fill, search, reopen; returns the figures (runs in its own process)."""
+    from services.retmem.shard import Shard
+    from services.retmem.store import SessionSpec
+
+    n_chunks = tokens // 128
+    spec = SessionSpec(dim=DIM, kv_shape=KV_SHAPE, kv_dtype="bfloat16", memory_size=n_chunks, **extra)
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, spec.record_bytes + 4096, dtype=np.uint8)
+    emb = rng.standard_normal((n_chunks, DIM)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    out: dict = {"tokens": tokens, "chunks": n_chunks, "record_bytes": spec.record_bytes}
+    out["rss_start_mib"] = round(rss_mib(), 1)
+    disk = disk_sync_bandwidth(data_dir)
+    shard = Shard("s0", data_dir, fsync="grouped", checkpoint_bytes=1 << 40)
+    shard.open()
+    shard.create_session("a", spec)
+    t0 = time.perf_counter()
+    for i in range(n_chunks):
+        rec = pool[i % 4096 : i % 4096 + spec.record_bytes].reshape(1, -1)
+        shard.append("a", np.array([i], np.int64), emb[i : i + 1], rec, np.array([128], np.int32))
+    dt = time.perf_counter() - t0
+    stored = n_chunks * spec.record_bytes
+    out.update(
+        stored_kv_mib=round(stored / 2**20, 1),
+        append_MBps=round(stored / 1e6 / dt, 1),
+        append_chunks_per_s=round(n_chunks / dt, 1),
+        disk_sync_MBps=round(disk, 1),
+        rss_after_fill_mib=round(rss_mib(), 1),
+    )
+    queries = rng.standard_normal((iters + 5, DIM)).astype(np.float32)
+    lat = []
+    for j in range(iters + 5):
+        t = time.perf_counter()
+        res = shard.search("a", queries[j : j + 1], TOP_K)
+        assert res.records.shape[-1] == spec.record_bytes
+        lat.append(time.perf_counter() - t)
+    lat_ms = np.array(lat[5:]) * 1e3
+    p50 = float(np.percentile(lat_ms, 50))
+    reply = TOP_K * spec.record_bytes
+    out.update(
+        search_p50_ms=round(p50, 2),
+        search_p99_ms=round(float(np.percentile(lat_ms, 99)), 2),
+        search_MBps_at_p50=round(reply / 1e6 / (p50 / 1e3), 1),
+        rss_after_search_mib=round(rss_mib(), 1),
+    )
+    shard.close()
+    del shard, res
+    t = time.perf_counter()
+    again = Shard("s0", data_dir, fsync="grouped", checkpoint_bytes=1 << 40)
+    report = again.open()
+    out["recovery_s"] = round(time.perf_counter() - t, 2)
+    out["recovery_errors"] = len(report.errors)
+    out["rss_after_recovery_mib"] = round(rss_mib(), 1)
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    again.close()
+    out["disk_bytes_mib"] = round(
+        sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 2**20, 1
+    )
+    return out
+
+
+def parse_tokens(text: str) -> list[int]:
+    mult = {"k": 1024, "M": 1 << 20}
+    return [int(t[:-1]) * mult[t[-1]] if t[-1] in mult else int(t) for t in text.split(",")]
+
+
+def markdown(r: dict) -> str:
+    m, s = r["machine"], r["settings"]
+    lines = [
+        f"# ret-mem per-layer records on disk ({r['label']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores (shared; load at start {m['loadavg_at_start']}), "
+        f"{m['mem_gib']} GiB RAM, Python {m['python']}. One shard, {s['fsync']} fsync, one writer, "
+        f"single-chunk appends; records {s['kv_shape']} {s['kv_dtype']}; top-{s['top_k']} retrieval of "
+        f"1 query row in-process, page cache warm, {s['iters']} calls. Code: {r['code']}.",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        "| tokens | chunks | stored K/V MiB | RSS after fill MiB | RSS after recovery MiB | peak RSS MiB "
+        "| append MB/s | disk synced MB/s | append/disk | search p50 ms | p99 ms | MB/s at p50 | recovery s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['tokens']} | {row['chunks']} | {row['stored_kv_mib']} | {row['rss_after_fill_mib']} | "
+            f"{row['rss_after_recovery_mib']} | {row['peak_rss_mib']} | {row['append_MBps']} | "
+            f"{row['disk_sync_MBps']} | {row['append_MBps'] / row['disk_sync_MBps']:.2f} | "
+            f"{row['search_p50_ms']} | {row['search_p99_ms']} | {row['search_MBps_at_p50']} | "
+            f"{row['recovery_s']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="32k,128k")
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--label", default="")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--spec-json", default="{}", help="extra SessionSpec fields as JSON")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    extra = json.loads(args.spec_json)
+    if args.child:
+        print(json.dumps(child(args.child, args.iters, args.data_dir, extra)))
+        return 0
+    rows = []
+    for tokens in parse_tokens(args.tokens):
+        with tempfile.TemporaryDirectory(prefix="retmem-disk-", dir=os.environ.get("RETMEM_BENCH_DIR")) as d:
+            cmd = [sys.executable, __file__, "--child", str(tokens), "--iters", str(args.iters)]
+            cmd += ["--data-dir", d, "--spec-json", args.spec_json]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    result = {
+        "label": args.label or "current",
+        "code": f"HEAD {code.stdout.strip()} + working tree",
+        "command": "python bench/retmem_disk_bench.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "settings": {
+            "kv_shape": list(KV_SHAPE),
+            "kv_dtype": "bfloat16",
+            "spec_extra": extra,
+            "top_k": TOP_K,
+            "dim": DIM,
+            "iters": args.iters,
+            "fsync": "grouped",
+        },
+        "rows": rows,
+    }
+    stem = "retmem_disk" + (f"_{args.label}" if args.label else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""K/V on disk: written once, read back checked, torn K/V cut like a torn log tail, unused files
+deleted, K/V of the inline layout moved on recovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memlong.errors import AlreadyExists, DataLoss
+from services.retmem.kvfiles import REF_BYTES
+from services.retmem.shard import Shard
+from services.retmem.store import SessionSpec
+
+from .conftest import chunks, tiny_spec
+
+
+def _open(root: Path, **kw) -> Shard:
+    shard = Shard("s", root, **kw)
+    shard.open()
+    return shard
+
+
+def _files(root: Path, kind: str) -> list[Path]:
+    return sorted((root / "s" / kind).glob("*"))
+
+
+def _content(shard: Shard, sid: str) -> dict[str, np.ndarray]:
+    _, state = shard.export_session(sid)
+    return {k: state[k] for k in ("ids", "embeddings", "records", "lengths")}
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_kv_bytes_live_in_data_files_once_and_the_core_holds_references(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    spec = SessionSpec(dim=16, kv_shape=(3, 2, 2, 8, 4), kv_dtype="bfloat16", memory_size=100)  # 1.5 KiB
+    shard = _open(tmp_path)
+    shard.create_session("a", spec)
+    ids, emb, rec, lengths = chunks(rng, spec, 0, 40)
+    shard.append("a", ids, emb, rec, lengths)
+    assert shard.bank.get("a").config.record_bytes == REF_BYTES  # what stays resident per chunk
+    got = shard.search("a", emb[[3, 17]], 4)
+    for row, want in enumerate((3, 17)):
+        i = list(got.ids[row]).index(want)
+        assert np.array_equal(got.records[row, i], rec[want])
+    records, _ = shard.fetch("a", ids[5:9])
+    assert np.array_equal(records, rec[5:9])
+    kv_bytes = sum(p.stat().st_size for p in _files(tmp_path, "kv"))
+    wal_bytes = sum(p.stat().st_size for p in _files(tmp_path, "wal"))
+    assert kv_bytes == rec.nbytes  # each K/V byte once
+    assert wal_bytes < rec.nbytes / 4  # the log carries references, not K/V
+    shard.close()
+    again = _open(tmp_path)
+    assert np.array_equal(again.fetch("a", ids)[0], rec)
+    again.close()
+
+
+def test_a_replay_is_compared_with_the_stored_bytes(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(1)
+    shard = _open(tmp_path)
+    shard.create_session("a", spec)
+    batch = chunks(rng, spec, 0, 5)
+    assert shard.append("a", *batch) == 5
+    before = sum(p.stat().st_size for p in _files(tmp_path, "kv"))
+    assert shard.append("a", *batch) == 0  # the same bytes: a no-op, nothing written
+    assert sum(p.stat().st_size for p in _files(tmp_path, "kv")) == before
+    ids, emb, rec, lengths = batch
+    other = rec.copy()
+    other[2, 0] ^= 1
+    with pytest.raises(AlreadyExists, match=r"\[2\]"):
+        shard.append("a", ids, emb, other, lengths)
+    assert np.array_equal(shard.fetch("a", ids)[0], rec)
+    shard.close()
+
+
+def test_kv_that_never_reached_the_disk_cut_the_log_there(tmp_path: Path) -> None:
+    """After a power loss a log record can be on disk without its K/V (it was never acknowledged):
+    recovery keeps every record before it and drops it and the rest, like a torn tail."""
+    spec, rng = tiny_spec(memory_size=200), np.random.default_rng(2)
+    shard = _open(tmp_path)
+    shard.create_session("a", spec)
+    shard.append("a", *chunks(rng, spec, 0, 10))
+    shard.checkpoint()
+    shard.append("a", *chunks(rng, spec, 10, 5))
+    shard.append("a", *chunks(rng, spec, 15, 5))
+    shard.append("a", *chunks(rng, spec, 20, 5))
+    want = _content(shard, "a")
+    shard.close()
+    kv = _files(tmp_path, "kv")[-1]
+    data = kv.read_bytes()
+    kv.write_bytes(data[: len(data) - 5 * spec.record_bytes - 3])  # ids 15..24 partly or wholly lost
+    again = Shard("s", tmp_path)
+    assert again.open().kv_torn_records == 1
+    got = again.bank.get("a").ids()
+    assert got.tolist() == list(range(15))
+    _same({k: v[:15] for k, v in want.items()}, _content(again, "a"))
+    assert again.append("a", *chunks(rng, spec, 15, 3)) == 3  # the cut ids are free again
+    expect = _content(again, "a")
+    again.close()
+    third = _open(tmp_path)
+    _same(expect, _content(third, "a"))
+    third.close()
+
+
+def test_a_torn_kv_record_is_reported(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(3)
+    shard = _open(tmp_path)
+    shard.create_session("a", spec)
+    shard.append("a", *chunks(rng, spec, 0, 4))
+    shard.close()
+    kv = _files(tmp_path, "kv")[-1]
+    data = bytearray(kv.read_bytes())
+    data[-1] ^= 0xFF
+    kv.write_bytes(bytes(data))
+    again = Shard("s", tmp_path)
+    report = again.open()
+    assert (report.kv_torn_records, report.wal_dropped_records) == (1, 1)
+    assert report.errors == []
+    assert len(again.bank.get("a")) == 0  # the one append was the torn one
+    again.close()
+
+
+def test_damaged_kv_behind_a_snapshot_reads_as_data_loss(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(4)
+    shard = _open(tmp_path)
+    shard.create_session("a", spec)
+    ids, emb, rec, lengths = chunks(rng, spec, 0, 6)
+    shard.append("a", ids, emb, rec, lengths)
+    shard.checkpoint()
+    shard.close()
+    kv = _files(tmp_path, "kv")[0]
+    data = bytearray(kv.read_bytes())
+    data[2 * spec.record_bytes + 1] ^= 0x10  # chunk 2
+    kv.write_bytes(bytes(data))
+    again = _open(tmp_path)
+    with pytest.raises(DataLoss, match="CRC"):
+        again.fetch("a", ids[2:3])
+    assert np.array_equal(again.fetch("a", ids[3:])[0], rec[3:])
+    again.close()
+
+
+def test_checkpoints_delete_kv_files_nothing_refers_to(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(memory_size=20), np.random.default_rng(5)
+    file_bytes = 8 * spec.record_bytes
+    shard = _open(tmp_path, kv_file_bytes=file_bytes)
+    shard.create_session("a", spec)
+    shard.create_session("b", spec)
+    shard.append("b", *chunks(rng, spec, 0, 3))
+    for k in range(10):  # "a" keeps at most 20 of 80 chunks: old files die
+        shard.append("a", *chunks(rng, spec, 8 * k, 8))
+    assert len(_files(tmp_path, "kv")) >= 10
+    for _ in range(3):  # the log and the older generation are kept one round: three checkpoints
+        shard.checkpoint()
+    left = _files(tmp_path, "kv")
+    assert len(left) <= 5, left  # b's file, a's newest chunks' files, the active one
+    want = {s: _content(shard, s) for s in ("a", "b")}
+    shard.delete_session("b")
+    shard.checkpoint()
+    shard.close()
+    again = _open(tmp_path, kv_file_bytes=file_bytes)
+    _same(want["a"], _content(again, "a"))
+    again.close()
+
+
+def test_inline_kv_of_older_versions_moves_into_kv_files(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(memory_size=50), np.random.default_rng(6)
+    old = Shard("s", tmp_path)
+    old.kv = None  # what shards wrote before K/V files: K/V inside log records and snapshots
+    old.open()
+    old.create_session("a", spec)
+    old.append("a", *chunks(rng, spec, 0, 10))
+    old.checkpoint()  # an inline snapshot
+    old.append("a", *chunks(rng, spec, 10, 10))  # inline log records after it
+    old.pin("a", np.array([3], np.int64))
+    want = _content(old, "a")
+    old.close()
+    assert not (tmp_path / "s" / "kv").exists()
+    new = Shard("s", tmp_path)
+    report = new.open()
+    assert report.errors == [] and report.kv_migrated_chunks == 20
+    assert new.bank.get("a").config.record_bytes == REF_BYTES
+    _same(want, _content(new, "a"))
+    new.checkpoint()
+    new.checkpoint()
+    new.close()
+    third = _open(tmp_path)
+    _same(want, _content(third, "a"))
+    third.close()
+
+
+def test_export_and_import_between_disk_shards_keep_every_byte(tmp_path: Path) -> None:
+    spec, rng = tiny_spec(), np.random.default_rng(7)
+    src = _open(tmp_path / "src")
+    src.create_session("a", spec)
+    src.append("a", *chunks(rng, spec, 0, 12))
+    spec_, state = src.export_session("a")
+    dst = _open(tmp_path / "dst")
+    assert dst.import_session("a", spec_, state) == 12
+    _same(_content(src, "a"), _content(dst, "a"))
+    dst.close()
+    again = _open(tmp_path / "dst")
+    _same(_content(src, "a"), _content(again, "a"))
+    again.close()
+    src.close()

@@ -15,6 +15,7 @@ Resuming restores all of it, so an interrupted run continues with the same weigh
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from memlong.atomic import write_atomic
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongModel
 from memlong.packages import ADAPTERS_DIR
@@ -159,10 +161,9 @@ def embed_documents(
             [embed(texts[i : i + 64]) for i in range(0, len(texts), 64)] or [np.zeros((0, 1), np.float32)]
         )
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, doc.chunk_emb, allow_pickle=False)
-            os.replace(tmp, path)
+            buf = io.BytesIO()
+            np.save(buf, doc.chunk_emb, allow_pickle=False)
+            write_atomic(path, buf.getvalue())
 
 
 def block_loss(model: MemLongModel, docpass: DocumentPass, p: int, s: int) -> tuple[torch.Tensor, int]:
@@ -357,8 +358,7 @@ class Trainer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         latest = self.out_dir / "LATEST"
-        (self.out_dir / "LATEST.tmp").write_text(final.name + "\n")
-        os.replace(self.out_dir / "LATEST.tmp", latest)
+        write_atomic(latest, final.name + "\n")
         old = sorted(p for p in root.glob("step-*") if p != final)
         for p in old[: max(0, len(old) - self.config.keep_checkpoints + 1)]:
             shutil.rmtree(p, ignore_errors=True)

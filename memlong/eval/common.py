@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memlong.atomic import write_atomic
 from memlong.chunkloop import Reader
 from memlong.data import book_text
 from memlong.loading import LoadedModel, load_model
@@ -62,10 +64,9 @@ class Stack(LoadedModel):
         if path.is_file():
             return np.load(path, allow_pickle=False).tolist()
         ids = self.encode(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, np.asarray(ids, dtype=np.int32), allow_pickle=False)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(ids, dtype=np.int32), allow_pickle=False)
+        write_atomic(path, buf.getvalue())
         return ids
 
 
@@ -164,10 +165,7 @@ def machine_info() -> dict:
 
 
 def write_json(path: Path, payload: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

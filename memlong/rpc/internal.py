@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from memlong.atomic import write_atomic
 from memlong.errors import InvalidArgument
 
 HEADER = "x-memlong-internal"
@@ -48,19 +49,7 @@ def installation_token(data_dir: Path) -> str:
     Several processes may start at once (Ray replicas): the first link wins and all read its secret."""
     path = Path(data_dir) / "internal.key"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"internal.key.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic create-if-absent
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+        write_atomic(path, secrets.token_urlsafe(32), mode=0o600, replace=False)
     return path.read_text().strip()
 
 

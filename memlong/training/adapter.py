@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from memlong.atomic import write_atomic
 from memlong.errors import InvalidArgument, ModelUnavailable
 from memlong.model import MemLongModel
 
@@ -152,9 +153,7 @@ def save_adapter(path: Path, model: MemLongModel, spec: AdapterSpec, extra: dict
     tmp = path / (ADAPTER_WEIGHTS + ".tmp")
     save_file(adapter_tensors(model, spec), str(tmp), metadata={"format": str(FORMAT)})
     os.replace(tmp, path / ADAPTER_WEIGHTS)
-    tmp = path / (ADAPTER_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, path / ADAPTER_META)
+    write_atomic(path / ADAPTER_META, json.dumps(meta, indent=1) + "\n")
 
 
 def read_adapter(path: Path) -> tuple[AdapterSpec, dict, dict[str, torch.Tensor]]:

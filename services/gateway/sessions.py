@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import threading
 import time
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from memlong.atomic import write_atomic
 from memlong.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 from memlong.ids import check_session_id
 
@@ -65,20 +65,8 @@ class SessionTable:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
         payload = {"format": FORMAT, "sessions": [asdict(r) for r in self._sessions.values()]}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # tenants' session ids: private
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, json.dumps(payload), mode=0o600)  # tenants' session ids: private
 
     # -- queries ------------------------------------------------------------------------------------
 

@@ -1,0 +1,49 @@
+"""Atomic file writes: temp file in the same directory -> fsync -> rename -> fsync(directory).
+
+A reader sees the old file or the new one, never a part; after return the new one survives a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644, replace: bool = True) -> bool:
+    """Write `data` to `path` atomically and durably, the file created with `mode` (e.g. 0o600 for
+    secrets: never readable by others, not even as the temp file).
+
+    replace=False: create only if absent (the first of several concurrent writers wins; the others'
+    data is dropped). Returns whether this call's data is now the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # unique per writer
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+            written = True
+        else:
+            try:
+                os.link(tmp, path)  # atomic create-if-absent
+                written = True
+            except FileExistsError:
+                written = False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return written

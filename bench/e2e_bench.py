@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 from memlong.chunkloop import Reader  # noqa: E402
 from memlong.client import Client  # noqa: E402
 from memlong.data import book_text  # noqa: E402
+from memlong.deploy.stack import EmbeddedStack  # noqa: E402
 from memlong.eval.common import Stack, machine_info, markdown_table, write_json  # noqa: E402
 from memlong.model import MemLongConfig  # noqa: E402
-from services.gateway.embedded import EmbeddedStack  # noqa: E402
 
 
 class HttpCaller:

@@ -232,7 +232,7 @@ def serving_path(client, shard_client: RetMemClient, session_text: str, calls: i
 
 def ray_vs_embedded(root: Path, calls: int) -> dict:
     from memlong.client import Client
-    from services.gateway.embedded import EmbeddedStack
+    from memlong.deploy.stack import EmbeddedStack
     from tests.deploy.ray_components import tiny
     from tests.deploy.test_ray import free_base_port
 
@@ -253,8 +253,8 @@ def ray_vs_embedded(root: Path, calls: int) -> dict:
     import ray
     from ray import serve
 
-    from services.ray_app.app import deploy
-    from services.ray_app.config import RayAppConfig
+    from memlong.deploy.ray_app.app import deploy
+    from memlong.deploy.ray_app.config import RayAppConfig
 
     base = free_base_port(3)
     config = RayAppConfig(

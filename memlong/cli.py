@@ -18,7 +18,8 @@ PLUGINS = (
     "services.retmem.cli",
     "services.decoder.cli",
     "services.gateway.cli",
-    "services.ray_app.cli",
+    "memlong.deploy.cli",
+    "memlong.deploy.ray_app.cli",
     "memlong.client_cli",
     "memlong.train_cli",
 )

@@ -21,7 +21,7 @@ def _connection(p: argparse.ArgumentParser) -> None:
 
 def _client(args: argparse.Namespace):
     from memlong.client import Client
-    from services.gateway.embedded import default_data_dir, local_api_key
+    from memlong.deploy.installation import default_data_dir, local_api_key
 
     key = args.api_key
     if not key:

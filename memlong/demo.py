@@ -52,8 +52,8 @@ def _say(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from memlong.client import Client
+    from memlong.deploy.stack import EmbeddedStack
     from memlong.flags import memlong_config, set_threads
-    from services.gateway.embedded import EmbeddedStack
 
     set_threads(args)
     cfg = memlong_config(args)

@@ -32,7 +32,7 @@ def test_the_adapter_flag_reaches_the_decoder_config():
 
 def test_every_command_that_loads_the_model_takes_an_adapter():
     from memlong.cli import build_parser
-    from services.ray_app.cli import config_from_args as ray_config
+    from memlong.deploy.ray_app.cli import config_from_args as ray_config
 
     parser = build_parser()
     for argv in (
@@ -51,9 +51,9 @@ def test_one_default_for_the_memlong_settings_everywhere():
     command, the Ray application and a config built in code agree."""
     from memlong.cli import build_parser
     from memlong.config import MemLongConfig
+    from memlong.deploy.ray_app.cli import config_from_args as ray_config
     from memlong.flags import memlong_config
     from services.decoder.config import DecoderConfig
-    from services.ray_app.cli import config_from_args as ray_config
 
     assert MemLongConfig().memory_size == 1 << 20
     parser = build_parser()
@@ -65,7 +65,7 @@ def test_one_default_for_the_memlong_settings_everywhere():
 
 def test_shipped_adapters_pass_to_ray_replicas_by_name():
     from memlong.cli import build_parser
-    from services.ray_app.cli import config_from_args as ray_config
+    from memlong.deploy.ray_app.cli import config_from_args as ray_config
 
     parser = build_parser()
     for name in ("default", "smollm2-135m-memlong"):

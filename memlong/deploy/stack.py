@@ -1,49 +1,55 @@
-"""The embedded default: ret-mem, one decoder and the gateway in one process, on loopback ports.
+"""The one place the three services are built: ret-mem, decoder and gateway from one installation's
+settings. `memlong up`, the demo and the Ray application all build them here.
 
-    stack = EmbeddedStack.start(data_dir, memlong_config)   # loads the packaged model
+    stack = EmbeddedStack.start(data_dir, memlong_config)   # all three in this process; loads the model
     client = memlong.Client(stack.gateway_address, stack.api_key)
     ...
     stack.stop()
 
-The API key for the local tenant comes from MEMLONG_API_KEYS, or from `<data_dir>/api_keys.json`
-(created with a random key on first start, readable only by its owner).
+A Ray replica builds one of them (`start_retmem`, `start_decoder`, `start_gateway`) with the same
+settings. The API key for the local tenant comes from MEMLONG_API_KEYS, or from
+`<data_dir>/api_keys.json` (created with a random key on first start, readable only by its owner).
 
 TLS: the gateway's port follows the public policy (`tls`, else MEMLONG_TLS_*); ret-mem, the decoder
 and the channels between the three follow the internal one (`internal_tls`, else
-MEMLONG_INTERNAL_TLS_*). Unset, the internal policy is plaintext on loopback (every internal call still
-carries the installation secret) and the public one elsewhere (memlong.rpc.tls).
+MEMLONG_INTERNAL_TLS_*). Unset, the embedded stack's internal policy is plaintext on loopback (every
+internal call still carries the installation secret) and the public one elsewhere (memlong.rpc.tls).
 """
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
-import json
 import os
-import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memlong.errors import InvalidArgument
 from memlong.model import MemLongConfig
 from memlong.rpc.internal import installation_token
 from memlong.rpc.tls import PLAINTEXT, TlsConfig, configured_internal_tls, process_tls
 from services.decoder.config import DecoderConfig
 from services.decoder.server import DecoderServer
+from services.gateway.config import GatewayConfig
+from services.gateway.server import GatewayServer
 from services.retmem.server import RetMemConfig, RetMemServer
 
-from .config import GatewayConfig, load_key_file, parse_keys
-from .server import GatewayServer
+from .installation import default_data_dir, key_hashes, local_api_key
 
 if TYPE_CHECKING:
     from services.httpapi.server import HttpServer
     from services.httpapi.template import ChatTemplate
 
-LOCAL_TENANT = "local"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("MEMLONG_DATA", Path.home() / ".local" / "share" / "memlong"))
+__all__ = [
+    "EmbeddedStack",
+    "default_data_dir",
+    "embedded_internal_tls",
+    "local_api_key",
+    "start_decoder",
+    "start_gateway",
+    "start_retmem",
+]
 
 
 def is_loopback(host: str) -> bool:
@@ -64,29 +70,112 @@ def embedded_internal_tls(host: str, public: TlsConfig) -> TlsConfig:
     return PLAINTEXT if is_loopback(host) else public
 
 
-def local_api_key(data_dir: Path) -> str:
-    """The local tenant's key, created on first use; InvalidArgument naming the file when it has none."""
-    path = data_dir / "api_keys.json"
-    if path.is_file():
-        load_key_file(path)  # the file's shape, checked (InvalidArgument otherwise)
-        keys = json.loads(path.read_text())["keys"]
-        local = [k for k, t in keys.items() if t == LOCAL_TENANT]
-        if not local:
-            raise InvalidArgument(
-                str(path),
-                f"no key for the {LOCAL_TENANT!r} tenant, which `memlong up` and the client verbs use: "
-                f'add one, as in {{"keys": {{"<key>": "{LOCAL_TENANT}"}}}}, or move the file away to '
-                "have a new key made",
-            )
-        return str(local[0])
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = "ml-" + secrets.token_urlsafe(24)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"keys": {key: LOCAL_TENANT}}, f)
-    os.replace(tmp, path)
-    return key
+def components_from(spec: str) -> tuple:
+    """(model, tokenizer, retriever) from "module:function" (tests and Ray give tiny models this way)."""
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)()
+
+
+# -- one service each ------------------------------------------------------------------------------
+
+
+def start_retmem(
+    data_dir: Path,
+    *,
+    host: str,
+    port: int,
+    internal_token: str,
+    shards: tuple[str, ...] = ("shard0",),
+    all_shards: Mapping[str, str] | None = None,
+    tls: TlsConfig | None = None,
+) -> RetMemServer:
+    """Ret-mem hosting `shards`, its data in `data_dir`; returns once recovered and serving."""
+    server = RetMemServer(
+        RetMemConfig(
+            data_dir=data_dir,
+            shards=shards,
+            host=host,
+            port=port,
+            all_shards=dict(all_shards or {}),
+            internal_token=internal_token,
+            tls=tls,
+        )
+    )
+    server.start()
+    return server
+
+
+def start_decoder(
+    memlong: MemLongConfig,
+    retmem: Mapping[str, str],
+    *,
+    host: str,
+    port: int,
+    internal_token: str,
+    model: str | None = None,
+    adapter: str | None = None,
+    threads: int = 0,
+    prefetch: bool = True,
+    tls: TlsConfig | None = None,
+    components: tuple | str | None = None,
+) -> DecoderServer:
+    """A decoder over the ret-mem ring `retmem`. `components`: (model, tokenizer, retriever) or
+    "module:function" giving them, instead of loading `model` (the packaged SmolLM2 by default)."""
+    config = DecoderConfig(
+        retmem=dict(retmem),
+        memlong=memlong,
+        model=model,
+        adapter=adapter,
+        host=host,
+        port=port,
+        threads=threads,
+        prefetch=prefetch,
+        internal_token=internal_token,
+        tls=tls,
+    )
+    if components is None:
+        server = DecoderServer.load(config)
+    else:
+        source = components if isinstance(components, str) else "given"
+        parts = components_from(components) if isinstance(components, str) else components
+        config = replace(config, memlong=parts[0].config)  # the given model's own settings
+        server = DecoderServer.from_components(*parts, config, source=source)
+    server.start()
+    return server
+
+
+def start_gateway(
+    data_dir: Path,
+    decoders: Mapping[str, str],
+    retmem: Mapping[str, str],
+    *,
+    host: str,
+    port: int,
+    internal_token: str,
+    keys: Mapping[str, str],
+    tls: TlsConfig | None = None,
+    internal_tls: TlsConfig | None = None,
+) -> GatewayServer:
+    """The gateway over `decoders` and the ret-mem ring, its session table in `data_dir`; `keys` maps
+    key hashes to tenants."""
+    server = GatewayServer(
+        GatewayConfig(
+            decoders=dict(decoders),
+            retmem=dict(retmem),
+            key_hashes=dict(keys),
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            internal_token=internal_token,
+            tls=tls,
+            internal_tls=internal_tls,
+        )
+    )
+    server.start()
+    return server
+
+
+# -- all three in one process ----------------------------------------------------------------------
 
 
 @dataclass
@@ -132,50 +221,35 @@ class EmbeddedStack:
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)  # session table, keys, logs and K/V: the owner's only
         token = installation_token(data_dir)
-        retmem = RetMemServer(
-            RetMemConfig(
-                data_dir=data_dir / "retmem",
-                host=host,
-                port=ports[0],
-                internal_token=token,
-                tls=internal_tls,
-            )
-        )
-        retmem.start()
-        rm = {"shard0": retmem.address()}
-        dcfg = DecoderConfig(
-            retmem=rm,
-            memlong=memlong or MemLongConfig(),
-            model=model,
-            adapter=adapter,
-            host=host,
-            port=ports[1],
-            threads=threads,
-            prefetch=prefetch,
-            internal_token=token,
-            tls=internal_tls,
-        )
+        internal = {"host": host, "internal_token": token}
+        retmem = start_retmem(data_dir / "retmem", port=ports[0], tls=internal_tls, **internal)
+        ring = {"shard0": retmem.address()}
+        started: list = [retmem]
         try:
-            if components is not None:
-                decoder = DecoderServer.from_components(*components, dcfg, source="given")
-            else:
-                decoder = DecoderServer.load(dcfg)
-            decoder.start()
-            keys = parse_keys(os.environ.get("MEMLONG_API_KEYS", ""))
-            keys.update(load_key_file(data_dir / "api_keys.json"))
-            gcfg = GatewayConfig(
-                decoders={"decoder0": decoder.address()},
-                retmem=rm,
-                key_hashes=keys,
-                data_dir=data_dir / "gateway",
-                host=host,
+            decoder = start_decoder(
+                memlong or MemLongConfig(),
+                ring,
+                port=ports[1],
+                model=model,
+                adapter=adapter,
+                threads=threads,
+                prefetch=prefetch,
+                tls=internal_tls,
+                components=components,
+                **internal,
+            )
+            started.append(decoder)
+            gateway = start_gateway(
+                data_dir / "gateway",
+                {"decoder0": decoder.address()},
+                ring,
                 port=ports[2],
-                internal_token=token,
+                keys=key_hashes(data_dir, os.environ.get("MEMLONG_API_KEYS", "")),
                 tls=public,
                 internal_tls=internal_tls,
+                **internal,
             )
-            gateway = GatewayServer(gcfg)
-            gateway.start()
+            started.append(gateway)
             http = None
             if http_port is not None:
                 from services.httpapi.config import HttpConfig, model_id_for
@@ -195,7 +269,8 @@ class EmbeddedStack:
                 http = HttpServer(hcfg, chat_template)
                 http.start()
         except BaseException:
-            retmem.stop(grace_s=0)
+            for server in reversed(started):
+                server.stop(grace_s=0)
             raise
         return cls(retmem, decoder, gateway, api_key, data_dir, http)
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
-import threading
+
+from services.common.cli import say, stop_signal
 
 from .config import add_arguments, config_from_args
 
@@ -31,12 +30,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from .server import DecoderServer  # loads torch and transformers: only when serving
 
     server = DecoderServer.load(config_from_args(args))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    port = server.start()
-    sys.stdout.write(f"DECODER_PORT={port}\n")
-    sys.stdout.flush()
+    stop = stop_signal()
+    say(f"DECODER_PORT={server.start()}")
     stop.wait()
     server.stop()
     return 0

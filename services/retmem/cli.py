@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
-import threading
 from pathlib import Path
 
 from memlong.rpc.internal import token_from_env
-from services.common.cli import run
+from services.common.cli import run, say, stop_signal
 
 from .routing import parse_addresses
 from .server import RetMemConfig, RetMemServer
@@ -57,12 +54,8 @@ def config_from_args(args: argparse.Namespace) -> RetMemConfig:
 def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = RetMemServer(config_from_args(args))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    port = server.start(recover_in_background=True)
-    sys.stdout.write(f"RETMEM_PORT={port}\n")
-    sys.stdout.flush()
+    stop = stop_signal()
+    say(f"RETMEM_PORT={server.start(recover_in_background=True)}")
     stop.wait()
     server.stop()
     return 0

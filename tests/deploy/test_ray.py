@@ -99,7 +99,7 @@ def memlong_ray(*args: str, timeout_s: float = 600) -> str:
     """`memlong ray ...` in a subprocess (the CLI module, as `memlong.cli` registers it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(
-        [sys.executable, "-m", "services.ray_app.cli", "ray", *args],
+        [sys.executable, "-m", "memlong.deploy.ray_app.cli", "ray", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

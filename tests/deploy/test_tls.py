@@ -208,8 +208,8 @@ def test_embedded_stack_public_tls_without_client_certs_internal_mtls(tmp_path: 
     internal CA's client certificate, even one that holds the installation secret."""
     from memlong.client import Client
     from memlong.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+    from memlong.deploy.stack import EmbeddedStack
     from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
-    from services.gateway.embedded import EmbeddedStack
     from tests.factories import RecordingRetriever
     from tests.serving.conftest import ByteTokenizer, tiny_model
 
@@ -262,7 +262,7 @@ def test_embedded_stack_public_tls_without_client_certs_internal_mtls(tmp_path: 
 
 def test_embedded_stack_default_internal_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unset, the embedded stack's internal policy is plaintext on loopback and the public one elsewhere."""
-    from services.gateway.embedded import embedded_internal_tls
+    from memlong.deploy.stack import embedded_internal_tls
 
     for name in ("MEMLONG_INTERNAL_TLS", "MEMLONG_INTERNAL_TLS_CERT"):
         monkeypatch.delenv(name, raising=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memlong.cli import main
 from memlong.client import Client
-from services.gateway.embedded import EmbeddedStack, local_api_key
+from memlong.deploy.stack import EmbeddedStack, local_api_key
 from tests.factories import RecordingRetriever
 from tests.serving.conftest import ByteTokenizer, tiny_model
 
@@ -39,7 +39,7 @@ def test_memlong_up_says_how_to_authenticate(tmp_path, capsys, monkeypatch):
     import json
     import re
 
-    from services.gateway import cli as gateway_cli
+    from memlong.deploy import cli as deploy_cli
 
     model = tiny_model()
     real_start = EmbeddedStack.start
@@ -63,7 +63,10 @@ def test_memlong_up_says_how_to_authenticate(tmp_path, capsys, monkeypatch):
         client = Client(started[0].gateway_address, key, timeout_s=30)
         printed["session"] = client.create_session("via-banner").session_id
 
-    monkeypatch.setattr(gateway_cli, "_wait_for_signal", instead_of_waiting)
+    class NoSignal:  # `memlong up` waits on this for SIGTERM / SIGINT
+        wait = staticmethod(instead_of_waiting)
+
+    monkeypatch.setattr(deploy_cli, "stop_signal", NoSignal)
     assert main(["up", "--data-dir", str(tmp_path), "--port", "0"]) == 0
     assert printed["header"] == "x-api-key" and printed["session"]
     assert printed["key"] == local_api_key(tmp_path)

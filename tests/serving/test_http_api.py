@@ -355,8 +355,8 @@ def test_memlong_up_serves_the_http_api_beside_the_gateway(
 ) -> None:
     """`memlong up` prints the HTTP address; the openai client talks to it with the local key."""
     from memlong.cli import main
+    from memlong.deploy.stack import EmbeddedStack
     from services.gateway import cli as gateway_cli
-    from services.gateway.embedded import EmbeddedStack
     from tests.factories import RecordingRetriever
 
     from .conftest import ByteTokenizer, tiny_model

@@ -15,9 +15,7 @@ nodes pin each shard to its node (custom resources) so its address and disk stay
 
 from __future__ import annotations
 
-import importlib
 import logging
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -68,22 +66,21 @@ class RetMemShard(_Replica):
     """One ret-mem shard, its data on the node's disk."""
 
     def __init__(self, config_json: str, index: int) -> None:
-        from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+        from services.retmem.server import SERVICE_NAME
+
+        from ..stack import start_retmem
 
         config = RayAppConfig.from_json(config_json)
         name = f"shard{index}"
         self.service = SERVICE_NAME
-        self.server = RetMemServer(
-            RetMemConfig(
-                data_dir=config.data_dir / "retmem" / name,
-                shards=(name,),
-                host=config.host,
-                port=config.retmem_ports[index],
-                all_shards=config.ring,
-                internal_token=installation_token(config.data_dir),
-            )
+        self.server = start_retmem(  # recovers before the replica reports ready
+            config.data_dir / "retmem" / name,
+            shards=(name,),
+            all_shards=config.ring,
+            host=config.host,
+            port=config.retmem_ports[index],
+            internal_token=installation_token(config.data_dir),
         )
-        self.server.start()  # recovers before the replica reports ready
         self.address = self.server.address()
 
     def describe(self) -> dict[str, Any]:
@@ -96,30 +93,22 @@ class DecoderReplica(_Replica):
 
     def __init__(self, config_json: str, index: int) -> None:
         from memlong.config import MemLongConfig
-        from services.decoder.config import DecoderConfig
-        from services.decoder.server import SERVICE_NAME, DecoderServer
+        from services.decoder.server import SERVICE_NAME
+
+        from ..stack import start_decoder
 
         config = RayAppConfig.from_json(config_json)
-        dcfg = DecoderConfig(
-            retmem=config.ring,
-            memlong=MemLongConfig.from_dict(config.memlong),
-            model=config.model,
-            adapter=config.adapter,
+        self.server = start_decoder(
+            MemLongConfig.from_dict(config.memlong),
+            config.ring,
             host=config.host,
             port=config.decoder_ports[index],
-            threads=config.threads,
             internal_token=installation_token(config.data_dir),
+            model=config.model,
+            adapter=config.adapter,
+            threads=config.threads,
+            components=config.components,
         )
-        if config.components:
-            module, _, fn = config.components.partition(":")
-            model, tokenizer, retriever = getattr(importlib.import_module(module), fn)()
-            dcfg = replace(dcfg, memlong=model.config)
-            self.server = DecoderServer.from_components(
-                model, tokenizer, retriever, dcfg, source=config.components
-            )
-        else:
-            self.server = DecoderServer.load(dcfg)
-        self.server.start()
         self.service, self.address = SERVICE_NAME, self.server.address()
 
     def describe(self) -> dict[str, Any]:
@@ -133,27 +122,22 @@ class Gateway(_Replica):
     it). Holds handles to the other deployments."""
 
     def __init__(self, config_json: str, decoders: list[Any], shards: list[Any]) -> None:
-        from services.gateway.config import GatewayConfig, load_key_file, parse_keys
-        from services.gateway.embedded import local_api_key
-        from services.gateway.server import SERVICE_NAME, GatewayServer
+        from services.gateway.server import SERVICE_NAME
+
+        from ..installation import key_hashes
+        from ..stack import start_gateway
 
         config = RayAppConfig.from_json(config_json)
-        if config.api_keys:
-            keys = parse_keys(",".join(f"{k}={t}" for k, t in config.api_keys))
-        else:
-            local_api_key(config.data_dir)  # created on first start, 0600
-            keys = load_key_file(config.data_dir / "api_keys.json")
-        gcfg = GatewayConfig(
-            decoders=config.decoder_addresses,
-            retmem=config.ring,
-            key_hashes=keys,
-            data_dir=config.data_dir / "gateway",
+        given = ",".join(f"{k}={t}" for k, t in config.api_keys)
+        self.server = start_gateway(
+            config.data_dir / "gateway",
+            config.decoder_addresses,
+            config.ring,
             host=config.host,
             port=config.gateway_port,
             internal_token=installation_token(config.data_dir),
+            keys=key_hashes(config.data_dir, given, local=not given),  # the local key file by default
         )
-        self.server = GatewayServer(gcfg)
-        self.server.start()
         self.service, self.address = SERVICE_NAME, self.server.address()
         self.decoders, self.shards = decoders, shards
         self.config = config

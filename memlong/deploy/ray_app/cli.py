@@ -23,6 +23,7 @@ from pathlib import Path
 from memlong.packages import ADAPTERS_DIR
 from services.common.cli import run
 
+from ..installation import default_data_dir, local_api_key
 from .config import RayAppConfig
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ def _connect(address: str, num_cpus: int | None = None) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RayAppConfig:
-    from services.gateway.embedded import default_data_dir
-
     return RayAppConfig(
         data_dir=(args.data_dir or default_data_dir() / "ray").resolve(),
         host=args.host,
@@ -156,8 +155,6 @@ def _memlong_overrides(args: argparse.Namespace) -> dict:
 
 
 def up_command(args: argparse.Namespace) -> int:
-    from services.gateway.embedded import local_api_key
-
     _stay_local(args.address)
     from .app import deploy
 

@@ -7,8 +7,8 @@ Recorded by the interceptors in `tracing.py` (so every service gets them with no
     memlong.retrieval.duration    histogram, s   retrieval calls only (ret-mem Search, Retrieve), server side
     memlong.rpc.bytes             counter,   By  message bytes per method and direction (received, sent)
 
-Observed from ret-mem shards (`observe_servicer`, wired by `create_server` for any servicer with a
-`shards` mapping), at each collection:
+Observed from every registered `MemoryReporter` (ret-mem registers itself with `observe_memory`), at
+each collection:
 
     memlong.memory.sessions / .chunks / .bytes / .evicted_chunks   gauges per shard
     memlong.memory.sessions_lost   sessions recovery could not restore (answering DATA_LOSS), per shard
@@ -24,7 +24,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
@@ -141,46 +141,30 @@ def build_meter_provider(exporter: str, env: Mapping[str, str], resource: Any) -
 
 # ------------------------------------------------------------------------------ memory gauges
 
-# Servicers whose shards are observed; weak, so a stopped server's shards are not kept alive.
+MEMORY_KEYS = ("sessions", "chunks", "bytes", "evicted_chunks", "sessions_lost")
+
+
+class MemoryReporter(Protocol):
+    """What holds memory and reports it: ret-mem's server, per shard."""
+
+    def memory_report(self) -> Mapping[str, Mapping[str, float]]:
+        """Shard name -> {key: value} for every key of MEMORY_KEYS; shards not observable now left out."""
+        ...
+
+
+# Observed reporters; weak, so a stopped server is not kept alive.
 _observed: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def observe_servicer(servicer: Any) -> bool:
-    """Report the memory of `servicer.shards` (name -> shard with sessions() and info()) if it has any."""
-    shards = getattr(servicer, "shards", None)
-    if not isinstance(shards, Mapping) or not all(
-        hasattr(s, "sessions") and hasattr(s, "info") for s in shards.values()
-    ):
-        return False
-    _observed.add(servicer)
-    return True
-
-
-def shard_memory(shards: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Per shard: sessions, chunks, bytes, evicted_chunks (summed over its sessions), sessions_lost."""
-    out: dict[str, dict[str, float]] = {}
-    for name, shard in shards.items():
-        totals = {"sessions": 0.0, "chunks": 0.0, "bytes": 0.0, "evicted_chunks": 0.0}
-        totals["sessions_lost"] = (
-            float(len(shard.lost_sessions())) if hasattr(shard, "lost_sessions") else 0.0
-        )
-        try:
-            for sid in shard.sessions():
-                stats = shard.info(sid).stats
-                totals["sessions"] += 1
-                for key in ("chunks", "bytes", "evicted_chunks"):
-                    totals[key] += float(stats.get(key, 0))
-        except Exception:  # noqa: BLE001 - a shard closing or recovering reports nothing this round
-            log.debug("shard %s not observable now", name, exc_info=True)
-            continue
-        out[name] = totals
-    return out
+def observe_memory(reporter: MemoryReporter) -> None:
+    """Report `reporter`'s memory in the memlong.memory.* gauges from now on."""
+    _observed.add(reporter)
 
 
 def _memory_callback(key: str):
     def callback(_options: CallbackOptions) -> Iterable[Observation]:
-        for servicer in list(_observed):
-            for shard, totals in shard_memory(servicer.shards).items():
+        for reporter in list(_observed):
+            for shard, totals in reporter.memory_report().items():
                 yield Observation(totals[key], {"shard": shard})
 
     return callback

@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from memlong.rpc import internal, metrics, tracing
+from memlong.rpc import internal, tracing
 from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
 from memlong.rpc.status import RequestDecoding
 from memlong.rpc.tls import TlsConfig, internal_tls, process_tls
@@ -192,8 +192,6 @@ def create_server(
         svc.add(svc.servicer, server)
     set_health(health_servicer, [s.name for s in services], serving=False)
     enable_reflection([s.name for s in services] + [health.SERVICE_NAME], server)
-    for svc in services:
-        metrics.observe_servicer(svc.servicer)  # memory gauges for ret-mem shards
     tls = options.tls
     if tls is None:
         tls = internal_tls() if options.internal else process_tls()

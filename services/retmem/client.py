@@ -24,9 +24,9 @@ from services.common import tensor
 
 from . import wire
 from .routing import Ring
-from .server import SERVICE_NAME
 from .store import SessionInfo, SessionSpec, as_records
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetMem"].full_name
 # Safe to repeat: appends are idempotent by chunk id, reads change at most retrieval counters.
 IDEMPOTENT = ("Append", "Search", "Retrieve", "Fetch", "Pin", "Unpin", "GetSession", "ExportSession")
 

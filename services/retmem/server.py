@@ -22,6 +22,7 @@ from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted,
 from memlong.memory import SearchResult
 from memlong.retmem.v1 import retmem_pb2 as pb
 from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
+from memlong.rpc import metrics
 from memlong.rpc.status import grpc_errors
 from memlong.rpc.tls import TlsConfig
 from services.common import tensor
@@ -93,6 +94,25 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         self.accepting = threading.Event()
         self.accepting.set()
         self.on_delete: Callable[[], None] = lambda: None
+
+    def memory_report(self) -> dict[str, dict[str, float]]:
+        """Per shard: sessions, chunks, bytes, evicted_chunks (summed over its sessions), sessions_lost
+        (metrics.MemoryReporter). A shard closing or recovering is left out this round."""
+        out: dict[str, dict[str, float]] = {}
+        for name, shard in self.shards.items():
+            totals = dict.fromkeys(("sessions", "chunks", "bytes", "evicted_chunks"), 0.0)
+            totals["sessions_lost"] = float(len(shard.lost_sessions()))
+            try:
+                for sid in shard.sessions():
+                    stats = shard.info(sid).stats
+                    totals["sessions"] += 1
+                    for key in ("chunks", "bytes", "evicted_chunks"):
+                        totals[key] += float(stats.get(key, 0))
+            except Exception:  # noqa: BLE001 - not observable now (closing or recovering)
+                log.debug("shard %s not observable now", name, exc_info=True)
+                continue
+            out[name] = totals
+        return out
 
     @staticmethod
     def _start_write(context: grpc.ServicerContext) -> None:
@@ -261,6 +281,7 @@ class RetMemServer(ServiceProcess):
         self.servicer.on_delete = self._report_integrity
         self.recovery: dict[str, RecoveryReport] = {}
         self.recovered = threading.Event()
+        metrics.observe_memory(self.servicer)
 
     def _service(self) -> Service:
         return Service(SERVICE_NAME, pb_grpc.add_RetMemServicer_to_server, self.servicer)

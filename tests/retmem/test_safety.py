@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memlong.errors import DataLoss
 from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
-from memlong.rpc.metrics import shard_memory
 from services.retmem import snapshot
 from services.retmem.server import INTEGRITY_NAME, SERVICE_NAME, RetMemConfig, RetMemServer
 from services.retmem.shard import Shard
@@ -150,7 +149,7 @@ def test_a_session_with_no_usable_snapshot_answers_data_loss_and_keeps_its_files
         check = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status  # noqa: E731
         assert check(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
         assert check(INTEGRITY_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert shard_memory(server.shards)["s"]["sessions_lost"] == 1
+        assert server.servicer.memory_report()["s"]["sessions_lost"] == 1
         stub = retmem_pb2_grpc.RetMemStub(channel)
         with pytest.raises(grpc.RpcError) as err:
             stub.GetSession(retmem_pb2.GetSessionRequest(session_id="a"), timeout=5)
@@ -158,7 +157,7 @@ def test_a_session_with_no_usable_snapshot_answers_data_loss_and_keeps_its_files
         # The operator's way out: delete the session; the alarm clears.
         stub.DeleteSession(retmem_pb2.DeleteSessionRequest(session_id="a"), timeout=5)
         assert check(INTEGRITY_NAME) == health_pb2.HealthCheckResponse.SERVING
-        assert shard_memory(server.shards)["s"]["sessions_lost"] == 0
+        assert server.servicer.memory_report()["s"]["sessions_lost"] == 0
         channel.close()
     finally:
         server.stop(grace_s=1)

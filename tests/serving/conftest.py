@@ -17,6 +17,7 @@ import torch
 from memlong.client import Client
 from memlong.model import MemLongConfig
 from memlong.retmem.v1 import retmem_pb2_grpc
+from memlong.rpc import metrics
 from services.common.server import ServerOptions, Service, create_server
 from services.decoder.config import DecoderConfig
 from services.decoder.server import DecoderServer
@@ -103,6 +104,7 @@ class RetMem:
         self.shard = Shard("shard0", self.data_dir)
         self.shard.open()
         servicer = RetMemServicer({"shard0": self.shard}, Placement(["shard0"]))
+        metrics.observe_memory(servicer)
         options = ServerOptions(interceptors=(self.log.interceptor("retmem"),))
         services = [Service(RETMEM_SERVICE, retmem_pb2_grpc.add_RetMemServicer_to_server, servicer)]
         self.server, self.port = create_server(f"127.0.0.1:{self.port}", services, options)

@@ -101,8 +101,8 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         out: dict[str, dict[str, float]] = {}
         for name, shard in self.shards.items():
             totals = dict.fromkeys(("sessions", "chunks", "bytes", "evicted_chunks"), 0.0)
-            totals["sessions_lost"] = float(len(shard.lost_sessions()))
             try:
+                totals["sessions_lost"] = float(len(shard.lost_sessions()))
                 for sid in shard.sessions():
                     stats = shard.info(sid).stats
                     totals["sessions"] += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memlong.dtypes import KV_DTYPES
+from memlong.dtypes import KV_CODECS, KV_DTYPES
 from memlong.errors import InvalidArgument
 
 LAYOUTS = ("per_layer", "paper")
@@ -42,6 +42,9 @@ class MemLongConfig:
     # before the window.
     mem_position: str = "zero"
     kv_dtype: str = "bfloat16"  # dtype of stored memory K/V
+    # How a chunk's record holds its K/V (memlong.kvcodec): "none" (kv_dtype values), "int8" or "fp8"
+    # (compact, about half the bytes; expanded before attention).
+    kv_codec: str = "none"
     sink_tokens: int = 4  # first tokens of a stream every layer keeps attending to (attention sinks)
     # What chunks are found by. "text": the retriever's embedding of the chunk's text, queried with the
     # embedding of the text before the boundary (MemLong). "keys": the model's own attention (LongMem's
@@ -94,6 +97,8 @@ class MemLongConfig:
             raise InvalidArgument("key_layers", "layer indices must be >= 0")
         if self.kv_dtype not in KV_DTYPES:
             raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
+        if self.kv_codec not in KV_CODECS:
+            raise InvalidArgument("kv_codec", f"must be one of {KV_CODECS}, got {self.kv_codec!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> MemLongConfig:
@@ -158,11 +163,13 @@ class MemLongConfig:
             else ";retrieval=keys:" + ",".join(map(str, self.key_layers_of(n_layers)))
         )
 
-    def retrieval_label(self) -> str:
-        """What chunks are found by, for result tables: "text", or "keys" with the key layers."""
+    def retrieval_label(self, n_layers: int | None = None) -> str:
+        """What chunks are found by, for result tables: "text", or "keys" with the key layers (the
+        default ones resolved when the model's layer count is given)."""
         if self.retrieval == "text":
             return "text"
-        return "keys:" + (",".join(map(str, self.key_layers)) or "default")
+        layers = self.key_layers_of(n_layers) if n_layers else self.key_layers
+        return "keys:" + (",".join(map(str, layers)) or "default")
 
     def describe(self) -> str:
         """One line for logs and reports: the layout and the reading settings."""

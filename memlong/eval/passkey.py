@@ -148,6 +148,7 @@ def run_passkey(
                     dataclasses.replace(
                         cfg, **{**LAYOUT_METHODS.get(method, {}), **overrides.get(method, {})}
                     ),
+                    stack.model.n_layers,
                 )
             )
         if on_length is not None:
@@ -156,7 +157,13 @@ def run_passkey(
 
 
 def _record(
-    method: str, length: int, settings: PasskeySettings, correct: int, found: int, cfg: MemLongConfig
+    method: str,
+    length: int,
+    settings: PasskeySettings,
+    correct: int,
+    found: int,
+    cfg: MemLongConfig,
+    n_layers: int,
 ) -> dict:
     memory = method not in ("sliding", "full")
     return {
@@ -171,7 +178,7 @@ def _record(
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
         "mem_position": cfg.mem_position if memory else "none",
-        "query": ("question text" if cfg.retrieval == "text" else f"question {cfg.retrieval_label()}")
+        "query": ("question text" if cfg.retrieval == "text" else f"question {cfg.retrieval_label(n_layers)}")
         if memory
         else "none",
     }

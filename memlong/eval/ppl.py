@@ -117,7 +117,11 @@ def run_ppl(stack: Stack, settings: PPLSettings, label_suffix: str = "") -> tupl
     records, speeds = [], []
     for (method, length), values in nll.items():
         with stack.model.configured(**_overrides(settings, method)) as mcfg:
-            records.append(_record(settings, mcfg, method + label_suffix, length, values, len(ends)))
+            records.append(
+                _record(
+                    settings, mcfg, method + label_suffix, length, values, len(ends), stack.model.n_layers
+                )
+            )
         speeds.append(
             {
                 "method": method + label_suffix,
@@ -133,7 +137,7 @@ def _overrides(settings: PPLSettings, method: str) -> dict:
 
 
 def _record(
-    settings: PPLSettings, cfg, method: str, length: int, values: list[float], n_windows: int
+    settings: PPLSettings, cfg, method: str, length: int, values: list[float], n_windows: int, n_layers: int
 ) -> dict:
     memory = not method.startswith(("full", "sliding"))
     return {
@@ -145,7 +149,7 @@ def _record(
         "local_window": length if method.startswith("full") else cfg.local_window,
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
-        "query": (cfg.query if cfg.retrieval == "text" else f"{cfg.query} {cfg.retrieval_label()}")
+        "query": (cfg.query if cfg.retrieval == "text" else f"{cfg.query} {cfg.retrieval_label(n_layers)}")
         if memory
         else "none",
         "layout": cfg.layout if memory else "none",

@@ -355,8 +355,8 @@ def test_memlong_up_serves_the_http_api_beside_the_gateway(
 ) -> None:
     """`memlong up` prints the HTTP address; the openai client talks to it with the local key."""
     from memlong.cli import main
+    from memlong.deploy import cli as deploy_cli
     from memlong.deploy.stack import EmbeddedStack
-    from services.gateway import cli as gateway_cli
     from tests.factories import RecordingRetriever
 
     from .conftest import ByteTokenizer, tiny_model
@@ -386,8 +386,11 @@ def test_memlong_up_serves_the_http_api_beside_the_gateway(
         )
         seen["reply"] = reply.choices[0].message.content
 
+    class NoSignal:  # `memlong up` waits on this for SIGTERM / SIGINT
+        wait = staticmethod(instead_of_waiting)
+
     monkeypatch.setattr(EmbeddedStack, "start", start)
-    monkeypatch.setattr(gateway_cli, "_wait_for_signal", instead_of_waiting)
+    monkeypatch.setattr(deploy_cli, "stop_signal", NoSignal)
     assert main(["up", "--data-dir", str(tmp_path), "--port", "0", "--http-port", "0"]) == 0
     assert seen["reply"]
     assert seen["stack"].http is not None and seen["stack"].http._server is None  # stopped with the stack

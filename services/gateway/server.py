@@ -8,6 +8,7 @@ a timeout derived from what remains of the caller's deadline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -135,6 +136,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         with self.table.admitted(call.tenant, self.config.max_inflight):
             rec = self.table.new_record(call.tenant, request.name, self.decoder_ring.owner)
             spec = self._spec(rec.decoder, request.retrieval, call.deadline)
+            rec = dataclasses.replace(rec, retrieval=retrieval_source(spec.layout))  # "" resolved
             self.retmem.create_session(rec.session_id, spec, call.deadline.downstream())
             self.table.add(rec)
             return self._session_msg(rec, call.deadline)
@@ -158,6 +160,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                     created_at=rec.created_at,
                     decoder=rec.decoder,
                     shard=self.retmem.ring.owner(rec.session_id),
+                    retrieval=rec.retrieval,
                 )
             )
         return out

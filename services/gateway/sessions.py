@@ -38,6 +38,9 @@ class SessionRecord:
     # Set while an append runs or after it failed: chunk ids from here to next_chunk_id may hold chunks
     # of uncommitted text, to be rolled back before the session is read or appended to again.
     dirty_from: int | None = None
+    # "text" | "keys": what the session's chunks are found by, fixed at creation; "" in a table written
+    # before records kept it (GetSession reads it from ret-mem).
+    retrieval: str = ""
 
 
 def not_found(session_id: str) -> NotFound:

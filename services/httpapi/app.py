@@ -5,7 +5,8 @@ threads; streamed answers are server-sent events.
     POST /v1/chat/completions          messages -> the model's chat template -> Generate
     POST /v1/completions               prompt -> Generate; max_tokens=0 + echo: Score (prompt log-probs)
     GET  /v1/models
-    POST /v1/sessions                  {"name"} -> CreateSession          GET /v1/sessions: ListSessions
+    POST /v1/sessions                  {"name", "retrieval"} -> CreateSession
+    GET  /v1/sessions                  ListSessions
     GET | DELETE /v1/sessions/{id}
     POST /v1/sessions/{id}/documents   raw UTF-8 body streamed into Append; ?stream=true: progress events
     GET  /healthz (process up)   /readyz and /health (the gateway answers SERVING)
@@ -398,7 +399,8 @@ def create_app(
 
     @app.post("/v1/sessions")
     async def create_session(request: Request, body: SessionCreateRequest | None = None):
-        req = pb.CreateSessionRequest(name=body.name if body else "")
+        body = body or SessionCreateRequest()
+        req = pb.CreateSessionRequest(name=body.name, retrieval=body.retrieval or "")
         s = await in_thread(front.upstream.unary, "CreateSession", req, front.caller(request))
         return shapes.session_obj(s)
 

@@ -151,6 +151,9 @@ class CompletionRequest(_Generation):
 
 class SessionCreateRequest(_Body):
     name: str = Field("", max_length=128)
+    # "text" | "keys": what the session's chunks are found by; None: the decoder's default. The gateway
+    # checks the value (a 400 naming `retrieval`), so the sources are listed in one place.
+    retrieval: str | None = None
 
 
 def _refuse(param: str, message: str) -> None:

@@ -164,6 +164,7 @@ def session_obj(s: pb.Session) -> dict[str, Any]:
         "text_bytes": s.text_bytes,
         "tokens": s.tokens,
         "chunks": s.chunks,
+        "retrieval": s.retrieval,
     }
 
 

@@ -261,6 +261,8 @@ def test_each_session_keeps_the_retrieval_source_it_was_created_with(stack):
         assert got.retrieval == source and got.chunks > 0
         served[source] = (s.session_id, client.score(s.session_id, passage, return_logprobs=True))
     assert client.get_session(client.create_session().session_id).retrieval == "text"  # the default
+    listed = {s.name: s.retrieval for s in client.list_sessions()}
+    assert listed == {"text": "text", "keys": "keys", "": "text"}
     with pytest.raises(InvalidArgument, match="retrieval"):
         client.create_session("x", retrieval="bm25")
 

@@ -213,6 +213,27 @@ def test_sessions_documents_and_remembered_chat(served, template) -> None:
         c.get(f"/sessions/{sid}", cast_to=object)
 
 
+def test_a_session_keeps_the_retrieval_source_it_was_created_with(served) -> None:
+    """`retrieval` picks what a session's chunks are found by; absent, the decoder's default (text
+    here); every session object reports it; a bad value is a 400 naming the field."""
+    stack, http = served
+    c = client(http)
+    keys = c.post("/sessions", body={"name": "k", "retrieval": "keys"}, cast_to=object)
+    default = c.post("/sessions", body={"name": "d"}, cast_to=object)
+    assert keys["retrieval"] == "keys" and default["retrieval"] == "text"
+    assert c.get(f"/sessions/{keys['id']}", cast_to=object)["retrieval"] == "keys"
+    listed = {s["id"]: s["retrieval"] for s in c.get("/sessions", cast_to=object)["data"]}
+    assert listed == {keys["id"]: "keys", default["id"]: "text"}
+    assert stack.client().get_session(keys["id"]).retrieval == "keys"  # what the gateway holds
+    for bad in ("vectors", 7):
+        with pytest.raises(openai.BadRequestError) as info:
+            c.post("/sessions", body={"name": "x", "retrieval": bad}, cast_to=object)
+        err = error_body(info.value)
+        assert err["param"] == "retrieval" and err["type"] == "invalid_request_error"
+        assert err["message"].startswith("retrieval:")
+    assert len(c.get("/sessions", cast_to=object)["data"]) == 2  # nothing made by the refused ones
+
+
 def test_models_and_health(served) -> None:
     stack, http = served
     assert [m.id for m in client(http).models.list()] == [MODEL]

@@ -531,8 +531,11 @@ class DecoderEngine:
             if token is None:
                 break
             out.append(token)
-            full = self.tokenizer.decode(out)
-            stop = token in params.stop_token_ids or any(s in full for s in params.stop_strings)
+            # A stop token ends the answer and is no part of it: its text (the end of sequence's is
+            # "<|im_end|>") is never sent; the token itself is, by id, with the finish reason.
+            stop = token in params.stop_token_ids
+            full = self.tokenizer.decode(out[:-1] if stop else out)
+            stop = stop or any(s in full for s in params.stop_strings)
             last = stop or len(out) >= params.max_new_tokens
             delta, text = stream_delta(text, full, last)
             if last:

@@ -144,11 +144,6 @@ class Front:
             stop_strings=stops,
         )
 
-    def stop_texts(self, stops: list[str]) -> list[str]:
-        """What a reply is cut at: the client's stop strings and the model's end-of-sequence text."""
-        eos = self.template.eos_token if self.template is not None else ""
-        return [*stops, eos] if eos else stops
-
     # -- generation ---------------------------------------------------------------------------------
 
     async def generate(
@@ -343,7 +338,7 @@ def create_app(
                 req,
                 caller,
                 shapes.Shape(True, config.model_id),
-                shapes.TextOut(front.stop_texts(stops)),
+                shapes.TextOut(stops),
                 stream=body.stream,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 remember=turn if body.remember else None,
@@ -384,7 +379,7 @@ def create_app(
             req,
             caller,
             shapes.Shape(False, config.model_id),
-            shapes.TextOut(front.stop_texts(stops)),
+            shapes.TextOut(stops),
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             remember=(lambda reply: text + reply) if body.remember else None,

@@ -19,8 +19,8 @@ from memlong.gateway.v1 import gateway_pb2 as pb
 
 class TextOut:
     """Generated text in, what the client may see out: cut before the first stop string (OpenAI never
-    returns the stop sequence, nor the model's end-of-sequence text), and text that may be the start of
-    one held back until the next piece shows it is not."""
+    returns the stop sequence; the decoder never sends a stop token's text, such as the model's end of
+    sequence), and text that may be the start of one held back until the next piece shows it is not."""
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]

@@ -172,6 +172,29 @@ def test_generate_streams_and_honours_stop_conditions(stack):
     assert a == b
 
 
+def test_a_stop_token_ends_the_answer_without_its_text(stack, monkeypatch):
+    """A stop token, the caller's or the model's end of sequence, is reported by id and never sent as
+    text: an answer does not end with `<|im_end|>`, and the pieces still add up to the answer."""
+    client = stack.client()
+    sid = client.create_session().session_id
+    client.append(sid, _text(100))
+    ask = {"max_new_tokens": 7, "temperature": 1.0, "seed": 7}  # seeded: varied ids, reproducible
+    ids = client.ask(sid, "alpha beta", **ask).token_ids
+    end = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])  # stop after some text
+    eos = ids[end]
+    named = client.ask(sid, "alpha beta", **ask, stop_token_ids=[eos])
+    assert named.token_ids == ids[: end + 1] and named.finish_reason == "FINISH_REASON_STOP"
+    assert named.text == stack.tokenizer.decode(ids[:end])
+    # The same id as the tokenizer's end of sequence, decoded as its special token's text.
+    monkeypatch.setattr(stack.decoder.engine, "eos_ids", (eos,))
+    monkeypatch.setattr(
+        stack.tokenizer, "decode", lambda out: " ".join("<|im_end|>" if i == eos else str(i) for i in out)
+    )
+    tokens = list(client.generate(sid, "alpha beta", **ask))
+    assert [t.token_id for t in tokens] == ids[: end + 1] and tokens[-1].finish_reason == 2  # STOP
+    assert tokens[-1].text == "" and "".join(t.text for t in tokens) == named.text
+
+
 def test_generate_matches_the_in_process_reader(stack):
     client = stack.client()
     sid = client.create_session().session_id

@@ -178,6 +178,24 @@ def test_stop_strings_are_cut_from_the_answer(served) -> None:
     assert "".join(ch.choices[0].text for ch in streamed) == cut.choices[0].text
 
 
+def test_the_end_of_sequence_ends_a_reply_and_is_no_part_of_it(served, monkeypatch) -> None:
+    """The decoder never sends a stop token's text, so `<|im_end|>` reaches no reply, whole or streamed."""
+    stack, http = served
+    c = client(http)
+    ask = {"model": MODEL, "prompt": "alpha", "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    ids = [int(t) for t in c.completions.create(**ask).choices[0].text.split()]
+    end = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    eos = ids[end]
+    monkeypatch.setattr(stack.decoder.engine, "eos_ids", (eos,))  # the tokenizer's end of sequence
+    monkeypatch.setattr(
+        stack.tokenizer, "decode", lambda out: " ".join("<|im_end|>" if i == eos else str(i) for i in out)
+    )
+    whole = c.completions.create(**ask)
+    assert whole.choices[0].text == " ".join(map(str, ids[:end])) and whole.choices[0].finish_reason == "stop"
+    streamed = list(c.completions.create(**ask, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed) == whole.choices[0].text
+
+
 # -- sessions and memory ----------------------------------------------------------------------------
 
 

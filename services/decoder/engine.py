@@ -274,6 +274,22 @@ class DecoderEngine:
         self.cancel_event.set()
         log.info("call stopped: %s", exc)
 
+    @contextlib.contextmanager
+    def _serving(self, call: Call) -> Iterator[None]:
+        """Admit a call and count it when it stops because its caller went away: a CallCancelled
+        from its work, or, for a streamed call, its stream closed while it waits at a `yield` (the
+        servicer closes the stream of a call that ended, which raises GeneratorExit there)."""
+        with self._admitted():
+            try:
+                yield
+            except CallCancelled as exc:
+                self._cancelled(exc)
+                raise
+            except GeneratorExit:
+                if not call.alive():
+                    self._cancelled(CallCancelled("the call ended before its stream did"))
+                raise
+
     # -- helpers ------------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -374,12 +390,8 @@ class DecoderEngine:
         self, session_id: str, next_chunk_id: int, pieces: Iterator[bytes], call: Call
     ) -> Iterator[IngestProgress]:
         """Encode the concatenated UTF-8 pieces into the session's memory; yields progress."""
-        with self._admitted():
-            try:
-                yield from self._ingest(session_id, next_chunk_id, pieces, call)
-            except CallCancelled as exc:
-                self._cancelled(exc)
-                raise
+        with self._serving(call):
+            yield from self._ingest(session_id, next_chunk_id, pieces, call)
 
     def _ingest(self, session_id, next_chunk_id, pieces, call) -> Iterator[IngestProgress]:
         info = self.memory.info(session_id, call.deadline.downstream())  # NOT_FOUND etc. before any work
@@ -441,12 +453,8 @@ class DecoderEngine:
         commit: bool = False,
     ) -> ScoreResult:
         """log p of every token of `text` read after the session's memory (first token: NaN)."""
-        with self._admitted():
-            try:
-                return self._score(session_id, next_chunk_id, self._text(text, "text"), call, mode, commit)
-            except CallCancelled as exc:
-                self._cancelled(exc)
-                raise
+        with self._serving(call):
+            return self._score(session_id, next_chunk_id, self._text(text, "text"), call, mode, commit)
 
     def _score(self, session_id, next_chunk_id, text, call, mode, commit) -> ScoreResult:
         tokens = self.encode(text)
@@ -504,12 +512,8 @@ class DecoderEngine:
         ignore_eos: bool = False,
     ) -> Iterator[GeneratedToken]:
         """Stream new tokens after `prompt`; the last carries the finish reason and memory report."""
-        with self._admitted():
-            try:
-                yield from self._generate(session_id, next_chunk_id, prompt, params, call, mode, ignore_eos)
-            except CallCancelled as exc:
-                self._cancelled(exc)
-                raise
+        with self._serving(call):
+            yield from self._generate(session_id, next_chunk_id, prompt, params, call, mode, ignore_eos)
 
     def _generate(self, session_id, next_chunk_id, prompt, params, call, mode, ignore_eos):
         tokens = self.encode(self._text(prompt, "prompt"))

@@ -63,6 +63,7 @@ def test_a_cancelled_generate_stops_the_decoder_and_frees_its_slot(stack, monkey
     engine = stack.decoder.engine
     assert _until(lambda: engine.in_flight == 0), "the decoder slot was never freed"
     assert pace.steps < 400, "the decoder generated every token of a cancelled call"
+    assert engine.cancel_event.is_set() and engine.cancelled_calls == 1  # counted as score's are
     assert client.score(sid, "alpha beta").scored_tokens > 0  # serving goes on
 
 
@@ -88,6 +89,7 @@ def test_a_cancelled_append_leaves_no_chunk_and_its_retry_stores_the_text_once(s
         pace.go.release()
     engine = stack.decoder.engine
     assert _until(lambda: engine.in_flight == 0)
+    assert engine.cancelled_calls == 1
     monkeypatch.undo()
     assert client.get_session(sid).text_bytes == 0
     assert stack.retmem.shard.info(sid).num_chunks == 0, "chunks of a cancelled append outlived it"

@@ -31,12 +31,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from memlong.dtypes import KV_DTYPES
+from memlong import kvcodec
 from memlong.errors import InvalidArgument
 from memlong.memory import PendingChunks, SearchResult
 from memlong.model import BlockOutput, MemLongModel, Memory
 
-_TORCH_DTYPES = {name: getattr(torch, name) for name in KV_DTYPES}
 # Temperatures below this decode greedily: sampling there is argmax in all but exact ties, and dividing
 # log-probs by a near-zero temperature overflows every logit to -inf (1e-45 gives NaN probabilities).
 GREEDY_BELOW = 1e-4
@@ -119,17 +118,18 @@ class SamplingParams:
             raise InvalidArgument("top_k", "must be >= 0")
 
 
-def kv_to_records(k: torch.Tensor, v: torch.Tensor, dtype: str) -> np.ndarray:
+def kv_to_records(k: torch.Tensor, v: torch.Tensor, dtype: str, codec: str = "none") -> np.ndarray:
     """(n, L_mem, Hkv, c, D) K and V -> (n, record_bytes) uint8 records of the (L_mem, 2, Hkv, c, D)
-    stack (for L_mem = 1 the same bytes as the paper's (2, Hkv, c, D))."""
-    stacked = torch.stack([k, v], dim=2).to(_TORCH_DTYPES[dtype]).contiguous()  # (n, L_mem, 2, Hkv, c, D)
-    return stacked.view(torch.uint8).reshape(stacked.shape[0], -1).numpy()
+    stack (for L_mem = 1 the same bytes as the paper's (2, Hkv, c, D)), compact with `codec`."""
+    return kvcodec.encode(k, v, dtype, codec)
 
 
-def records_to_kv(records: np.ndarray, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-    """(..., record_bytes) uint8 -> (..., *shape) tensor of the stored dtype (no copy)."""
-    flat = torch.from_numpy(np.ascontiguousarray(records))
-    return flat.view(_TORCH_DTYPES[dtype]).reshape(*records.shape[:-1], *shape)
+def records_to_kv(
+    records: np.ndarray, shape: tuple[int, ...], dtype: str, codec: str = "none"
+) -> torch.Tensor:
+    """(..., record_bytes) uint8 -> (..., *shape) tensor: the stored dtype (no copy), or float32
+    expanded from a compact `codec`."""
+    return kvcodec.decode(records, shape, dtype, codec)
 
 
 class ForkedMemory:
@@ -302,7 +302,7 @@ class Reader:
         else:
             texts = [self.tokenizer.decode(toks[i * c : (i + 1) * c]) for i in range(n_chunks)]
             emb = self._queries.embed_chunks(texts)
-        self.memory.append(ids, emb, kv_to_records(k, v, self.cfg.kv_dtype), lengths)
+        self.memory.append(ids, emb, kv_to_records(k, v, self.cfg.kv_dtype, self.cfg.kv_codec), lengths)
         self.stats.store_s += time.perf_counter() - t0
         self.stats.chunks_stored += n_chunks
         self.next_chunk_id += n_chunks
@@ -403,7 +403,7 @@ class Reader:
             self.stats.retrieval_s += time.perf_counter() - t0
             return None
         shape = self.model.kv_record_shape
-        kv = records_to_kv(res.records[0][valid], shape, self.cfg.kv_dtype).float()
+        kv = records_to_kv(res.records[0][valid], shape, self.cfg.kv_dtype, self.cfg.kv_codec).float()
         kv = kv.reshape(kv.shape[0], -1, *shape[-4:])  # (k, L_mem, 2, Hkv, c, D)
         n, n_layers, _, hkv, c, d = kv.shape
         # chronological chunk order: (L_mem, Hkv, k, c, D) -> (1, L_mem, Hkv, k*c, D)

@@ -4,6 +4,8 @@ the torch dtype of the same name."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 KV_DTYPES: dict[str, np.dtype] = {
@@ -11,3 +13,18 @@ KV_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
 }
+
+# How a chunk's record holds its K/V (memlong.kvcodec encodes and expands them): "none" as kv_dtype
+# values, "int8" or "fp8" compact (about half the bytes of bfloat16).
+KV_CODECS = ("none", "int8", "fp8")
+
+
+def record_bytes(kv_shape: tuple[int, ...], kv_dtype: str, codec: str = "none") -> int:
+    """Bytes of one chunk's record of K/V `kv_shape` ([L,] 2, H, c, D) in `kv_dtype`, held by `codec`."""
+    n_layers = kv_shape[0] if len(kv_shape) == 5 else 1
+    h, c, d = kv_shape[-3:]
+    if codec == "int8":  # int8 K and V + float16 scales per key channel and per value token
+        return 2 * n_layers * h * c * d + 2 * n_layers * h * (d + c)
+    if codec == "fp8":  # e4m3 K and V + one float32 scale per (layer, K or V, head)
+        return 2 * n_layers * h * c * d + 8 * n_layers * h
+    return math.prod(kv_shape) * KV_DTYPES[kv_dtype].itemsize

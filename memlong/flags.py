@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from memlong.config import MemLongConfig
+from memlong.dtypes import KV_CODECS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +59,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default="",
         help="retrieval by keys: comma-separated layers (default: the two stored layers at 40%% depth)",
     )
+    g.add_argument(
+        "--kv-codec",
+        choices=KV_CODECS,
+        default=d.kv_codec,
+        help="how stored K/V are held: none (kv dtype values), int8 or fp8 (compact, about half the bytes)",
+    )
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
 
 
@@ -76,6 +83,7 @@ def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer") 
         memory_size=args.memory_size,
         mem_position=args.mem_position,
         retrieval=args.retrieval,
+        kv_codec=getattr(args, "kv_codec", "none"),
         **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
     )
 

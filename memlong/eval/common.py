@@ -20,6 +20,7 @@ import torch
 from memlong.atomic import write_atomic
 from memlong.chunkloop import Reader
 from memlong.data import book_text
+from memlong.dtypes import record_bytes
 from memlong.loading import LoadedModel, load_model
 from memlong.memory import MemoryConfig, SessionMemory
 from memlong.model import MemLongConfig, MemLongModel
@@ -36,10 +37,8 @@ class Stack(LoadedModel):
         return cls(**vars(load_model(config, model_path, adapter)))
 
     def fresh_memory(self) -> SessionMemory:
-        rec = (
-            int(np.prod(self.model.kv_record_shape))
-            * torch.tensor([], dtype=getattr(torch, self.model.config.kv_dtype)).element_size()
-        )
+        cfg = self.model.config
+        rec = record_bytes(self.model.kv_record_shape, cfg.kv_dtype, cfg.kv_codec)
         return SessionMemory(
             MemoryConfig(
                 dim=self.model.retrieval_dim(self.retriever.dim),

@@ -210,6 +210,7 @@ class DecoderEngine:
             dim=self.model.retrieval_dim(int(self.retriever.dim), cfg),
             kv_shape=self.model.kv_record_shape,
             kv_dtype=self.cfg.kv_dtype,
+            kv_codec=self.cfg.kv_codec,
             memory_size=self.cfg.memory_chunks,
             layout=cfg.layout_tag(self.model.n_layers),
         )

@@ -119,6 +119,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             vocab_size=self.engine.vocab_size(),
             layout=spec.layout,
             retrieval=retrieval,
+            kv_codec="" if spec.kv_codec == "none" else spec.kv_codec,
         )
 
     @grpc_errors

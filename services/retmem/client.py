@@ -143,7 +143,7 @@ class RetMemClient:
         resp = self._call(
             session_id, "Fetch", pb.FetchRequest(session_id=session_id, ids=ids.tolist()), deadline
         )
-        kv = tensor.decode(resp.kv, "kv", shape=(len(ids), *spec.kv_shape))
+        kv = tensor.decode(resp.kv, "kv", shape=(len(ids), *spec.wire_kv[1]))
         return kv.view(np.uint8).reshape(len(ids), spec.record_bytes), np.asarray(resp.lengths, np.int32)
 
     def pin(self, session_id: str, ids: np.ndarray, deadline: Deadline | None = None) -> None:
@@ -215,7 +215,7 @@ class _Rows:
         r, k, rb = msg.row, self.k, self.spec.record_bytes
         if not 0 <= r < self.q:
             raise InvalidArgument("row", f"reply row {r} outside 0..{self.q - 1}")
-        kv = tensor.decode(msg.kv, f"rows[{r}].kv", dtypes=self.code, shape=(k, *self.spec.kv_shape))
+        kv = tensor.decode(msg.kv, f"rows[{r}].kv", dtypes=self.code, shape=(k, *self.spec.wire_kv[1]))
         self.ids[r], self.scores[r], self.lengths[r] = msg.ids, msg.scores, msg.lengths
         flat = kv.view(np.uint8).reshape(k, rb)  # (k, record_bytes), a view of the reply
         if self.q == 1:

@@ -157,7 +157,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
             embeddings[i] = tensor.decode(
                 c.embedding, f"chunks[{i}].embedding", dtypes=F32, shape=(spec.dim,)
             )
-            tensor.decode(c.kv, f"chunks[{i}].kv", dtypes=kv_dtype, shape=spec.kv_shape)
+            tensor.decode(c.kv, f"chunks[{i}].kv", dtypes=kv_dtype, shape=spec.wire_kv[1])
         records = np.frombuffer(b"".join(c.kv.data for c in chunks), np.uint8).reshape(len(chunks), -1)
         ids = np.fromiter((c.seq for c in chunks), np.int64, len(chunks))
         lengths = np.fromiter((c.length for c in chunks), np.int32, len(chunks))
@@ -200,7 +200,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         spec = shard.spec(request.session_id)
         ids = np.asarray(request.ids, np.int64)
         records, lengths = shard.fetch(request.session_id, ids)
-        kv = tensor.encode_bytes(records.tobytes(), wire.kv_dtype_code(spec), (len(ids), *spec.kv_shape))
+        kv = tensor.encode_bytes(records.tobytes(), wire.kv_dtype_code(spec), (len(ids), *spec.wire_kv[1]))
         return pb.FetchResponse(lengths=lengths.tolist(), kv=kv)
 
     @grpc_errors

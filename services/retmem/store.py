@@ -6,13 +6,12 @@ K/V travel as opaque per-chunk records: `(n, record_bytes)` uint8 in, `SearchRes
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from memlong.dtypes import KV_DTYPES
+from memlong.dtypes import KV_CODECS, KV_DTYPES, record_bytes
 from memlong.errors import InvalidArgument
 from memlong.memory import MemoryConfig
 
@@ -29,6 +28,7 @@ class SessionSpec:
     drop_oldest: float = 0.05
     evict_free: float = 0.25
     layout: str = ""  # the memory layout that writes and reads the K/V (MemLongConfig.layout_tag)
+    kv_codec: str = "none"  # how a record holds the K/V (KV_CODECS); kv_dtype is what they expand to
 
     def __post_init__(self) -> None:
         shape = tuple(self.kv_shape)
@@ -44,6 +44,8 @@ class SessionSpec:
             raise InvalidArgument(
                 "spec.kv_dtype", f"must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}"
             )
+        if self.kv_codec not in KV_CODECS:
+            raise InvalidArgument("spec.kv_codec", f"must be one of {list(KV_CODECS)}, got {self.kv_codec!r}")
         try:
             self.memory_config()
         except InvalidArgument as e:
@@ -55,8 +57,16 @@ class SessionSpec:
 
     @property
     def record_bytes(self) -> int:
-        """Bytes of one chunk's K/V."""
-        return math.prod(self.kv_shape) * KV_DTYPES[self.kv_dtype].itemsize
+        """Bytes of one chunk's K/V record."""
+        return record_bytes(self.kv_shape, self.kv_dtype, self.kv_codec)
+
+    @property
+    def wire_kv(self) -> tuple[str, tuple[int, ...]]:
+        """(dtype, shape) one chunk's K/V travel as: kv_dtype of kv_shape, or opaque uint8 bytes of a
+        compact record."""
+        if self.kv_codec == "none":
+            return self.kv_dtype, self.kv_shape
+        return "uint8", (self.record_bytes,)
 
     def memory_config(self) -> MemoryConfig:
         return MemoryConfig(
@@ -104,7 +114,7 @@ def as_records(spec: SessionSpec, kv: np.ndarray, field: str = "kv") -> np.ndarr
             raise InvalidArgument(field, f"records must be (n, {spec.record_bytes}), got {kv.shape}")
         return np.ascontiguousarray(kv)
     want = KV_DTYPES[spec.kv_dtype]
-    if kv.dtype != want or kv.shape[1:] != spec.kv_shape:
+    if spec.kv_codec != "none" or kv.dtype != want or kv.shape[1:] != spec.kv_shape:
         raise InvalidArgument(
             field,
             f"must be (n, {', '.join(map(str, spec.kv_shape))}) {spec.kv_dtype}, got {kv.shape} {kv.dtype}",

@@ -26,6 +26,7 @@ def spec_to_proto(spec: SessionSpec) -> pb.SessionSpec:
         kv_dtype=tensor.dtype_code(spec.kv_dtype),
         memory_size=spec.memory_size,
         layout=spec.layout,
+        kv_codec="" if spec.kv_codec == "none" else spec.kv_codec,
         eviction=pb.EvictionPolicy(
             protect_newest=spec.protect_newest, drop_oldest=spec.drop_oldest, evict_free=spec.evict_free
         ),
@@ -53,12 +54,14 @@ def spec_from_proto(msg: pb.SessionSpec, field: str = "spec") -> SessionSpec:
         kv_dtype=kv_dtype,
         memory_size=msg.memory_size,
         layout=msg.layout,
+        kv_codec=msg.kv_codec or "none",
         **extra,
     )
 
 
 def kv_dtype_code(spec: SessionSpec) -> int:
-    return tensor.dtype_code(spec.kv_dtype)
+    """Wire dtype of the session's K/V tensors (UINT8 for compact records)."""
+    return tensor.dtype_code(spec.wire_kv[0])
 
 
 def append_request(
@@ -77,7 +80,7 @@ def append_request(
             pb.Chunk(
                 seq=int(ids[i]),
                 embedding=tensor.encode(embeddings[i]),
-                kv=tensor.encode_bytes(records[i].tobytes(), code, spec.kv_shape),
+                kv=tensor.encode_bytes(records[i].tobytes(), code, spec.wire_kv[1]),
                 length=int(lengths[i]),
             )
             for i in range(len(ids))
@@ -91,7 +94,7 @@ def fill_row(msg: pb.SearchResponse, spec: SessionSpec, result: SearchResult, ro
     msg.ids[:] = result.ids[row].tolist()
     msg.scores[:] = result.scores[row].tolist()
     msg.lengths[:] = result.lengths[row].tolist()
-    kv_shape = (result.ids.shape[1], *spec.kv_shape)
+    kv_shape = (result.ids.shape[1], *spec.wire_kv[1])
     tensor.fill(msg.kv, result.records[row].tobytes(), kv_dtype_code(spec), kv_shape)
 
 

@@ -34,7 +34,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, retrieval: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "memlong_config_json", "dim", "kv_shape", "kv_dtype", "memory_chunks", "vocab_size", "layout", "retrieval")
+    __slots__ = ("model", "memlong_config_json", "dim", "kv_shape", "kv_dtype", "memory_chunks", "vocab_size", "layout", "retrieval", "kv_codec")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MEMLONG_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class DescribeResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    KV_CODEC_FIELD_NUMBER: _ClassVar[int]
     model: str
     memlong_config_json: str
     dim: int
@@ -53,7 +54,8 @@ class DescribeResponse(_message.Message):
     vocab_size: int
     layout: str
     retrieval: str
-    def __init__(self, model: _Optional[str] = ..., memlong_config_json: _Optional[str] = ..., dim: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., memory_chunks: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[str] = ..., retrieval: _Optional[str] = ...) -> None: ...
+    kv_codec: str
+    def __init__(self, model: _Optional[str] = ..., memlong_config_json: _Optional[str] = ..., dim: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., memory_chunks: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[str] = ..., retrieval: _Optional[str] = ..., kv_codec: _Optional[str] = ...) -> None: ...
 
 class SessionRef(_message.Message):
     __slots__ = ("session_id", "next_chunk_id")

@@ -18,20 +18,22 @@ class EvictionPolicy(_message.Message):
     def __init__(self, protect_newest: _Optional[float] = ..., drop_oldest: _Optional[float] = ..., evict_free: _Optional[float] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("dim", "kv_shape", "kv_dtype", "memory_size", "eviction", "layout")
+    __slots__ = ("dim", "kv_shape", "kv_dtype", "memory_size", "eviction", "layout", "kv_codec")
     DIM_FIELD_NUMBER: _ClassVar[int]
     KV_SHAPE_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     EVICTION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    KV_CODEC_FIELD_NUMBER: _ClassVar[int]
     dim: int
     kv_shape: _containers.RepeatedScalarFieldContainer[int]
     kv_dtype: _tensor_pb2.DType
     memory_size: int
     eviction: EvictionPolicy
     layout: str
-    def __init__(self, dim: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., memory_size: _Optional[int] = ..., eviction: _Optional[_Union[EvictionPolicy, _Mapping]] = ..., layout: _Optional[str] = ...) -> None: ...
+    kv_codec: str
+    def __init__(self, dim: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., memory_size: _Optional[int] = ..., eviction: _Optional[_Union[EvictionPolicy, _Mapping]] = ..., layout: _Optional[str] = ..., kv_codec: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "spec")

@@ -9,6 +9,7 @@ a timeout derived from what remains of the caller's deadline.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import secrets
 import threading
@@ -45,15 +46,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
 DECODER_SERVICE = dpb.DESCRIPTOR.services_by_name["Decoder"].full_name
-PIECE_BYTES = 1 << 20  # text pieces sent to the decoder
 SCRATCH_PREFIX = "scratch-"  # decoder session ids of reads without a session (never ret-mem sessions)
-
-
-def check_utf8(data: bytes, field: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidArgument(field, f"not valid UTF-8 at byte {exc.start}") from None
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
@@ -97,7 +90,6 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 dim=d.dim,
                 kv_shape=tuple(d.kv_shape),
                 kv_dtype=d.kv_dtype,
-                kv_codec=d.kv_codec or "none",
                 memory_size=d.memory_chunks,
                 layout=d.layout,
             )
@@ -119,12 +111,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             retrieval=retrieval_source(info.spec.layout),
         )
 
-    def _text(self, data: bytes, field: str) -> str:
+    def _check_text(self, data: bytes, field: str) -> None:
         if not data:
             raise InvalidArgument(field, "must not be empty")
         if len(data) > self.config.max_request_text_bytes:
             raise TooLarge(f"{field}: {len(data)} bytes > limit {self.config.max_request_text_bytes}")
-        return check_utf8(data, field)
+        # UTF-8 is checked by the decoder, which decodes the text anyway (INVALID_ARGUMENT naming it).
 
     # -- sessions -----------------------------------------------------------------------------------
 
@@ -178,40 +170,36 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     # -- append -------------------------------------------------------------------------------------
 
-    def _read_append(self, requests: Iterator[pb.AppendRequest]) -> tuple[SessionRecord, bytes, int]:
-        """Read and validate the whole stream: (record, new bytes after the committed offset, offset)."""
-        call = current()
-        first = next(requests, None)
-        if first is None:
-            raise InvalidArgument("text", "empty Append stream")
-        rec = self.table.get(call.tenant, first.session_id)
-        if first.offset < 0:
-            raise InvalidArgument("offset", "must be >= 0")
-        if first.offset > rec.text_bytes:
-            raise InvalidArgument(
-                "offset", f"gap: session holds {rec.text_bytes} bytes; resume at that offset"
-            )
-        parts, end, total = [first.text], first.offset + len(first.text), len(first.text)
-        for i, msg in enumerate(requests, start=1):
-            if msg.session_id and msg.session_id != first.session_id:
+    def _new_text(
+        self, first: pb.AppendRequest, requests: Iterator[pb.AppendRequest], committed: int, quota: int
+    ) -> Iterator[bytes]:
+        """The stream's bytes after the `committed` offset, piece by piece as the client sends them,
+        checked on the way: contiguous offsets, at most max_append_bytes in the stream, at most `quota`
+        new bytes. Nothing is gathered, so the gateway holds a piece at a time and a slow decoder slows
+        the client (flow control). UTF-8 is checked once, by the decoder, which decodes the text anyway."""
+        end, total, new = first.offset, 0, 0
+        for i, msg in enumerate(itertools.chain([first], requests)):
+            if i and msg.session_id and msg.session_id != first.session_id:
                 raise InvalidArgument(f"messages[{i}].session_id", "differs from the first message")
-            if msg.offset != end:
+            if i and msg.offset != end:
                 raise InvalidArgument(f"messages[{i}].offset", f"expected {end} (pieces must be contiguous)")
             total += len(msg.text)
             if total > self.config.max_append_bytes:
                 raise TooLarge(f"text: Append stream over {self.config.max_append_bytes} bytes")
-            parts.append(msg.text)
+            piece = msg.text[max(committed - end, 0) :]  # bytes already committed are skipped
             end += len(msg.text)
-        if total > self.config.max_append_bytes:
-            raise TooLarge(f"text: Append stream over {self.config.max_append_bytes} bytes")
-        data = b"".join(parts)
-        if not data:
+            if not piece:
+                continue
+            if new == 0 and 0x80 <= piece[0] < 0xC0:
+                raise InvalidArgument("offset", "the committed offset falls inside a UTF-8 character")
+            new += len(piece)
+            if new > quota:
+                raise ResourceExhausted(
+                    f"tenant quota: at most {self.table.quotas.max_tenant_text_bytes} bytes of text"
+                )
+            yield piece
+        if total == 0:
             raise InvalidArgument("text", "must not be empty")
-        new = data[rec.text_bytes - first.offset :]  # bytes already committed are skipped
-        if new and 0x80 <= new[0] < 0xC0:
-            raise InvalidArgument("offset", "the committed offset falls inside a UTF-8 character")
-        check_utf8(new, "text")
-        return rec, new, rec.text_bytes
 
     def Append(self, request_iterator, context):  # noqa: N802
         # Closed when the call ends: a cancelled append rolls back and frees its slots at once.
@@ -220,21 +208,30 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def _append(self, request_iterator, context):
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
-            rec, new, offset = self._read_append(request_iterator)
-            if not new:  # everything was committed before: an idempotent resume
+            first = next(request_iterator, None)
+            if first is None:
+                raise InvalidArgument("text", "empty Append stream")
+            rec = self.table.get(call.tenant, first.session_id)
+            if first.offset < 0:
+                raise InvalidArgument("offset", "must be >= 0")
+            if first.offset > rec.text_bytes:
+                raise InvalidArgument(
+                    "offset", f"gap: session holds {rec.text_bytes} bytes; resume at that offset"
+                )
+            quota = self.table.quotas.max_tenant_text_bytes - self.table.tenant_bytes(call.tenant)
+            pieces = self._new_text(first, request_iterator, rec.text_bytes, quota)
+            head = next(pieces, None)  # validates the stream up to its first new byte
+            if head is None:  # everything was committed before: an idempotent resume
                 yield pb.AppendProgress(done=True, text_bytes=rec.text_bytes)
                 return
-            if self.table.tenant_bytes(call.tenant) + len(new) > self.table.quotas.max_tenant_text_bytes:
-                raise ResourceExhausted(
-                    f"tenant quota: at most {self.table.quotas.max_tenant_text_bytes} bytes of text"
-                )
+            offset = rec.text_bytes
             with self.table.writing(rec.session_id):
                 rec = self._roll_back(self.table.get(call.tenant, rec.session_id), call.deadline)
                 if rec.text_bytes != offset:
                     raise InvalidArgument(
                         "offset", f"session moved to {rec.text_bytes} bytes meanwhile; resume there"
                     )
-                yield from self._ingest(rec, new, call.deadline, context)
+                yield from self._ingest(rec, itertools.chain([head], pieces), call.deadline, context)
 
     def _roll_back(self, rec: SessionRecord, deadline: Deadline) -> SessionRecord:
         """Remove the chunks of a failed append (ids dirty_from..next_chunk_id) from ret-mem, so that the
@@ -283,44 +280,61 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             raise
 
     def _ingest(
-        self, rec: SessionRecord, new: bytes, deadline: Deadline, context: grpc.ServicerContext
+        self, rec: SessionRecord, new: Iterator[bytes], deadline: Deadline, context: grpc.ServicerContext
     ) -> Iterator[pb.AppendProgress]:
+        """Stream the new text to the session's decoder as it arrives; commit when the decoder is done.
+
+        A piece that fails its checks (in `new`, pulled by gRPC's sending thread) cancels the decoder
+        call, and that error is what the client gets. Whatever stops the call, nothing is committed and
+        the chunks it stored are rolled back."""
         chunk = self._spec(rec.decoder, "", deadline).chunk_tokens  # the same for every source
         first_id = rec.next_chunk_id
+        received, failed = 0, []
+        stream, started = None, threading.Event()
 
         def pieces() -> Iterator[dpb.IngestRequest]:
+            nonlocal received
             ref = dpb.SessionRef(session_id=rec.session_id, next_chunk_id=first_id)
-            yield dpb.IngestRequest(session=ref, text=new[:PIECE_BYTES])
-            for i in range(PIECE_BYTES, len(new), PIECE_BYTES):
-                yield dpb.IngestRequest(text=new[i : i + PIECE_BYTES])
+            try:
+                for i, piece in enumerate(new):
+                    received += len(piece)
+                    yield dpb.IngestRequest(session=ref if i == 0 else None, text=piece)
+            except Exception as exc:  # noqa: BLE001 - handed to the serving thread, which raises it
+                failed.append(exc)
+                started.wait()  # gRPC may pull pieces before Ingest() has returned the call
+                stream.cancel()
 
-        # Every token covers >= 1 byte, so no call can use more chunk ids than this. The range is
-        # reserved and marked dirty on disk before any chunk is stored: if this call fails, or the
-        # gateway dies during it, the chunks it stored are rolled back before the session is used again.
-        id_bound = first_id + len(new) // chunk + 2
+        # Every token covers >= 1 byte, so no call can use more chunk ids than the stream has bytes /
+        # chunk. The range is reserved and marked dirty on disk before any chunk is stored: if this
+        # call fails, or the gateway dies during it, the chunks it stored are rolled back before the
+        # session is used again.
+        id_bound = first_id + self.config.max_append_bytes // chunk + 2
         rec = self.table.update(rec.session_id, next_chunk_id=id_bound, dirty_from=first_id)
         done = False
         try:
             stream = self._decoder(rec.decoder).Ingest(pieces(), timeout=self._timeout(deadline))
+            started.set()
             _cancel_with(context, stream)
             for p in stream:
                 if p.done:
                     done = True
                     rec = self.table.update(
                         rec.session_id,
-                        text_bytes=rec.text_bytes + len(new),
+                        text_bytes=rec.text_bytes + received,
                         tokens=rec.tokens + p.tokens_done,
                         next_chunk_id=p.next_chunk_id,
                         dirty_from=None,
                     )
                 yield pb.AppendProgress(
                     bytes_done=p.bytes_done,
-                    bytes_total=len(new),
+                    bytes_total=received,
                     tokens_done=p.tokens_done,
                     done=p.done,
                     text_bytes=rec.text_bytes,
                 )
         except grpc.RpcError as err:
+            if failed:
+                raise failed[0] from None
             raise_for_rpc_error(err)
         finally:
             if not done:
@@ -337,7 +351,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
             rec = self._reader_record(call.tenant, request.session_id)
-            self._text(request.text, "text")
+            self._check_text(request.text, "text")
             decoder, ref, mode = self._read_target(rec, call.deadline, request.memory_mode)
             req = dpb.ScoreRequest(
                 session=ref, text=request.text, memory_mode=mode, return_logprobs=request.return_logprobs
@@ -365,7 +379,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         call = current()
         with self.table.admitted(call.tenant, self.config.max_inflight):
             rec = self._reader_record(call.tenant, request.session_id)
-            self._text(request.prompt, "prompt")
+            self._check_text(request.prompt, "prompt")
             decoder, ref, mode = self._read_target(rec, call.deadline, request.memory_mode)
             req = dpb.GenerateRequest(
                 session=ref, prompt=request.prompt, sampling=request.sampling, memory_mode=mode

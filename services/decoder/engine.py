@@ -395,8 +395,10 @@ class DecoderEngine:
             yield from self._ingest(session_id, next_chunk_id, pieces, call)
 
     def _ingest(self, session_id, next_chunk_id, pieces, call) -> Iterator[IngestProgress]:
-        info = self.memory.info(session_id, call.deadline.downstream())  # NOT_FOUND etc. before any work
-        source = self._source_of(session_id, info.spec)
+        # The spec never changes: asked of ret-mem once per session (NOT_FOUND etc. before any work then);
+        # a session deleted since is refused by ret-mem at the first chunk stored.
+        spec = self.memory.spec(session_id, call.deadline.downstream())
+        source = self._source_of(session_id, spec)
         port = self._port(session_id, call, commit=True, keep_recent=False)
         reader = self._reader(session_id, port, next_chunk_id)
         utf8 = codecs.getincrementaldecoder("utf-8")()

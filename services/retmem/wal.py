@@ -24,6 +24,8 @@ from typing import Any
 
 import msgpack
 
+from memlong.atomic import fsync_dir
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<IIQ")  # payload length, crc32, lsn
@@ -57,14 +59,6 @@ def unpack_payload(payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError("record payload is not a map")
     return obj
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

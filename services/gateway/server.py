@@ -90,6 +90,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 dim=d.dim,
                 kv_shape=tuple(d.kv_shape),
                 kv_dtype=d.kv_dtype,
+                kv_codec=d.kv_codec or "none",
                 memory_size=d.memory_chunks,
                 layout=d.layout,
             )

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memlong.chunkloop import _TORCH_DTYPES
 from memlong.errors import InvalidArgument
 from memlong.model import LayerCache, MemLongModel, Memory
 
@@ -72,7 +71,7 @@ class DocumentPass:
         self.kv = (
             None
             if chunk_emb is None
-            else torch.zeros(2, model.n_kv_heads, n_pad, model.head_dim, dtype=_TORCH_DTYPES[cfg.kv_dtype])
+            else torch.zeros(2, model.n_kv_heads, n_pad, model.head_dim, dtype=getattr(torch, cfg.kv_dtype))
         )  # (2, Hkv, N, D): memory-layer K (before RoPE) and V of every token read
 
     @property

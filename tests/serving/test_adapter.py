@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-import memlong.eval.common as common
+import memlong.loading as common
 from memlong.errors import InvalidArgument
 from memlong.train import Document, TrainConfig, Trainer, embed_documents, load_adapter
 from memlong.weights import LoadedDecoder
@@ -32,7 +32,7 @@ def adapter_dir(tmp_path):
 
 @pytest.fixture
 def tiny_stack(monkeypatch):
-    """Stack.load builds the tiny base model instead of the packaged one."""
+    """load_model builds the tiny base model instead of the packaged one."""
     monkeypatch.setattr(
         common,
         "load_decoder",

@@ -96,7 +96,7 @@ def chapterbreak_section() -> str:
 def icl_section() -> str:
     path = OUT / "icl.md"
     if not path.is_file():
-        return "## In-context learning\n\nNot run yet: `memlong eval icl`.\n"
+        return "## In-context learning\n\nNot run with per-layer memory yet: `memlong eval icl`. (The earlier table, 2026-11-22, read the paper layout on base weights in the broken sink regime and was removed.)\n"
     return "## In-context learning (demonstrations in memory vs none)\n\n" + path.read_text()
 
 

@@ -35,6 +35,8 @@ def test_every_service_refuses_a_malformed_session_id_as_invalid_argument(stack,
         "decoder.Score": lambda: decoder.Score(dpb.ScoreRequest(session=ref, text=b"alpha"), timeout=20),
         "retmem.GetSession": lambda: retmem.GetSession(rpb.GetSessionRequest(session_id=sid), timeout=20),
     }
+    if sid == "":  # an empty id on the gateway's Score means "no session: the text alone" (issue 16)
+        del calls["gateway.Score"]
     for name, call in calls.items():
         with pytest.raises(grpc.RpcError) as err:
             call()

@@ -44,3 +44,30 @@ def test_a_window_can_end_where_a_longer_run_ended_so_one_length_scores_the_same
         window_ends(500_000, PPLSettings(lengths=(8192,), windows=2, end=131072))
     with pytest.raises(ValueError, match="end"):
         window_ends(500_000, PPLSettings(lengths=(8192,), windows=1, end=4096))
+
+
+def test_runs_ending_at_the_same_token_keep_each_others_rows(tmp_path):
+    from memlong.eval.ppl import PPLSettings, write_ppl
+
+    def row(method, length, ppl):
+        return {
+            "book": "kjv",
+            "method": method,
+            "context_tokens": length,
+            "layout": "per_layer",
+            "mem_position": "zero",
+            "top_k": 8,
+            "memory_layers": "all",
+            "ppl": ppl,
+        }
+
+    write_ppl(tmp_path, PPLSettings(lengths=(8192,), windows=1, end=131072), [row("keys", 8192, 3.2)], [], {})
+    write_ppl(
+        tmp_path, PPLSettings(lengths=(32768,), windows=1, end=131072), [row("keys", 32768, 3.3)], [], {}
+    )
+    rows = json.loads((tmp_path / "ppl_kjv.json").read_text())
+    assert sorted((r["context_tokens"], r["ppl"]) for r in rows) == [(8192, 3.2), (32768, 3.3)]
+    # a run whose window ends elsewhere scores other tokens: its rows replace, never mix
+    write_ppl(tmp_path, PPLSettings(lengths=(8192,), windows=1), [row("keys", 8192, 9.9)], [], {})
+    rows = json.loads((tmp_path / "ppl_kjv.json").read_text())
+    assert [(r["context_tokens"], r["ppl"]) for r in rows] == [(8192, 9.9)]

@@ -181,7 +181,13 @@ def _mean(runs: list[dict]) -> dict:
     return out
 
 
-_SAME_TOKENS = ("book", "windows", "score_tokens", "start", "max_length", "end")
+_SAME_TOKENS = ("book", "windows", "score_tokens", "start", "max_length")
+
+
+def _span(settings: PPLSettings) -> int:
+    """The longest window the run's windows are placed for: the first window ends at start + this
+    (with `end`, the span it implies), so runs that score the same tokens compare equal."""
+    return settings.end - settings.start if settings.end else max(settings.lengths)
 
 
 def write_ppl(
@@ -194,13 +200,13 @@ def write_ppl(
     records = merge_rows(
         out_dir / f"{stem}.json",
         out_dir / f"{stem}_meta.json",
-        {**asdict(settings), "max_length": max(settings.lengths)},
+        {**asdict(settings), "max_length": _span(settings)},
         _SAME_TOKENS,
         records,
         ("method", "context_tokens", "layout", "mem_position", "top_k", "memory_layers"),
     )
     meta = {
-        "settings": {**asdict(settings), "max_length": max(settings.lengths)},
+        "settings": {**asdict(settings), "max_length": _span(settings)},
         "machine": machine_info(),
         **extra,
     }

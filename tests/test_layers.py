@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Deployment: assembles and runs the services; may import anything.
 DEPLOYMENT = ("memlong.deploy", "memlong.cli", "memlong.client_cli", "memlong.demo")
 # Old names kept as aliases of moved modules while other work lands; the rename step deletes them.
-ALIASES = {"services.gateway.embedded"}
+ALIASES: set[str] = set()  # old import paths kept as re-exports (none now)
 
 
 def module_name(path: Path) -> str:

@@ -233,7 +233,7 @@ def test_a_session_written_by_another_memory_layout_is_refused(stack):
 
     from memlong.decoder.v1 import decoder_pb2 as dpb
     from memlong.decoder.v1 import decoder_pb2_grpc
-    from services.common.channel import Deadline
+    from memlong.rpc.channel import Deadline
     from services.decoder.engine import Call
 
     engine = stack.decoder.engine

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memlong.chunkloop import Reader, SamplingParams
-from memlong.config import RETRIEVAL_SOURCES
+from memlong.config import retrieval_source
 from memlong.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -216,21 +216,22 @@ class DecoderEngine:
         )
 
     def _source_of(self, session_id: str, spec: SessionSpec) -> str:
-        """The retrieval source a session was created with; refuses a session this decoder cannot read."""
-        for source in RETRIEVAL_SOURCES:
+        """The retrieval source a session was created with (its layout tag says which); refuses a
+        session this decoder cannot read."""
+        source = retrieval_source(spec.layout)
+        try:
             want = self.session_spec(source)
-            if spec.layout == want.layout:
-                if spec != want:
-                    raise InvalidArgument(
-                        "session_id", "session was created for another model or MemLong setting"
-                    )
-                return source
-        raise FailedPrecondition(
-            f"session {shown(session_id)} holds memory written by layout "
-            f"{spec.layout or 'unrecorded'!r}; this decoder reads layout {self.session_spec().layout!r} "
-            f"(or {self.session_spec('keys' if self.cfg.retrieval == 'text' else 'text').layout!r}). "
-            "Serve it with a decoder of that layout, or create a new session."
-        )
+        except InvalidArgument:  # e.g. key layers this model does not store: not a layout it reads
+            want = None
+        if want is None or spec.layout != want.layout:
+            raise FailedPrecondition(
+                f"session {shown(session_id)} holds memory written by layout "
+                f"{spec.layout or 'unrecorded'!r}; this decoder reads layout {self.session_spec().layout!r}. "
+                "Serve it with a decoder of that layout, or create a new session."
+            )
+        if spec != want:
+            raise InvalidArgument("session_id", "session was created for another model or MemLong setting")
+        return source
 
     def vocab_size(self) -> int:
         return int(self.model.hf.config.vocab_size)

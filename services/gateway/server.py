@@ -109,7 +109,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             created_at=rec.created_at,
             decoder=rec.decoder,
             shard=info.shard,
-            retrieval=retrieval_source(info.spec.layout),
+            retrieval=rec.retrieval or retrieval_source(info.spec.layout),  # "": a table from before
         )
 
     def _check_text(self, data: bytes, field: str) -> None:

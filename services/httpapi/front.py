@@ -211,7 +211,7 @@ class Front:
         `memlong` extension: the answer is not lost when storing it fails."""
         try:
             session = self.upstream.unary("GetSession", pb.GetSessionRequest(session_id=session_id), caller)
-            last = _drain_last(self.append(session_id, iter([text.encode()]), session.text_bytes, caller))
+            last = drain_last(self.append(session_id, iter([text.encode()]), session.text_bytes, caller))
             return {"remembered": True, "text_bytes": last.text_bytes if last is not None else None}
         except ApiError as err:
             return {"remembered": False, "remember_error": err.body()["error"]}
@@ -241,7 +241,8 @@ def drain(call: Stream) -> list[Any]:
     return out
 
 
-def _drain_last(call: Stream) -> Any:
+def drain_last(call: Stream) -> Any:
+    """The last message left in `call`, None if none (blocking: run it in a worker thread)."""
     last = None
     while (msg := call.next()) is not None:
         last = msg

@@ -18,7 +18,7 @@ from memlong.gateway.v1 import gateway_pb2 as pb
 
 from . import shapes
 from .errors import ApiError
-from .front import EventStream, Front, drain, in_thread
+from .front import EventStream, Front, drain_last, in_thread
 from .schemas import SessionCreateRequest
 
 
@@ -64,14 +64,12 @@ def session_routes(front: Front) -> APIRouter:
             offset = s.text_bytes
         call = front.append(session_id, _body_blocks(request, asyncio.get_running_loop()), offset, caller)
         try:
-            first = await in_thread(call.next)  # the gateway reads the whole body before answering
+            first = await in_thread(call.next)  # the first progress, or the error that ended the upload
         except BaseException:
             call.cancel()
             raise
         if not stream:
-            last = first
-            for msg in await in_thread(drain, call):
-                last = msg
+            last = await in_thread(drain_last, call) or first
             return {"id": session_id, "object": "session.document", **shapes.progress_obj(last)}
 
         async def events() -> AsyncIterator[str]:

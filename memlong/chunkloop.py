@@ -344,7 +344,6 @@ class Reader:
                 out = self.model.forward_block(torch.tensor([ahead]), self.stream.clone(), memory=memory)
                 keys = _last_rows(keys, out.queries[0], self.cfg.chunk)
         if self.position % self.cfg.chunk:
-            self._block_searched = False
             self._block_memory = self._retrieve(query, keys)
         else:
             self._next_query = (query, keys)
@@ -374,6 +373,7 @@ class Reader:
         prompt, with `key_rows` their attention queries when retrieving by keys); None when nothing to
         use."""
         pre, self._prefetched = self._prefetched, None
+        self._block_searched = False  # until a search below runs for this chunk
         if query_tokens is None:
             query_tokens, key_rows = self._next_query or (self._history, self._key_history)
             self._next_query = None
@@ -473,7 +473,6 @@ class Reader:
     def _forward(self, block: list[int]) -> torch.Tensor:
         """Read a block with every layer (retrieving at a chunk boundary); (s, hidden) final states."""
         if self.position % self.cfg.chunk == 0:
-            self._block_searched = False
             self._block_memory = self._retrieve()
         self.stats.blocks_searched += self._block_searched
         self.stats.blocks_with_memory += self._block_memory is not None

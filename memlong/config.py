@@ -182,11 +182,7 @@ class MemLongConfig:
         return (
             f"{where}; chunk {self.chunk}, top-k {self.top_k}, local window {self.local_window}, "
             f"{self.sink_tokens} sinks, memory keys at '{self.mem_position}', query '{self.query}', "
-            + (
-                "retrieval by text"
-                if self.retrieval == "text"
-                else f"retrieval by keys of layers {list(self.key_layers) or 'default'}"
-            )
+            f"retrieval by {self.retrieval_label()}"
         )
 
     @property

@@ -307,14 +307,15 @@ class MemLongModel(torch.nn.Module):
     @property
     def key_dim(self) -> int:
         """Width of a retrieval-by-keys vector: key layers x KV heads x head dim."""
-        return self.retrieval_dim(0, dataclasses.replace(self.config, retrieval="keys"))
+        return self._key_width(self.config)
 
     def retrieval_dim(self, text_dim: int, config: MemLongConfig | None = None) -> int:
         """Width of the vectors a session of this model indexes under `config` (default: the current
         one): the text retriever's (`text_dim`) or key layers x KV heads x head dim."""
         cfg = config or self.config
-        if cfg.retrieval != "keys":
-            return text_dim
+        return self._key_width(cfg) if cfg.retrieval == "keys" else text_dim
+
+    def _key_width(self, cfg: MemLongConfig) -> int:
         return len(cfg.key_layers_of(self.n_layers)) * self.n_kv_heads * self.head_dim
 
     def chunk_keys(

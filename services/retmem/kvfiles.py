@@ -36,10 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from memlong.atomic import fsync_dir
 from memlong.errors import DataLoss
 from services.common.tensor import checksum
-
-from .wal import fsync_dir
 
 log = logging.getLogger(__name__)
 

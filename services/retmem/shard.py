@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -52,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from memlong.atomic import write_atomic
 from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from memlong.ids import check_session_id
 from memlong.memory import MemoryBank, MemoryConfig, SearchResult, SessionMemory
@@ -59,7 +59,7 @@ from memlong.memory import MemoryBank, MemoryConfig, SearchResult, SessionMemory
 from . import snapshot
 from .kvfiles import REF_BYTES, KVFiles, referenced_files
 from .store import SessionInfo, SessionSpec, as_records, check_lengths
-from .wal import ReplayReport, WriteAheadLog, fsync_dir, replay, truncate_from
+from .wal import ReplayReport, WriteAheadLog, replay, truncate_from
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +559,7 @@ class Shard:
                     self._wal.remove_segments_upto(self._prev_cut)
                     self._remove_unused_kv()
                 self._prev_cut = cut
-                _write_json(self.root / CHECKPOINT_FILE, {"cut": cut})
+                write_atomic(self.root / CHECKPOINT_FILE, json.dumps({"cut": cut}), mode=0o600)
                 return written
         finally:
             self._checkpointing.release()
@@ -824,14 +824,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(json.dumps(data).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -26,8 +26,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from memlong.atomic import fsync_dir
+
 from .kvfiles import referenced_files
-from .wal import fsync_dir
 
 FORMAT = 1
 MANIFEST = "manifest.json"

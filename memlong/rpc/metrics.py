@@ -161,6 +161,13 @@ def observe_memory(reporter: MemoryReporter) -> None:
     _observed.add(reporter)
 
 
+def unobserve_memory(reporter: MemoryReporter) -> None:
+    """Stop reporting `reporter` (its server stopped). Weak references alone are not enough: a stopped
+    reporter that is not yet collected would report its closed shards as empty, under the same shard
+    names as the server that replaced it."""
+    _observed.discard(reporter)
+
+
 def _memory_callback(key: str):
     def callback(_options: CallbackOptions) -> Iterable[Observation]:
         for reporter in list(_observed):

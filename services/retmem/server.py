@@ -326,6 +326,7 @@ class RetMemServer(ServiceProcess):
     def finish_stop(self, grace_s: float | None = None) -> None:
         """Phase 2: close the listener, wait up to `grace_s` for in-flight calls, snapshot, close logs."""
         super().finish_stop(grace_s)
+        metrics.unobserve_memory(self.servicer)
         for shard in self.shards.values():
             if self.config.checkpoint_on_stop and shard.healthy:
                 shard.checkpoint()

@@ -42,9 +42,7 @@ def telemetry() -> Iterator[tuple[InMemorySpanExporter, InMemoryMetricReader]]:
 def traced_stack(telemetry, tmp_path: Path) -> Iterator[Stack]:
     stack = start_stack(tmp_path)
     yield stack
-    stack.gateway.stop(0)
-    stack.decoder.stop(0)
-    stack.retmem.stop()
+    stack.stop()
 
 
 def traces(spans: tuple[ReadableSpan, ...]) -> dict[int, list[ReadableSpan]]:

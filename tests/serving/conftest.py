@@ -18,6 +18,7 @@ from memlong.client import Client
 from memlong.model import MemLongConfig
 from memlong.retmem.v1 import retmem_pb2_grpc
 from memlong.rpc import metrics
+from memlong.rpc.channel import close_channels
 from services.common.server import ServerOptions, Service, create_server
 from services.decoder.config import DecoderConfig
 from services.decoder.server import DecoderServer
@@ -105,12 +106,14 @@ class RetMem:
         self.shard.open()
         servicer = RetMemServicer({"shard0": self.shard}, Placement(["shard0"]))
         metrics.observe_memory(servicer)
+        self.servicer = servicer
         options = ServerOptions(interceptors=(self.log.interceptor("retmem"),))
         services = [Service(RETMEM_SERVICE, retmem_pb2_grpc.add_RetMemServicer_to_server, servicer)]
         self.server, self.port = create_server(f"127.0.0.1:{self.port}", services, options)
 
     def stop(self) -> None:
         self.server.stop(0).wait()
+        metrics.unobserve_memory(self.servicer)
         self.shard.close()
 
     @property
@@ -130,6 +133,18 @@ class Stack:
 
     def client(self, key: str = "key-a", timeout_s: float = 30.0) -> Client:
         return Client(self.gateway.address(), key, timeout_s=timeout_s)
+
+    def stop(self) -> None:
+        """Stop the three services and drop this process's cached channels to them.
+
+        A cached channel outlives its server: when a later test's server is given the same port, the
+        channel may still be in reconnect backoff and fail that test's first call as UNAVAILABLE.
+        """
+        addresses = [self.gateway.address(), self.decoder.address(), self.retmem.address]
+        self.gateway.stop(0)
+        self.decoder.stop(0)
+        self.retmem.stop()
+        close_channels(addresses)
 
 
 def start_stack(
@@ -165,9 +180,7 @@ def start_stack(
 def stack(tmp_path: Path) -> Iterator[Stack]:
     s = start_stack(tmp_path)
     yield s
-    s.gateway.stop(0)
-    s.decoder.stop(0)
-    s.retmem.stop()
+    s.stop()
 
 
 __all__ = ["ByteTokenizer", "CallLog", "MemLongConfig", "Stack", "start_stack"]

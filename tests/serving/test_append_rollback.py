@@ -35,12 +35,6 @@ class FailingRetriever(RecordingRetriever):
         return super().embed(texts)
 
 
-def _stop(stack) -> None:
-    stack.gateway.stop(0)
-    stack.decoder.stop(0)
-    stack.retmem.stop()
-
-
 def _chunks(stack, sid: str) -> int:
     return stack.gateway.retmem.info(sid).num_chunks
 
@@ -50,7 +44,7 @@ def failing(tmp_path):
     retriever = FailingRetriever()
     stack = start_stack(tmp_path, retriever=retriever)
     yield stack, retriever
-    _stop(stack)
+    stack.stop()
 
 
 def _reference(stack) -> tuple[int, np.ndarray]:

@@ -48,12 +48,6 @@ class SlowRetriever(RecordingRetriever):
         return super().embed(texts)
 
 
-def _stop(stack) -> None:
-    stack.gateway.stop(0)
-    stack.decoder.stop(0)
-    stack.retmem.stop()
-
-
 def _assert_strictly_earlier(log, downstream: str, upstream: str) -> None:
     """Deadlines shrink downstream, checked on absolute deadlines: the latest any call to `downstream`
     can have is before the earliest any call to `upstream` can have. A deadline handed on unchanged
@@ -117,7 +111,7 @@ def test_a_caller_who_gives_up_gets_deadline_exceeded_and_the_work_stops(tmp_pat
         assert client.score(sid, "alpha beta").scored_tokens > 0  # and it serves the next call
         assert retriever.calls - calls < 10  # the abandoned call's work is not going on
     finally:
-        _stop(stack)
+        stack.stop()
 
 
 def test_a_busy_decoder_answers_resource_exhausted_not_a_hang(tmp_path):
@@ -143,7 +137,7 @@ def test_a_busy_decoder_answers_resource_exhausted_not_a_hang(tmp_path):
         assert result["r"].scored_tokens > 0
     finally:
         retriever.gate.set()
-        _stop(stack)
+        stack.stop()
 
 
 def test_retmem_down_is_unavailable_then_serving_again(stack):

@@ -48,19 +48,13 @@ def serve_http(stack: Stack, template: ChatTemplate | None, **kw) -> HttpServer:
     return server
 
 
-def stop(stack: Stack) -> None:
-    stack.gateway.stop(0)
-    stack.decoder.stop(0)
-    stack.retmem.stop()
-
-
 @pytest.fixture
 def served(tmp_path: Path, template: ChatTemplate) -> Iterator[tuple[Stack, HttpServer]]:
     stack = start_stack(tmp_path, quotas=Quotas(max_sessions=3))
     http = serve_http(stack, template)
     yield stack, http
     http.stop(0)
-    stop(stack)
+    stack.stop()
 
 
 def client(http: HttpServer, key: str = "key-a") -> openai.OpenAI:
@@ -357,7 +351,7 @@ def test_body_limits_and_malformed_json_are_client_errors(tmp_path: Path, templa
             assert json.loads(info.value.read())["error"]["type"] == "invalid_request_error"
     finally:
         http.stop(0)
-        stop(stack)
+        stack.stop()
 
 
 # -- the README's curl example ----------------------------------------------------------------------
@@ -474,4 +468,4 @@ def test_the_http_port_serves_tls_under_the_public_policy(tmp_path: Path, templa
             urllib.request.urlopen(http.url().replace("https", "http") + "/healthz", timeout=10)
     finally:
         http.stop(0)
-        stop(stack)
+        stack.stop()

@@ -280,9 +280,7 @@ def test_quotas_answer_resource_exhausted(tmp_path):
             list(stub.Append(huge, timeout=30, metadata=(("x-api-key", "key-a"),)))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
-        stack.gateway.stop(0)
-        stack.decoder.stop(0)
-        stack.retmem.stop()
+        stack.stop()
 
 
 def test_a_tiny_temperature_decodes_like_greedy(stack):
@@ -373,6 +371,4 @@ def test_busy_answers_do_not_tell_a_tenant_how_many_calls_are_in_flight(tmp_path
                     pass
         assert "busy" in str(err.value) and not any(c.isdigit() for c in str(err.value))
     finally:
-        stack.gateway.stop(0)
-        stack.decoder.stop(0)
-        stack.retmem.stop()
+        stack.stop()

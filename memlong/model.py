@@ -346,18 +346,28 @@ class MemLongModel(torch.nn.Module):
         stream: Stream,
         memory: Memory | None = None,
         lower_only: bool = False,
+        *,
+        first_layer: int = 0,
+        hidden: torch.Tensor | None = None,
     ) -> BlockOutput:
         """Read a block of new tokens (B, S), updating the stream's caches in place.
 
         lower_only (paper layout) runs layers 0..mem_layer-1 and the memory layer's K/V projections only:
         all that memory encoding needs in the paper layout. Those layers never see memory, so their caches and
         the stored K/V equal what a full pass would produce.
+
+        first_layer, hidden: start at decoder layer `first_layer` (at most the lowest memory layer) from
+        `hidden` (B, S, hidden), the states entering it; the layers below do not run. Training reads the
+        frozen lower stack's output from a cache this way (memlong.training.cache).
         """
         cfg = self.config
         if lower_only and cfg.layout != "paper":
             raise InvalidArgument("lower_only", "only the paper layout stores one lower layer's K/V")
+        if (hidden is None) != (first_layer == 0) or first_layer > self.memory_layers[0]:
+            raise InvalidArgument("first_layer", "a later first layer (<= the memory layer) needs its input")
         self._hook_k_proj()
-        hidden = self.base.embed_tokens(input_ids)  # (B, S, hidden)
+        if hidden is None:
+            hidden = self.base.embed_tokens(input_ids)  # (B, S, hidden)
         b, s = input_ids.shape
         top = cfg.mem_layer if lower_only else self.n_layers
         # Position frame. A token at stream index t sits at position n_sink + W + (t mod chunk) + 1; its
@@ -399,7 +409,7 @@ class MemLongModel(torch.nn.Module):
         q_pos = (cos[:, -s:], sin[:, -s:])  # queries are the block: positions P+1..P+S
         token = _CURRENT.set(fwd)
         try:
-            for layer in self.base.layers[:top]:
+            for layer in self.base.layers[first_layer:top]:
                 hidden = layer(hidden, attention_mask=None, position_embeddings=q_pos)
             if lower_only:
                 mem_layer = self.base.layers[cfg.mem_layer]

@@ -1,9 +1,11 @@
 """MemLong stage-2 training: LoRA above the memory layer, long documents streamed in order.
 
-Every step reads the next block of the current document through `DocumentPass`, which follows the
-inference chunk loop exactly (sliding local window, memory = chunks that left the window, causal
-`prev_chunk` retrieval query, memory detached and cleared per document), and takes one optimiser step
-on the block's next-token loss. `use_memory=False` is the memory-free control (`lora_no_memory`): the
+Every step reads the next `accum_blocks` blocks of the current document through `DocumentPass`, which
+follows the inference chunk loop exactly (true sinks, warm sliding window, memory = chunks that left the
+window, causal `prev_chunk` retrieval query, memory detached and cleared per document), and takes one
+optimiser step on their next-token loss, plus `kd_weight` x the KL to a teacher's cached top-k when the
+documents carry one (memlong.training.teacher). Documents that carry their frozen lower stack
+(memlong.training.cache) are read from the memory layer up; the rest run every layer. `use_memory=False` is the memory-free control (`lora_no_memory`): the
 same LoRA training reading the same blocks with the local window only.
 
 A run directory holds `metrics.jsonl` (one line per step / evaluation), `checkpoints/step-N/` (adapter,
@@ -15,6 +17,7 @@ Resuming restores all of it, so an interrupted run continues with the same weigh
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -44,7 +47,9 @@ from memlong.training.adapter import (
     read_adapter,
     save_adapter,
 )
+from memlong.training.cache import FrozenDoc
 from memlong.training.docpass import DocumentPass, chunk_texts
+from memlong.training.teacher import TopK, topk_kl
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +107,11 @@ class TrainConfig:
     """Training settings (the MemLong settings live in the model's MemLongConfig)."""
 
     use_memory: bool = True  # False: the lora_no_memory control
-    block_chunks: int = 1  # chunks per block, one optimiser step each (>1 only without attention sinks)
+    block_chunks: int = 1  # chunks per block (>1 only without attention sinks)
+    accum_blocks: int = 1  # blocks whose gradients add up to one optimiser step
+    kd_weight: float = 0.0  # weight of the KL to the teacher's top-k beside the LM loss (0: LM only)
+    device: str = "cpu"
+    bf16: bool = False  # autocast the forward to bfloat16 (GPU; LoRA weights and optimiser stay float32)
     lora_r: int = 16
     lora_alpha: float = 32.0
     mem_layer_qo: bool = True  # LoRA on the memory layer's q/o (it is a retrieval layer by default)
@@ -121,8 +130,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.block_chunks < 1 or self.max_steps < 1 or self.lr <= 0:
-            raise InvalidArgument("train", "block_chunks, max_steps and lr must be positive")
+        if self.block_chunks < 1 or self.accum_blocks < 1 or self.max_steps < 1 or self.lr <= 0:
+            raise InvalidArgument("train", "block_chunks, accum_blocks, max_steps and lr must be positive")
+        if self.kd_weight < 0:
+            raise InvalidArgument("kd_weight", "must be >= 0")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -137,6 +148,12 @@ class Document:
     name: str
     tokens: list[int]
     chunk_emb: np.ndarray | None = None  # (n_chunks, dim) retriever embeddings of its whole chunks
+    frozen: FrozenDoc | None = None  # its frozen lower stack, cached (then chunk_emb comes from it)
+    teacher: TopK | None = None  # a teacher's top-k for every position (distillation)
+
+    def __post_init__(self) -> None:
+        if self.frozen is not None and self.chunk_emb is None:
+            self.chunk_emb = self.frozen.emb.numpy()
 
 
 Embed = Callable[[list[str]], np.ndarray]
@@ -166,12 +183,27 @@ def embed_documents(
             write_atomic(path, buf.getvalue())
 
 
-def block_loss(model: MemLongModel, docpass: DocumentPass, p: int, s: int) -> tuple[torch.Tensor, int]:
-    """(mean next-token loss, tokens) of one block; the block's last input may have no target."""
+def block_loss(
+    model: MemLongModel,
+    docpass: DocumentPass,
+    p: int,
+    s: int,
+    teacher: TopK | None = None,
+    kd_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """(loss, parts) of one block: mean next-token loss, plus kd_weight x the mean KL to the teacher's
+    top-k when given. The block's last input may have no target."""
     hidden, targets = docpass.forward(p, s)
-    hidden = hidden[: len(targets)]
-    logits = model.logits(hidden).float()  # (s, V)
-    return torch.nn.functional.cross_entropy(logits, targets), len(targets)
+    n = len(targets)
+    logits = model.logits(hidden[:n]).float()  # (n, V)
+    lm = torch.nn.functional.cross_entropy(logits, targets)
+    parts = {"lm_loss": float(lm.detach()), "tokens": n}
+    if teacher is None or kd_weight == 0:
+        return lm, parts
+    dev = logits.device
+    kl = topk_kl(logits, TopK(teacher.idx[p : p + n].to(dev), teacher.logp[p : p + n].to(dev)))
+    parts["kd_kl"] = float(kl.detach())
+    return lm + kd_weight * kl, parts
 
 
 class Trainer:
@@ -191,7 +223,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.extra_meta = extra_meta or {}
         self.spec = AdapterSpec.for_model(model, config.lora_r, config.lora_alpha, config.mem_layer_qo)
+        model.to(config.device)
         self.params = attach_lora(model, self.spec)
+        model.to(config.device)  # the LoRA modules were created on the CPU
         model.train()
         self.opt = torch.optim.AdamW(
             [p for _, p in self.params], lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0
@@ -203,6 +237,8 @@ class Trainer:
         self.docpass: DocumentPass | None = None
         if config.use_memory and any(d.chunk_emb is None for d in [*self.docs, *self.eval_docs]):
             raise InvalidArgument("docs", "training with memory needs chunk embeddings for every document")
+        if config.kd_weight and any(d.teacher is None for d in self.docs):
+            raise InvalidArgument("docs", "distillation needs the teacher's top-k for every document")
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -213,14 +249,18 @@ class Trainer:
         t = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    def _open(self, index: int) -> DocumentPass:
-        doc = self.docs[index]
-        tokens = doc.tokens[: self.config.max_doc_tokens or None]
-        emb = doc.chunk_emb[: len(tokens) // self.model.config.chunk] if self.config.use_memory else None
-        return DocumentPass(self.model, tokens, emb, self.config.block_chunks)
+    def _pass(self, doc: Document, max_tokens: int) -> DocumentPass:
+        tokens = doc.tokens[: max_tokens or None]
+        c = self.model.config.chunk
+        emb = doc.chunk_emb[: len(tokens) // c] if self.config.use_memory else None
+        frozen = None if doc.frozen is None else doc.frozen.truncated(len(tokens), c)
+        return DocumentPass(self.model, tokens, emb, self.config.block_chunks, frozen)
 
-    def train_step(self) -> dict | None:
-        """One block, one optimiser step; None when every document has been read."""
+    def _open(self, index: int) -> DocumentPass:
+        return self._pass(self.docs[index], self.config.max_doc_tokens)
+
+    def _next_block(self) -> tuple[int, int] | None:
+        """(start, length) of the next block to read, opening documents as needed; None at the end."""
         while True:
             if self.docpass is None:
                 if self.doc_index >= len(self.docs):
@@ -228,31 +268,61 @@ class Trainer:
                 self.docpass = self._open(self.doc_index)
             nxt = next(self.docpass.blocks(), None)
             if nxt is not None:
-                break
+                return nxt
             self.docpass, self.doc_index = None, self.doc_index + 1
-        p, s = nxt
+
+    def _autocast(self):
+        return torch.autocast(device_type=torch.device(self.config.device).type, dtype=torch.bfloat16)
+
+    def train_step(self) -> dict | None:
+        """`accum_blocks` blocks, one optimiser step; None when every document has been read."""
+        c = self.config
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         t0 = time.perf_counter()
-        loss, n = block_loss(self.model, self.docpass, p, s)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in self.params], self.config.grad_clip)
+        blocks: list[tuple[dict, float, int, str]] = []  # (parts, loss, start, document) per block
+        while len(blocks) < c.accum_blocks:
+            nxt = self._next_block()
+            if nxt is None:
+                break
+            p, s = nxt
+            doc = self.docs[self.doc_index]
+            with self._autocast() if c.bf16 else contextlib.nullcontext():
+                loss, parts = block_loss(self.model, self.docpass, p, s, doc.teacher, c.kd_weight)
+            (loss * parts["tokens"]).backward()  # summed over tokens; divided by the total below
+            blocks.append((parts, float(loss.detach()), p, doc.name))
+        if not blocks:
+            return None
+        n = sum(b[0]["tokens"] for b in blocks)
+        for _, q in self.params:
+            if q.grad is not None:
+                q.grad /= n
+        grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in self.params], c.grad_clip)
         self.opt.step()
         dt = time.perf_counter() - t0
         self.step += 1
         self.tokens_trained += n
         self.elapsed += dt
-        return {
+
+        def mean(key: str) -> float:
+            return sum(b[0][key] * b[0]["tokens"] for b in blocks) / n
+
+        rec = {
             "step": self.step,
-            "doc": self.docs[self.doc_index].name,
-            "position": p,
-            "loss": float(loss.detach()),
+            "doc": blocks[0][3],
+            "position": blocks[0][2],
+            "loss": sum(b[1] * b[0]["tokens"] for b in blocks) / n,
+            "lm_loss": mean("lm_loss"),
             "tokens": n,
+            "tokens_trained": self.tokens_trained,
             "tok_s": n / dt,
             "lr": self.lr_at(self.step - 1),
             "grad_norm": float(grad_norm),
         }
+        if "kd_kl" in blocks[0][0]:
+            rec["kd_kl"] = mean("kd_kl")
+        return rec
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -264,13 +334,12 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for doc in self.eval_docs:
-            tokens = doc.tokens[: self.config.eval_tokens]
-            emb = doc.chunk_emb[: len(tokens) // cfg.chunk] if self.config.use_memory else None
-            dp = DocumentPass(self.model, tokens, emb, self.config.block_chunks)
+            dp = self._pass(doc, self.config.eval_tokens)
             for p, s in dp.blocks():
-                hidden, targets = dp.forward(p, s)
-                logits = self.model.logits(hidden[: len(targets)]).float()
-                nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")  # (s,)
+                with self._autocast() if self.config.bf16 else contextlib.nullcontext():
+                    hidden, targets = dp.forward(p, s)
+                    logits = self.model.logits(hidden[: len(targets)]).float()
+                nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu()  # (s,)
                 keep = torch.arange(p + 1, p + 1 + len(targets)) >= start
                 total += float(nll[keep].sum())
                 count += int(keep.sum())

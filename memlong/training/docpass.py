@@ -17,11 +17,16 @@ fixed positions, so a query deeper into a longer block would see them further aw
 query-memory distance is the query's local position; `memory()` shifts each query chunk's memory keys so
 that distance equals the Reader's (tests/test_train.py checks log-probs against the Reader).
 Local caches are detached after every block (truncated backpropagation through the window).
+
+With `frozen` (memlong.training.cache) the frozen lower stack is not run: each block starts at the memory
+layer from the cached states entering it, and memory K/V are the cached ones, the values a pass of the
+lower layers would produce (tests/test_train_cache.py checks log-probs against the Reader).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +34,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from memlong.errors import InvalidArgument
 from memlong.model import LayerCache, MemLongModel, Memory
+
+if TYPE_CHECKING:
+    from memlong.training.cache import FrozenDoc
 
 
 def chunk_texts(tokenizer, tokens: list[int], chunk: int) -> list[str]:
@@ -45,6 +53,7 @@ class DocumentPass:
         tokens: list[int],
         chunk_emb: np.ndarray | None,
         block_chunks: int,
+        frozen: FrozenDoc | None = None,
     ) -> None:
         cfg = model.config
         c, w = cfg.chunk, cfg.local_window
@@ -63,16 +72,29 @@ class DocumentPass:
                 raise InvalidArgument("memory_size", "a training document must fit in memory (no eviction)")
             if chunk_emb.shape[0] != len(tokens) // c:
                 raise InvalidArgument("chunk_emb", "one embedding per whole chunk of the document")
-        self.tokens = torch.tensor(tokens, dtype=torch.long)  # (N,)
+        self.device = model.base.embed_tokens.weight.device
+        self.tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (N,)
         self.emb = None if chunk_emb is None else torch.from_numpy(np.asarray(chunk_emb, dtype=np.float32))
         self.stream = model.new_stream()
         self.position = 0
+        self.frozen = frozen
+        if frozen is not None and not torch.equal(frozen.tokens[: len(tokens)].cpu(), self.tokens.cpu()):
+            raise InvalidArgument("frozen", "the cached lower stack belongs to other tokens")
         n_pad = -(-len(tokens) // c) * c
         self.kv = (
             None
             if chunk_emb is None
-            else torch.zeros(2, model.n_kv_heads, n_pad, model.head_dim, dtype=getattr(torch, cfg.kv_dtype))
+            else torch.zeros(
+                2,
+                model.n_kv_heads,
+                n_pad,
+                model.head_dim,
+                dtype=getattr(torch, cfg.kv_dtype),
+                device=self.device,
+            )
         )  # (2, Hkv, N, D): memory-layer K (before RoPE) and V of every token read
+        if self.kv is not None and frozen is not None:
+            self.kv.copy_(frozen.kv[:, :, :n_pad])  # only chunks that left the window are ever read
 
     @property
     def n_inputs(self) -> int:
@@ -116,7 +138,7 @@ class DocumentPass:
             k = kv[0][None]  # (1, Hkv, m, D)
             off = j * c
             if off:
-                pos = torch.full((1, k.shape[2]), off, dtype=torch.long)
+                pos = torch.full((1, k.shape[2]), off, dtype=torch.long, device=self.device)
                 cos, sin = self.model.base.rotary_emb(k, pos)
                 _, k = apply_rotary_pos_emb(k, k, cos, sin)
             keys.append(k)
@@ -124,7 +146,7 @@ class DocumentPass:
             spans.append((j * c, min(s, (j + 1) * c), k.shape[2]))
         if not keys:
             return None
-        mask = torch.zeros(s, sum(m for _, _, m in spans), dtype=torch.bool)  # (S, M)
+        mask = torch.zeros(s, sum(m for _, _, m in spans), dtype=torch.bool, device=self.device)  # (S, M)
         col = 0
         for lo, hi, m in spans:
             mask[lo:hi, col : col + m] = True
@@ -137,11 +159,20 @@ class DocumentPass:
         if p != self.position:
             raise RuntimeError(f"blocks must be read in order: at {self.position}, asked for {p}")
         memory = self.memory(p, s)
-        out = self.model.forward_block(self.tokens[p : p + s][None], self.stream, memory)
+        ids = self.tokens[p : p + s][None]
+        if self.frozen is None:
+            out = self.model.forward_block(ids, self.stream, memory)
+        else:  # start at the memory layer from the cached states entering it
+            hidden = self.frozen.hidden[p : p + s][None].to(self.device)
+            out = self.model.forward_block(
+                ids, self.stream, memory, first_layer=self.cfg.mem_layer, hidden=hidden
+            )
         if self.kv is not None:
             self.kv[0, :, p : p + s] = out.mem_k[0, 0].detach().to(self.kv.dtype)
             self.kv[1, :, p : p + s] = out.mem_v[0, 0].detach().to(self.kv.dtype)
         for cache in self.stream.caches:  # the next block sees these values, not their history
+            if cache.k is None:  # a layer below the cached stack's output never runs
+                continue
             cache.k, cache.v = cache.k.detach(), cache.v.detach()
             if cache.sink_k is not None:
                 cache.sink_k, cache.sink_v = cache.sink_k.detach(), cache.sink_v.detach()
@@ -157,9 +188,9 @@ class DocumentPass:
             for name in ("k", "v", "sink_k", "sink_v"):
                 t = getattr(cache, name)
                 if t is not None:
-                    out[f"cache.{i}.{name}"] = t.contiguous()
+                    out[f"cache.{i}.{name}"] = t.contiguous().cpu()
         if self.kv is not None:
-            out["kv"] = self.kv[:, :, : self.position].contiguous()
+            out["kv"] = self.kv[:, :, : self.position].contiguous().cpu()
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -167,6 +198,7 @@ class DocumentPass:
         self.stream.tokens_seen = self.position
         for i in range(len(self.stream.caches)):
             parts = {n: state.get(f"cache.{i}.{n}") for n in ("k", "v", "sink_k", "sink_v")}
+            parts = {n: None if t is None else t.to(self.device) for n, t in parts.items()}
             self.stream.caches[i] = LayerCache(**parts, seen=int(state.get(f"cache.{i}.seen", 0)))
         if self.kv is not None:
             self.kv[:, :, : self.position] = state["kv"]

@@ -119,7 +119,9 @@ class TrainConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
     max_steps: int = 300
-    max_minutes: float = 0.0  # stop (and checkpoint) after this much wall time; 0: no limit
+    # Time budget of the training steps, summed over resumes (evaluations come on top); 0: none. The
+    # learning-rate schedule ends at whichever of max_steps and max_minutes comes first.
+    max_minutes: float = 0.0
     grad_clip: float = 1.0
     max_doc_tokens: int = 0  # read at most this many tokens of each document; 0: whole documents
     eval_every: int = 50
@@ -217,8 +219,12 @@ class Trainer:
         eval_docs: Sequence[Document],
         out_dir: Path,
         extra_meta: dict | None = None,
+        prepare: Callable[[Document], None] | None = None,
     ) -> None:
+        """prepare(doc), when given, fills a document's cached parts (its frozen lower stack) when it is
+        opened; they are dropped again once it has been read, so only one document's stay in memory."""
         self.model, self.config = model, config
+        self.prepare = prepare
         self.docs, self.eval_docs = list(docs), list(eval_docs)
         self.out_dir = Path(out_dir)
         self.extra_meta = extra_meta or {}
@@ -235,7 +241,11 @@ class Trainer:
         self.tokens_trained = 0
         self.elapsed = 0.0
         self.docpass: DocumentPass | None = None
-        if config.use_memory and any(d.chunk_emb is None for d in [*self.docs, *self.eval_docs]):
+        if (
+            prepare is None
+            and config.use_memory
+            and any(d.chunk_emb is None for d in [*self.docs, *self.eval_docs])
+        ):
             raise InvalidArgument("docs", "training with memory needs chunk embeddings for every document")
         if config.kd_weight and any(d.teacher is None for d in self.docs):
             raise InvalidArgument("docs", "distillation needs the teacher's top-k for every document")
@@ -247,12 +257,17 @@ class Trainer:
         if step < c.warmup_steps:
             return c.lr * (step + 1) / c.warmup_steps
         t = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+        if c.max_minutes:  # a time budget can end the run before max_steps: the schedule ends with it
+            t = max(t, min(1.0, self.elapsed / (c.max_minutes * 60)))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    def _pass(self, doc: Document, max_tokens: int) -> DocumentPass:
+    def _pass(self, doc: Document, max_tokens: int, use_memory: bool | None = None) -> DocumentPass:
+        if self.prepare is not None:
+            self.prepare(doc)
+        use_memory = self.config.use_memory if use_memory is None else use_memory
         tokens = doc.tokens[: max_tokens or None]
         c = self.model.config.chunk
-        emb = doc.chunk_emb[: len(tokens) // c] if self.config.use_memory else None
+        emb = doc.chunk_emb[: len(tokens) // c] if use_memory else None
         frozen = None if doc.frozen is None else doc.frozen.truncated(len(tokens), c)
         return DocumentPass(self.model, tokens, emb, self.config.block_chunks, frozen)
 
@@ -269,6 +284,9 @@ class Trainer:
             nxt = next(self.docpass.blocks(), None)
             if nxt is not None:
                 return nxt
+            if self.prepare is not None:  # read back from the cache when it comes round again
+                done = self.docs[self.doc_index]
+                done.frozen = done.chunk_emb = None
             self.docpass, self.doc_index = None, self.doc_index + 1
 
     def _autocast(self):
@@ -325,16 +343,17 @@ class Trainer:
         return rec
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, use_memory: bool | None = None) -> dict:
         """Mean next-token loss on the first `eval_tokens` of each evaluation document, counted from the
-        first token that can have memory (after local_window + chunk tokens), same tokens either way."""
+        first token that can have memory (after local_window + chunk tokens), same tokens either way.
+        use_memory=False reads without memory (sliding window) whatever the run trains."""
         cfg = self.model.config
         start = cfg.local_window + cfg.chunk
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
         for doc in self.eval_docs:
-            dp = self._pass(doc, self.config.eval_tokens)
+            dp = self._pass(doc, self.config.eval_tokens, use_memory)
             for p, s in dp.blocks():
                 with self._autocast() if self.config.bf16 else contextlib.nullcontext():
                     hidden, targets = dp.forward(p, s)
@@ -345,14 +364,23 @@ class Trainer:
                 count += int(keep.sum())
         self.model.train(was_training)
         loss = total / max(1, count)
-        return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(loss), "eval_tokens": count}
+        name = "eval" if use_memory in (None, self.config.use_memory) else "eval_sliding"
+        return {
+            "step": self.step,
+            "tokens_trained": self.tokens_trained,
+            f"{name}_loss": loss,
+            f"{name}_ppl": math.exp(loss),
+            "eval_tokens": count,
+        }
 
     def run(self, progress: bool = True) -> dict:
         """Train to max_steps, the time limit or the end of the data; returns the last evaluation."""
         c = self.config
-        deadline = time.monotonic() + c.max_minutes * 60 if c.max_minutes else math.inf
+        budget = c.max_minutes * 60 if c.max_minutes else math.inf
         if self.step == 0 and c.eval_at_start:
             self._log(self.evaluate())
+            if c.use_memory:  # the base model without memory, on the same tokens: sliding
+                self._log(self.evaluate(use_memory=False))
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not progress, desc="train", unit="step")
         last_eval: dict = {}
         stop = "max_steps"
@@ -369,7 +397,7 @@ class Trainer:
                 self._log(last_eval)
             if self.step % c.save_every == 0:
                 self.save_checkpoint()
-            if time.monotonic() > deadline:
+            if self.elapsed >= budget:
                 stop = "time"
                 break
         bar.close()

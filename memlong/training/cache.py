@@ -76,6 +76,7 @@ def build_frozen(model: MemLongModel, tokens: Sequence[int], embed: Embed, token
     if cfg.layout != "paper":
         raise InvalidArgument("layout", "the frozen lower stack exists in the paper layout only")
     c, n = cfg.chunk, len(tokens)
+    device = model.base.embed_tokens.weight.device
     ids = torch.tensor(list(tokens), dtype=torch.long)
     stream = model.new_stream()
     hidden = torch.zeros(n, model.hf.config.hidden_size)
@@ -87,11 +88,11 @@ def build_frozen(model: MemLongModel, tokens: Sequence[int], embed: Embed, token
     )
     try:
         for p in range(0, n, c):  # chunk-sized blocks: positions as the Reader's (model.py)
-            out = model.forward_block(ids[p : p + c][None], stream, lower_only=True)
+            out = model.forward_block(ids[p : p + c][None].to(device), stream, lower_only=True)
             s = out.mem_k.shape[3]
-            hidden[p : p + s] = seen.pop()[0].float()
-            kv[0, :, p : p + s] = out.mem_k[0, 0].to(kv.dtype)
-            kv[1, :, p : p + s] = out.mem_v[0, 0].to(kv.dtype)
+            hidden[p : p + s] = seen.pop()[0].float().cpu()
+            kv[0, :, p : p + s] = out.mem_k[0, 0].to(kv.dtype).cpu()
+            kv[1, :, p : p + s] = out.mem_v[0, 0].to(kv.dtype).cpu()
     finally:
         hook.remove()
     texts = chunk_texts(tokenizer, tokens, c)

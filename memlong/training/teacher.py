@@ -72,12 +72,13 @@ class _TopKRecorder:
         self.idx.append(top.indices)
 
     def result(self, n: int) -> TopK:
-        return TopK(torch.cat(self.idx)[:n], torch.cat(self.logp)[:n])
+        return TopK(torch.cat(self.idx)[:n].cpu(), torch.cat(self.logp)[:n].cpu())
 
 
 @torch.no_grad()
 def per_layer_teacher(model: MemLongModel, retriever, tokenizer, tokens: Sequence[int], k: int) -> TopK:
-    """Top-k of the base model reading `tokens` with per-layer memory, as `Reader.score` does."""
+    """Top-k of the base model reading `tokens` with per-layer memory, as `Reader.score` does (the chunk
+    loop runs on the CPU)."""
     from memlong.chunkloop import Reader
     from memlong.dtypes import record_bytes
     from memlong.memory import MemoryConfig, SessionMemory
@@ -104,8 +105,9 @@ def full_teacher(model: MemLongModel, tokens: Sequence[int], k: int, piece: int 
     """Top-k of the base model under plain causal attention over all of `tokens`."""
     from memlong.eval.common import stock_attention
 
+    ids = torch.tensor([list(tokens)], device=model.base.embed_tokens.weight.device)
     with stock_attention(model):
-        hidden = model.base(torch.tensor([list(tokens)])).last_hidden_state[0, :-1]  # (N-1, hidden)
+        hidden = model.base(ids).last_hidden_state[0, :-1]  # (N-1, hidden)
     recorder = _TopKRecorder(k)
     for i in range(0, hidden.shape[0], piece):  # (N, V) logits at once would be GBs for long documents
         recorder(None, None, model.logits(hidden[i : i + piece]))

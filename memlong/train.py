@@ -230,6 +230,7 @@ class Trainer:
         self.extra_meta = extra_meta or {}
         self.spec = AdapterSpec.for_model(model, config.lora_r, config.lora_alpha, config.mem_layer_qo)
         model.to(config.device)
+        torch.manual_seed(config.seed)  # LoRA's initialisation: the same in every run of one seed
         self.params = attach_lora(model, self.spec)
         model.to(config.device)  # the LoRA modules were created on the CPU
         model.train()

@@ -122,12 +122,14 @@ def test_loss_decreases_on_repeated_text(tmp_path):
     model = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2)
     pattern = _tokens(12, 5)
     docs = _docs(model, pattern * 20, pattern * 20)
-    trainer = _trainer(model, tmp_path, docs, lr=5e-2, max_steps=50, eval_tokens=96)
+    # 100 steps: the LoRA initialisation is seeded (TrainConfig.seed); 50 steps gained 0.14-0.25 over
+    # seeds 0-3, 100 steps 0.32 at seed 0.
+    trainer = _trainer(model, tmp_path, docs, lr=5e-2, max_steps=100, eval_tokens=96)
     before = trainer.evaluate()["eval_loss"]
     after = trainer.run(progress=False)["eval_loss"]
     assert after < before - 0.25, (before, after)  # frozen tiny random embeddings: slow but steady
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) >= 50 and (tmp_path / "LATEST").is_file()
+    assert len(lines) >= 100 and (tmp_path / "LATEST").is_file()
 
 
 def test_load_adapter_refuses_other_settings_and_other_base(tmp_path):

@@ -440,7 +440,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(tmp, self.model, self.spec, self.adapter_meta())
         opt = self.opt.state_dict()
-        tensors = {f"{i}.{k}": v.contiguous() for i, st in opt["state"].items() for k, v in st.items()}
+        tensors = {f"{i}.{k}": v.cpu().contiguous() for i, st in opt["state"].items() for k, v in st.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         if self.docpass is not None:
             save_file(self.docpass.state(), str(tmp / "stream.safetensors"))

@@ -226,6 +226,8 @@ def cmd_train_run(args: argparse.Namespace) -> int:
                 doc.chunk_emb = doc.frozen.emb.numpy()
 
     if tcfg.kd_weight:  # teacher targets come from the base weights: all of them before LoRA is attached
+        if st["teacher"] == "full":  # one plain forward per document: on the run's device
+            stack.model.to(tcfg.device)
         teacher = TeacherCache(
             stack.model,
             stack.retriever,

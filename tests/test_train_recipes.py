@@ -83,3 +83,18 @@ def test_documents_cached_as_they_open_resume_and_carry_a_card(tmp_path):
     assert len(evals) >= 3 and f"{evals[-1]['eval_loss']:.4f}" in card
     assert "no memory (sliding), base" in card and f"{straight.tokens_trained:,}" in card
     assert (tmp_path / "a" / "adapter" / "metrics.jsonl").is_file()
+
+
+def test_bf16_autocast_trains_close_to_float32(tmp_path):
+    """The gpu recipe's bf16 path, exercised on the CPU (the device itself is not available here)."""
+    toks = _tokens(60, 11)
+    losses = {}
+    for bf16 in (False, True):
+        model = tiny_memlong(layout="paper", chunk=4, window=8, top_k=2)
+        frozen = FrozenCache(model, RecordingRetriever().embed, TinyTokenizer(), None, "recording").get(toks)
+        cfg = TrainConfig(warmup_steps=1, lr=1e-2, accum_blocks=2, bf16=bf16)
+        trainer = Trainer(model, cfg, [Document("d", toks, frozen=frozen)], [], tmp_path / str(bf16))
+        losses[bf16] = [trainer.train_step()["loss"] for _ in range(6)]  # reads memory from step 3
+        trainer.save_checkpoint()
+    for a, b in zip(losses[False], losses[True], strict=True):
+        assert abs(a - b) < 0.05, (losses[False], losses[True])

@@ -83,7 +83,7 @@ def base_identity(model: MemLongModel) -> dict:
     h = hashlib.sha256()
     base = model.base
     for t in (base.embed_tokens.weight, _base_linear(base.layers[model.config.mem_layer].self_attn.k_proj)):
-        h.update(t.detach().float().contiguous().numpy().tobytes())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     cfg = model.hf.config
     return {
         "architecture": type(model.hf).__name__,
@@ -134,7 +134,7 @@ def trainable_parameters(
 
 
 def adapter_tensors(model: MemLongModel, spec: AdapterSpec) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone().contiguous() for name, p in trainable_parameters(model, spec)}
+    return {name: p.detach().cpu().clone().contiguous() for name, p in trainable_parameters(model, spec)}
 
 
 def save_adapter(path: Path, model: MemLongModel, spec: AdapterSpec, extra: dict | None = None) -> None:

@@ -112,7 +112,8 @@ class DocumentPass:
         n_stored = max(0, (p - cfg.local_window) // cfg.chunk)
         if self.emb is None or n_stored == 0:
             return []
-        scores = (self.emb[:n_stored] @ self.emb[p // cfg.chunk - 1]).numpy()  # (n_stored,)
+        with torch.autocast("cpu", enabled=False):  # float32 as memory searches, under a bf16 forward too
+            scores = (self.emb[:n_stored] @ self.emb[p // cfg.chunk - 1]).numpy()  # (n_stored,)
         order = np.lexsort((np.arange(n_stored), -scores))  # best first, older first on ties
         return sorted(order[: cfg.top_k].tolist())
 

@@ -36,17 +36,18 @@ BASE: dict[str, object] = {
 }
 PRESETS: dict[str, dict[str, object]] = {
     # A background run in a 3-hour session on one CPU core (bench/results/train_speed.md: about 70 tok/s
-    # of steps with the lower stack cached, less when the core is shared): 140 minutes of steps (the
-    # learning-rate schedule ends with them), evaluations and document caching on top; a checkpoint
-    # every 5 steps (5k tokens), so a stopped session resumes where it was (`--out` again).
+    # of steps with the lower stack cached): 130 minutes of steps (about 550k tokens; the learning-rate
+    # schedule ends with them), document caching inside them; about 2 minutes per evaluation of two
+    # held-out plays on top (11 of them); a checkpoint every 5 steps (5k tokens), so a stopped session
+    # resumes where it was (`--out` again).
     "cpu": {
         "threads": 1,
         "max_steps": 600,
-        "max_minutes": 140.0,
+        "max_minutes": 130.0,
         "accum_blocks": 8,
         "warmup_steps": 10,
         "epochs": 2,
-        "eval_every": 40,
+        "eval_every": 60,
         "eval_tokens": 4096,
         "eval_docs": 2,
         "save_every": 5,

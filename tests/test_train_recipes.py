@@ -22,7 +22,7 @@ def test_presets_fill_unset_flags_and_flags_win():
 
     parser = build_parser()
     cpu = resolve_settings(parser.parse_args(["train", "run", "--out", "r", "--preset", "cpu"]))
-    assert cpu["threads"] == 1 and cpu["max_minutes"] == 140.0 and cpu["device"] == "cpu"
+    assert cpu["threads"] == 1 and cpu["max_minutes"] == 130.0 and cpu["device"] == "cpu"
     gpu = resolve_settings(
         parser.parse_args(["train", "run", "--out", "r", "--preset", "gpu", "--lr", "3e-4"])
     )

@@ -21,7 +21,7 @@ COPY services ./services
 COPY proto ./proto
 # Checked from / so the installed package is imported, not /src: code, generated stubs and the
 # package data (the shipped adapters, the ICL data).
-RUN pip install . && cd / && python -c "import memlong.retmem.v1.retmem_pb2, services.retmem.server; \
+RUN pip install . && cd / && python -c "import memlong.api.retmem.v1.retmem_pb2, memlong.services.retmem.server; \
 from memlong.packages import ADAPTERS_DIR as a, ICL_DATA_DIR as i; \
 assert (a / 'smollm2-135m-memlong' / 'adapter.safetensors').is_file() and (i / 'subj').is_dir(), (a, i)"
 

@@ -26,8 +26,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.common.tensor import checksum  # noqa: E402
-from services.retmem.kvfiles import KVFiles  # noqa: E402
+from memlong.services.common.tensor import checksum  # noqa: E402
+from memlong.services.retmem.kvfiles import KVFiles  # noqa: E402
 
 RECORD = 30 * 2 * 3 * 128 * 64 * 2
 

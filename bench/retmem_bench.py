@@ -28,8 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.retmem.client import RetMemClient  # noqa: E402
-from services.retmem.store import LocalStore, SessionSpec  # noqa: E402
+from memlong.services.retmem.client import RetMemClient  # noqa: E402
+from memlong.services.retmem.store import LocalStore, SessionSpec  # noqa: E402
 
 SPEC_KW = dict(dim=384, kv_shape=(2, 3, 128, 64), kv_dtype="bfloat16")
 SIZES = {"32k": 250, "256k": 2000, "1M": 8000}  # tokens -> chunks of 128
@@ -52,7 +52,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "services.retmem",
+            "memlong.services.retmem",
             "serve",
             "--port",
             "0",
@@ -157,9 +157,9 @@ def searcher(store, sid: str, dim: int, seed: int, streamed: bool = False):
 
 def search_streamed(client: RetMemClient, sid: str, q: np.ndarray):
     """The same call through the server-streaming Search RPC (one message per row), for comparison."""
-    from memlong.retmem.v1 import retmem_pb2 as pb
-    from services.common import tensor
-    from services.retmem.client import _Rows
+    from memlong.api.retmem.v1 import retmem_pb2 as pb
+    from memlong.services.common import tensor
+    from memlong.services.retmem.client import _Rows
 
     spec = client.spec(sid)
     rows = _Rows(spec, len(q), TOP_K)
@@ -177,7 +177,7 @@ def echo_server() -> int:
     Unary and Stream reply REPLY_BYTES, Small replies 1 byte. Prints ECHO_PORT=<port>."""
     import grpc
 
-    from services.common.server import ServerOptions, Service, create_server
+    from memlong.services.common.server import ServerOptions, Service, create_server
 
     payload = np.random.default_rng(0).integers(0, 256, REPLY_BYTES, np.uint8).tobytes()
 

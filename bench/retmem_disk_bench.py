@@ -63,8 +63,8 @@ def disk_sync_bandwidth(directory: Path, total: int = 256 << 20, block: int = 8 
 
 def child(tokens: int, iters: int, data_dir: Path, extra: dict) -> dict:
     """One size: fill, search, reopen; returns the figures (runs in its own process)."""
-    from services.retmem.shard import Shard
-    from services.retmem.store import SessionSpec
+    from memlong.services.retmem.shard import Shard
+    from memlong.services.retmem.store import SessionSpec
 
     n_chunks = tokens // 128
     spec = SessionSpec(dim=DIM, kv_shape=KV_SHAPE, kv_dtype="bfloat16", memory_size=n_chunks, **extra)

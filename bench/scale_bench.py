@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from memlong.rpc.channel import close_channels  # noqa: E402
-from services.retmem.client import RetMemClient  # noqa: E402
-from services.retmem.store import SessionSpec  # noqa: E402
+from memlong.services.retmem.client import RetMemClient  # noqa: E402
+from memlong.services.retmem.store import SessionSpec  # noqa: E402
 from tests.deploy.hosts import ShardCluster, netns_available  # noqa: E402
 from tests.retmem.conftest import wait_serving  # noqa: E402
 

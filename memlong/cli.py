@@ -15,9 +15,9 @@ from memlong.packages import ICL_DATA_DIR
 
 # Sub-command groups contributed by other modules: each exposes register(subparsers).
 PLUGINS = (
-    "services.retmem.cli",
-    "services.decoder.cli",
-    "services.gateway.cli",
+    "memlong.services.retmem.cli",
+    "memlong.services.decoder.cli",
+    "memlong.services.gateway.cli",
     "memlong.deploy.cli",
     "memlong.deploy.ray_app.cli",
     "memlong.client_cli",

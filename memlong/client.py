@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from memlong.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.gateway.v1 import gateway_pb2 as pb
+from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.errors import Unavailable
-from memlong.gateway.v1 import gateway_pb2 as pb
-from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.ids import check_session_id
 from memlong.rpc.channel import ChannelOptions, get_channel
 from memlong.rpc.status import raise_for_rpc_error
@@ -31,7 +31,9 @@ MEMORY_MODES = {
     "if_available": dpb.MEMORY_MODE_IF_AVAILABLE,
     "off": dpb.MEMORY_MODE_OFF,
 }
-_IDEMPOTENT = tuple(("memlong.gateway.v1.Gateway", m) for m in ("GetSession", "ListSessions", "Score"))
+GATEWAY_SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"].full_name  # the name on the wire
+# Gateway calls a client may retry on UNAVAILABLE (the HTTP front uses the same list).
+IDEMPOTENT = tuple((GATEWAY_SERVICE, m) for m in ("GetSession", "ListSessions", "Score"))
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Client:
     """A connection to a MemLong gateway, authenticated by an API key."""
 
     def __init__(self, address: str, api_key: str, timeout_s: float = 600.0) -> None:
-        options = ChannelOptions(idempotent_methods=_IDEMPOTENT)
+        options = ChannelOptions(idempotent_methods=IDEMPOTENT)
         self.stub = pb_grpc.GatewayStub(get_channel(address, options))
         self.metadata = (("x-api-key", api_key),)
         self.timeout_s = timeout_s

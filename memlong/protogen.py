@@ -3,8 +3,9 @@
     python -m memlong.protogen            # regenerate into the repository
     python -m memlong.protogen --out DIR  # generate elsewhere (the staleness test does this)
 
-The generated `*_pb2.py`, `*_pb2_grpc.py` and `*_pb2.pyi` files land next to the package tree
-(`memlong/<service>/v1/`) and are committed; a test regenerates them into a temporary directory and
+The generated `*_pb2.py`, `*_pb2_grpc.py` and `*_pb2.pyi` files land in `memlong/api/<service>/v1/`
+(from `proto/memlong/api/<service>/v1/`; the proto packages stay `memlong.<service>.v1`, so the names
+on the wire do not change) and are committed; a test regenerates them into a temporary directory and
 fails when the committed copies differ.
 """
 

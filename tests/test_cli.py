@@ -9,7 +9,7 @@ def test_building_the_command_line_and_the_gateway_config_does_not_import_torch(
     probe = (
         "import sys, memlong.cli as c; "
         "args = c.build_parser().parse_args(['gateway', 'serve', '--port', '0']); "
-        "import services.gateway.server; "
+        "import memlong.services.gateway.server; "
         "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
@@ -18,7 +18,7 @@ def test_building_the_command_line_and_the_gateway_config_does_not_import_torch(
 
 def test_the_adapter_flag_reaches_the_decoder_config():
     from memlong.cli import build_parser
-    from services.decoder.config import config_from_args
+    from memlong.services.decoder.config import config_from_args
 
     args = build_parser().parse_args(
         ["decoder", "serve", "--retmem", "s0=127.0.0.1:1", "--adapter", "runs/a"]
@@ -53,7 +53,7 @@ def test_one_default_for_the_memlong_settings_everywhere():
     from memlong.config import MemLongConfig
     from memlong.deploy.ray_app.cli import config_from_args as ray_config
     from memlong.flags import memlong_config
-    from services.decoder.config import DecoderConfig
+    from memlong.services.decoder.config import DecoderConfig
 
     assert MemLongConfig().memory_size == 1 << 20
     parser = build_parser()

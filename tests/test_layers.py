@@ -1,8 +1,9 @@
 """One direction of dependencies: core <- services <- deployment.
 
-The core library (`memlong`, its gRPC plumbing `memlong.rpc` and generated code included) never imports
-a service or the deployment; a service never imports the deployment. Checked on the source with `ast`,
-so an import inside a function counts too.
+The core library (`memlong`, its gRPC plumbing `memlong.rpc` and generated code `memlong.api` included)
+never imports a service or the deployment; a service never imports the deployment. The services live in
+the `services/` folder and install as `memlong.services` (pyproject's package-dir): nothing imports a
+top-level `services`. Checked on the source with `ast`, so an import inside a function counts too.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+SERVICES = ("memlong.services",)
 # Deployment: assembles and runs the services; may import anything.
 DEPLOYMENT = ("memlong.deploy", "memlong.cli", "memlong.client_cli", "memlong.demo")
-# Old names kept as aliases of moved modules while other work lands; the rename step deletes them.
-ALIASES: set[str] = set()  # old import paths kept as re-exports (none now)
 
 
 def module_name(path: Path) -> str:
+    """The installed name of the module at `path` (`services/x.py` installs as `memlong.services.x`)."""
     parts = path.relative_to(REPO).with_suffix("").parts
+    if parts[0] == "services":
+        parts = ("memlong", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -56,7 +59,7 @@ def test_the_core_imports_no_service_and_no_deployment() -> None:
         name = module_name(path)
         if within(name, DEPLOYMENT):
             continue
-        wrong = sorted(i for i in imports(path) if within(i, ("services", *DEPLOYMENT)))
+        wrong = sorted(i for i in imports(path) if within(i, (*SERVICES, *DEPLOYMENT)))
         if wrong:
             bad[name] = wrong
     assert not bad, f"core modules importing services or deployment: {bad}"
@@ -66,8 +69,6 @@ def test_services_import_no_deployment() -> None:
     bad = {}
     for path in sources("services"):
         name = module_name(path)
-        if name in ALIASES:
-            continue
         wrong = sorted(i for i in imports(path) if within(i, DEPLOYMENT))
         if wrong:
             bad[name] = wrong
@@ -77,7 +78,21 @@ def test_services_import_no_deployment() -> None:
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     """A function-level import of a service from a core module is caught (the walk is not vacuous)."""
     core = tmp_path / "probe.py"
-    core.write_text("def f():\n    from services.retmem import server\n    from .deploy import stack\n")
+    core.write_text(
+        "def f():\n    from memlong.services.retmem import server\n    from .deploy import stack\n"
+    )
     found = imports(core, "memlong.probe")
-    assert {"services.retmem", "memlong.deploy", "memlong.deploy.stack"} <= found
-    assert any(within(i, ("services", *DEPLOYMENT)) for i in found)
+    assert {"memlong.services.retmem", "memlong.deploy", "memlong.deploy.stack"} <= found
+    assert any(within(i, (*SERVICES, *DEPLOYMENT)) for i in found)
+
+
+def test_nothing_imports_a_top_level_services_package() -> None:
+    """`services` is not an installed name; importing it from a checkout would load every service module
+    a second time under another name."""
+    bad = {}
+    for top in ("memlong", "services", "tests", "bench"):
+        for path in sources(top):
+            wrong = sorted(i for i in imports(path, module_name(path)) if within(i, ("services",)))
+            if wrong:
+                bad[str(path.relative_to(REPO))] = wrong
+    assert not bad, bad

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from memlong.flags import add_model_args, memlong_config, set_threads
-from services.common.cli import say, stop_signal
-from services.httpapi.config import add_arguments as add_http_arguments
+from memlong.services.common.cli import say, stop_signal
+from memlong.services.httpapi.config import add_arguments as add_http_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

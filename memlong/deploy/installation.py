@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memlong.atomic import write_atomic
 from memlong.errors import InvalidArgument
-from services.gateway.config import load_key_file, parse_keys
+from memlong.services.gateway.config import load_key_file, parse_keys
 
 LOCAL_TENANT = "local"
 KEY_FILE = "api_keys.json"

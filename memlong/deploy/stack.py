@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING
 from memlong.model import MemLongConfig
 from memlong.rpc.internal import installation_token
 from memlong.rpc.tls import PLAINTEXT, TlsConfig, configured_internal_tls, process_tls
-from services.decoder.config import DecoderConfig
-from services.decoder.server import DecoderServer
-from services.gateway.config import GatewayConfig
-from services.gateway.server import GatewayServer
-from services.retmem.server import RetMemConfig, RetMemServer
+from memlong.services.decoder.config import DecoderConfig
+from memlong.services.decoder.server import DecoderServer
+from memlong.services.gateway.config import GatewayConfig
+from memlong.services.gateway.server import GatewayServer
+from memlong.services.retmem.server import RetMemConfig, RetMemServer
 
 from .installation import default_data_dir, key_hashes, local_api_key
 
 if TYPE_CHECKING:
-    from services.httpapi.server import HttpServer
-    from services.httpapi.template import ChatTemplate
+    from memlong.services.httpapi.server import HttpServer
+    from memlong.services.httpapi.template import ChatTemplate
 
 __all__ = [
     "EmbeddedStack",
@@ -252,9 +252,9 @@ class EmbeddedStack:
             started.append(gateway)
             http = None
             if http_port is not None:
-                from services.httpapi.config import HttpConfig, model_id_for
-                from services.httpapi.server import HttpServer
-                from services.httpapi.template import ChatTemplate
+                from memlong.services.httpapi.config import HttpConfig, model_id_for
+                from memlong.services.httpapi.server import HttpServer
+                from memlong.services.httpapi.template import ChatTemplate
 
                 if chat_template is None:
                     chat_template = ChatTemplate.from_tokenizer(decoder.engine.tokenizer)

@@ -19,7 +19,7 @@ try:  # ISA-L computes the same CRC-32 (zlib polynomial) ~40x faster: 0.01 ms vs
 except ImportError:  # pragma: no cover - the wire format is identical either way
     _crc32 = zlib.crc32
 
-from memlong.common.v1 import tensor_pb2
+from memlong.api.common.v1 import tensor_pb2
 from memlong.errors import InvalidArgument, ResourceExhausted
 
 DType = tensor_pb2.DType

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from services.common.cli import say, stop_signal
+from memlong.services.common.cli import say, stop_signal
 
 from .config import add_arguments, config_from_args
 

@@ -13,7 +13,7 @@ from memlong.errors import InvalidArgument
 from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
 from memlong.rpc.internal import token_from_env
 from memlong.rpc.tls import TlsConfig
-from services.retmem.routing import parse_addresses
+from memlong.services.retmem.routing import parse_addresses
 
 ENV_PREFIX = "MEMLONG_DECODER_"
 

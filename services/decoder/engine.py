@@ -43,8 +43,8 @@ from memlong.errors import (
 )
 from memlong.model import MemLongModel
 from memlong.rpc.channel import Deadline
-from services.retmem.client import RetMemClient
-from services.retmem.store import SessionSpec
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.store import SessionSpec
 
 from .port import CallCancelled, SessionPort
 

@@ -26,7 +26,7 @@ from memlong.errors import DeadlineExceeded, MemLongError, Unavailable, shown
 from memlong.memory import PendingChunks, SearchResult
 from memlong.rpc import tracing
 from memlong.rpc.channel import Deadline
-from services.retmem.client import RetMemClient
+from memlong.services.retmem.client import RetMemClient
 
 
 class CallCancelled(Exception):

@@ -13,17 +13,17 @@ from collections.abc import Iterator
 
 import grpc
 
+from memlong.api.decoder.v1 import decoder_pb2 as pb
+from memlong.api.decoder.v1 import decoder_pb2_grpc as pb_grpc
 from memlong.chunkloop import SamplingParams
 from memlong.config import RETRIEVAL_SOURCES
-from memlong.decoder.v1 import decoder_pb2 as pb
-from memlong.decoder.v1 import decoder_pb2_grpc as pb_grpc
 from memlong.errors import InvalidArgument, shown
 from memlong.ids import check_session_id
 from memlong.model import MemLongModel
 from memlong.rpc.channel import Deadline
 from memlong.rpc.status import grpc_errors
-from services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
-from services.retmem.client import RetMemClient
+from memlong.services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
+from memlong.services.retmem.client import RetMemClient
 
 from .config import DecoderConfig
 from .engine import MEMORY_IF_AVAILABLE, MEMORY_OFF, MEMORY_REQUIRED, Call, DecoderEngine, MemoryReport

@@ -7,9 +7,9 @@ import logging
 import os
 
 from memlong.rpc.tls import process_tls
-from services.common.cli import say, stop_signal
-from services.httpapi.config import add_arguments as add_http_arguments
-from services.httpapi.config import config_from_args as http_config
+from memlong.services.common.cli import say, stop_signal
+from memlong.services.httpapi.config import add_arguments as add_http_arguments
+from memlong.services.httpapi.config import config_from_args as http_config
 
 from .config import add_arguments, config_from_args
 from .server import GatewayServer
@@ -39,8 +39,8 @@ def serve_command(args: argparse.Namespace) -> int:
     http = None
     hcfg = http_config(args, config.host, port, args.http_model, config.tls or process_tls())
     if hcfg is not None:
-        from services.httpapi.server import HttpServer
-        from services.httpapi.template import ChatTemplate
+        from memlong.services.httpapi.server import HttpServer
+        from memlong.services.httpapi.template import ChatTemplate
 
         http = HttpServer(hcfg, ChatTemplate.load(args.http_model))
         say(f"HTTP_PORT={http.start()}")

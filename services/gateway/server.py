@@ -17,9 +17,11 @@ from collections.abc import Iterator
 
 import grpc
 
+from memlong.api.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.decoder.v1 import decoder_pb2_grpc as dpb_grpc
+from memlong.api.gateway.v1 import gateway_pb2 as pb
+from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.config import RETRIEVAL_SOURCES, retrieval_source
-from memlong.decoder.v1 import decoder_pb2 as dpb
-from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
 from memlong.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -29,14 +31,12 @@ from memlong.errors import (
     Unavailable,
     shown,
 )
-from memlong.gateway.v1 import gateway_pb2 as pb
-from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.rpc.channel import ChannelOptions, Deadline, get_channel
 from memlong.rpc.status import raise_for_rpc_error
-from services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
-from services.retmem.client import RetMemClient
-from services.retmem.routing import Ring
-from services.retmem.store import SessionSpec
+from memlong.services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.routing import Ring
+from memlong.services.retmem.store import SessionSpec
 
 from .config import GatewayConfig
 from .interceptors import AuthInterceptor, DeadlineInterceptor, StatusInterceptor, current

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from memlong.gateway.v1 import gateway_pb2 as pb
+from memlong.api.gateway.v1 import gateway_pb2 as pb
 
 from . import shapes
 from .config import HttpConfig

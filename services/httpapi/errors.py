@@ -18,7 +18,7 @@ import grpc
 
 from memlong.errors import MemLongError, TooLarge
 from memlong.rpc.status import status_for
-from services.gateway.interceptors import REASON_KEY
+from memlong.services.gateway.interceptors import REASON_KEY
 
 HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,

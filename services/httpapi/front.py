@@ -13,9 +13,9 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from memlong.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.gateway.v1 import gateway_pb2 as pb
 from memlong.errors import shown
-from memlong.gateway.v1 import gateway_pb2 as pb
 from memlong.rpc.channel import Deadline
 
 from . import shapes

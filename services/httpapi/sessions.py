@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Request
 
-from memlong.gateway.v1 import gateway_pb2 as pb
+from memlong.api.gateway.v1 import gateway_pb2 as pb
 
 from . import shapes
 from .errors import ApiError

@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from memlong.decoder.v1 import decoder_pb2 as dpb
-from memlong.gateway.v1 import gateway_pb2 as pb
+from memlong.api.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.gateway.v1 import gateway_pb2 as pb
 
 
 class TextOut:

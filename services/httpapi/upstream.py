@@ -14,16 +14,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from memlong.client import GATEWAY_SERVICE, IDEMPOTENT
 from memlong.errors import MemLongError
-from memlong.gateway.v1 import gateway_pb2 as pb
-from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelOptions, Deadline, get_channel
 from memlong.rpc.tls import TlsConfig
 
 from .errors import ApiError, from_exception, from_rpc_error
-
-GATEWAY_SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
-_IDEMPOTENT = tuple((GATEWAY_SERVICE, m) for m in ("GetSession", "ListSessions", "Score"))
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ class Upstream:
     def __init__(
         self, address: str, tls: TlsConfig | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     ) -> None:
-        options = ChannelOptions(max_message_bytes=max_message_bytes, idempotent_methods=_IDEMPOTENT, tls=tls)
+        options = ChannelOptions(max_message_bytes=max_message_bytes, idempotent_methods=IDEMPOTENT, tls=tls)
         channel = get_channel(address, options)
         self.stub = pb_grpc.GatewayStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)

@@ -1,4 +1,4 @@
-"""`python -m services.retmem serve --port 0 --data-dir D` (same as `memlong retmem serve`)."""
+"""`python -m memlong.services.retmem serve --port 0 --data-dir D` (same as `memlong retmem serve`)."""
 
 import sys
 

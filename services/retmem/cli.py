@@ -1,4 +1,4 @@
-"""`memlong retmem serve ...` (and `python -m services.retmem serve ...`).
+"""`memlong retmem serve ...` (and `python -m memlong.services.retmem serve ...`).
 
 Prints `RETMEM_PORT=<port>` on stdout once listening (useful with --port 0), recovers, serves until
 SIGTERM or SIGINT, then stops gracefully (health first, in-flight calls finish).
@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from memlong.rpc.internal import token_from_env
-from services.common.cli import run, say, stop_signal
+from memlong.services.common.cli import run, say, stop_signal
 
 from .routing import parse_addresses
 from .server import RetMemConfig, RetMemServer

@@ -13,14 +13,14 @@ from typing import Any
 import grpc
 import numpy as np
 
+from memlong.api.retmem.v1 import retmem_pb2 as pb
+from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.errors import InvalidArgument
 from memlong.memory import SearchResult
-from memlong.retmem.v1 import retmem_pb2 as pb
-from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelOptions, Deadline, get_channel
 from memlong.rpc.status import raise_for_rpc_error
 from memlong.rpc.tls import TlsConfig
-from services.common import tensor
+from memlong.services.common import tensor
 
 from . import wire
 from .routing import Ring

@@ -38,7 +38,7 @@ import numpy as np
 
 from memlong.atomic import fsync_dir
 from memlong.errors import DataLoss
-from services.common.tensor import checksum
+from memlong.services.common.tensor import checksum
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,15 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
+from memlong.api.retmem.v1 import retmem_pb2 as pb
+from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from memlong.memory import SearchResult
-from memlong.retmem.v1 import retmem_pb2 as pb
-from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.rpc import metrics
 from memlong.rpc.status import grpc_errors
 from memlong.rpc.tls import TlsConfig
-from services.common import tensor
-from services.common.server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions, Service, ServiceProcess
+from memlong.services.common import tensor
+from memlong.services.common.server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions, Service, ServiceProcess
 
 from . import wire
 from .routing import Placement
@@ -80,7 +80,7 @@ class RetMemConfig:
 
 
 class RetMemServicer(pb_grpc.RetMemServicer):
-    """Thin: wire -> shard -> wire. Validation of bytes happens in services.common.tensor."""
+    """Thin: wire -> shard -> wire. Validation of bytes happens in memlong.services.common.tensor."""
 
     def __init__(
         self,

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from memlong.api.retmem.v1 import retmem_pb2 as pb
 from memlong.errors import InvalidArgument
 from memlong.memory import MAX_ACCEPTED_RUNS, SearchResult
-from memlong.retmem.v1 import retmem_pb2 as pb
-from services.common import tensor
+from memlong.services.common import tensor
 
 from .store import SessionSpec
 

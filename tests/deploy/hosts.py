@@ -78,7 +78,7 @@ class ShardHost:
     def start(self, ring: str) -> None:
         """Start the shard process; returns once it listens (health may still be NOT_SERVING)."""
         cmd = [
-            sys.executable, "-m", "services.retmem", "serve",
+            sys.executable, "-m", "memlong.services.retmem", "serve",
             "--host", self.host, "--port", str(self.port),
             "--data-dir", str(self.data_dir), "--shards", self.name, "--all-shards", ring,
             "--drain-s", "0", *self.extra,

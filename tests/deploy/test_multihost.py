@@ -20,8 +20,8 @@ import pytest
 
 from memlong.errors import MemLongError, Unavailable
 from memlong.rpc.channel import close_channels
-from services.retmem.client import RetMemClient
-from services.retmem.routing import Ring
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.routing import Ring
 from tests.retmem.conftest import deterministic_chunk, tiny_spec, wait_serving
 from tests.retmem.test_durability import scan
 

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import tomllib
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Run by the unpacked wheel's interpreter path only: nothing may come from the checkout.
@@ -18,6 +20,8 @@ from pathlib import Path
 site = Path(sys.argv[1]).resolve()
 sys.path.insert(0, str(site))
 import memlong.packages, memlong.train
+import memlong.services.retmem.server, memlong.services.gateway.server, memlong.deploy.stack
+assert Path(memlong.services.retmem.server.__file__).resolve().is_relative_to(site)
 from memlong.eval.icl import ICLSettings, load_task
 assert Path(memlong.train.__file__).resolve().is_relative_to(site), memlong.train.__file__
 assert (memlong.train.DEFAULT_ADAPTER / "adapter.safetensors").is_file()
@@ -49,9 +53,22 @@ def test_an_installed_wheel_finds_the_shipped_adapters_and_icl_data(tmp_path: Pa
         for name in ("adapter.json", "adapter.safetensors"):
             assert f"memlong/adapters/{adapter}/{name}" in names
     assert "memlong/eval/icl_data/sst-2/dev.tsv.gz" in names
+    assert "memlong/services/retmem/server.py" in names
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"memlong"}
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     run = subprocess.run(
         [sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_the_package_list_covers_the_tree() -> None:
+    """pyproject lists the packages by hand (the services folder installs as `memlong.services`)."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    tree = set()
+    for top, installed in (("memlong", "memlong"), ("services", "memlong.services")):
+        for init in (REPO / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / top).parts
+            tree.add(".".join((installed, *rel)))
+    assert listed == tree

@@ -23,10 +23,11 @@ import openai  # noqa: E402
 from ray import serve  # noqa: E402
 
 from memlong.client import Client  # noqa: E402
+from memlong.deploy.ray_app.cli import PROXY_READY_ENV  # noqa: E402
 from memlong.errors import Unavailable  # noqa: E402
 from memlong.rpc.channel import close_channels  # noqa: E402
-from services.httpapi.config import DEFAULT_MODEL_ID  # noqa: E402
-from services.retmem.routing import Ring  # noqa: E402
+from memlong.services.httpapi.config import DEFAULT_MODEL_ID  # noqa: E402
+from memlong.services.retmem.routing import Ring  # noqa: E402
 from tests.retmem.conftest import wait_serving  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +60,7 @@ def free_base_port(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
+    os.environ.setdefault(*PROXY_READY_ENV)  # inherited by the raylet, so by the Serve controller
     ray.init(
         num_cpus=4,
         include_dashboard=False,

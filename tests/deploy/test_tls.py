@@ -20,10 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memlong import errors
 from memlong.rpc import tls as tls_mod
 from memlong.rpc.channel import ChannelOptions, close_channels, get_channel
-from services.common.server import ServerWithHealthPort
-from services.retmem.client import RetMemClient
-from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
-from services.retmem.store import SessionSpec
+from memlong.services.common.server import ServerWithHealthPort
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+from memlong.services.retmem.store import SessionSpec
 
 from .certs import Pki
 
@@ -206,10 +206,10 @@ def test_embedded_stack_public_tls_without_client_certs_internal_mtls(tmp_path: 
     """`memlong up` with mTLS required inside: a TLS client without a certificate uses the gateway
     (through gateway -> decoder -> ret-mem over mTLS), and no internal port takes a caller without the
     internal CA's client certificate, even one that holds the installation secret."""
+    from memlong.api.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+    from memlong.api.retmem.v1 import retmem_pb2, retmem_pb2_grpc
     from memlong.client import Client
-    from memlong.decoder.v1 import decoder_pb2, decoder_pb2_grpc
     from memlong.deploy.stack import EmbeddedStack
-    from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
     from tests.factories import RecordingRetriever
     from tests.serving.conftest import ByteTokenizer, tiny_model
 

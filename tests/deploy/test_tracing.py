@@ -136,8 +136,8 @@ def test_trace_context_crosses_a_client_to_retmem_hop(telemetry, tmp_path: Path)
     """The same link on the smallest hop: a client span and its ret-mem server span share a trace."""
     import numpy as np
 
-    from services.retmem.client import RetMemClient
-    from services.retmem.server import RetMemConfig, RetMemServer
+    from memlong.services.retmem.client import RetMemClient
+    from memlong.services.retmem.server import RetMemConfig, RetMemServer
     from tests.retmem.conftest import chunks, tiny_spec
 
     exporter, _ = telemetry

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.retmem.client import RetMemClient
-from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
-from services.retmem.store import SessionSpec
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+from memlong.services.retmem.store import SessionSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -84,13 +84,13 @@ def client(server: RetMemServer) -> RetMemClient:
 
 
 class ServerProcess:
-    """`python -m services.retmem serve` in a subprocess, on port 0."""
+    """`python -m memlong.services.retmem serve` in a subprocess, on port 0."""
 
     def __init__(self, data_dir: Path, shards: str = "shard0", fsync: str = "grouped", *extra: str) -> None:
         cmd = [
             sys.executable,
             "-m",
-            "services.retmem",
+            "memlong.services.retmem",
             "serve",
             "--port",
             "0",

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from memlong.errors import MemLongError
-from services.retmem.client import RetMemClient
+from memlong.services.retmem.client import RetMemClient
 
 from .conftest import ServerProcess, deterministic_chunk, tiny_spec
 from .test_durability import scan

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from memlong.errors import InvalidArgument
-from services.retmem.client import RetMemClient
-from services.retmem.store import SessionSpec
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.store import SessionSpec
 
 from .conftest import chunks
 

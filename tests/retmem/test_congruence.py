@@ -11,8 +11,8 @@ import pytest
 
 from memlong import errors
 from memlong.memory import MemoryBank
-from services.retmem.client import RetMemClient
-from services.retmem.server import RetMemConfig, RetMemServer
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.server import RetMemConfig, RetMemServer
 
 from .conftest import chunks, tiny_spec
 

@@ -11,9 +11,9 @@ import pytest
 
 from memlong.errors import MemLongError, NotFound
 from memlong.memory import SessionMemory
-from services.retmem import wal
-from services.retmem.client import RetMemClient
-from services.retmem.shard import Shard
+from memlong.services.retmem import wal
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.shard import Shard
 
 from .conftest import ServerProcess, chunks, deterministic_chunk, tiny_spec
 

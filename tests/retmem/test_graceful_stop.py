@@ -18,12 +18,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memlong import errors
-from memlong.retmem.v1 import retmem_pb2 as pb
-from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
-from services.common import tensor
-from services.retmem.client import RetMemClient
-from services.retmem.server import SERVICE_NAME
-from services.retmem.store import SessionSpec
+from memlong.api.retmem.v1 import retmem_pb2 as pb
+from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
+from memlong.services.common import tensor
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.server import SERVICE_NAME
+from memlong.services.retmem.store import SessionSpec
 
 from .conftest import ServerProcess, chunks
 

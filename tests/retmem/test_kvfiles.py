@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from memlong.errors import AlreadyExists, DataLoss
-from services.retmem.kvfiles import REF_BYTES
-from services.retmem.shard import Shard
-from services.retmem.store import SessionSpec
+from memlong.services.retmem.kvfiles import REF_BYTES
+from memlong.services.retmem.shard import Shard
+from memlong.services.retmem.store import SessionSpec
 
 from .conftest import chunks, tiny_spec
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memlong.api.retmem.v1 import retmem_pb2, retmem_pb2_grpc
 from memlong.errors import DataLoss
-from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
-from services.retmem import snapshot
-from services.retmem.server import INTEGRITY_NAME, SERVICE_NAME, RetMemConfig, RetMemServer
-from services.retmem.shard import Shard
+from memlong.services.retmem import snapshot
+from memlong.services.retmem.server import INTEGRITY_NAME, SERVICE_NAME, RetMemConfig, RetMemServer
+from memlong.services.retmem.shard import Shard
 
 from .conftest import REPO, chunks, tiny_spec
 

@@ -12,16 +12,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memlong import errors
-from memlong.common.v1 import tensor_pb2
-from memlong.retmem.v1 import retmem_pb2 as pb
-from memlong.retmem.v1 import retmem_pb2_grpc as pb_grpc
-from services.common import tensor
-from services.retmem import wire
-from services.retmem.client import RetMemClient
-from services.retmem.routing import Ring
-from services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
-from services.retmem.shard import Shard
-from services.retmem.store import SessionSpec
+from memlong.api.common.v1 import tensor_pb2
+from memlong.api.retmem.v1 import retmem_pb2 as pb
+from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
+from memlong.services.common import tensor
+from memlong.services.retmem import wire
+from memlong.services.retmem.client import RetMemClient
+from memlong.services.retmem.routing import Ring
+from memlong.services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+from memlong.services.retmem.shard import Shard
+from memlong.services.retmem.store import SessionSpec
 
 from .conftest import chunks, tiny_spec
 
@@ -461,5 +461,5 @@ def test_reflection_answers_v1_and_v1alpha(server, package: str) -> None:
     names = {s.name for s in listed.list_services_response.service}
     assert {"memlong.retmem.v1.RetMem", "grpc.reflection.v1.ServerReflection"} <= names
     files = described.file_descriptor_response.file_descriptor_proto
-    assert any(b"memlong/retmem/v1/retmem.proto" in f for f in files)
+    assert any(b"memlong/api/retmem/v1/retmem.proto" in f for f in files)
     channel.close()

@@ -14,20 +14,20 @@ import grpc
 import pytest
 import torch
 
+from memlong.api.retmem.v1 import retmem_pb2_grpc
 from memlong.client import Client
 from memlong.model import MemLongConfig
-from memlong.retmem.v1 import retmem_pb2_grpc
 from memlong.rpc import metrics
 from memlong.rpc.channel import close_channels
-from services.common.server import ServerOptions, Service, create_server
-from services.decoder.config import DecoderConfig
-from services.decoder.server import DecoderServer
-from services.gateway.config import GatewayConfig, Quotas, parse_keys
-from services.gateway.server import GatewayServer
-from services.retmem.routing import Placement
-from services.retmem.server import SERVICE_NAME as RETMEM_SERVICE
-from services.retmem.server import RetMemServicer
-from services.retmem.shard import Shard
+from memlong.services.common.server import ServerOptions, Service, create_server
+from memlong.services.decoder.config import DecoderConfig
+from memlong.services.decoder.server import DecoderServer
+from memlong.services.gateway.config import GatewayConfig, Quotas, parse_keys
+from memlong.services.gateway.server import GatewayServer
+from memlong.services.retmem.routing import Placement
+from memlong.services.retmem.server import SERVICE_NAME as RETMEM_SERVICE
+from memlong.services.retmem.server import RetMemServicer
+from memlong.services.retmem.shard import Shard
 from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong
 
 torch.set_num_threads(1)
@@ -82,7 +82,7 @@ class CallLog:
                         if remaining is not None:
                             log.deadlines.append((server, method, before + remaining, after + remaining))
 
-                from services.gateway.interceptors import _around, _wrap
+                from memlong.services.gateway.interceptors import _around, _wrap
 
                 return _wrap(handler, _around(record))
 

@@ -10,10 +10,10 @@ import torch
 
 import memlong.loading as common
 from memlong.errors import InvalidArgument
+from memlong.services.decoder.config import DecoderConfig
+from memlong.services.decoder.server import DecoderServer
 from memlong.train import Document, TrainConfig, Trainer, embed_documents, load_adapter
 from memlong.weights import LoadedDecoder
-from services.decoder.config import DecoderConfig
-from services.decoder.server import DecoderServer
 from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong
 
 

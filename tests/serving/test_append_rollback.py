@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from memlong.errors import Unavailable
-from services.gateway.server import GatewayServer
+from memlong.services.gateway.server import GatewayServer
 from tests.factories import RecordingRetriever
 from tests.serving.conftest import start_stack
 

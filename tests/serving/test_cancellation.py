@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
+from memlong.api.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.gateway.v1 import gateway_pb2 as pb
+from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.chunkloop import Reader
-from memlong.decoder.v1 import decoder_pb2 as dpb
-from memlong.gateway.v1 import gateway_pb2 as pb
-from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.rpc.channel import get_channel
 
 MD = (("x-api-key", "key-a"),)

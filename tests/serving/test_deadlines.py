@@ -180,13 +180,13 @@ def test_a_budget_with_no_time_for_a_downstream_call_is_deadline_exceeded():
 def test_short_deadlines_are_deadline_exceeded_at_every_hop_not_unavailable(stack):
     """Under ~50 ms no downstream call fits: the answer is DEADLINE_EXCEEDED (not retried by clients),
     never UNAVAILABLE or the decoder's "ret-mem unreachable"."""
-    from memlong.decoder.v1 import decoder_pb2 as dpb
-    from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
+    from memlong.api.decoder.v1 import decoder_pb2 as dpb
+    from memlong.api.decoder.v1 import decoder_pb2_grpc as dpb_grpc
+    from memlong.api.gateway.v1 import gateway_pb2 as pb
+    from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
     from memlong.errors import DeadlineExceeded
-    from memlong.gateway.v1 import gateway_pb2 as pb
-    from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
     from memlong.rpc.channel import Deadline, get_channel
-    from services.decoder.engine import Call
+    from memlong.services.decoder.engine import Call
 
     client = stack.client(timeout_s=20)
     sid = client.create_session().session_id

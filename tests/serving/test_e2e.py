@@ -231,10 +231,10 @@ def test_a_session_written_by_another_memory_layout_is_refused(stack):
 
     import grpc
 
-    from memlong.decoder.v1 import decoder_pb2 as dpb
-    from memlong.decoder.v1 import decoder_pb2_grpc
+    from memlong.api.decoder.v1 import decoder_pb2 as dpb
+    from memlong.api.decoder.v1 import decoder_pb2_grpc
     from memlong.rpc.channel import Deadline
-    from services.decoder.engine import Call
+    from memlong.services.decoder.engine import Call
 
     engine = stack.decoder.engine
     spec = engine.session_spec()
@@ -255,7 +255,7 @@ def test_a_session_written_by_another_memory_layout_is_refused(stack):
 
 
 def test_streamed_text_holds_back_incomplete_utf8_so_the_pieces_add_up():
-    from services.decoder.engine import stream_delta
+    from memlong.services.decoder.engine import stream_delta
 
     out = "；スレス".encode()
     pieces, sent = [], ""
@@ -312,3 +312,16 @@ def test_each_session_keeps_the_retrieval_source_it_was_created_with(stack):
             client.score(sid, passage)
     finally:
         engine.cfg = saved
+
+
+def test_the_retry_lists_name_real_methods():
+    """A retry policy for a name the server does not have is silently never applied."""
+    from google.protobuf import descriptor_pool
+
+    from memlong.client import IDEMPOTENT
+    from memlong.services.retmem.client import IDEMPOTENT as RETMEM_IDEMPOTENT
+    from memlong.services.retmem.client import SERVICE_NAME as RETMEM_SERVICE
+
+    pool = descriptor_pool.Default()
+    for service, method in [*IDEMPOTENT, *((RETMEM_SERVICE, m) for m in RETMEM_IDEMPOTENT)]:
+        assert method in pool.FindServiceByName(service).methods_by_name, (service, method)

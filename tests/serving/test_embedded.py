@@ -79,7 +79,7 @@ def test_a_key_file_without_the_local_tenant_is_a_clear_error(tmp_path, capsys, 
     import pytest
 
     from memlong.errors import InvalidArgument
-    from services.decoder.server import DecoderServer
+    from memlong.services.decoder.server import DecoderServer
 
     key_file = tmp_path / "api_keys.json"
     key_file.write_text(json.dumps({"keys": {"k-1": "team-a"}}))
@@ -103,8 +103,8 @@ def test_the_embedded_internal_services_refuse_callers_without_the_installation_
     import pytest
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from memlong.decoder.v1 import decoder_pb2, decoder_pb2_grpc
-    from memlong.retmem.v1 import retmem_pb2, retmem_pb2_grpc
+    from memlong.api.decoder.v1 import decoder_pb2, decoder_pb2_grpc
+    from memlong.api.retmem.v1 import retmem_pb2, retmem_pb2_grpc
     from memlong.rpc.internal import HEADER
 
     model = tiny_model()

@@ -19,14 +19,14 @@ import grpc
 import openai
 import pytest
 
+from memlong.api.gateway.v1 import gateway_pb2 as pb
+from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.chunkloop import Reader
-from memlong.gateway.v1 import gateway_pb2 as pb
-from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.rpc.channel import get_channel
-from services.gateway.config import Quotas
-from services.httpapi.config import DEFAULT_MODEL_ID, HttpConfig
-from services.httpapi.server import HttpServer
-from services.httpapi.template import ChatTemplate
+from memlong.services.gateway.config import Quotas
+from memlong.services.httpapi.config import DEFAULT_MODEL_ID, HttpConfig
+from memlong.services.httpapi.server import HttpServer
+from memlong.services.httpapi.template import ChatTemplate
 
 from .conftest import Stack, start_stack
 from .test_cancellation import _Paced, _until
@@ -434,7 +434,7 @@ def test_gateway_serve_flags_build_the_front_config(tmp_path: Path) -> None:
     under TLS expects the name the gateway's certificate carries."""
     from memlong.cli import build_parser
     from memlong.rpc.tls import PLAINTEXT, TlsConfig
-    from services.httpapi.config import config_from_args
+    from memlong.services.httpapi.config import config_from_args
     from tests.deploy.certs import issue, make_ca
 
     args = build_parser().parse_args(["gateway", "serve", "--host", "0.0.0.0", "--port", "50051"])

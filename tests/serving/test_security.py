@@ -8,12 +8,12 @@ import itertools
 import grpc
 import pytest
 
-from memlong.decoder.v1 import decoder_pb2 as dpb
-from memlong.gateway.v1 import gateway_pb2 as pb
-from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from memlong.api.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.gateway.v1 import gateway_pb2 as pb
+from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.rpc.channel import get_channel
-from services.decoder.port import SessionPort
-from services.gateway.config import Quotas
+from memlong.services.decoder.port import SessionPort
+from memlong.services.gateway.config import Quotas
 from tests.serving.conftest import start_stack
 
 OK, DENIED, MISSING = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND

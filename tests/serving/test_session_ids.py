@@ -5,15 +5,15 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from memlong.decoder.v1 import decoder_pb2 as dpb
-from memlong.decoder.v1 import decoder_pb2_grpc as dpb_grpc
+from memlong.api.decoder.v1 import decoder_pb2 as dpb
+from memlong.api.decoder.v1 import decoder_pb2_grpc as dpb_grpc
+from memlong.api.gateway.v1 import gateway_pb2 as pb
+from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from memlong.api.retmem.v1 import retmem_pb2 as rpb
+from memlong.api.retmem.v1 import retmem_pb2_grpc as rpb_grpc
 from memlong.errors import InvalidArgument
-from memlong.gateway.v1 import gateway_pb2 as pb
-from memlong.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from memlong.retmem.v1 import retmem_pb2 as rpb
-from memlong.retmem.v1 import retmem_pb2_grpc as rpb_grpc
 from memlong.rpc.channel import get_channel
-from services.retmem.client import RetMemClient
+from memlong.services.retmem.client import RetMemClient
 
 BAD_IDS = ["..", "-rf", ".hidden", ":x", "a/b", "a" * 129, ""]
 

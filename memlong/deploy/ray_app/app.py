@@ -66,7 +66,7 @@ class RetMemShard(_Replica):
     """One ret-mem shard, its data on the node's disk."""
 
     def __init__(self, config_json: str, index: int) -> None:
-        from services.retmem.server import SERVICE_NAME
+        from memlong.services.retmem.server import SERVICE_NAME
 
         from ..stack import start_retmem
 
@@ -93,7 +93,7 @@ class DecoderReplica(_Replica):
 
     def __init__(self, config_json: str, index: int) -> None:
         from memlong.config import MemLongConfig
-        from services.decoder.server import SERVICE_NAME
+        from memlong.services.decoder.server import SERVICE_NAME
 
         from ..stack import start_decoder
 
@@ -122,7 +122,7 @@ class Gateway(_Replica):
     it). Holds handles to the other deployments."""
 
     def __init__(self, config_json: str, decoders: list[Any], shards: list[Any]) -> None:
-        from services.gateway.server import SERVICE_NAME
+        from memlong.services.gateway.server import SERVICE_NAME
 
         from ..installation import key_hashes
         from ..stack import start_gateway
@@ -145,9 +145,9 @@ class Gateway(_Replica):
     def __serve_build_asgi_app__(self) -> Any:
         """The HTTP API over this replica's gateway; chat through the served model's template (none
         for test components, whose tokenizer has none: /v1/completions only)."""
-        from services.httpapi.app import create_app
-        from services.httpapi.config import HttpConfig, model_id_for
-        from services.httpapi.template import ChatTemplate
+        from memlong.services.httpapi.app import create_app
+        from memlong.services.httpapi.config import HttpConfig, model_id_for
+        from memlong.services.httpapi.template import ChatTemplate
 
         template = None if self.config.components else ChatTemplate.load(self.config.model)
         http = HttpConfig(gateway=self.address, model_id=model_id_for(self.config.model))

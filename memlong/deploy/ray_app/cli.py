@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from memlong.packages import ADAPTERS_DIR
-from services.common.cli import run
+from memlong.services.common.cli import run
 
 from ..installation import default_data_dir, local_api_key
 from .config import RayAppConfig
@@ -78,6 +78,10 @@ def _ray_cli() -> str:
 # Ray resolves "127.0.0.1" to the machine's interface address unless it runs as a single-node
 # instance; this variable (read when ray is imported) is how Ray itself is told so.
 SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Serve kills its HTTP proxy when the proxy is not ready within this many seconds (Ray's default: 5),
+# which a busy small machine misses; read by the Serve controller from the Ray processes' environment,
+# so it holds for a Ray instance this command starts (set it on `ray start` for one started elsewhere).
+PROXY_READY_ENV = ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
 
 def _stay_local(address: str) -> None:
@@ -95,6 +99,7 @@ def _connect(address: str, num_cpus: int | None = None) -> None:
     """Connect to Ray at `address`; with 'auto' and nothing running, start a local head first (on
     127.0.0.1: node address, GCS and every worker stay on loopback)."""
     _stay_local(address)
+    os.environ.setdefault(*PROXY_READY_ENV)
     import ray
 
     try:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from memlong.retmem.v1 import retmem_pb2 as memlong_dot_retmem_dot_v1_dot_retmem__pb2
+from memlong.api.retmem.v1 import retmem_pb2 as memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in memlong/retmem/v1/retmem_pb2_grpc.py depends on'
+        + ' but the generated code in memlong/api/retmem/v1/retmem_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -47,63 +47,63 @@ class RetMemStub:
         """
         self.CreateSession = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/CreateSession',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionResponse.FromString,
                 _registered_method=True)
         self.Append = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/Append',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.AppendRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.AppendResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AppendRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AppendResponse.FromString,
                 _registered_method=True)
         self.Search = channel.unary_stream(
                 '/memlong.retmem.v1.RetMem/Search',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.FromString,
                 _registered_method=True)
         self.Retrieve = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/Retrieve',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
         self.Fetch = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/Fetch',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.FetchRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.FetchResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.FetchRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.FetchResponse.FromString,
                 _registered_method=True)
         self.Pin = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/Pin',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.FromString,
                 _registered_method=True)
         self.Unpin = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/Unpin',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.FromString,
                 _registered_method=True)
         self.Evict = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/Evict',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.EvictRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.EvictResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.EvictRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.EvictResponse.FromString,
                 _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/GetSession',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.GetSessionRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionInfo.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionInfo.FromString,
                 _registered_method=True)
         self.DeleteSession = channel.unary_unary(
                 '/memlong.retmem.v1.RetMem/DeleteSession',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
         self.ExportSession = channel.unary_stream(
                 '/memlong.retmem.v1.RetMem/ExportSession',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.ExportSessionRequest.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.FromString,
                 _registered_method=True)
         self.ImportSession = channel.stream_unary(
                 '/memlong.retmem.v1.RetMem/ImportSession',
-                request_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.SerializeToString,
-                response_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.FromString,
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.FromString,
                 _registered_method=True)
 
 
@@ -215,63 +215,63 @@ def add_RetMemServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSession,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionResponse.SerializeToString,
             ),
             'Append': grpc.unary_unary_rpc_method_handler(
                     servicer.Append,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.AppendRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.AppendResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AppendRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AppendResponse.SerializeToString,
             ),
             'Search': grpc.unary_stream_rpc_method_handler(
                     servicer.Search,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.SerializeToString,
             ),
             'Retrieve': grpc.unary_unary_rpc_method_handler(
                     servicer.Retrieve,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.SerializeToString,
             ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.FetchRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.FetchResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.FetchRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.FetchResponse.SerializeToString,
             ),
             'Pin': grpc.unary_unary_rpc_method_handler(
                     servicer.Pin,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.SerializeToString,
             ),
             'Unpin': grpc.unary_unary_rpc_method_handler(
                     servicer.Unpin,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.SerializeToString,
             ),
             'Evict': grpc.unary_unary_rpc_method_handler(
                     servicer.Evict,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.EvictRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.EvictResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.EvictRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.EvictResponse.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.GetSessionRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionInfo.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.GetSessionRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionInfo.SerializeToString,
             ),
             'DeleteSession': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSession,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionResponse.SerializeToString,
             ),
             'ExportSession': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportSession,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.ExportSessionRequest.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ExportSessionRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.SerializeToString,
             ),
             'ImportSession': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportSession,
-                    request_deserializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.FromString,
-                    response_serializer=memlong_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,8 +310,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/CreateSession',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.CreateSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -337,8 +337,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/Append',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.AppendRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.AppendResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AppendRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AppendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -364,8 +364,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/Search',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -391,8 +391,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/Retrieve',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SearchRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.RetrieveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -418,8 +418,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/Fetch',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.FetchRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.FetchResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.FetchRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.FetchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -445,8 +445,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/Pin',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -472,8 +472,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/Unpin',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.PinResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -499,8 +499,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/Evict',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.EvictRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.EvictResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.EvictRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.EvictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -526,8 +526,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/GetSession',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.GetSessionRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionInfo.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.GetSessionRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -553,8 +553,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/DeleteSession',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -580,8 +580,8 @@ class RetMem:
             request,
             target,
             '/memlong.retmem.v1.RetMem/ExportSession',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.ExportSessionRequest.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ExportSessionRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.FromString,
             options,
             channel_credentials,
             insecure,
@@ -607,8 +607,8 @@ class RetMem:
             request_iterator,
             target,
             '/memlong.retmem.v1.RetMem/ImportSession',
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.SerializeToString,
-            memlong_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.FromString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

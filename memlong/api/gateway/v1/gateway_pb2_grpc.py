@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from memlong.gateway.v1 import gateway_pb2 as memlong_dot_gateway_dot_v1_dot_gateway__pb2
+from memlong.api.gateway.v1 import gateway_pb2 as memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in memlong/gateway/v1/gateway_pb2_grpc.py depends on'
+        + ' but the generated code in memlong/api/gateway/v1/gateway_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -40,38 +40,38 @@ class GatewayStub:
         """
         self.CreateSession = channel.unary_unary(
                 '/memlong.gateway.v1.Gateway/CreateSession',
-                request_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.CreateSessionRequest.SerializeToString,
-                response_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.Session.FromString,
+                request_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.Session.FromString,
                 _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/memlong.gateway.v1.Gateway/GetSession',
-                request_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.GetSessionRequest.SerializeToString,
-                response_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.Session.FromString,
+                request_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.Session.FromString,
                 _registered_method=True)
         self.ListSessions = channel.unary_unary(
                 '/memlong.gateway.v1.Gateway/ListSessions',
-                request_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsRequest.SerializeToString,
-                response_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsResponse.FromString,
+                request_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
         self.DeleteSession = channel.unary_unary(
                 '/memlong.gateway.v1.Gateway/DeleteSession',
-                request_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionRequest.SerializeToString,
-                response_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionResponse.FromString,
+                request_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
         self.Append = channel.stream_stream(
                 '/memlong.gateway.v1.Gateway/Append',
-                request_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.AppendRequest.SerializeToString,
-                response_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.AppendProgress.FromString,
+                request_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.AppendRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.AppendProgress.FromString,
                 _registered_method=True)
         self.Score = channel.unary_unary(
                 '/memlong.gateway.v1.Gateway/Score',
-                request_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.ScoreResponse.FromString,
+                request_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ScoreResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/memlong.gateway.v1.Gateway/Generate',
-                request_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+                request_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
                 _registered_method=True)
 
 
@@ -140,38 +140,38 @@ def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSession,
-                    request_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.CreateSessionRequest.FromString,
-                    response_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.Session.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.CreateSessionRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.Session.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
-                    request_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.GetSessionRequest.FromString,
-                    response_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.Session.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GetSessionRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.Session.SerializeToString,
             ),
             'ListSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSessions,
-                    request_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsRequest.FromString,
-                    response_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsResponse.SerializeToString,
             ),
             'DeleteSession': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSession,
-                    request_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionRequest.FromString,
-                    response_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionResponse.SerializeToString,
             ),
             'Append': grpc.stream_stream_rpc_method_handler(
                     servicer.Append,
-                    request_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.AppendRequest.FromString,
-                    response_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.AppendProgress.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.AppendRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.AppendProgress.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.ScoreRequest.FromString,
-                    response_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ScoreRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ScoreResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
-                    response_serializer=memlong_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -203,8 +203,8 @@ class Gateway:
             request,
             target,
             '/memlong.gateway.v1.Gateway/CreateSession',
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.CreateSessionRequest.SerializeToString,
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.Session.FromString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.CreateSessionRequest.SerializeToString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
@@ -230,8 +230,8 @@ class Gateway:
             request,
             target,
             '/memlong.gateway.v1.Gateway/GetSession',
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.GetSessionRequest.SerializeToString,
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.Session.FromString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GetSessionRequest.SerializeToString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class Gateway:
             request,
             target,
             '/memlong.gateway.v1.Gateway/ListSessions',
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsRequest.SerializeToString,
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsResponse.FromString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsRequest.SerializeToString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -284,8 +284,8 @@ class Gateway:
             request,
             target,
             '/memlong.gateway.v1.Gateway/DeleteSession',
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionRequest.SerializeToString,
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionResponse.FromString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionRequest.SerializeToString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -311,8 +311,8 @@ class Gateway:
             request_iterator,
             target,
             '/memlong.gateway.v1.Gateway/Append',
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.AppendRequest.SerializeToString,
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.AppendProgress.FromString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.AppendRequest.SerializeToString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.AppendProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,8 +338,8 @@ class Gateway:
             request,
             target,
             '/memlong.gateway.v1.Gateway/Score',
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.ScoreResponse.FromString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -365,8 +365,8 @@ class Gateway:
             request,
             target,
             '/memlong.gateway.v1.Gateway/Generate',
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
-            memlong_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+            memlong_dot_api_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from memlong.decoder.v1 import decoder_pb2 as memlong_dot_decoder_dot_v1_dot_decoder__pb2
+from memlong.api.decoder.v1 import decoder_pb2 as memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in memlong/decoder/v1/decoder_pb2_grpc.py depends on'
+        + ' but the generated code in memlong/api/decoder/v1/decoder_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,23 +38,23 @@ class DecoderStub:
         """
         self.Describe = channel.unary_unary(
                 '/memlong.decoder.v1.Decoder/Describe',
-                request_serializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.DescribeResponse.FromString,
+                request_serializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.DescribeResponse.FromString,
                 _registered_method=True)
         self.Ingest = channel.stream_stream(
                 '/memlong.decoder.v1.Decoder/Ingest',
-                request_serializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.IngestRequest.SerializeToString,
-                response_deserializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.IngestProgress.FromString,
+                request_serializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.IngestRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.IngestProgress.FromString,
                 _registered_method=True)
         self.Score = channel.unary_unary(
                 '/memlong.decoder.v1.Decoder/Score',
-                request_serializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.ScoreResponse.FromString,
+                request_serializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.ScoreResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/memlong.decoder.v1.Decoder/Generate',
-                request_serializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
+                request_serializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
                 _registered_method=True)
 
 
@@ -96,23 +96,23 @@ def add_DecoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.DescribeRequest.FromString,
-                    response_serializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.DescribeResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.DescribeRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.DescribeResponse.SerializeToString,
             ),
             'Ingest': grpc.stream_stream_rpc_method_handler(
                     servicer.Ingest,
-                    request_deserializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.IngestRequest.FromString,
-                    response_serializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.IngestProgress.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.IngestRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.IngestProgress.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.ScoreRequest.FromString,
-                    response_serializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.ScoreRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.ScoreResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.GenerateRequest.FromString,
-                    response_serializer=memlong_dot_decoder_dot_v1_dot_decoder__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.GenerateRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,8 +142,8 @@ class Decoder:
             request,
             target,
             '/memlong.decoder.v1.Decoder/Describe',
-            memlong_dot_decoder_dot_v1_dot_decoder__pb2.DescribeRequest.SerializeToString,
-            memlong_dot_decoder_dot_v1_dot_decoder__pb2.DescribeResponse.FromString,
+            memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.DescribeRequest.SerializeToString,
+            memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -169,8 +169,8 @@ class Decoder:
             request_iterator,
             target,
             '/memlong.decoder.v1.Decoder/Ingest',
-            memlong_dot_decoder_dot_v1_dot_decoder__pb2.IngestRequest.SerializeToString,
-            memlong_dot_decoder_dot_v1_dot_decoder__pb2.IngestProgress.FromString,
+            memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.IngestRequest.SerializeToString,
+            memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.IngestProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -196,8 +196,8 @@ class Decoder:
             request,
             target,
             '/memlong.decoder.v1.Decoder/Score',
-            memlong_dot_decoder_dot_v1_dot_decoder__pb2.ScoreRequest.SerializeToString,
-            memlong_dot_decoder_dot_v1_dot_decoder__pb2.ScoreResponse.FromString,
+            memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.ScoreRequest.SerializeToString,
+            memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class Decoder:
             request,
             target,
             '/memlong.decoder.v1.Decoder/Generate',
-            memlong_dot_decoder_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
-            memlong_dot_decoder_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
+            memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
+            memlong_dot_api_dot_decoder_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

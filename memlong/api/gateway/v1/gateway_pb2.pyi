@@ -1,4 +1,4 @@
-from memlong.decoder.v1 import decoder_pb2 as _decoder_pb2
+from memlong.api.decoder.v1 import decoder_pb2 as _decoder_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

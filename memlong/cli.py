@@ -127,8 +127,7 @@ def cmd_eval_chapterbreak(args: argparse.Namespace) -> int:
     )
     stack, meta = _eval_stack(args)
     out = Path(args.out)
-    rows = run_chapterbreak(stack, settings)
-    write_chapterbreak(out, settings, rows, meta)
+    run_chapterbreak(stack, settings, on_progress=lambda rows: write_chapterbreak(out, settings, rows, meta))
     print((out / f"chapterbreak_{settings.book}_{settings.context}.md").read_text())
     return 0
 

@@ -204,7 +204,10 @@ def run_chapterbreak(
     methods = [m for m in settings.methods if m != "full" or settings.context <= settings.full_max]
     correct = dict.fromkeys(methods, 0)
     margins: dict[str, list[float]] = {m: [] for m in methods}
-    for case in tqdm(cases, desc=f"chapterbreak {settings.book} {settings.context}", unit="case"):
+    rows: list[dict] = []
+    for done, case in enumerate(
+        tqdm(cases, desc=f"chapterbreak {settings.book} {settings.context}", unit="case")
+    ):
         for method in methods:
             if method == "full":
                 scores = _full_scores(stack, case)
@@ -213,16 +216,30 @@ def run_chapterbreak(
                     scores = _reader_scores(stack, case, memory=method != "sliding")
             correct[method] += int(max(range(len(scores)), key=scores.__getitem__) == 0)
             margins[method].append(scores[0] - max(scores[1:]))
+        rows = _rows(stack, settings, methods, done + 1, correct, margins)
+        if on_progress is not None:  # after every case: a long run that is stopped keeps what it measured
+            on_progress(rows)
+    return rows
+
+
+def _rows(
+    stack: Stack,
+    settings: ChapterBreakSettings,
+    methods: list[str],
+    cases: int,
+    correct: dict[str, int],
+    margins: dict[str, list[float]],
+) -> list[dict]:
     cfg = stack.model.config
-    rows = [
+    return [
         {
             "book": settings.book,
             "method": m,
             "context_tokens": settings.context,
-            "cases": len(cases),
+            "cases": cases,
             "candidates": settings.distractors + 1,
             "correct": correct[m],
-            "accuracy": correct[m] / len(cases),
+            "accuracy": correct[m] / cases,
             "chance": 1 / (settings.distractors + 1),
             "median_margin": statistics.median(margins[m]),
             "local_window": settings.context if m == "full" else cfg.local_window,
@@ -231,9 +248,6 @@ def run_chapterbreak(
         }
         for m in methods
     ]
-    if on_progress is not None:
-        on_progress(rows)
-    return rows
 
 
 def write_chapterbreak(out_dir: Path, settings: ChapterBreakSettings, rows: list[dict], extra: dict) -> None:

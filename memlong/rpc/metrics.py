@@ -7,6 +7,12 @@ Recorded by the interceptors in `tracing.py` (so every service gets them with no
     memlong.retrieval.duration    histogram, s   retrieval calls only (ret-mem Search, Retrieve), server side
     memlong.rpc.bytes             counter,   By  message bytes per method and direction (received, sent)
 
+Recorded by ret-mem's client and server for the calls that carry K/V (Append, Retrieve, Search):
+
+    memlong.retmem.transport.calls   counter       calls per transport ("shm": K/V through shared
+                                                   memory, "grpc": K/V in the messages) and method
+    memlong.retmem.transport.bytes   counter, By   K/V bytes moved, same labels plus direction
+
 Observed from every registered `MemoryReporter` (ret-mem registers itself with `observe_memory`), at
 each collection:
 
@@ -48,6 +54,8 @@ class Instruments:
     client_duration: Any
     retrieval_duration: Any
     rpc_bytes: Any
+    transport_calls: Any
+    transport_bytes: Any
 
     @classmethod
     def create(cls, meter: Meter) -> Instruments:
@@ -68,6 +76,12 @@ class Instruments:
             retrieval_duration=histogram("memlong.retrieval.duration", "time to serve one retrieval"),
             rpc_bytes=meter.create_counter(
                 "memlong.rpc.bytes", unit="By", description="serialized message bytes moved"
+            ),
+            transport_calls=meter.create_counter(
+                "memlong.retmem.transport.calls", description="K/V-carrying ret-mem calls per transport"
+            ),
+            transport_bytes=meter.create_counter(
+                "memlong.retmem.transport.bytes", unit="By", description="K/V bytes moved per transport"
             ),
         )
         for name, description in (

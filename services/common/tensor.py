@@ -1,16 +1,22 @@
 """Tensor <-> numpy at the wire boundary: dtype allow-list, size checks, checksums.
 
-Decoding copies the payload once, when it reads `Tensor.data` out of the parsed message (protobuf
-hands out a new bytes object), and makes no copy after that: the array is a read-only `np.frombuffer`
-view of those bytes. It never executes anything: a Tensor is dtype + shape + raw bytes + CRC-32.
+Decoding makes no copy of its own: the array is a read-only `np.frombuffer` view of the payload. Where
+the payload comes from decides the copies: `Tensor.data` read out of a parsed message is a new bytes
+object each time (protobuf copies it out: read it once), while the hand-framed K/V messages
+(`memlong.services.retmem.rawwire`) pass `data=` a view of the received bytes, so no copy at all.
+It never executes anything: a Tensor is dtype + shape + raw bytes + CRC-32.
 bfloat16 has no numpy dtype; it travels and decodes as its raw 16-bit patterns (`np.uint16`), which is
 what torch's `view(torch.bfloat16)` wants.
+
+`concat_checksum` gives the CRC-32 of equal-length pieces laid end to end from the pieces' own CRC-32s
+(zlib's crc32_combine), so a reply made of stored records gets its checksum without reading them again.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -91,19 +97,16 @@ def fill(out: tensor_pb2.Tensor, data: bytes, dtype: int, shape: Sequence[int]) 
     out.checksum = checksum(data)
 
 
-def decode(
+def check_header(
     tensor: tensor_pb2.Tensor,
     field: str,
+    nbytes: int,
     *,
     dtypes: Sequence[int] | None = None,
     shape: Sequence[int | None] | None = None,
-    max_bytes: int | None = None,
-) -> np.ndarray:
-    """Tensor -> read-only numpy view, validated. Every failure names `field`.
-
-    `dtypes` is the allow-list (default: all supported); `shape` the expected shape with None as a
-    wildcard; `max_bytes` an upper bound on the payload (ResourceExhausted above it).
-    """
+) -> tuple[np.dtype, list[int]]:
+    """Check a Tensor's dtype and shape against a payload of `nbytes` (which may lie outside the
+    message: a shared-memory region); returns (numpy dtype, shape). Every failure names `field`."""
     if tensor.dtype not in _NUMPY:
         raise InvalidArgument(f"{field}.dtype", f"unsupported dtype code {tensor.dtype}")
     if dtypes is not None and tensor.dtype not in dtypes:
@@ -118,19 +121,92 @@ def decode(
             raise InvalidArgument(f"{field}.shape", f"dimension {d} out of range [0, {MAX_DIM}]")
         count *= d  # Python ints: no overflow
     np_dtype = _NUMPY[tensor.dtype][0]
-    data = tensor.data  # each access copies the payload out of the message: read it once
-    if count * np_dtype.itemsize != len(data):
-        raise InvalidArgument(
-            f"{field}.data", f"shape {dims} x {np_dtype.itemsize} bytes != {len(data)} bytes"
-        )
+    if count * np_dtype.itemsize != nbytes:
+        raise InvalidArgument(f"{field}.data", f"shape {dims} x {np_dtype.itemsize} bytes != {nbytes} bytes")
     if shape is not None:
         if len(shape) != len(dims) or any(
             e is not None and e != d for e, d in zip(shape, dims, strict=False)
         ):
             want = ["*" if e is None else e for e in shape]
             raise InvalidArgument(f"{field}.shape", f"got {dims}, expected {want}")
+    return np_dtype, dims
+
+
+def decode(
+    tensor: tensor_pb2.Tensor,
+    field: str,
+    *,
+    dtypes: Sequence[int] | None = None,
+    shape: Sequence[int | None] | None = None,
+    max_bytes: int | None = None,
+    data: bytes | memoryview | None = None,
+) -> np.ndarray:
+    """Tensor -> read-only numpy view, validated. Every failure names `field`.
+
+    `dtypes` is the allow-list (default: all supported); `shape` the expected shape with None as a
+    wildcard; `max_bytes` an upper bound on the payload (ResourceExhausted above it). `data`: the
+    payload when it was cut out of the received bytes (the message's own `data` is then empty).
+    """
+    if data is None:
+        data = tensor.data  # each access copies the payload out of the message: read it once
+    np_dtype, dims = check_header(tensor, field, len(data), dtypes=dtypes, shape=shape)
     if max_bytes is not None and len(data) > max_bytes:
         raise ResourceExhausted(f"{field}: {len(data)} bytes > limit {max_bytes}")
     if checksum(data) != tensor.checksum:
         raise InvalidArgument(f"{field}.checksum", "CRC-32 of data does not match")
     return np.frombuffer(data, dtype=np_dtype).reshape(dims)
+
+
+# ------------------------------------------------------------------ CRC-32 of concatenated pieces
+# zlib's crc32_combine: CRC(A || B) = (x^(8 len B) * CRC(A)) mod P  xor  CRC(B), in GF(2)[x] with the
+# reflected polynomial. Shifting by a fixed length is one multiplication by a precomputed power of x.
+
+_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial (reflected bit order)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial, k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _shift(nbytes: int) -> int:
+    """x^(8 * nbytes) modulo the polynomial: what a CRC is multiplied by when nbytes follow it."""
+    p, n, k = 1 << 31, nbytes, 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of A || B from CRC-32(A), CRC-32(B) and len(B) (as zlib.crc32_combine)."""
+    return _multmodp(_shift(len2), crc1) ^ crc2
+
+
+def concat_checksum(crcs: Iterable[int], piece_bytes: int) -> int:
+    """CRC-32 of pieces of `piece_bytes` each, laid end to end, from their CRC-32s."""
+    op, crc = _shift(piece_bytes), 0
+    for c in crcs:
+        crc = _multmodp(op, crc) ^ int(c)
+    return crc
+
+
+@functools.lru_cache(maxsize=16)
+def zeros_checksum(nbytes: int) -> int:
+    """CRC-32 of `nbytes` zero bytes (a padding record)."""
+    return checksum(bytes(nbytes))

@@ -3,11 +3,27 @@
 Every call carries a deadline (the client default, or the caller's remaining `Deadline`); only the
 idempotent methods are retried, by the channel's service config. Server statuses come back as the
 same domain exceptions the in-process store raises, so callers handle both the same way.
+
+K/V transport, chosen per shard address on first use (`transport`):
+- "shm" when the address is on this host (`shm.is_local_address`), the setting allows it
+  (`shared_memory`, MEMLONG_RETMEM_SHARED_MEMORY) and the server proves it sees this client's
+  segments (`Attach`): an append's records are copied once into a shared region and the server writes
+  them to its data files from there; a retrieval's records are read by the server into a region and
+  handed on as a view of it, each checked against the CRC-32 it was stored with. The calls themselves
+  stay on gRPC.
+- "grpc" otherwise: the K/V travel in the messages, framed by `rawwire` so that protobuf never copies
+  them (an append's records are joined once into the request bytes; a reply's records are a view of
+  the received bytes, checked against the row's CRC-32).
+Each K/V-carrying call is counted in `transport_stats` and the memlong.retmem.transport.* metrics.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
+import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,20 +31,57 @@ import numpy as np
 
 from memlong.api.retmem.v1 import retmem_pb2 as pb
 from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
-from memlong.errors import InvalidArgument
+from memlong.errors import DataLoss, FailedPrecondition, InvalidArgument
 from memlong.memory import SearchResult
+from memlong.rpc import metrics
 from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelOptions, Deadline, get_channel
 from memlong.rpc.status import raise_for_rpc_error
 from memlong.rpc.tls import TlsConfig
 from memlong.services.common import tensor
 
-from . import wire
+from . import rawwire, shm, wire
 from .routing import Ring
 from .store import SessionInfo, SessionSpec, as_records
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetMem"].full_name
 # Safe to repeat: appends are idempotent by chunk id, reads change at most retrieval counters.
-IDEMPOTENT = ("Append", "Search", "Retrieve", "Fetch", "Pin", "Unpin", "GetSession", "ExportSession")
+IDEMPOTENT = (
+    "Append",
+    "Search",
+    "Retrieve",
+    "Fetch",
+    "Pin",
+    "Unpin",
+    "GetSession",
+    "ExportSession",
+    "Attach",
+)
+SHM, GRPC = "shm", "grpc"
+SHM_REQUEST_BYTES = 256 << 20  # K/V of one Append through shared memory (bounds a segment's size)
+ATTACH_TIMEOUT_S = 5.0
+
+
+class _RawStub:
+    """The K/V-carrying methods with bytes on the K/V side: Append takes rawwire request bytes,
+    Retrieve and Search return the reply bytes for rawwire to read."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        method = f"/{SERVICE_NAME}/"
+        self.Append = channel.unary_unary(
+            method + "Append", request_serializer=None, response_deserializer=pb.AppendResponse.FromString
+        )
+        self.Retrieve = channel.unary_unary(
+            method + "Retrieve",
+            request_serializer=pb.SearchRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self.Search = channel.unary_stream(
+            method + "Search",
+            request_serializer=pb.SearchRequest.SerializeToString,
+            response_deserializer=None,
+        )
 
 
 class RetMemClient:
@@ -41,6 +94,8 @@ class RetMemClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         internal_token: str | None = None,
         tls: TlsConfig | None = None,  # None: the process's internal TLS policy
+        shared_memory: bool | None = None,  # same-host transport; None: MEMLONG_RETMEM_SHARED_MEMORY (on)
+        shm_dir: Path | None = None,  # None: shm.default_dir() (/dev/shm)
     ) -> None:
         self.ring = Ring(list(shards))
         self.targets = dict(shards)
@@ -54,11 +109,25 @@ class RetMemClient:
             internal=True,
         )
         self._specs: dict[str, SessionSpec] = {}
+        self.shared_memory = shm.enabled_by_env() if shared_memory is None else shared_memory
+        self.shm_dir = shm_dir or shm.default_dir()
+        self._pool: shm.SegmentPool | None = None
+        self._transports: dict[str, str] = {}  # target -> SHM or GRPC, decided on first use
+        self._transport_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        # (transport, method) -> [calls, K/V bytes]: what metrics count, for reading in process.
+        self.transport_stats: dict[tuple[str, str], list[int]] = {}
 
     # ------------------------------------------------------------------------------- plumbing
 
+    def _target(self, session_id: str) -> str:
+        return self.targets[self.ring.owner(session_id)]
+
     def _stub(self, session_id: str) -> pb_grpc.RetMemStub:
-        return pb_grpc.RetMemStub(get_channel(self.targets[self.ring.owner(session_id)], self.options))
+        return pb_grpc.RetMemStub(get_channel(self._target(session_id), self.options))
+
+    def _raw(self, session_id: str) -> _RawStub:
+        return _RawStub(get_channel(self._target(session_id), self.options))
 
     def _timeout(self, deadline: Deadline | None) -> float:
         return self.timeout_s if deadline is None else deadline.timeout(cap_s=self.timeout_s)
@@ -68,6 +137,79 @@ class RetMemClient:
             return getattr(self._stub(session_id), method)(request, timeout=self._timeout(deadline))
         except grpc.RpcError as err:
             raise_for_rpc_error(err)
+
+    def _count(self, transport: str, method: str, direction: str, nbytes: int) -> None:
+        with self._stats_lock:
+            entry = self.transport_stats.setdefault((transport, method), [0, 0])
+            entry[0] += 1
+            entry[1] += nbytes
+        labels = {"transport": transport, "rpc.method": method, "side": "client"}
+        inst = metrics.instruments()
+        inst.transport_calls.add(1, labels)
+        inst.transport_bytes.add(nbytes, {**labels, "direction": direction})
+
+    # ------------------------------------------------------------------------------ transport
+
+    def transport(self, session_id: str, deadline: Deadline | None = None) -> str:
+        """How K/V reach the shard that owns `session_id`: SHM or GRPC (decided once per address)."""
+        target = self._target(session_id)
+        chosen = self._transports.get(target)
+        if chosen is not None:
+            return chosen
+        if not (self.shared_memory and self.shm_dir is not None and shm.is_local_address(target)):
+            self._transports[target] = GRPC
+            return GRPC
+        with self._transport_lock:  # one Attach per address
+            chosen = self._transports.get(target)
+            if chosen is None:
+                chosen = self._attach(target, session_id, deadline)
+        return chosen
+
+    def _segments(self) -> shm.SegmentPool:
+        if self._pool is None:
+            assert self.shm_dir is not None
+            self._pool = shm.SegmentPool(self.shm_dir)
+        return self._pool
+
+    def _attach(self, target: str, session_id: str, deadline: Deadline | None) -> str:
+        """Prove the server sees this client's segments: it reads back a nonce written into one."""
+        nonce = secrets.token_bytes(shm.NONCE_BYTES)
+        try:
+            lease = self._segments().lease(len(nonce))
+        except OSError as e:
+            log.warning("ret-mem %s: no shared memory here (%s); K/V go over gRPC", target, e)
+            self._transports[target] = GRPC
+            return GRPC
+        lease.array[:] = np.frombuffer(nonce, np.uint8)
+        req = pb.AttachRequest(segment=lease.segment.name, nonce_bytes=len(nonce))
+        try:
+            reply = self._stub(session_id).Attach(req, timeout=min(self._timeout(deadline), ATTACH_TIMEOUT_S))
+            ok, why = reply.nonce == nonce, "the segment reads differently there"
+        except grpc.RpcError as err:
+            if err.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED,
+            ):
+                return GRPC  # not decided: this call goes over gRPC, the next one asks again
+            ok, why = False, f"{err.code().name}: {err.details()}"
+        del lease  # back to the pool
+        chosen = SHM if ok else GRPC
+        if ok:
+            log.info("ret-mem %s: K/V through shared memory (%s)", target, self.shm_dir)
+        else:
+            log.info("ret-mem %s: K/V over gRPC (shared memory refused: %s)", target, why)
+        self._transports[target] = chosen
+        return chosen
+
+    def _shm_refused(self, session_id: str, err: FailedPrecondition) -> bool:
+        """A shared-memory call the server refused for its segment (e.g. shared memory turned off
+        since): the address falls back to gRPC and the call is made again that way."""
+        if not str(err).startswith("shared segment:"):
+            return False
+        log.warning("ret-mem %s: %s; K/V go over gRPC from now on", self._target(session_id), err)
+        self._transports[self._target(session_id)] = GRPC
+        return True
 
     def spec(self, session_id: str, deadline: Deadline | None = None) -> SessionSpec:
         """The session's spec (cached: it never changes)."""
@@ -97,43 +239,134 @@ class RetMemClient:
         spec = self.spec(session_id, deadline)
         records = as_records(spec, np.asarray(kv))  # (n, record_bytes)
         embeddings = np.asarray(embeddings, np.float32)
-        # Several requests when the chunks would not fit one message (per-layer records are MBs each);
-        # appends are idempotent per sequence number, so a retried part stores nothing twice.
-        per_msg = max(1, (self.max_message_bytes - 4096) // (spec.record_bytes + 4 * spec.dim + 256))
+        ids, lengths = np.asarray(ids, np.int64), np.asarray(lengths)
+        shared = self.transport(session_id, deadline) == SHM
+        # Several requests when the chunks would not fit one message (per-layer records are MBs each)
+        # or one segment; appends are idempotent per sequence number, so a retried part stores nothing
+        # twice.
+        room = SHM_REQUEST_BYTES if shared else self.max_message_bytes - 4096
+        per_msg = max(1, room // (spec.record_bytes + 4 * spec.dim + 256))
         appended = 0
         for lo in range(0, len(ids), per_msg):
             part = slice(lo, lo + per_msg)
-            req = wire.append_request(
-                spec, session_id, ids[part], embeddings[part], records[part], lengths[part]
-            )
-            appended += self._call(session_id, "Append", req, deadline).appended
+            args = (spec, session_id, ids[part], embeddings[part], records[part], lengths[part], deadline)
+            if shared:
+                try:
+                    appended += self._append_shm(*args)
+                    continue
+                except FailedPrecondition as e:
+                    if not self._shm_refused(session_id, e):
+                        raise
+                    shared = False
+            appended += self._append_grpc(*args)
         return appended
+
+    @staticmethod
+    def _chunk(
+        spec: SessionSpec, seq: Any, embedding: np.ndarray, record: np.ndarray, length: Any
+    ) -> pb.Chunk:
+        """A Chunk without K/V bytes: kv has dtype, shape and the CRC-32 of `record`."""
+        chunk = pb.Chunk(seq=int(seq), embedding=tensor.encode(embedding), length=int(length))
+        chunk.kv.dtype = wire.kv_dtype_code(spec)
+        chunk.kv.shape[:] = spec.wire_kv[1]
+        chunk.kv.checksum = tensor.checksum(record)
+        return chunk
+
+    def _append_grpc(self, spec, session_id, ids, embeddings, records, lengths, deadline) -> int:
+        """K/V in the request: joined once from `records` into the request bytes (rawwire)."""
+        chunks = [
+            (self._chunk(spec, ids[i], embeddings[i], records[i], lengths[i]), memoryview(records[i]))
+            for i in range(len(ids))
+        ]
+        body = rawwire.append_request(session_id, chunks)
+        try:
+            reply = self._raw(session_id).Append(body, timeout=self._timeout(deadline))
+        except grpc.RpcError as err:
+            raise_for_rpc_error(err)
+        self._count(GRPC, "Append", "sent", records.nbytes)
+        return reply.appended
+
+    def _append_shm(self, spec, session_id, ids, embeddings, records, lengths, deadline) -> int:
+        """K/V through a shared region: copied once into it; the server writes them from there."""
+        n, rb = records.shape
+        lease = self._segments().lease(n * rb)
+        try:
+            region = lease.array.reshape(n, rb)
+            np.copyto(region, records)  # the one copy between the caller's records and the data file
+            req = pb.AppendRequest(session_id=session_id)
+            for i in range(n):
+                chunk = self._chunk(spec, ids[i], embeddings[i], records[i], lengths[i])
+                chunk.kv_region.CopyFrom(lease.region(i * rb, rb))
+                req.chunks.append(chunk)
+            reply = self._stub(session_id).Append(req, timeout=self._timeout(deadline))
+        except grpc.RpcError as err:
+            lease.discard()  # the server may still read it: never reuse
+            raise_for_rpc_error(err)
+        except BaseException:
+            lease.discard()
+            raise
+        self._count(SHM, "Append", "sent", records.nbytes)
+        return reply.appended
 
     def search(
         self, session_id: str, queries: np.ndarray, top_k: int, deadline: Deadline | None = None
     ) -> SearchResult:
-        """Top-k chunks per query row (chronological). records (q, k, record_bytes) uint8.
+        """Top-k chunks per query row (chronological). records (q, k, record_bytes) uint8, read-only
+        where they are a view of what arrived.
 
-        A reply that fits one message comes from the unary Retrieve (one round trip: the decoder's
-        per-chunk call); a larger one is streamed row by row by Search. With one query row the
-        records are a read-only view of the reply (no copy).
+        Through shared memory the records are a view of this call's region (which serves no other
+        call while any view of them exists). Otherwise a reply that fits one message comes from the
+        unary Retrieve (one round trip: the decoder's per-chunk call) and a larger one is streamed row
+        by row by Search; with one query row the records are a view of the reply bytes (no copy).
         """
         spec = self.spec(session_id, deadline)
         queries = np.asarray(queries, np.float32)
         req = pb.SearchRequest(session_id=session_id, queries=tensor.encode(queries), top_k=top_k)
         q, k = len(queries), int(top_k)
+        if q and k > 0 and self.transport(session_id, deadline) == SHM:
+            try:
+                return self._search_shm(spec, session_id, req, q, k, deadline)
+            except FailedPrecondition as e:
+                if not self._shm_refused(session_id, e):
+                    raise
         out = _Rows(spec, q, k)
         timeout = self._timeout(deadline)
+        stub = self._raw(session_id)
         try:
             if q * (k * (spec.record_bytes + 32) + 64) <= self.max_message_bytes:
-                for msg in self._stub(session_id).Retrieve(req, timeout=timeout).rows:
-                    out.add(msg)
+                for head, data in rawwire.parse_rows(stub.Retrieve(req, timeout=timeout)):
+                    out.add(head, data)
+                method = "Retrieve"
             else:
-                for msg in self._stub(session_id).Search(req, timeout=timeout):
-                    out.add(msg)
+                for msg in stub.Search(req, timeout=timeout):
+                    for head, data in rawwire.parse_rows(msg, top_field=None):
+                        out.add(head, data)
+                method = "Search"
         except grpc.RpcError as err:
             raise_for_rpc_error(err)
-        return out.result()
+        result = out.result()
+        self._count(GRPC, method, "received", result.records.nbytes)
+        return result
+
+    def _search_shm(self, spec, session_id, req, q: int, k: int, deadline) -> SearchResult:
+        """The server reads the records into this call's region; each is checked here."""
+        nbytes = q * k * spec.record_bytes
+        lease = self._segments().lease(nbytes)
+        req.reply_region.CopyFrom(lease.region(0, nbytes))
+        try:
+            reply = self._stub(session_id).Retrieve(req, timeout=self._timeout(deadline))
+            out = _Rows(spec, q, k)
+            for msg in reply.rows:
+                out.add_shared(msg, lease)
+            result = out.result()
+        except grpc.RpcError as err:
+            lease.discard()  # the server may still write into it: never reuse
+            raise_for_rpc_error(err)
+        except BaseException:
+            lease.discard()  # a damaged region (DataLoss) is never reused either
+            raise
+        self._count(SHM, "Retrieve", "received", nbytes)
+        return result
 
     def fetch(
         self, session_id: str, ids: np.ndarray, deadline: Deadline | None = None
@@ -201,7 +434,7 @@ class RetMemClient:
 
 
 class _Rows:
-    """Assembles SearchResponse rows into a SearchResult, checking each row's K/V tensor."""
+    """Assembles SearchResponse rows into a SearchResult, checking each row's K/V."""
 
     def __init__(self, spec: SessionSpec, q: int, k: int) -> None:
         self.spec, self.q, self.k = spec, q, k
@@ -211,12 +444,18 @@ class _Rows:
         self.lengths = np.zeros((q, k), np.int32)  # (q, k)
         self.records: np.ndarray | None = None  # (q, k, record_bytes)
 
-    def add(self, msg: pb.SearchResponse) -> None:
-        r, k, rb = msg.row, self.k, self.spec.record_bytes
+    def _row(self, msg: pb.SearchResponse) -> int:
+        r = msg.row
         if not 0 <= r < self.q:
             raise InvalidArgument("row", f"reply row {r} outside 0..{self.q - 1}")
-        kv = tensor.decode(msg.kv, f"rows[{r}].kv", dtypes=self.code, shape=(k, *self.spec.wire_kv[1]))
         self.ids[r], self.scores[r], self.lengths[r] = msg.ids, msg.scores, msg.lengths
+        return r
+
+    def add(self, msg: pb.SearchResponse, data: memoryview | bytes | None = None) -> None:
+        """A row whose K/V are in the message (`data`: cut out of the received bytes by rawwire)."""
+        r, k, rb = self._row(msg), self.k, self.spec.record_bytes
+        shape = (k, *self.spec.wire_kv[1])
+        kv = tensor.decode(msg.kv, f"rows[{r}].kv", dtypes=self.code, shape=shape, data=data)
         flat = kv.view(np.uint8).reshape(k, rb)  # (k, record_bytes), a view of the reply
         if self.q == 1:
             self.records = flat[None]
@@ -224,6 +463,32 @@ class _Rows:
         if self.records is None:
             self.records = np.zeros((self.q, k, rb), np.uint8)
         self.records[r] = flat
+
+    def add_shared(self, msg: pb.SearchResponse, lease: shm.Lease) -> None:
+        """A row whose K/V the server put in the call's shared region: each record is checked against
+        the CRC-32 it was stored with (a torn or overwritten region is DataLoss, never data)."""
+        if not msg.HasField("kv_region"):  # the server kept them in the message
+            self.add(msg)
+            return
+        r, k, rb = self._row(msg), self.k, self.spec.record_bytes
+        region, want = msg.kv_region, lease.region(r * k * rb, k * rb)
+        if (region.segment, region.offset, region.length) != (want.segment, want.offset, want.length):
+            raise InvalidArgument(f"rows[{r}].kv_region", "not the region this call gave")
+        tensor.check_header(
+            msg.kv, f"rows[{r}].kv", k * rb, dtypes=self.code, shape=(k, *self.spec.wire_kv[1])
+        )
+        if len(msg.record_crcs) != k:
+            raise InvalidArgument(f"rows[{r}].record_crcs", f"{len(msg.record_crcs)} given, {k} expected")
+        records = lease.array.reshape(self.q, k, rb)
+        for j in range(k):
+            if tensor.checksum(records[r, j]) != msg.record_crcs[j]:
+                raise DataLoss(
+                    f"K/V of chunk {self.ids[r, j]} fail the CRC-32 they were stored with "
+                    "(damaged on disk or in the shared segment)"
+                )
+        records = records.view()
+        records.flags.writeable = False  # as a reply's bytes: what the server sent, read-only
+        self.records = records  # rows land in place: a view of the region (keeps the lease)
 
     def result(self) -> SearchResult:
         records = self.records

@@ -31,14 +31,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from memlong.atomic import fsync_dir
 from memlong.errors import DataLoss
-from memlong.services.common.tensor import checksum
+from memlong.services.common.tensor import checksum, zeros_checksum
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,22 @@ _IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 def as_refs(records: np.ndarray) -> np.ndarray:
     """(…, REF_BYTES) uint8 references -> (…,) structured REF view (no copy)."""
     return np.ascontiguousarray(records).view(REF)[..., 0]
+
+
+def crcs(records: np.ndarray, record_bytes: int) -> np.ndarray:
+    """The CRC-32 each referenced record was stored with ((…, REF_BYTES) -> (…,) uint32); padding
+    slots get the CRC-32 of a zero record (what `read` puts there)."""
+    refs = as_refs(records.reshape(-1, REF_BYTES))
+    out = np.where(refs["file"] == 0, np.uint32(zeros_checksum(record_bytes)), refs["crc"]).astype(np.uint32)
+    return out.reshape(records.shape[:-1])
+
+
+class CrcMismatch(ValueError):
+    """A record to write is not what its CRC-32 says (`index`: its position in the batch)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"record {index} does not match its CRC-32")
+        self.index = index
 
 
 def referenced_files(records: np.ndarray) -> set[int]:
@@ -112,14 +128,25 @@ class KVFiles:
 
     # ---------------------------------------------------------------------------------- write
 
-    def write(self, records: np.ndarray) -> np.ndarray:
-        """Append records (n, record_bytes) uint8; returns their references (n, REF_BYTES) uint8.
+    def write(
+        self, records: np.ndarray | Sequence[np.ndarray], expect: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Append records ((n, record_bytes) uint8, or n equal-length uint8 rows that may lie anywhere:
+        views of a received message or of a shared-memory region, written from where they are);
+        returns their references (n, REF_BYTES) uint8.
 
-        Not durable on return: `sync` (the log's flusher) makes it so."""
-        records = np.ascontiguousarray(records)
-        n, width = records.shape
+        expect: the CRC-32 each record should have (what the client sent); a record that differs
+        raises CrcMismatch before anything is written. Not durable on return: `sync` (the log's
+        flusher) makes it so."""
+        rows = list(records) if not isinstance(records, np.ndarray) else list(np.ascontiguousarray(records))
+        n = len(rows)
+        width = len(memoryview(rows[0]).cast("B")) if n else 0
         refs = np.zeros(n, REF)  # (n,)
-        refs["crc"] = [checksum(r) for r in records]
+        refs["crc"] = [checksum(r) for r in rows]
+        if expect is not None:
+            bad = np.flatnonzero(refs["crc"] != np.asarray(expect, np.uint32))
+            if len(bad):
+                raise CrcMismatch(int(bad[0]))
         with self._lock:
             if self._wfd < 0:
                 raise OSError("K/V files are closed")
@@ -128,7 +155,7 @@ class KVFiles:
                 os.close(self._wfd)
                 self._start(self._active + 1)
             for lo in range(0, n, _IOV_MAX):
-                _writev_all(self._wfd, [memoryview(r) for r in records[lo : lo + _IOV_MAX]])
+                _writev_all(self._wfd, [memoryview(r).cast("B") for r in rows[lo : lo + _IOV_MAX]])
             refs["file"] = self._active
             refs["off"] = self._pos + width * np.arange(n, dtype=np.uint64)
             self._pos += n * width
@@ -148,13 +175,23 @@ class KVFiles:
 
     # ----------------------------------------------------------------------------------- read
 
-    def read(self, records: np.ndarray, record_bytes: int, verify: bool = True) -> np.ndarray:
+    def read(
+        self, records: np.ndarray, record_bytes: int, verify: bool = True, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """References (…, REF_BYTES) -> K/V records (…, record_bytes) uint8; padding reads as zeros.
 
-        verify: check each record's CRC-32 (DataLoss naming the file and offset when it differs)."""
+        verify: check each record's CRC-32 (DataLoss naming the file and offset when it differs).
+        Without it the caller checks them where they are used (`crcs`: the same-host transport has
+        the client check what it received, so each record is checked once, where it is used).
+        out: where to read them to ((m, record_bytes) uint8, e.g. a shared-memory region); a new
+        array when None."""
         lead = records.shape[:-1]
         refs = as_refs(records.reshape(-1, REF_BYTES))  # (m,)
-        out = np.zeros((len(refs), record_bytes), np.uint8)  # (m, record_bytes)
+        if out is None:
+            out = np.zeros((len(refs), record_bytes), np.uint8)  # (m, record_bytes)
+        else:
+            out = out.reshape(len(refs), record_bytes)
+            out[refs["file"] == 0] = 0
         for i in np.flatnonzero(refs["file"]):
             ref = refs[i]
             fid, off = int(ref["file"]), int(ref["off"])

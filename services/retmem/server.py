@@ -3,13 +3,19 @@
 `RetMemServer` hosts one or more shards in one process: it starts listening at once (health
 NOT_SERVING), recovers every shard, then flips health to SERVING. `stop` flips health first, then
 refuses new calls (UNAVAILABLE) while in-flight ones finish, then closes the logs.
+
+The K/V of Append, Retrieve and Search never pass through protobuf objects: Append's request is read
+with `rawwire.parse_append` (each record stays a view of the received bytes and is written to the data
+files from there), and retrieval replies are written by `rawwire` straight from the records read (one
+join into the reply bytes). A same-host caller names shared-memory regions instead (`shm`): records go
+from its region to the data files, and from the data files into its region.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +27,15 @@ from grpc_health.v1 import health_pb2
 from memlong.api.retmem.v1 import retmem_pb2 as pb
 from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from memlong.memory import SearchResult
 from memlong.rpc import metrics
 from memlong.rpc.status import grpc_errors
 from memlong.rpc.tls import TlsConfig
 from memlong.services.common import tensor
 from memlong.services.common.server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions, Service, ServiceProcess
 
-from . import wire
+from . import rawwire, shm, wire
 from .routing import Placement
-from .shard import RecoveryReport, Shard
+from .shard import RecoveryReport, Shard, StoredResult
 from .store import SessionSpec
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,11 @@ class RetMemConfig:
     # query row, calls run in parallel on gRPC threads, and idle OpenMP workers spinning on 2 cores
     # made a 2000-chunk search 20x slower.
     faiss_threads: int = 1
+    # Same-host transport: open clients' shared-memory segments in this directory (see shm.py);
+    # None: shm.default_dir() (/dev/shm). shared_memory=False answers Attach with FAILED_PRECONDITION,
+    # so every client keeps K/V in the messages.
+    shared_memory: bool = True
+    shm_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.shards or len(set(self.shards)) != len(self.shards):
@@ -87,10 +97,12 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         shards: Mapping[str, Shard],
         placement: Placement,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        segments: shm.SegmentTable | None = None,
     ) -> None:
         self.shards = shards
         self.placement = placement
         self.max_message_bytes = max_message_bytes
+        self.segments = segments or shm.SegmentTable(None)  # default: no shared memory
         self.accepting = threading.Event()
         self.accepting.set()
         self.on_delete: Callable[[], None] = lambda: None
@@ -145,54 +157,123 @@ class RetMemServicer(pb_grpc.RetMemServicer):
 
     @grpc_errors
     def Append(self, request, context):  # noqa: N802
+        """request: a rawwire.RawAppend (the registered deserializer) or an AppendRequest."""
         self._start_write(context)
         shard = self._shard(request.session_id)
         spec = shard.spec(request.session_id)
-        chunks = request.chunks
+        chunks = request.chunks if isinstance(request, rawwire.RawAppend) else _as_raw(request.chunks)
         if not chunks:
             raise InvalidArgument("chunks", "at least one chunk is required")
-        kv_dtype = (wire.kv_dtype_code(spec),)
-        embeddings = np.empty((len(chunks), spec.dim), np.float32)  # (n, dim)
+        kv_dtype, rb = (wire.kv_dtype_code(spec),), spec.record_bytes
+        n = len(chunks)
+        embeddings = np.empty((n, spec.dim), np.float32)  # (n, dim)
+        rows: list[np.ndarray] = []
+        crcs = np.empty(n, np.uint32)
+        shared = 0
         for i, c in enumerate(chunks):
+            m = c.meta
             embeddings[i] = tensor.decode(
-                c.embedding, f"chunks[{i}].embedding", dtypes=F32, shape=(spec.dim,)
+                m.embedding, f"chunks[{i}].embedding", dtypes=F32, shape=(spec.dim,)
             )
-            tensor.decode(c.kv, f"chunks[{i}].kv", dtypes=kv_dtype, shape=spec.wire_kv[1])
-        records = np.frombuffer(b"".join(c.kv.data for c in chunks), np.uint8).reshape(len(chunks), -1)
-        ids = np.fromiter((c.seq for c in chunks), np.int64, len(chunks))
-        lengths = np.fromiter((c.length for c in chunks), np.int32, len(chunks))
-        n = shard.append(request.session_id, ids, embeddings, records, lengths)
-        return pb.AppendResponse(appended=n)
+            field_ = f"chunks[{i}].kv"
+            if m.HasField("kv_region"):
+                if len(c.data):
+                    raise InvalidArgument(f"{field_}.data", "must be empty when kv_region is set")
+                row = self.segments.view(m.kv_region, rb, f"chunks[{i}].kv_region")
+                shared += rb
+            else:
+                row = np.frombuffer(c.data, np.uint8)
+            tensor.check_header(m.kv, field_, len(row), dtypes=kv_dtype, shape=spec.wire_kv[1])
+            rows.append(row)
+            crcs[i] = m.kv.checksum  # checked where each record's CRC-32 is computed anyway (the shard)
+        ids = np.fromiter((c.meta.seq for c in chunks), np.int64, n)
+        lengths = np.fromiter((c.meta.length for c in chunks), np.int32, n)
+        appended = shard.append(request.session_id, ids, embeddings, rows, lengths, crcs)
+        _count("Append", "received", shm_bytes=shared, total=n * rb)
+        return pb.AppendResponse(appended=appended)
 
-    def _search(self, request) -> tuple[SessionSpec, SearchResult]:
+    def _search(self, request) -> tuple[SessionSpec, StoredResult, pb.SharedRegion | None]:
         shard = self._shard(request.session_id)
         spec = shard.spec(request.session_id)
         queries = tensor.decode(request.queries, "queries", dtypes=F32, shape=(None, spec.dim))
-        return spec, shard.search(request.session_id, queries, request.top_k)
+        if not request.HasField("reply_region"):
+            return spec, shard.search(request.session_id, queries, request.top_k), None
+        # Same host: the records go from the data files straight into the caller's region, unchecked
+        # here; the caller checks each against the CRC-32 it was stored with (record_crcs).
+        region = request.reply_region
+        q, k = len(queries), max(int(request.top_k), 0)
+        into = self.segments.view(region, q * k * spec.record_bytes, "reply_region")
+        into = into.reshape(q, k, spec.record_bytes)
+        return spec, shard.search(request.session_id, queries, request.top_k, into=into, verify=False), region
+
+    def _rows(
+        self, spec: SessionSpec, result: StoredResult, region: pb.SharedRegion | None
+    ) -> Iterator[bytes]:
+        """The reply's rows as SearchResponse bytes: K/V in the message (rawwire, no protobuf copy),
+        or only their place and stored CRC-32s when they went to a shared region."""
+        q, k = result.ids.shape
+        rb, code = spec.record_bytes, wire.kv_dtype_code(spec)
+        for row in range(q):
+            head = pb.SearchResponse(
+                row=row,
+                ids=result.ids[row].tolist(),
+                scores=result.scores[row].tolist(),
+                lengths=result.lengths[row].tolist(),
+            )
+            head.kv.dtype = code
+            head.kv.shape[:] = (k, *spec.wire_kv[1])
+            records = result.records[row]  # (k, record_bytes)
+            if region is not None:
+                crcs = result.crcs[row] if result.crcs is not None else [tensor.checksum(r) for r in records]
+                head.kv_region.segment = region.segment
+                head.kv_region.offset = region.offset + row * k * rb
+                head.kv_region.length = k * rb
+                head.record_crcs[:] = [int(c) for c in crcs]
+                yield head.SerializeToString()
+                continue
+            data = memoryview(np.ascontiguousarray(records)).cast("B")
+            head.kv.checksum = (
+                tensor.concat_checksum(result.crcs[row], rb)
+                if result.crcs is not None
+                else tensor.checksum(data)
+            )
+            yield rawwire.search_response(head, data)
 
     @grpc_errors
     def Search(self, request, context):  # noqa: N802
-        spec, result = self._search(request)
-        for row in range(len(result.ids)):
+        spec, result, region = self._search(request)
+        _count(
+            "Search", "sent", shm_bytes=result.records.nbytes if region else 0, total=result.records.nbytes
+        )
+        for row in self._rows(spec, result, region):
             if not context.is_active():
                 return
-            msg = pb.SearchResponse()
-            wire.fill_row(msg, spec, result, row)
-            yield msg
+            yield row
 
     @grpc_errors
     def Retrieve(self, request, context):  # noqa: N802
-        spec, result = self._search(request)
+        spec, result, region = self._search(request)
         q, k = result.ids.shape
-        size = q * (k * (spec.record_bytes + 32) + 64)  # an upper bound of the encoded reply
-        if size > self.max_message_bytes:
-            raise ResourceExhausted(
-                f"reply of ~{size} bytes exceeds the {self.max_message_bytes}-byte limit; use Search"
-            )
-        reply = pb.RetrieveResponse()
-        for row in range(q):
-            wire.fill_row(reply.rows.add(), spec, result, row)
-        return reply
+        if region is None:
+            size = q * (k * (spec.record_bytes + 32) + 64)  # an upper bound of the encoded reply
+            if size > self.max_message_bytes:
+                raise ResourceExhausted(
+                    f"reply of ~{size} bytes exceeds the {self.max_message_bytes}-byte limit; use Search"
+                )
+        _count(
+            "Retrieve", "sent", shm_bytes=result.records.nbytes if region else 0, total=result.records.nbytes
+        )
+        # RetrieveResponse = its rows, each as field 1: the row bytes are framed, not parsed again.
+        return b"".join(
+            rawwire.varint(rawwire.RETRIEVE_ROWS << 3 | rawwire.LEN) + rawwire.varint(len(r)) + r
+            for r in self._rows(spec, result, region)
+        )
+
+    @grpc_errors
+    def Attach(self, request, context):  # noqa: N802
+        if not 8 <= request.nonce_bytes <= 64:
+            raise InvalidArgument("nonce_bytes", "must be in 8..64")
+        return pb.AttachResponse(nonce=self.segments.nonce(request.segment, request.nonce_bytes))
 
     @grpc_errors
     def Fetch(self, request, context):  # noqa: N802
@@ -263,6 +344,57 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         return pb.ImportSessionResponse(num_chunks=n, shard=shard.name)
 
 
+def _as_raw(chunks) -> list[rawwire.RawChunk]:
+    """Chunks of a parsed AppendRequest (a servicer called in process) as RawChunks."""
+    out = []
+    for c in chunks:
+        meta = pb.Chunk()
+        meta.CopyFrom(c)
+        data = meta.kv.data
+        meta.kv.ClearField("data")
+        out.append(rawwire.RawChunk(meta, memoryview(data)))
+    return out
+
+
+def _count(method: str, direction: str, shm_bytes: int, total: int) -> None:
+    """memlong.retmem.transport.* on the server side: which transport a K/V call used, bytes moved."""
+    transport = "shm" if shm_bytes else "grpc"
+    labels = {"transport": transport, "rpc.method": method, "side": "server"}
+    inst = metrics.instruments()
+    inst.transport_calls.add(1, labels)
+    inst.transport_bytes.add(total, {**labels, "direction": direction})
+
+
+def _raw_or_message(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_servicer(servicer: RetMemServicer, server: grpc.Server) -> None:
+    """Register the RetMem service as the generated add_RetMemServicer_to_server does, except that
+    Append's request is read by rawwire (the K/V stay in the received bytes) and Retrieve and Search
+    may answer with ready-made bytes (rawwire replies)."""
+    service = pb.DESCRIPTOR.services_by_name["RetMem"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        parse = rawwire.parse_append if method.name == "Append" else request_cls.FromString
+        serialize = (
+            _raw_or_message if method.name in ("Retrieve", "Search") else response_cls.SerializeToString
+        )
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name), request_deserializer=parse, response_serializer=serialize
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class RetMemServer(ServiceProcess):
     """A process's ret-mem: its shards behind one listener. Listens at once (NOT_SERVING), recovers every
     shard, then serves; `begin_stop` also refuses new calls (UNAVAILABLE), `finish_stop` snapshots and
@@ -277,14 +409,17 @@ class RetMemServer(ServiceProcess):
             for name in config.shards
         }
         self.placement = Placement(config.shards, config.all_shards)
-        self.servicer = RetMemServicer(self.shards, self.placement, config.max_message_bytes)
+        shm_dir = (config.shm_dir or shm.default_dir()) if config.shared_memory else None
+        self.servicer = RetMemServicer(
+            self.shards, self.placement, config.max_message_bytes, shm.SegmentTable(shm_dir)
+        )
         self.servicer.on_delete = self._report_integrity
         self.recovery: dict[str, RecoveryReport] = {}
         self.recovered = threading.Event()
         metrics.observe_memory(self.servicer)
 
     def _service(self) -> Service:
-        return Service(SERVICE_NAME, pb_grpc.add_RetMemServicer_to_server, self.servicer)
+        return Service(SERVICE_NAME, add_servicer, self.servicer)
 
     def start(self, recover_in_background: bool = False) -> int:
         """Listen (NOT_SERVING), recover every shard, then SERVING. Returns the bound port."""
@@ -331,3 +466,4 @@ class RetMemServer(ServiceProcess):
             if self.config.checkpoint_on_stop and shard.healthy:
                 shard.checkpoint()
             shard.close()
+        self.servicer.segments.close()

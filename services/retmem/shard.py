@@ -45,6 +45,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,10 @@ from memlong.atomic import write_atomic
 from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from memlong.ids import check_session_id
 from memlong.memory import MemoryBank, MemoryConfig, SearchResult, SessionMemory
+from memlong.services.common.tensor import checksum
 
-from . import snapshot
-from .kvfiles import REF_BYTES, KVFiles, referenced_files
+from . import kvfiles, snapshot
+from .kvfiles import REF_BYTES, CrcMismatch, KVFiles, referenced_files
 from .store import SessionInfo, SessionSpec, as_records, check_lengths
 from .wal import ReplayReport, WriteAheadLog, replay, truncate_from
 
@@ -116,6 +118,37 @@ class _Meta:
 
     def clear_hits(self) -> None:
         self.hits, self.n_hits, self.searches, self.queries = [], 0, 0, 0
+
+
+@dataclass(frozen=True)
+class StoredResult(SearchResult):
+    """A search result and the CRC-32 each record was stored with ((q, k) uint32, padding: the CRC-32
+    of a zero record); None where the shard keeps K/V in memory (nothing stored with a checksum)."""
+
+    crcs: np.ndarray | None = None
+
+
+def as_rows(spec: SessionSpec, kv: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """An append's K/V as one uint8 row of record_bytes per chunk (views, no copy)."""
+    if isinstance(kv, np.ndarray):
+        return list(as_records(spec, kv))
+    rows = list(kv)
+    for i, r in enumerate(rows):
+        if not isinstance(r, np.ndarray) or r.dtype != np.uint8 or r.shape != (spec.record_bytes,):
+            raise InvalidArgument(f"kv[{i}]", f"must be ({spec.record_bytes},) uint8")
+    return rows
+
+
+def _crc_error(index: int) -> InvalidArgument:
+    return InvalidArgument(f"chunks[{index}].kv.checksum", "CRC-32 of data does not match")
+
+
+def _check_crcs(rows: Sequence[np.ndarray], crcs: np.ndarray | None) -> None:
+    if crcs is None:
+        return
+    for i, (r, c) in enumerate(zip(rows, crcs, strict=True)):
+        if checksum(r) != int(c):
+            raise _crc_error(i)
 
 
 class _TornKV(Exception):
@@ -269,16 +302,32 @@ class Shard:
                     raise
 
     def append(
-        self, session_id: str, ids: np.ndarray, embeddings: np.ndarray, kv: np.ndarray, lengths: np.ndarray
+        self,
+        session_id: str,
+        ids: np.ndarray,
+        embeddings: np.ndarray,
+        kv: np.ndarray | Sequence[np.ndarray],
+        lengths: np.ndarray,
+        crcs: np.ndarray | None = None,
     ) -> int:
-        """Store chunks (see SessionMemory.append); returns how many were new. Durable on return."""
+        """Store chunks (see SessionMemory.append); returns how many were new. Durable on return.
+
+        kv: (n, record_bytes) uint8 or typed (n, *kv_shape) records, or n uint8 rows of record_bytes
+        each wherever they lie (views of a received message or of a shared-memory region: written to
+        the data files from there). crcs: the CRC-32 the caller says each record has (the wire's
+        chunks[i].kv.checksum); a record that differs is INVALID_ARGUMENT naming that field, and
+        nothing is stored."""
         meta, mem = self._locked(session_id)
         try:
-            records = as_records(meta.spec, kv)
+            rows = as_rows(meta.spec, kv)
             check_lengths(meta.spec, np.asarray(lengths))
             kv_bytes = 0
             if self.kv is not None:
-                records, kv_bytes = self._write_kv(meta.spec, mem, ids, records)
+                records, kv_bytes = self._write_kv(meta.spec, mem, ids, rows, crcs)
+            else:
+                _check_crcs(rows, crcs)
+                stacked = np.stack(rows) if rows else np.empty((0, meta.spec.record_bytes), np.uint8)
+                records = as_records(meta.spec, kv if isinstance(kv, np.ndarray) else stacked)
             n = len(ids)
             before = mem.ids() if len(mem) + n > meta.spec.memory_size else None
             n_before = len(mem)
@@ -309,11 +358,17 @@ class Shard:
             meta.lock.release()
 
     def _write_kv(
-        self, spec: SessionSpec, mem: SessionMemory, ids: Any, records: np.ndarray
+        self,
+        spec: SessionSpec,
+        mem: SessionMemory,
+        ids: Any,
+        records: list[np.ndarray],
+        crcs: np.ndarray | None,
     ) -> tuple[np.ndarray, int]:
-        """Write a batch's new K/V to the data files; returns the references the core stores and the
-        bytes written. A replay of a stored chunk is compared with the stored bytes here (different
-        bytes: AlreadyExists) and gets the stored reference, so the core sees an exact replay."""
+        """Write a batch's new K/V (one uint8 row per chunk) to the data files, each checked against
+        its CRC-32 in `crcs` first; returns the references the core stores and the bytes written. A
+        replay of a stored chunk is compared with the stored bytes here (different bytes:
+        AlreadyExists) and gets the stored reference, so the core sees an exact replay."""
         assert self.kv is not None
         if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.shape != (len(records),):
             raise InvalidArgument("ids", f"must be ({len(records)},) int64 aligned with the records")
@@ -322,20 +377,26 @@ class Shard:
         refs = np.zeros((len(ids), REF_BYTES), np.uint8)  # (n, REF_BYTES); zero: never stored
         n_old = int(np.searchsorted(ids, mem.stats()["max_id"], side="right"))  # replays form a prefix
         if n_old:
+            _check_crcs(records[:n_old], None if crcs is None else crcs[:n_old])
             held_ids = mem.ids()
             pos = np.searchsorted(held_ids, ids[:n_old])
             held = pos < len(held_ids)
             held[held] = held_ids[pos[held]] == ids[:n_old][held]
             if held.any():
+                where = np.flatnonzero(held)
                 stored_refs, _ = mem.fetch(ids[:n_old][held])
-                same = (self.kv.read(stored_refs, spec.record_bytes) == records[:n_old][held]).all(axis=1)
+                stored = self.kv.read(stored_refs, spec.record_bytes)
+                same = np.array([np.array_equal(stored[j], records[i]) for j, i in enumerate(where)])
                 if not same.all():
                     bad = ids[:n_old][held][~same][:8].tolist()
                     raise AlreadyExists(f"chunk ids already stored with different content: {bad}")
-                refs[np.flatnonzero(held)] = stored_refs
+                refs[where] = stored_refs
         if n_old < len(ids):
-            refs[n_old:] = self.kv.write(records[n_old:])
-        return refs, records[n_old:].nbytes
+            try:
+                refs[n_old:] = self.kv.write(records[n_old:], None if crcs is None else crcs[n_old:])
+            except CrcMismatch as e:
+                raise _crc_error(n_old + e.index) from None
+        return refs, (len(ids) - n_old) * spec.record_bytes
 
     def _note_kv(self, refs: np.ndarray, lsn: int) -> None:
         for f in referenced_files(refs):
@@ -345,13 +406,31 @@ class Shard:
         """The core's records as K/V: read from the data files when they are references."""
         return records if self.kv is None else self.kv.read(records, spec.record_bytes)
 
-    def search(self, session_id: str, queries: np.ndarray, top_k: int) -> SearchResult:
+    def search(
+        self,
+        session_id: str,
+        queries: np.ndarray,
+        top_k: int,
+        into: np.ndarray | None = None,
+        verify: bool = True,
+    ) -> StoredResult:
+        """Top-k chunks per query row (SessionMemory.search), with the CRC-32 each record was stored
+        with. into: where to put the records ((q, top_k, record_bytes) uint8, e.g. a shared-memory
+        region); verify=False leaves the records' CRC-32 to the caller (who checks them against
+        `crcs` where they are used)."""
         meta, mem = self._locked(session_id)
         try:
             result = mem.search(queries, top_k)
+            rb, crcs = meta.spec.record_bytes, None
             if self.kv is not None:
-                kv = self.kv.read(result.records, meta.spec.record_bytes)  # (q, k, record_bytes)
-                result = SearchResult(result.ids, result.scores, kv, result.lengths)
+                crcs = kvfiles.crcs(result.records, rb)  # (q, k)
+                kv = self.kv.read(result.records, rb, verify=verify, out=into)  # (q, k, record_bytes)
+            elif into is not None:
+                into.reshape(result.records.shape)[...] = result.records
+                kv = into.reshape(result.records.shape)
+            else:
+                kv = result.records
+            result = StoredResult(result.ids, result.scores, kv, result.lengths, crcs)
             if self._wal is not None:
                 hit = result.ids[result.ids >= 0]  # (h,)
                 meta.hits.append(hit)

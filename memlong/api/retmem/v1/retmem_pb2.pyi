@@ -7,6 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SharedRegion(_message.Message):
+    __slots__ = ("segment", "offset", "length")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    offset: int
+    length: int
+    def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("segment", "nonce_bytes")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    nonce_bytes: int
+    def __init__(self, segment: _Optional[str] = ..., nonce_bytes: _Optional[int] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+
 class EvictionPolicy(_message.Message):
     __slots__ = ("protect_newest", "drop_oldest", "evict_free")
     PROTECT_NEWEST_FIELD_NUMBER: _ClassVar[int]
@@ -50,16 +74,18 @@ class CreateSessionResponse(_message.Message):
     def __init__(self, shard: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("seq", "embedding", "kv", "length")
+    __slots__ = ("seq", "embedding", "kv", "length", "kv_region")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    KV_REGION_FIELD_NUMBER: _ClassVar[int]
     seq: int
     embedding: _tensor_pb2.Tensor
     kv: _tensor_pb2.Tensor
     length: int
-    def __init__(self, seq: _Optional[int] = ..., embedding: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., kv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., length: _Optional[int] = ...) -> None: ...
+    kv_region: SharedRegion
+    def __init__(self, seq: _Optional[int] = ..., embedding: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., kv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., length: _Optional[int] = ..., kv_region: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
     __slots__ = ("session_id", "chunks")
@@ -76,14 +102,16 @@ class AppendResponse(_message.Message):
     def __init__(self, appended: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("session_id", "queries", "top_k")
+    __slots__ = ("session_id", "queries", "top_k", "reply_region")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REPLY_REGION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     queries: _tensor_pb2.Tensor
     top_k: int
-    def __init__(self, session_id: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    reply_region: SharedRegion
+    def __init__(self, session_id: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., reply_region: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("rows",)
@@ -92,18 +120,22 @@ class RetrieveResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("row", "ids", "scores", "lengths", "kv")
+    __slots__ = ("row", "ids", "scores", "lengths", "kv", "kv_region", "record_crcs")
     ROW_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    KV_REGION_FIELD_NUMBER: _ClassVar[int]
+    RECORD_CRCS_FIELD_NUMBER: _ClassVar[int]
     row: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     lengths: _containers.RepeatedScalarFieldContainer[int]
     kv: _tensor_pb2.Tensor
-    def __init__(self, row: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., lengths: _Optional[_Iterable[int]] = ..., kv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    kv_region: SharedRegion
+    record_crcs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, row: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., lengths: _Optional[_Iterable[int]] = ..., kv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., kv_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., record_crcs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("session_id", "ids")

@@ -105,6 +105,11 @@ class RetMemStub:
                 request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.SerializeToString,
                 response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/memlong.retmem.v1.RetMem/Attach',
+                request_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AttachRequest.SerializeToString,
+                response_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AttachResponse.FromString,
+                _registered_method=True)
 
 
 class RetMemServicer:
@@ -210,6 +215,17 @@ class RetMemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Same-host transport: asks the server to open a shared-memory segment the caller created and
+        read the nonce at its start. A caller whose ret-mem is on its own host moves K/V through such
+        segments (Chunk.kv_region, SearchRequest.reply_region) while the calls stay on gRPC; a server
+        that cannot see the segment (another host, container or user) answers FAILED_PRECONDITION and
+        the caller keeps K/V in the messages. UNIMPLEMENTED from servers that predate it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetMemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +288,11 @@ def add_RetMemServicer_to_server(servicer, server):
                     servicer.ImportSession,
                     request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.FromString,
                     response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AttachRequest.FromString,
+                    response_serializer=memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AttachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -609,6 +630,33 @@ class RetMem:
             '/memlong.retmem.v1.RetMem/ImportSession',
             memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.SessionPart.SerializeToString,
             memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.ImportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memlong.retmem.v1.RetMem/Attach',
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AttachRequest.SerializeToString,
+            memlong_dot_api_dot_retmem_dot_v1_dot_retmem__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,

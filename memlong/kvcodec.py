@@ -56,8 +56,12 @@ def encode(k: torch.Tensor, v: torch.Tensor, dtype: str, codec: str) -> np.ndarr
     """K, V (n, L, H, c, D) -> (n, record_bytes) uint8 records."""
     n = k.shape[0]
     if codec == "none":
-        stacked = torch.stack([k, v], dim=2).to(_TORCH[dtype]).contiguous()  # (n, L, 2, H, c, D)
-        return stacked.view(torch.uint8).reshape(n, -1).numpy()
+        # One pass: each of K and V is converted and laid out straight into the record (a stack
+        # first would write them once more, at float32 width).
+        out = torch.empty((n, k.shape[1], 2, *k.shape[2:]), dtype=_TORCH[dtype])  # (n, L, 2, H, c, D)
+        out[:, :, 0] = k
+        out[:, :, 1] = v
+        return out.view(torch.uint8).reshape(n, -1).numpy()
     k, v = k.float(), v.float()
     if codec == "int8":
         sk = _f16_scale(k.abs().amax(dim=3), 127.0)  # (n, L, H, D): per key channel

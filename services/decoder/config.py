@@ -32,6 +32,9 @@ class DecoderConfig:
     max_inflight: int = 4  # calls admitted at once; more get RESOURCE_EXHAUSTED (backpressure)
     default_timeout_s: float = 600.0  # for calls that arrive without a deadline
     retmem_timeout_s: float = 30.0  # cap of one ret-mem call (still never past the caller's deadline)
+    # K/V through shared memory when ret-mem is on this host (memlong.services.retmem.shm); off: always
+    # in the gRPC messages. MEMLONG_RETMEM_SHARED_MEMORY=0 turns it off for every client of a process.
+    retmem_shared_memory: bool = True
     max_call_text_bytes: int = 64 << 20  # all the text of one call (an ingest stream, a Score, a prompt)
     prefetch: bool = True  # overlap the next chunk's retrieval with the current chunk's compute
     ingest_progress_tokens: int = 2048  # tokens between two IngestProgress messages
@@ -79,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, default=int(env(ENV_PREFIX + "MAX_INFLIGHT", "4")))
     p.add_argument("--no-prefetch", action="store_true", help="retrieve at the boundary, no overlap")
     p.add_argument(
+        "--no-retmem-shared-memory",
+        action="store_true",
+        default=env(ENV_PREFIX + "NO_RETMEM_SHARED_MEMORY", "") not in ("", "0"),
+        help="keep K/V in the gRPC messages even when ret-mem is on this host",
+    )
+    p.add_argument(
         "--window-cache-sessions",
         type=int,
         default=int(env(ENV_PREFIX + "WINDOW_CACHE_SESSIONS", "8")),
@@ -109,5 +118,6 @@ def config_from_args(args: argparse.Namespace) -> DecoderConfig:
         threads=args.threads,
         max_inflight=args.max_inflight,
         prefetch=not args.no_prefetch,
+        retmem_shared_memory=not getattr(args, "no_retmem_shared_memory", False),
         window_cache_sessions=args.window_cache_sessions,
     )

@@ -218,6 +218,7 @@ class DecoderServer(ServiceProcess):
             max_message_bytes=config.max_message_bytes,
             internal_token=config.internal_token,
             tls=config.tls,
+            shared_memory=None if config.retmem_shared_memory else False,  # None: on unless the env says off
         )
         engine = DecoderEngine(
             model,

@@ -352,7 +352,12 @@ class RetMemClient:
         """The server reads the records into this call's region; each is checked here."""
         nbytes = q * k * spec.record_bytes
         lease = self._segments().lease(nbytes)
-        req.reply_region.CopyFrom(lease.region(0, nbytes))
+        req = pb.SearchRequest(
+            session_id=req.session_id,
+            queries=req.queries,
+            top_k=req.top_k,
+            reply_region=lease.region(0, nbytes),
+        )
         try:
             reply = self._stub(session_id).Retrieve(req, timeout=self._timeout(deadline))
             out = _Rows(spec, q, k)

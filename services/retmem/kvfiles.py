@@ -181,17 +181,19 @@ class KVFiles:
         """References (…, REF_BYTES) -> K/V records (…, record_bytes) uint8; padding reads as zeros.
 
         verify: check each record's CRC-32 (DataLoss naming the file and offset when it differs).
-        Without it the caller checks them where they are used (`crcs`: the same-host transport has
-        the client check what it received, so each record is checked once, where it is used).
+        Without it the caller checks them where they are used, against `crcs(records)` (the
+        same-host transport: the client checks what it received, so each record is checked once).
         out: where to read them to ((m, record_bytes) uint8, e.g. a shared-memory region); a new
         array when None."""
         lead = records.shape[:-1]
         refs = as_refs(records.reshape(-1, REF_BYTES))  # (m,)
         if out is None:
-            out = np.zeros((len(refs), record_bytes), np.uint8)  # (m, record_bytes)
+            out = np.empty(
+                (len(refs), record_bytes), np.uint8
+            )  # (m, record_bytes); not zeroed: written below
         else:
             out = out.reshape(len(refs), record_bytes)
-            out[refs["file"] == 0] = 0
+        out[refs["file"] == 0] = 0
         for i in np.flatnonzero(refs["file"]):
             ref = refs[i]
             fid, off = int(ref["file"]), int(ref["off"])

@@ -240,7 +240,8 @@ class RetMemServicer(pb_grpc.RetMemServicer):
             yield rawwire.search_response(head, data)
 
     @grpc_errors
-    def Search(self, request, context):  # noqa: N802
+    def search_bytes(self, request, context) -> Iterator[bytes]:
+        """Search, each reply message as its bytes (what `add_servicer` registers)."""
         spec, result, region = self._search(request)
         _count(
             "Search", "sent", shm_bytes=result.records.nbytes if region else 0, total=result.records.nbytes
@@ -251,7 +252,8 @@ class RetMemServicer(pb_grpc.RetMemServicer):
             yield row
 
     @grpc_errors
-    def Retrieve(self, request, context):  # noqa: N802
+    def retrieve_bytes(self, request, context) -> bytes:
+        """Retrieve, the reply as its bytes (what `add_servicer` registers)."""
         spec, result, region = self._search(request)
         q, k = result.ids.shape
         if region is None:
@@ -268,6 +270,14 @@ class RetMemServicer(pb_grpc.RetMemServicer):
             rawwire.varint(rawwire.RETRIEVE_ROWS << 3 | rawwire.LEN) + rawwire.varint(len(r)) + r
             for r in self._rows(spec, result, region)
         )
+
+    # As messages, for a server that registers this servicer with the generated add function.
+    def Search(self, request, context):  # noqa: N802
+        for row in self.search_bytes(request, context):
+            yield pb.SearchResponse.FromString(row)
+
+    def Retrieve(self, request, context):  # noqa: N802
+        return pb.RetrieveResponse.FromString(self.retrieve_bytes(request, context))
 
     @grpc_errors
     def Attach(self, request, context):  # noqa: N802
@@ -365,32 +375,26 @@ def _count(method: str, direction: str, shm_bytes: int, total: int) -> None:
     inst.transport_bytes.add(total, {**labels, "direction": direction})
 
 
-def _raw_or_message(response) -> bytes:
-    return response if isinstance(response, bytes) else response.SerializeToString()
-
-
 def add_servicer(servicer: RetMemServicer, server: grpc.Server) -> None:
     """Register the RetMem service as the generated add_RetMemServicer_to_server does, except that
     Append's request is read by rawwire (the K/V stay in the received bytes) and Retrieve and Search
-    may answer with ready-made bytes (rawwire replies)."""
+    answer with ready-made bytes (rawwire replies)."""
     service = pb.DESCRIPTOR.services_by_name["RetMem"]
+    raw = {"Retrieve": servicer.retrieve_bytes, "Search": servicer.search_bytes}
     handlers = {}
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
         parse = rawwire.parse_append if method.name == "Append" else request_cls.FromString
-        serialize = (
-            _raw_or_message if method.name in ("Retrieve", "Search") else response_cls.SerializeToString
-        )
+        serialize = None if method.name in raw else response_cls.SerializeToString
         make = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(
-            getattr(servicer, method.name), request_deserializer=parse, response_serializer=serialize
-        )
+        behaviour = raw.get(method.name) or getattr(servicer, method.name)
+        handlers[method.name] = make(behaviour, request_deserializer=parse, response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 

@@ -281,7 +281,14 @@ class SegmentTable:
     def _refuse(self, why: str) -> FailedPrecondition:
         return FailedPrecondition(f"shared segment: {why}")
 
-    def _get(self, name: str) -> _Mapped:
+    def _check(self, fd: int) -> os.stat_result:
+        """The file as it is now: a regular file of this user, owner-only (checked on every use)."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise self._refuse("not a private file of this server's user")
+        return st
+
+    def _get(self, name: str) -> tuple[_Mapped, os.stat_result]:
         if self.directory is None:
             raise self._refuse("shared memory is off on this server")
         if not NAME.fullmatch(name):
@@ -290,16 +297,15 @@ class SegmentTable:
             entry = self._open.get(name)
             if entry is not None:
                 self._open.move_to_end(name)
-                return entry
+        if entry is not None:
+            return entry, self._check(entry.fd)
         flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(self.directory / name, flags)
         except OSError as e:
             raise self._refuse(f"cannot open it here ({e.strerror})") from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-                raise self._refuse("not a private file of this server's user")
+            st = self._check(fd)
             entry = _Mapped(fd, st.st_size)
         except BaseException:
             os.close(fd)
@@ -311,31 +317,31 @@ class SegmentTable:
                 self._open.popitem(last=False)[1].close()
         if old is not None:
             old.close()
-        return entry
+        return entry, st
 
     def nonce(self, name: str, nbytes: int) -> bytes:
         """The first nbytes of a segment (Attach), read through the file, not the mapping."""
-        entry = self._get(name)
+        entry, _ = self._get(name)
         return os.pread(entry.fd, nbytes, 0)
 
     def view(self, region: pb.SharedRegion, nbytes: int, field: str) -> np.ndarray:
         """A writable uint8 view of the first `nbytes` of a region (checked to lie in the file)."""
         if region.length < nbytes:
             raise InvalidArgument(f"{field}.length", f"{region.length} bytes, {nbytes} needed")
-        entry = self._get(region.segment)
+        entry, st = self._get(region.segment)
         end = region.offset + nbytes
-        size = os.fstat(entry.fd).st_size  # the file now: a region past its end would fault
-        if end > size:
+        if end > st.st_size:  # the file as it is now: a region past its end would fault
             raise InvalidArgument(
-                f"{field}", f"region [{region.offset}, {end}) past the segment's {size} bytes"
+                field, f"region [{region.offset}, {end}) past the segment's {st.st_size} bytes"
             )
-        if end > entry.size:  # grew since it was mapped
+        if end > entry.size:  # grew since it was mapped: map it again
             with self._lock:
-                self._open.pop(region.segment, None)
+                if self._open.get(region.segment) is entry:
+                    del self._open[region.segment]
             entry.close()
-            entry = self._get(region.segment)
+            entry, st = self._get(region.segment)
             if end > entry.size:
-                raise InvalidArgument(f"{field}", "region past the segment's end")
+                raise InvalidArgument(field, "region past the segment's end")
         return np.frombuffer(entry.map, np.uint8, count=nbytes, offset=region.offset)
 
     def close(self) -> None:

@@ -78,9 +78,10 @@ def server(tmp_path: Path) -> Iterator[RetMemServer]:
     srv.stop(grace_s=1)
 
 
-@pytest.fixture
-def client(server: RetMemServer) -> RetMemClient:
-    return RetMemClient({"shard0": server.address()}, timeout_s=20)
+@pytest.fixture(params=["shm", "grpc"])
+def client(server: RetMemServer, request: pytest.FixtureRequest) -> RetMemClient:
+    """A client of `server` with K/V through shared memory (same host), then with K/V in the messages."""
+    return RetMemClient({"shard0": server.address()}, timeout_s=20, shared_memory=request.param == "shm")
 
 
 class ServerProcess:

@@ -14,7 +14,6 @@ import grpc
 import pytest
 import torch
 
-from memlong.api.retmem.v1 import retmem_pb2_grpc
 from memlong.client import Client
 from memlong.model import MemLongConfig
 from memlong.rpc import metrics
@@ -26,8 +25,9 @@ from memlong.services.gateway.config import GatewayConfig, Quotas, parse_keys
 from memlong.services.gateway.server import GatewayServer
 from memlong.services.retmem.routing import Placement
 from memlong.services.retmem.server import SERVICE_NAME as RETMEM_SERVICE
-from memlong.services.retmem.server import RetMemServicer
+from memlong.services.retmem.server import RetMemServicer, add_servicer
 from memlong.services.retmem.shard import Shard
+from memlong.services.retmem.shm import SegmentTable, default_dir
 from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong
 
 torch.set_num_threads(1)
@@ -104,11 +104,13 @@ class RetMem:
     def start(self) -> None:
         self.shard = Shard("shard0", self.data_dir)
         self.shard.open()
-        servicer = RetMemServicer({"shard0": self.shard}, Placement(["shard0"]))
+        # Shared memory on, as a ret-mem process has it: the decoder (loopback) moves K/V through it.
+        segments = SegmentTable(default_dir())
+        servicer = RetMemServicer({"shard0": self.shard}, Placement(["shard0"]), segments=segments)
         metrics.observe_memory(servicer)
         self.servicer = servicer
         options = ServerOptions(interceptors=(self.log.interceptor("retmem"),))
-        services = [Service(RETMEM_SERVICE, retmem_pb2_grpc.add_RetMemServicer_to_server, servicer)]
+        services = [Service(RETMEM_SERVICE, add_servicer, servicer)]
         self.server, self.port = create_server(f"127.0.0.1:{self.port}", services, options)
 
     def stop(self) -> None:

@@ -13,9 +13,12 @@ and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a 
   upper layers' window then warms up on the next tokens read with every layer.
 - Generation retrieves once with the prompt's own text before reading it (the prompt is given, so this
   is no look-ahead); scoring stays causal.
-- Prefetch: when scoring a known text through a memory that offers `search_async` (the ret-mem port),
-  the next chunk's query is known before the current chunk is computed, so its retrieval runs in the
-  background while the model works. The answer is the same as a search made at the boundary.
+- Prefetch: when reading a known text (score, ingest) through a memory that offers `search_async` (the
+  ret-mem port), the next boundary's query (the text of the chunk about to be computed) is known before
+  that chunk is computed, so its retrieval runs in the background while the model works. The chunks that
+  leave the window by that boundary are stored first (their K/V were read already), so the background
+  search sees the memory a search at the boundary would see, in the same order of calls: the answer is
+  the same. `ReaderStats.retrieval_hidden_s` says how much retrieval time the model did not wait for.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -58,17 +61,27 @@ class MemoryPort(Protocol):
     def search(self, queries: np.ndarray, top_k: int) -> SearchResultLike: ...
 
 
-class PrefetchingMemoryPort(MemoryPort, Protocol):
-    """A memory that can search in the background (optional; the Reader checks with hasattr).
+class PendingSearch(Protocol):
+    """A search started ahead by `search_async`."""
 
-    `search_async(make_queries, top_k)` starts embedding + search at once and returns a function that
-    waits for the result. The result must equal `search(make_queries(), top_k)` made when the function
-    is called, i.e. it must include chunks appended after `search_async` was called.
+    work_s: float  # seconds it took where it ran (embedding, search, `then`); set once result() returns
+
+    def result(self) -> Any:
+        """Wait for the search; `then` of its result."""
+        ...
+
+
+class PrefetchingMemoryPort(MemoryPort, Protocol):
+    """A memory that can search in the background (optional; the Reader checks with getattr).
+
+    `search_async(make_queries, top_k, then)` starts embedding + search + `then(result)` (the decode of
+    the K/V) at once. The search must answer as `search(make_queries(), top_k)` made at the moment of
+    the call; the Reader uses it only where nothing was appended since.
     """
 
     def search_async(
-        self, make_queries: Callable[[], np.ndarray], top_k: int
-    ) -> Callable[[], SearchResultLike]: ...
+        self, make_queries: Callable[[], np.ndarray], top_k: int, then: Callable[[SearchResultLike], Any]
+    ) -> PendingSearch: ...
 
 
 class Embedder(Protocol):
@@ -89,6 +102,11 @@ class ReaderStats:
     store_s: float = 0.0
     compute_s: float = 0.0
     bytes_retrieved: int = 0
+    # Retrieval work done in the background while the model computed (embedding, search, merge), less
+    # what the model still waited for: retrieval_s (waited) + retrieval_hidden_s is all retrieval time.
+    retrieval_hidden_s: float = 0.0
+    prefetched: int = 0  # retrievals answered by a search started ahead
+    prefetch_unused: int = 0  # searches started ahead that did not answer their boundary (work lost)
     # Blocks read after a memory search for their chunk (this call's, or the one a fork carried over).
     blocks_searched: int = 0
     blocks_with_memory: int = 0  # blocks that attended to retrieved chunks
@@ -232,8 +250,8 @@ class Reader:
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
         self._block_searched = False  # a memory search ran for the current chunk
-        # (position, query tokens, next chunk id at issue, wait-for-result) of a retrieval started ahead
-        self._prefetched: tuple[int, list[int], int, Callable[[], SearchResultLike]] | None = None
+        # (position, query tokens, next chunk id and top-k at issue, search) of a retrieval started ahead
+        self._prefetched: tuple[int, list[int], int, int, PendingSearch] | None = None
 
     def fork(self, memory: MemoryPort | None, writable: bool = False) -> Reader:
         """A reader with a copy of this one's local state, reading `memory` (None for sliding-only).
@@ -349,15 +367,25 @@ class Reader:
             self._next_query = (query, keys)
 
     def _prefetch(self, position: int, query_tokens: list[int]) -> None:
-        """Start the retrieval for the boundary at `position` (query known ahead) in the background."""
+        """Start the retrieval for the boundary at `position` in the background, before the block that
+        ends there is computed. `query_tokens` is that block's own text: known (the text is given) and
+        before the boundary, so the query stays causal."""
         search_async = getattr(self.memory, "search_async", None)
         if search_async is None or self.cfg.retrieval == "keys":  # the query comes out of this block
             return
+        # The chunks that leave the window by `position` were read already: store them now, so the
+        # search sees the memory (and ret-mem the order of calls) of a search made at the boundary.
+        c = self.cfg.chunk
+        leaving = max(0, (position - self.cfg.local_window - self._pend_start) // c)
+        if leaving := min(leaving, len(self._pend_tokens) // c):
+            self._store(leaving * c)
+        if self._pend_start == 0 and self.next_chunk_id == 0:  # nothing in memory yet: no search
+            return
         text = self.tokenizer.decode(query_tokens)
-        handle = search_async(
-            lambda: self._queries.embed(text), self.cfg.top_k + len(self._in_window(position))
-        )
-        self._prefetched = (position, query_tokens, self.next_chunk_id, handle)
+        in_window = self._in_window(position)
+        top_k = self.cfg.top_k + len(in_window)
+        search = search_async(lambda: self._queries.embed(text), top_k, self._memory_of(in_window))
+        self._prefetched = (position, list(query_tokens), self.next_chunk_id, top_k, search)
 
     def _in_window(self, position: int) -> set[int]:
         """Chunks stored early (`flush(keep_window=True)`) that the window at `position` still holds."""
@@ -381,53 +409,77 @@ class Reader:
         if self.memory is None or not query_tokens or self._pend_start == 0 and self.next_chunk_id == 0:
             return None
         t0 = time.perf_counter()
-        top_k = self.cfg.top_k + len(self._in_window(self.position))
-        # A prefetched result is used only if it answers this boundary's query against the same memory:
-        # a chunk stored after it was issued (one that just left the window) would be missing from it.
-        if pre is not None and pre[:3] == (self.position, query_tokens, self.next_chunk_id):
-            res = pre[3]()
-            self.stats.extra["prefetched"] = self.stats.extra.get("prefetched", 0) + 1
-        elif self.cfg.retrieval == "keys":
-            if key_rows is None:  # the text was read without queries (a paper-layout lower-only ingest)
-                raise InvalidArgument("retrieval", "no attention queries recorded for a retrieval by keys")
-            res = self.memory.search(_key_query(key_rows, self.cfg), top_k)
+        in_window = self._in_window(self.position)
+        top_k = self.cfg.top_k + len(in_window)
+        # A prefetched result is used only if it answers this boundary's query against the same memory
+        # (nothing stored since it was issued).
+        used = pre is not None and pre[:4] == (self.position, query_tokens, self.next_chunk_id, top_k)
+        self.stats.prefetch_unused += pre is not None and not used
+        if used:
+            memory, n_bytes = pre[4].result()
+            self.stats.prefetched += 1
+            self.stats.retrieval_hidden_s += max(0.0, pre[4].work_s - (time.perf_counter() - t0))
         else:
-            query = self._queries.embed(self.tokenizer.decode(query_tokens))
-            res = self.memory.search(query, top_k)
-        res = _leave_out(res, self._in_window(self.position), self.cfg.top_k)
+            if self.cfg.retrieval == "keys":
+                if key_rows is None:  # the text was read without queries (a paper-layout lower-only ingest)
+                    raise InvalidArgument(
+                        "retrieval", "no attention queries recorded for a retrieval by keys"
+                    )
+                res = self.memory.search(_key_query(key_rows, self.cfg), top_k)
+            else:
+                res = self.memory.search(self._queries.embed(self.tokenizer.decode(query_tokens)), top_k)
+            memory, n_bytes = self._memory_of(in_window)(res)
         self._block_searched = True
         self.stats.retrievals += 1
-        self.stats.bytes_retrieved += int(res.records.nbytes)
-        valid = res.ids[0] >= 0
-        if not valid.any():
-            self.stats.retrieval_s += time.perf_counter() - t0
-            return None
-        shape = self.model.kv_record_shape
-        kv = records_to_kv(res.records[0][valid], shape, self.cfg.kv_dtype, self.cfg.kv_codec).float()
-        kv = kv.reshape(kv.shape[0], -1, *shape[-4:])  # (k, L_mem, 2, Hkv, c, D)
-        n, n_layers, _, hkv, c, d = kv.shape
-        # chronological chunk order: (L_mem, Hkv, k, c, D) -> (1, L_mem, Hkv, k*c, D)
-        mem_k = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(1, n_layers, hkv, n * c, d)
-        mem_v = kv[:, :, 1].permute(1, 2, 0, 3, 4).reshape(1, n_layers, hkv, n * c, d)
-        slot = torch.arange(c)[None, :] < torch.from_numpy(res.lengths[0][valid]).long()[:, None]  # (k, c)
+        self.stats.bytes_retrieved += n_bytes
         self.stats.retrieval_s += time.perf_counter() - t0
-        return Memory(k=mem_k, v=mem_v, mask=slot.reshape(1, 1, n * c))
+        return memory
+
+    def _memory_of(self, in_window: set[int]) -> Callable[[SearchResultLike], tuple[Memory | None, int]]:
+        """A function of a search result: (the Memory the model reads, None if no chunk; K/V bytes
+        received). It reads no state of the reader, so a prefetch runs it in the background."""
+        top_k, shape, dtype, codec = (
+            self.cfg.top_k,
+            self.model.kv_record_shape,
+            self.cfg.kv_dtype,
+            self.cfg.kv_codec,
+        )
+
+        def decode(res: SearchResultLike) -> tuple[Memory | None, int]:
+            res = _leave_out(res, in_window, top_k)
+            valid = res.ids[0] >= 0
+            if not valid.any():
+                return None, int(res.records.nbytes)
+            kv = records_to_kv(res.records[0][valid], shape, dtype, codec).float()
+            kv = kv.reshape(kv.shape[0], -1, *shape[-4:])  # (k, L_mem, 2, Hkv, c, D)
+            n, n_layers, _, hkv, c, d = kv.shape
+            # chronological chunk order: (L_mem, Hkv, k, c, D) -> (1, L_mem, Hkv, k*c, D)
+            mem_k = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(1, n_layers, hkv, n * c, d)
+            mem_v = kv[:, :, 1].permute(1, 2, 0, 3, 4).reshape(1, n_layers, hkv, n * c, d)
+            slot = (
+                torch.arange(c)[None, :] < torch.from_numpy(res.lengths[0][valid]).long()[:, None]
+            )  # (k, c)
+            return Memory(k=mem_k, v=mem_v, mask=slot.reshape(1, 1, n * c)), int(res.records.nbytes)
+
+        return decode
 
     # -- reading ----------------------------------------------------------------------------------------
 
     def _blocks(self, n: int, size: int) -> Iterator[tuple[int, int]]:
-        """Split n tokens into blocks that end on chunk boundaries, at most `size` tokens each."""
-        i = 0
+        """Split the next n tokens into blocks that end on chunk boundaries, at most `size` tokens each.
+        (The caller reads each block before the next is cut: positions count from where it started.)"""
+        i, start = 0, self.position
         while i < n:
-            boundary = (self.position + i) // self.cfg.chunk * self.cfg.chunk + size
-            step = min(boundary - (self.position + i), n - i)
+            boundary = (start + i) // self.cfg.chunk * self.cfg.chunk + size
+            step = min(boundary - (start + i), n - i)
             yield i, step
             i += step
 
     @torch.no_grad()
-    def ingest(self, tokens: Sequence[int]) -> None:
+    def ingest(self, tokens: Sequence[int], more: bool = False) -> None:
         """Encode tokens into memory without the LM head: every layer, with retrieval, exactly as scoring
-        reads them (per-layer layout); layers 0..mem_layer only after the text's first chunk (paper)."""
+        reads them (per-layer layout); layers 0..mem_layer only after the text's first chunk (paper).
+        more=True: the next call continues this text, so the retrieval after its end may start early."""
         t0 = time.perf_counter()
         paper = self.cfg.layout == "paper"
         for i, step in self._blocks(len(tokens), self.cfg.chunk):
@@ -436,8 +488,8 @@ class Reader:
                 out = self.model.forward_block(torch.tensor([block]), self.stream, lower_only=True)
                 self.position += step
                 self._absorb(block, out)
-            else:
-                self._forward(block)
+            else:  # the paper layout's next block reads no memory: nothing to fetch ahead for it
+                self._forward(block, ahead=(i + step < len(tokens) or more) and not paper)
         self._last_logp = None  # the LM head did not run: the next token cannot be scored
         self.stats.tokens_ingested += len(tokens)
         self.stats.compute_s += time.perf_counter() - t0
@@ -454,13 +506,10 @@ class Reader:
         t0 = time.perf_counter()
         out: list[torch.Tensor] = []
         block_size = self.cfg.chunk  # chunk-aligned blocks: positions are block-invariant (model.py)
-        c = self.cfg.chunk
         for i, step in self._blocks(len(tokens), block_size):
             block = list(tokens[i : i + step])
-            end = self.position + step
-            if self.memory is not None and end % c == 0 and i + step < len(tokens):
-                self._prefetch(end, (self._history + block)[-c:])  # the next chunk's query is known
-            logp = self._read_block(block)  # (step, V): log-probs of the token after each position
+            # (step, V): log-probs of the token after each position
+            logp = self._read_block(block, ahead=i + step < len(tokens))
             ids = torch.tensor(block)
             first = self._last_logp[ids[0]] if self._last_logp is not None else torch.tensor(float("nan"))
             rest = logp[:-1].gather(1, ids[1:, None])[:, 0]
@@ -470,10 +519,16 @@ class Reader:
         self.stats.compute_s += time.perf_counter() - t0
         return torch.cat(out) if out else torch.zeros(0)
 
-    def _forward(self, block: list[int]) -> torch.Tensor:
-        """Read a block with every layer (retrieving at a chunk boundary); (s, hidden) final states."""
-        if self.position % self.cfg.chunk == 0:
+    def _forward(self, block: list[int], ahead: bool = False) -> torch.Tensor:
+        """Read a block with every layer (retrieving at a chunk boundary); (s, hidden) final states.
+        ahead=True: more known text follows, so the retrieval for a boundary at the block's end starts
+        now, in the background."""
+        c = self.cfg.chunk
+        if self.position % c == 0:
             self._block_memory = self._retrieve()
+        end = self.position + len(block)
+        if ahead and self.memory is not None and end % c == 0:
+            self._prefetch(end, (self._history + block)[-c:])
         self.stats.blocks_searched += self._block_searched
         self.stats.blocks_with_memory += self._block_memory is not None
         out = self.model.forward_block(torch.tensor([block]), self.stream, memory=self._block_memory)
@@ -481,9 +536,9 @@ class Reader:
         self._absorb(block, out)
         return out.hidden[0]
 
-    def _read_block(self, block: list[int]) -> torch.Tensor:
+    def _read_block(self, block: list[int], ahead: bool = False) -> torch.Tensor:
         """(s, V) log-probs of the token after each position of the block."""
-        return torch.log_softmax(self.model.logits(self._forward(block)).float(), dim=-1)
+        return torch.log_softmax(self.model.logits(self._forward(block, ahead)).float(), dim=-1)
 
     @torch.no_grad()
     def read_prompt(self, prompt: Sequence[int]) -> torch.Tensor:

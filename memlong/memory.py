@@ -181,6 +181,13 @@ class PendingChunks:
         self._rec.append(np.array(records, np.uint8))
         self._len.append(np.array(lengths, np.int32))
 
+    def copy(self) -> PendingChunks:
+        """The chunks added so far (arrays shared, never modified): later adds do not reach the copy."""
+        other = PendingChunks()
+        other._ids, other._emb = list(self._ids), list(self._emb)
+        other._rec, other._len = list(self._rec), list(self._len)
+        return other
+
     def merge(self, queries: np.ndarray, stored: SearchResult, top_k: int) -> SearchResult:
         """Top-k of (stored rows ∪ these chunks) per query row, each row chronological."""
         if not self._ids:
@@ -188,28 +195,36 @@ class PendingChunks:
         queries = np.asarray(queries, np.float32)
         ids = np.concatenate(self._ids)  # (m,)
         emb = np.concatenate(self._emb).astype(np.float64)  # (m, dim)
-        rec, lens = np.concatenate(self._rec), np.concatenate(self._len)  # (m, rb), (m,)
+        lens = np.concatenate(self._len)  # (m,)
+        # (part, row) of each pending chunk: only the records chosen are copied (they are MBs each)
+        part = np.repeat(np.arange(len(self._rec)), [len(r) for r in self._rec])  # (m,)
+        row_in_part = np.concatenate([np.arange(len(r)) for r in self._rec])  # (m,)
         local = (emb[None] * queries.astype(np.float64)[:, None, :]).sum(axis=2).astype(np.float32)  # (q, m)
         q = len(queries)
         out = SearchResult(
             ids=np.full((q, top_k), -1, np.int64),
             scores=np.full((q, top_k), -np.inf, np.float32),
-            records=np.zeros((q, top_k, rec.shape[1]), np.uint8),
+            records=np.zeros((q, top_k, self._rec[0].shape[1]), np.uint8),
             lengths=np.zeros((q, top_k), np.int32),
         )
         for row in range(q):
-            valid = stored.ids[row] >= 0
+            valid = np.flatnonzero(stored.ids[row] >= 0)  # (s,) columns of the stored result
             r_ids = stored.ids[row][valid]
-            fresh = ~np.isin(ids, r_ids)  # a chunk both here and in the memory counts once
+            fresh = np.flatnonzero(~np.isin(ids, r_ids))  # a chunk both here and in the memory counts once
             cand_ids = np.concatenate([r_ids, ids[fresh]])
             cand_scores = np.concatenate([stored.scores[row][valid], local[row][fresh]])
-            cand_rec = np.concatenate([stored.records[row][valid], rec[fresh]])
             cand_len = np.concatenate([stored.lengths[row][valid], lens[fresh]])
             best = np.lexsort((cand_ids, -cand_scores))[:top_k]
             best = best[np.argsort(cand_ids[best])]  # chronological
             n = len(best)
             out.ids[row, :n], out.scores[row, :n] = cand_ids[best], cand_scores[best]
-            out.records[row, :n], out.lengths[row, :n] = cand_rec[best], cand_len[best]
+            out.lengths[row, :n] = cand_len[best]
+            for col, b in enumerate(best):
+                if b < len(valid):
+                    out.records[row, col] = stored.records[row][valid[b]]
+                else:
+                    j = fresh[b - len(valid)]
+                    out.records[row, col] = self._rec[part[j]][row_in_part[j]]
         return out
 
 

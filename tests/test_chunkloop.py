@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -224,6 +226,53 @@ def test_a_session_continued_after_a_flush_reads_as_one_pass():
     lp_one = one.score(toks)
     torch.testing.assert_close(lp_served[1:], lp_one[split + 1 :], atol=1e-5, rtol=0)
     _assert_same_caches(served, one, range(4))
+
+
+class _LoggedMemory:
+    """A memory that logs its calls in order; with `ahead=True` it also searches in the background
+    (`search_async`, on a thread), as the ret-mem port does."""
+
+    def __init__(self, memory, ahead: bool) -> None:
+        self.memory, self.log = memory, []
+        if not ahead:
+            self.search_async = None
+
+    def append(self, ids, embeddings, records, lengths):
+        self.log.append(("append", int(ids[0]), int(ids[-1])))
+        return self.memory.append(ids, embeddings, records, lengths)
+
+    def search(self, queries, top_k):
+        self.log.append(("search", queries.tobytes()))
+        return self.memory.search(queries, top_k)
+
+    def search_async(self, make_queries, top_k, then):
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        future = pool.submit(lambda: then(self.search(make_queries(), top_k)))
+        pool.shutdown(wait=False)
+        return SimpleNamespace(work_s=0.0, result=future.result)
+
+
+@pytest.mark.parametrize("start", [0, 2])  # the score starts on a chunk boundary, or inside a chunk
+def test_retrieval_started_a_chunk_ahead_answers_as_at_the_boundary(start):
+    # Reading known text, the next boundary's query is the chunk being computed: its search runs while
+    # the model works, after the chunks leaving the window were stored. Same calls to memory in the same
+    # order, same log-probs and memory as retrieving at each boundary.
+    model = tiny_memlong(chunk=4, window=8)
+    toks = _tokens(60, seed=14)
+    runs = {}
+    for ahead in (False, True):
+        retriever = RecordingRetriever()
+        memory = _LoggedMemory(tiny_memory(model, retriever), ahead)
+        reader = Reader(model, retriever, TinyTokenizer(), memory)
+        reader.ingest(toks[: 24 + start], more=True)  # the score continues its text
+        logp = reader.score(toks[24 + start :])
+        runs[ahead] = (memory.log, logp, reader.stats, memory.memory.ids())
+    (log0, lp0, st0, ids0), (log1, lp1, st1, ids1) = runs[False], runs[True]
+    assert log1 == log0 and st1.retrievals == st0.retrievals > 8
+    torch.testing.assert_close(lp1, lp0, atol=0, rtol=0, equal_nan=True)  # first: NaN after an ingest
+    assert (ids0 == ids1).all()
+    assert st0.prefetched == 0 and st1.prefetch_unused == 0
+    assert st1.prefetched == st1.retrievals  # every one started a chunk ahead (more=True chains calls)
 
 
 # Fixed logits, best tokens not first (a sampler that keeps the first k indices is caught).

@@ -68,8 +68,10 @@ class MemoryReport:
     note: str = ""
     retrievals: int = 0
     retrieved_ids: list[int] = field(default_factory=list)
-    retrieval_wait_s: float = 0.0
-    retrieval_total_s: float = 0.0
+    retrieval_wait_s: float = 0.0  # the model waited for retrieval
+    retrieval_total_s: float = 0.0  # all retrieval work, waited for or done while the model computed
+    retrieval_hidden_s: float = 0.0  # the part of retrieval_total_s the model did not wait for
+    prefetched_retrievals: int = 0  # retrievals answered by a search started a chunk ahead
     compute_s: float = 0.0
     bytes_retrieved: int = 0
     query: str = ""
@@ -376,12 +378,14 @@ class DecoderEngine:
         st = reader.stats
         report.retrievals = st.retrievals
         report.retrieval_wait_s = st.retrieval_s
+        report.retrieval_hidden_s = st.retrieval_hidden_s
+        report.retrieval_total_s = st.retrieval_s + st.retrieval_hidden_s
+        report.prefetched_retrievals = st.prefetched
         report.compute_s = st.compute_s - st.retrieval_s
         report.bytes_retrieved = st.bytes_retrieved
         report.query = reader.cfg.query
         if port is not None:
             report.retrieved_ids = list(port.retrieved_ids)
-            report.retrieval_total_s = port.search_s
             report.memory_used = bool(port.retrieved_ids) or reader.stats.blocks_with_memory > 0
             if not report.memory_used and not report.note:
                 report.note = "no chunk boundary with anything to retrieve"
@@ -416,7 +420,7 @@ class DecoderEngine:
             tokens, base, step = self.encode(text), done_bytes, self.progress_tokens
             for i in range(0, len(tokens), step):
                 with self._model(call, source=source):
-                    reader.ingest(tokens[i : i + step])
+                    reader.ingest(tokens[i : i + step], more=i + step < len(tokens))
                 done_bytes = base + n_bytes * min(len(tokens), i + step) // len(tokens)
                 yield progress()
             done_bytes = base + n_bytes

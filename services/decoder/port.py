@@ -2,12 +2,12 @@
 
 - Every ret-mem call carries a timeout derived from the serving call's remaining time, and checks first
   that the serving call is still wanted (a cancelled call stops at the next chunk boundary).
-- Chunks appended during the call are also kept here (`recent`) and merged into every search result.
-  That makes two things exact: reads that must not change the session (`commit=False`: score and
-  generate keep their own chunks to themselves), and prefetched searches issued before the current
-  chunk's own appends reached ret-mem (the union of two top-k lists contains the top-k of the union).
-- `search_async` runs query embedding and search on a background thread, so retrieval for the next
-  chunk overlaps the model's work on the current one.
+- Chunks appended during the call are also kept here (`recent`) and merged into every search result,
+  so reads that must not change the session (`commit=False`: score and generate keep their own chunks
+  to themselves) are exact (the union of two top-k lists contains the top-k of the union).
+- `search_async` runs query embedding, search and that merge on a background thread, so retrieval for
+  the next chunk overlaps the model's work on the current one. It answers for the memory of the moment
+  it is called (the chunks appended so far); the chunk loop uses it only where nothing was appended since.
 
 Not handled: a chunk evicted by ret-mem during the call can still be returned from `recent`.
 """
@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 import grpc
 import numpy as np
 
-from memlong.errors import DeadlineExceeded, MemLongError, Unavailable, shown
+from memlong.errors import DeadlineExceeded, Unavailable, shown
 from memlong.memory import PendingChunks, SearchResult
 from memlong.rpc import tracing
 from memlong.rpc.channel import Deadline
@@ -57,7 +58,8 @@ class SessionPort:
         self._recent = PendingChunks()  # this call's own chunks, merged into every search
         self.retrieved_ids: list[int] = []
         self.stored_chunks = 0  # chunks the session held when the call opened it
-        self.search_s = 0.0  # time in ret-mem searches (+ query embedding when in the background)
+        if executor is None:  # nothing runs in the background: the chunk loop retrieves at each boundary
+            self.search_async = None
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -96,39 +98,48 @@ class SessionPort:
         return len(ids)
 
     def search(self, queries: np.ndarray, top_k: int) -> SearchResult:
-        t0 = time.perf_counter()
         remote = self._remote(self.client.search, queries, top_k)
-        self.search_s += time.perf_counter() - t0
-        return self._finish(queries, remote, top_k)
+        return self._note(self._recent.merge(queries, remote, top_k))
 
-    def search_async(self, make_queries: Callable[[], np.ndarray], top_k: int) -> Callable[[], SearchResult]:
-        if self.executor is None:
-            return lambda: self.search(make_queries(), top_k)
+    def search_async(
+        self, make_queries: Callable[[], np.ndarray], top_k: int, then: Callable[[SearchResult], Any]
+    ) -> PrefetchedSearch:
+        recent = self._recent.copy()  # the chunks appended so far: this search's memory
 
-        def run() -> tuple[np.ndarray, SearchResult]:
-            t0 = time.perf_counter()  # the query's embedding runs here too, overlapped with compute
+        def run() -> tuple[SearchResult, Any]:
             queries = make_queries()
-            remote = self._remote(self.client.search, queries, top_k)
-            self.search_s += time.perf_counter() - t0
-            return queries, remote
+            result = recent.merge(queries, self._remote(self.client.search, queries, top_k), top_k)
+            return result, then(result)
 
-        # in_current_context: the prefetch's ret-mem call stays in the serving call's trace.
-        future = self.executor.submit(tracing.in_current_context(run))
+        return PrefetchedSearch(self, run)
 
-        def wait() -> SearchResult:
-            try:
-                queries, remote = future.result(timeout=max(self.deadline.remaining(), 0.0))
-            except FutureTimeout as exc:
-                raise CallCancelled("the call's deadline passed during retrieval") from exc
-            except (MemLongError, CallCancelled):
-                raise
-            return self._finish(queries, remote, top_k)
-
-        return wait
-
-    # -- merging this call's own chunks -------------------------------------------------------------
-
-    def _finish(self, queries: np.ndarray, remote: SearchResult, top_k: int) -> SearchResult:
-        result = self._recent.merge(queries, remote, top_k)
+    def _note(self, result: SearchResult) -> SearchResult:
         self.retrieved_ids.extend(int(i) for i in result.ids.ravel() if i >= 0)
         return result
+
+
+class PrefetchedSearch:
+    """A search running on the port's executor."""
+
+    def __init__(self, port: SessionPort, run: Callable[[], tuple[SearchResult, Any]]) -> None:
+        self.port = port
+        self.work_s = 0.0
+
+        def timed() -> tuple[SearchResult, Any]:
+            t0 = time.perf_counter()
+            try:
+                return run()
+            finally:
+                self.work_s = time.perf_counter() - t0
+
+        # in_current_context: the prefetch's ret-mem call stays in the serving call's trace.
+        self._future = port.executor.submit(tracing.in_current_context(timed))
+
+    def result(self) -> Any:
+        """`then` of the search's result (the retrieved ids are noted here, in the caller's order)."""
+        try:
+            result, out = self._future.result(timeout=max(self.port.deadline.remaining(), 0.0))
+        except FutureTimeout as exc:
+            raise CallCancelled("the call's deadline passed during retrieval") from exc
+        self.port._note(result)
+        return out

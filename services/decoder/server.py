@@ -79,6 +79,8 @@ def report_to_proto(r: MemoryReport) -> pb.MemoryReport:
         bytes_retrieved=r.bytes_retrieved,
         query=r.query,
         queue_s=r.queue_s,
+        retrieval_hidden_s=r.retrieval_hidden_s,
+        prefetched_retrievals=r.prefetched_retrievals,
     )
 
 

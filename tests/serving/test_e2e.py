@@ -223,7 +223,12 @@ def test_prefetch_gives_the_same_logprobs_as_retrieval_at_the_boundary(stack):
     finally:
         stack.decoder.engine._prefetch_pool = pool
     np.testing.assert_array_equal(np.array(with_prefetch.logprobs), np.array(without.logprobs))
-    assert with_prefetch.memory.retrievals == without.memory.retrievals > 10
+    m = with_prefetch.memory
+    assert m.retrievals == without.memory.retrievals > 10
+    # Every boundary's search was started a chunk ahead, but the call's first when it starts on one.
+    assert m.prefetched_retrievals >= m.retrievals - 1
+    assert m.retrieval_total_s == pytest.approx(m.retrieval_wait_s + m.retrieval_hidden_s)
+    assert without.memory.prefetched_retrievals == 0 and without.memory.retrieval_hidden_s == 0
 
 
 def test_a_session_written_by_another_memory_layout_is_refused(stack):

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$memlong/api/decoder/v1/decoder.proto\x12\x12memlong.decoder.v1\"$\n\x0f\x44\x65scribeRequest\x12\x11\n\tretrieval\x18\x01 \x01(\t\"\xcf\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1b\n\x13memlong_config_json\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x10\n\x08kv_shape\x18\x04 \x03(\x03\x12\x10\n\x08kv_dtype\x18\x05 \x01(\t\x12\x15\n\rmemory_chunks\x18\x06 \x01(\x03\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x0e\n\x06layout\x18\x08 \x01(\t\x12\x11\n\tretrieval\x18\t \x01(\t\x12\x10\n\x08kv_codec\x18\n \x01(\t\"7\n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rnext_chunk_id\x18\x02 \x01(\x03\"N\n\rIngestRequest\x12/\n\x07session\x18\x01 \x01(\x0b\x32\x1e.memlong.decoder.v1.SessionRef\x12\x0c\n\x04text\x18\x02 \x01(\x0c\"\x88\x01\n\x0eIngestProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x03\x12\x13\n\x0btokens_done\x18\x02 \x01(\x03\x12\x15\n\rnext_chunk_id\x18\x03 \x01(\x03\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x15\n\rchunks_stored\x18\x05 \x01(\x03\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\"\xdd\x01\n\x0cMemoryReport\x12\x13\n\x0bmemory_used\x18\x01 \x01(\x08\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x12\n\nretrievals\x18\x03 \x01(\x03\x12\x15\n\rretrieved_ids\x18\x04 \x03(\x03\x12\x18\n\x10retrieval_wait_s\x18\x05 \x01(\x01\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x19\n\x11retrieval_total_s\x18\x07 \x01(\x01\x12\x17\n\x0f\x62ytes_retrieved\x18\x08 \x01(\x03\x12\r\n\x05query\x18\t \x01(\t\x12\x0f\n\x07queue_s\x18\n \x01(\x01\"\xab\x01\n\x0cScoreRequest\x12/\n\x07session\x18\x01 \x01(\x0b\x32\x1e.memlong.decoder.v1.SessionRef\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x33\n\x0bmemory_mode\x18\x03 \x01(\x0e\x32\x1e.memlong.decoder.v1.MemoryMode\x12\x0e\n\x06\x63ommit\x18\x04 \x01(\x08\x12\x17\n\x0freturn_logprobs\x18\x05 \x01(\x08\"\xa8\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rscored_tokens\x18\x03 \x01(\x03\x12\x12\n\nperplexity\x18\x04 \x01(\x01\x12\x30\n\x06memory\x18\x05 \x01(\x0b\x32 .memlong.decoder.v1.MemoryReport\x12\x15\n\rnext_chunk_id\x18\x06 \x01(\x03\"\xbd\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x10\n\x08has_seed\x18\x06 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\"\xbd\x01\n\x0fGenerateRequest\x12/\n\x07session\x18\x01 \x01(\x0b\x32\x1e.memlong.decoder.v1.SessionRef\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".memlong.decoder.v1.SamplingParams\x12\x33\n\x0bmemory_mode\x18\x04 \x01(\x0e\x32\x1e.memlong.decoder.v1.MemoryMode\"\xb4\x01\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x37\n\rfinish_reason\x18\x03 \x01(\x0e\x32 .memlong.decoder.v1.FinishReason\x12\x30\n\x06memory\x18\x04 \x01(\x0b\x32 .memlong.decoder.v1.MemoryReport\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05*v\n\nMemoryMode\x12\x1b\n\x17MEMORY_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14MEMORY_MODE_REQUIRED\x10\x01\x12\x1c\n\x18MEMORY_MODE_IF_AVAILABLE\x10\x02\x12\x13\n\x0fMEMORY_MODE_OFF\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xdc\x02\n\x07\x44\x65\x63oder\x12U\n\x08\x44\x65scribe\x12#.memlong.decoder.v1.DescribeRequest\x1a$.memlong.decoder.v1.DescribeResponse\x12S\n\x06Ingest\x12!.memlong.decoder.v1.IngestRequest\x1a\".memlong.decoder.v1.IngestProgress(\x01\x30\x01\x12L\n\x05Score\x12 .memlong.decoder.v1.ScoreRequest\x1a!.memlong.decoder.v1.ScoreResponse\x12W\n\x08Generate\x12#.memlong.decoder.v1.GenerateRequest\x1a$.memlong.decoder.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$memlong/api/decoder/v1/decoder.proto\x12\x12memlong.decoder.v1\"$\n\x0f\x44\x65scribeRequest\x12\x11\n\tretrieval\x18\x01 \x01(\t\"\xcf\x01\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1b\n\x13memlong_config_json\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x10\n\x08kv_shape\x18\x04 \x03(\x03\x12\x10\n\x08kv_dtype\x18\x05 \x01(\t\x12\x15\n\rmemory_chunks\x18\x06 \x01(\x03\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x0e\n\x06layout\x18\x08 \x01(\t\x12\x11\n\tretrieval\x18\t \x01(\t\x12\x10\n\x08kv_codec\x18\n \x01(\t\"7\n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rnext_chunk_id\x18\x02 \x01(\x03\"N\n\rIngestRequest\x12/\n\x07session\x18\x01 \x01(\x0b\x32\x1e.memlong.decoder.v1.SessionRef\x12\x0c\n\x04text\x18\x02 \x01(\x0c\"\x88\x01\n\x0eIngestProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x03\x12\x13\n\x0btokens_done\x18\x02 \x01(\x03\x12\x15\n\rnext_chunk_id\x18\x03 \x01(\x03\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x15\n\rchunks_stored\x18\x05 \x01(\x03\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\"\x98\x02\n\x0cMemoryReport\x12\x13\n\x0bmemory_used\x18\x01 \x01(\x08\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x12\n\nretrievals\x18\x03 \x01(\x03\x12\x15\n\rretrieved_ids\x18\x04 \x03(\x03\x12\x18\n\x10retrieval_wait_s\x18\x05 \x01(\x01\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x19\n\x11retrieval_total_s\x18\x07 \x01(\x01\x12\x17\n\x0f\x62ytes_retrieved\x18\x08 \x01(\x03\x12\r\n\x05query\x18\t \x01(\t\x12\x0f\n\x07queue_s\x18\n \x01(\x01\x12\x1a\n\x12retrieval_hidden_s\x18\x0b \x01(\x01\x12\x1d\n\x15prefetched_retrievals\x18\x0c \x01(\x03\"\xab\x01\n\x0cScoreRequest\x12/\n\x07session\x18\x01 \x01(\x0b\x32\x1e.memlong.decoder.v1.SessionRef\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x33\n\x0bmemory_mode\x18\x03 \x01(\x0e\x32\x1e.memlong.decoder.v1.MemoryMode\x12\x0e\n\x06\x63ommit\x18\x04 \x01(\x08\x12\x17\n\x0freturn_logprobs\x18\x05 \x01(\x08\"\xa8\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rscored_tokens\x18\x03 \x01(\x03\x12\x12\n\nperplexity\x18\x04 \x01(\x01\x12\x30\n\x06memory\x18\x05 \x01(\x0b\x32 .memlong.decoder.v1.MemoryReport\x12\x15\n\rnext_chunk_id\x18\x06 \x01(\x03\"\xbd\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x10\n\x08has_seed\x18\x06 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\"\xbd\x01\n\x0fGenerateRequest\x12/\n\x07session\x18\x01 \x01(\x0b\x32\x1e.memlong.decoder.v1.SessionRef\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".memlong.decoder.v1.SamplingParams\x12\x33\n\x0bmemory_mode\x18\x04 \x01(\x0e\x32\x1e.memlong.decoder.v1.MemoryMode\"\xb4\x01\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x37\n\rfinish_reason\x18\x03 \x01(\x0e\x32 .memlong.decoder.v1.FinishReason\x12\x30\n\x06memory\x18\x04 \x01(\x0b\x32 .memlong.decoder.v1.MemoryReport\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05*v\n\nMemoryMode\x12\x1b\n\x17MEMORY_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14MEMORY_MODE_REQUIRED\x10\x01\x12\x1c\n\x18MEMORY_MODE_IF_AVAILABLE\x10\x02\x12\x13\n\x0fMEMORY_MODE_OFF\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xdc\x02\n\x07\x44\x65\x63oder\x12U\n\x08\x44\x65scribe\x12#.memlong.decoder.v1.DescribeRequest\x1a$.memlong.decoder.v1.DescribeResponse\x12S\n\x06Ingest\x12!.memlong.decoder.v1.IngestRequest\x1a\".memlong.decoder.v1.IngestProgress(\x01\x30\x01\x12L\n\x05Score\x12 .memlong.decoder.v1.ScoreRequest\x1a!.memlong.decoder.v1.ScoreResponse\x12W\n\x08Generate\x12#.memlong.decoder.v1.GenerateRequest\x1a$.memlong.decoder.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memlong.api.decoder.v1.decoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMORYMODE']._serialized_start=1720
-  _globals['_MEMORYMODE']._serialized_end=1838
-  _globals['_FINISHREASON']._serialized_start=1840
-  _globals['_FINISHREASON']._serialized_end=1935
+  _globals['_MEMORYMODE']._serialized_start=1779
+  _globals['_MEMORYMODE']._serialized_end=1897
+  _globals['_FINISHREASON']._serialized_start=1899
+  _globals['_FINISHREASON']._serialized_end=1994
   _globals['_DESCRIBEREQUEST']._serialized_start=60
   _globals['_DESCRIBEREQUEST']._serialized_end=96
   _globals['_DESCRIBERESPONSE']._serialized_start=99
@@ -46,17 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTPROGRESS']._serialized_start=446
   _globals['_INGESTPROGRESS']._serialized_end=582
   _globals['_MEMORYREPORT']._serialized_start=585
-  _globals['_MEMORYREPORT']._serialized_end=806
-  _globals['_SCOREREQUEST']._serialized_start=809
-  _globals['_SCOREREQUEST']._serialized_end=980
-  _globals['_SCORERESPONSE']._serialized_start=983
-  _globals['_SCORERESPONSE']._serialized_end=1151
-  _globals['_SAMPLINGPARAMS']._serialized_start=1154
-  _globals['_SAMPLINGPARAMS']._serialized_end=1343
-  _globals['_GENERATEREQUEST']._serialized_start=1346
-  _globals['_GENERATEREQUEST']._serialized_end=1535
-  _globals['_GENERATERESPONSE']._serialized_start=1538
-  _globals['_GENERATERESPONSE']._serialized_end=1718
-  _globals['_DECODER']._serialized_start=1938
-  _globals['_DECODER']._serialized_end=2286
+  _globals['_MEMORYREPORT']._serialized_end=865
+  _globals['_SCOREREQUEST']._serialized_start=868
+  _globals['_SCOREREQUEST']._serialized_end=1039
+  _globals['_SCORERESPONSE']._serialized_start=1042
+  _globals['_SCORERESPONSE']._serialized_end=1210
+  _globals['_SAMPLINGPARAMS']._serialized_start=1213
+  _globals['_SAMPLINGPARAMS']._serialized_end=1402
+  _globals['_GENERATEREQUEST']._serialized_start=1405
+  _globals['_GENERATEREQUEST']._serialized_end=1594
+  _globals['_GENERATERESPONSE']._serialized_start=1597
+  _globals['_GENERATERESPONSE']._serialized_end=1777
+  _globals['_DECODER']._serialized_start=1997
+  _globals['_DECODER']._serialized_end=2345
 # @@protoc_insertion_point(module_scope)

@@ -90,7 +90,7 @@ class IngestProgress(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., tokens_done: _Optional[int] = ..., next_chunk_id: _Optional[int] = ..., done: _Optional[bool] = ..., chunks_stored: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
-    __slots__ = ("memory_used", "note", "retrievals", "retrieved_ids", "retrieval_wait_s", "compute_s", "retrieval_total_s", "bytes_retrieved", "query", "queue_s")
+    __slots__ = ("memory_used", "note", "retrievals", "retrieved_ids", "retrieval_wait_s", "compute_s", "retrieval_total_s", "bytes_retrieved", "query", "queue_s", "retrieval_hidden_s", "prefetched_retrievals")
     MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     RETRIEVALS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class MemoryReport(_message.Message):
     BYTES_RETRIEVED_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_HIDDEN_S_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHED_RETRIEVALS_FIELD_NUMBER: _ClassVar[int]
     memory_used: bool
     note: str
     retrievals: int
@@ -111,7 +113,9 @@ class MemoryReport(_message.Message):
     bytes_retrieved: int
     query: str
     queue_s: float
-    def __init__(self, memory_used: _Optional[bool] = ..., note: _Optional[str] = ..., retrievals: _Optional[int] = ..., retrieved_ids: _Optional[_Iterable[int]] = ..., retrieval_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., retrieval_total_s: _Optional[float] = ..., bytes_retrieved: _Optional[int] = ..., query: _Optional[str] = ..., queue_s: _Optional[float] = ...) -> None: ...
+    retrieval_hidden_s: float
+    prefetched_retrievals: int
+    def __init__(self, memory_used: _Optional[bool] = ..., note: _Optional[str] = ..., retrievals: _Optional[int] = ..., retrieved_ids: _Optional[_Iterable[int]] = ..., retrieval_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., retrieval_total_s: _Optional[float] = ..., bytes_retrieved: _Optional[int] = ..., query: _Optional[str] = ..., queue_s: _Optional[float] = ..., retrieval_hidden_s: _Optional[float] = ..., prefetched_retrievals: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("session", "text", "memory_mode", "commit", "return_logprobs")

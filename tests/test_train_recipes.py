@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from memlong.train import Document, TrainConfig, Trainer
@@ -98,3 +99,24 @@ def test_bf16_autocast_trains_close_to_float32(tmp_path):
         trainer.save_checkpoint()
     for a, b in zip(losses[False], losses[True], strict=True):
         assert abs(a - b) < 0.05, (losses[False], losses[True])
+
+
+def test_train_eval_parts_of_the_same_settings_are_assembled(tmp_path):
+    """Settings hold tuples (MemLongConfig's layer lists); a part file holds them as lists."""
+    from memlong.eval.common import write_json
+    from memlong.training.evaluate import assemble
+
+    key = {"plays": ["hamlet"], "lengths": [4096], "windows": 1, "score_tokens": 256, "memlong": {"x": ()}}
+    for variant, method, ppl in (("trained", "memlong_trained", 20.0), ("control", "lora_no_memory", 18.0)):
+        rec = {"book": "hamlet", "method": method, "context_tokens": 4096, "scored_tokens": 256, "ppl": ppl}
+        part = {
+            "variant": variant,
+            "settings": key,
+            "adapter": None,
+            "machine": {},
+            "finished": "",
+            "records": [rec],
+        }
+        write_json(tmp_path / "train_eval_parts" / f"{variant}.json", part)
+    pooled = {r["method"]: r["ppl"] for r in assemble(tmp_path, key)}
+    assert pooled == {"lora_no_memory": pytest.approx(18.0), "memlong_trained": pytest.approx(20.0)}

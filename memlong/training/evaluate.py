@@ -108,6 +108,7 @@ def run_train_eval(
 
 def assemble(out_dir: Path, key: dict) -> list[dict]:
     """train_eval.json/.md from the parts whose settings equal `key` (the same scored tokens)."""
+    key = json.loads(json.dumps(key))  # as a part file reads back (tuples become lists)
     parts = []
     for path in sorted((out_dir / "train_eval_parts").glob("*.json")):
         part = json.loads(path.read_text())

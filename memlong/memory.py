@@ -25,13 +25,16 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
 from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from memlong.ids import check_session_id
+
+if TYPE_CHECKING:
+    from memlong.gpu_index import GpuIndexes
 
 STATE_VERSION = 1
 MAX_ACCEPTED_RUNS = 4096  # history of accepted ids, as runs of consecutive ids, per session
@@ -580,6 +583,13 @@ class SessionMemory:
             raise FailedPrecondition(f"chunk ids are pinned (unpin them first): {bad}")
         self._drop(np.sort(pos))
 
+    def place_index(self, indexes: GpuIndexes) -> None:
+        """Keep this memory's search index on a GPU from now on (same vectors, ids and results)."""
+        index = indexes.new_index(self.config.dim)
+        if len(self._ids):
+            index.add_with_ids(np.take(self._emb, self._slots, axis=0), self._ids)  # chronological
+        self._index = index
+
     def _drop(self, pos: np.ndarray) -> None:
         """Remove the chunks at chronological positions `pos` from index, metadata and slabs."""
         ids, slots = self._ids[pos], self._slots[pos]
@@ -844,11 +854,14 @@ def _checked_index(index: Any, ids: np.ndarray, embeddings: np.ndarray, dim: int
 
 
 class MemoryBank:
-    """Sessions by id. The dict is guarded by a lock; each SessionMemory is not thread-safe."""
+    """Sessions by id. The dict is guarded by a lock; each SessionMemory is not thread-safe.
 
-    def __init__(self) -> None:
+    gpu: every session registered here keeps its search index on that GPU (None: in RAM)."""
+
+    def __init__(self, gpu: GpuIndexes | None = None) -> None:
         self._sessions: dict[str, SessionMemory] = {}
         self._lock = threading.Lock()
+        self.gpu = gpu
 
     def create(self, session_id: str, config: MemoryConfig) -> SessionMemory:
         """A new, empty session; AlreadyExists if the id is taken."""
@@ -859,6 +872,10 @@ class MemoryBank:
         check_session_id(session_id)
         if not isinstance(memory, SessionMemory):
             raise InvalidArgument("memory", f"expected SessionMemory, got {type(memory).__name__}")
+        with self._lock:
+            taken = session_id in self._sessions
+        if self.gpu is not None and not taken:
+            memory.place_index(self.gpu)
         with self._lock:
             if session_id in self._sessions:
                 raise AlreadyExists(f"session {session_id!r} already exists")

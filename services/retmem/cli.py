@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from memlong.rpc.internal import token_from_env
@@ -32,6 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--checkpoint-mb", type=int, default=1024, help="log bytes between snapshots")
     serve.add_argument("--grace-s", type=float, default=10.0, help="wait for in-flight calls at stop")
     serve.add_argument("--drain-s", type=float, default=1.0, help="NOT_SERVING before the listener closes")
+    serve.add_argument(
+        "--faiss-gpu",
+        type=int,
+        default=int(gpu) if (gpu := os.environ.get("MEMLONG_RETMEM_FAISS_GPU")) else None,
+        metavar="GPU",
+        help="keep the search indexes on this GPU (needs memlong[gpu]; env MEMLONG_RETMEM_FAISS_GPU); default: RAM",
+    )
     serve.set_defaults(func=serve_command)
 
 
@@ -48,6 +56,7 @@ def config_from_args(args: argparse.Namespace) -> RetMemConfig:
         checkpoint_bytes=args.checkpoint_mb << 20,
         grace_s=args.grace_s,
         drain_s=args.drain_s,
+        faiss_gpu=args.faiss_gpu,
     )
 
 

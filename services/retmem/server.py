@@ -14,6 +14,7 @@ from its region to the data files, and from the data files into its region.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from grpc_health.v1 import health_pb2
 from memlong.api.retmem.v1 import retmem_pb2 as pb
 from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from memlong.gpu_index import GpuIndexes
 from memlong.rpc import metrics
 from memlong.rpc.status import grpc_errors
 from memlong.rpc.tls import TlsConfig
@@ -74,6 +76,9 @@ class RetMemConfig:
     # query row, calls run in parallel on gRPC threads, and idle OpenMP workers spinning on 2 cores
     # made a 2000-chunk search 20x slower.
     faiss_threads: int = 1
+    # GPU number on which every shard keeps its sessions' search indexes (exact flat indexes, the same
+    # results); None: in RAM. Set without a GPU or without faiss's GPU build: a clear error at startup.
+    faiss_gpu: int | None = None
     # Same-host transport: open clients' shared-memory segments in this directory (see shm.py);
     # None: shm.default_dir() (/dev/shm). shared_memory=False answers Attach with FAILED_PRECONDITION,
     # so every client keeps K/V in the messages.
@@ -408,8 +413,15 @@ class RetMemServer(ServiceProcess):
         super().__init__(drain_s=config.drain_s)
         self.config = config
         faiss.omp_set_num_threads(config.faiss_threads)
+        gpu = None
+        if config.faiss_gpu is not None:
+            # The exactness bound of the index's candidates assumes float32 products: no TF32 in cuBLAS.
+            os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+            gpu = GpuIndexes(config.faiss_gpu)
         self.shards = {
-            name: Shard(name, config.data_dir, fsync=config.fsync, checkpoint_bytes=config.checkpoint_bytes)
+            name: Shard(
+                name, config.data_dir, fsync=config.fsync, checkpoint_bytes=config.checkpoint_bytes, gpu=gpu
+            )
             for name in config.shards
         }
         self.placement = Placement(config.shards, config.all_shards)

@@ -54,6 +54,7 @@ import numpy as np
 
 from memlong.atomic import write_atomic
 from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from memlong.gpu_index import GpuIndexes
 from memlong.ids import check_session_id
 from memlong.memory import MemoryBank, MemoryConfig, SearchResult, SessionMemory
 from memlong.services.common.tensor import checksum
@@ -174,13 +175,14 @@ class Shard:
         checkpoint_bytes: int = 1 << 30,
         counter_flush_hits: int = 4096,
         kv_file_bytes: int = 1 << 30,
+        gpu: GpuIndexes | None = None,  # keep the sessions' search indexes on this GPU
     ) -> None:
         self.name = name
         self.counter_flush_hits = counter_flush_hits
         self.root = None if data_dir is None else Path(data_dir) / name
         self.fsync = fsync
         self.checkpoint_bytes = checkpoint_bytes
-        self.bank = MemoryBank()
+        self.bank = MemoryBank(gpu)
         self._meta: dict[str, _Meta] = {}
         self._deleted: set[str] = set()
         self._lost: dict[str, str] = {}  # session id -> why it could not be recovered

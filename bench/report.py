@@ -78,15 +78,30 @@ def chapterbreak_section() -> str:
         data = json.loads(path.read_text())
         rows += data["rows"]
         st = data["meta"]["settings"]
+        done = data["rows"][0]["cases"] if data["rows"] else 0
+        stopped = (
+            f" (stopped after {done}: the table is written after every case)" if done < st["cases"] else ""
+        )
         settings.append(
-            f"`{st['book']}` at {st['context']} tokens: {st['cases']} cases requested (seed {st['seed']}), "
+            f"`{st['book']}` at {st['context']} tokens: {st['cases']} cases requested{stopped} (seed {st['seed']}), "
             f"{st['distractors']} distractors, {st['candidate_tokens']} candidate tokens"
         )
-    cols = ["book", "method", "context_tokens", "cases", "candidates", "correct", "accuracy", "chance"]
+    cols = [
+        "book",
+        "method",
+        "context_tokens",
+        "cases",
+        "candidates",
+        "correct",
+        "accuracy",
+        "chance",
+        "median_margin",
+    ]
     return (
         "## ChapterBreak-style suffix identification\n\nAfter a long prefix ending at a section break, the true "
         "next section's opening is ranked against openings of other sections of the same work by "
-        "log-likelihood (`memlong/eval/chapterbreak.py`). "
+        "log-likelihood (`memlong/eval/chapterbreak.py`); `median_margin`: the true opening's summed "
+        "log-probability less the best distractor's (nats). "
         + "; ".join(settings)
         + ".\n\n"
         + markdown_table(rows, cols)

@@ -318,8 +318,16 @@ class DecoderEngine:
             keep_recent=keep_recent,
         )
 
+    def _spec(self, session_id: str, call: Call) -> SessionSpec:
+        """The session's spec, asked of ret-mem once per session (the client keeps it): a spec never
+        changes and ret-mem never reuses a session id. A session deleted since is refused by ret-mem at
+        the call's first search or append."""
+        deadline = call.deadline.downstream()
+        deadline.timeout()  # DeadlineExceeded now if no ret-mem call fits, as when the spec is asked for
+        return self.memory.spec(session_id, deadline)
+
     def _open(
-        self, session_id: str, mode: str, call: Call, commit: bool, report: MemoryReport
+        self, session_id: str, next_chunk_id: int, mode: str, call: Call, commit: bool, report: MemoryReport
     ) -> tuple[SessionPort | None, str]:
         """The call's memory port (None: mode off, or ret-mem down in if_available mode) and the
         session's retrieval source (this decoder's default when memory is not read)."""
@@ -330,21 +338,29 @@ class DecoderEngine:
             return None, self.cfg.retrieval
         try:
             # DeadlineExceeded (too little time left for the call) is not caught: it is not ret-mem down.
-            info = self.memory.info(session_id, call.deadline.downstream())
+            spec = self._spec(session_id, call)
         except Unavailable as exc:
-            if mode == MEMORY_IF_AVAILABLE and not commit:
-                report.note = f"ret-mem unreachable ({exc}); ran WITHOUT memory as the request allowed"
+            down = Unavailable(f"ret-mem unreachable for session {shown(session_id)}: {exc}")
+            if self._without_memory(down, mode, commit, report):
                 return None, self.cfg.retrieval
-            raise Unavailable(
-                f"ret-mem unreachable for session {shown(session_id)}: {exc}. Retry later, or ask with "
-                "memory_mode IF_AVAILABLE to run without memory."
-            ) from exc
-        source = self._source_of(session_id, info.spec)
-        if info.num_chunks == 0:
+            raise
+        source = self._source_of(session_id, spec)
+        if next_chunk_id == 0:
             report.note = "session memory is empty"
         port = self._port(session_id, call, commit)
-        port.stored_chunks = info.num_chunks
+        port.stored_chunks = next_chunk_id  # chunk ids are sequence numbers: chunks written so far
         return port, source
+
+    @staticmethod
+    def _without_memory(exc: Unavailable, mode: str, commit: bool, report: MemoryReport) -> bool:
+        """Ret-mem is unreachable: True (noted in the report) where the call may run without memory,
+        else Unavailable saying how to ask for that."""
+        if mode == MEMORY_IF_AVAILABLE and not commit:
+            report.note = f"{exc}; ran WITHOUT memory as the request allowed"
+            return True
+        raise Unavailable(
+            f"{exc}. Retry later, or ask with memory_mode IF_AVAILABLE to run without memory."
+        ) from exc
 
     def _reader(
         self,
@@ -402,8 +418,7 @@ class DecoderEngine:
     def _ingest(self, session_id, next_chunk_id, pieces, call) -> Iterator[IngestProgress]:
         # The spec never changes: asked of ret-mem once per session (NOT_FOUND etc. before any work then);
         # a session deleted since is refused by ret-mem at the first chunk stored.
-        spec = self.memory.spec(session_id, call.deadline.downstream())
-        source = self._source_of(session_id, spec)
+        source = self._source_of(session_id, self._spec(session_id, call))
         port = self._port(session_id, call, commit=True, keep_recent=False)
         reader = self._reader(session_id, port, next_chunk_id)
         utf8 = codecs.getincrementaldecoder("utf-8")()
@@ -469,14 +484,25 @@ class DecoderEngine:
         if not tokens:
             raise InvalidArgument("text", "has no tokens")
         report = MemoryReport()
-        port, source = self._open(session_id, mode, call, commit, report)
-        reader = self._reader(session_id, port, next_chunk_id, report)
-        # With memory the port checks cancellation per chunk; without, slices give the check points.
-        step = len(tokens) if port is not None else SCORE_SLICE_CHUNKS * self.cfg.chunk
-        parts = []
-        for i in range(0, len(tokens), step):
-            with self._model(call, report, source):
-                parts.append(reader.score(tokens[i : i + step]))
+        port, source = self._open(session_id, next_chunk_id, mode, call, commit, report)
+
+        def read(port: SessionPort | None) -> tuple[Reader, list[torch.Tensor]]:
+            reader = self._reader(session_id, port, next_chunk_id, report)
+            # With memory the port checks cancellation per chunk; without, slices give the check points.
+            step = len(tokens) if port is not None else SCORE_SLICE_CHUNKS * self.cfg.chunk
+            parts = []
+            for i in range(0, len(tokens), step):
+                with self._model(call, report, source):
+                    parts.append(reader.score(tokens[i : i + step]))
+            return reader, parts
+
+        try:
+            reader, parts = read(port)
+        except Unavailable as exc:  # ret-mem went away (its spec was known: no call at the open)
+            if port is None or not self._without_memory(exc, mode, commit, report):
+                raise
+            port = None
+            reader, parts = read(None)  # nothing was stored (no commit): read again, window only
         if (
             mode == MEMORY_REQUIRED
             and port is not None
@@ -532,14 +558,22 @@ class DecoderEngine:
                 **{**params.__dict__, "stop_token_ids": params.stop_token_ids + self.eos_ids}
             )
         report = MemoryReport()
-        port, source = self._open(session_id, mode, call, False, report)
+        port, source = self._open(session_id, next_chunk_id, mode, call, False, report)
         reader = self._reader(session_id, port, next_chunk_id, report)
         steps = reader.generate(tokens, params)
         out: list[int] = []
         text = ""
         while True:
             with self._model(call, report, source):
-                token = next(steps, None)
+                try:
+                    token = next(steps, None)
+                except Unavailable as exc:  # ret-mem went away: before the first token, maybe go on without
+                    if out or port is None or not self._without_memory(exc, mode, False, report):
+                        raise
+                    port = None
+                    reader = self._reader(session_id, None, next_chunk_id, report)
+                    steps = reader.generate(tokens, params)
+                    token = next(steps, None)
             if token is None:
                 break
             out.append(token)

@@ -231,6 +231,33 @@ def test_prefetch_gives_the_same_logprobs_as_retrieval_at_the_boundary(stack):
     assert without.memory.prefetched_retrievals == 0 and without.memory.retrieval_hidden_s == 0
 
 
+def test_reads_ask_ret_mem_for_no_session_info_and_a_deleted_session_is_refused(stack):
+    from memlong.errors import AlreadyExists, NotFound
+    from memlong.rpc.channel import Deadline
+    from memlong.services.decoder.engine import Call
+
+    client, engine = stack.client(), stack.decoder.engine
+    sid = client.create_session().session_id
+    client.append(sid, _text(60, seed=2))
+    stack.log.clear()
+    client.score(sid, _text(30, seed=3))
+    client.score(sid, _text(30, seed=4), memory="if_available")
+    list(client.generate(sid, "alpha beta", max_new_tokens=3))
+
+    def retmem_calls() -> list[str]:
+        return [m.rsplit("/", 1)[1] for srv, m, _ in stack.log.calls if srv == "retmem"]
+
+    assert "Retrieve" in retmem_calls() and "GetSession" not in retmem_calls()
+    # Deleted: ret-mem refuses the first search of a read, though the decoder holds its spec and window.
+    next_chunk_id = client.get_session(sid).chunks
+    client.delete_session(sid)
+    with pytest.raises(NotFound):
+        engine.score(sid, next_chunk_id, _text(30, seed=3).encode(), Call(Deadline.after(10)))
+    # Ret-mem never gives a deleted session's id to a new session, so a kept spec cannot go stale.
+    with pytest.raises(AlreadyExists):
+        stack.gateway.retmem.create_session(sid, engine.session_spec())
+
+
 def test_a_session_written_by_another_memory_layout_is_refused(stack):
     import dataclasses
 

@@ -450,12 +450,17 @@ class Reader:
             valid = res.ids[0] >= 0
             if not valid.any():
                 return None, int(res.records.nbytes)
-            kv = records_to_kv(res.records[0][valid], shape, dtype, codec).float()
-            kv = kv.reshape(kv.shape[0], -1, *shape[-4:])  # (k, L_mem, 2, Hkv, c, D)
+            records = res.records[0] if valid.all() else res.records[0][valid]  # (n, record_bytes)
+            kv = records_to_kv(records, shape, dtype, codec)  # a view of them for plain records
+            kv = kv.reshape(kv.shape[0], -1, *shape[-4:])  # (n, L_mem, 2, Hkv, c, D)
             n, n_layers, _, hkv, c, d = kv.shape
-            # chronological chunk order: (L_mem, Hkv, k, c, D) -> (1, L_mem, Hkv, k*c, D)
-            mem_k = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(1, n_layers, hkv, n * c, d)
-            mem_v = kv[:, :, 1].permute(1, 2, 0, 3, 4).reshape(1, n_layers, hkv, n * c, d)
+            # One pass from the records to what the model reads: float32, chronological chunk order,
+            # (L_mem, Hkv, n, c, D) = (1, L_mem, Hkv, n*c, D) for K and for V (converting first and
+            # reordering after wrote every value twice more).
+            mem = torch.empty((2, 1, n_layers, hkv, n * c, d), dtype=torch.float32)
+            for i in (0, 1):
+                mem[i, 0].view(n_layers, hkv, n, c, d).copy_(kv[:, :, i].permute(1, 2, 0, 3, 4))
+            mem_k, mem_v = mem[0], mem[1]
             slot = (
                 torch.arange(c)[None, :] < torch.from_numpy(res.lengths[0][valid]).long()[:, None]
             )  # (k, c)

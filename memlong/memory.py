@@ -179,9 +179,11 @@ class PendingChunks:
         self._len: list[np.ndarray] = []  # (n,)
 
     def add(self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray) -> None:
+        """Hold chunks. The records are kept as given, not copied (MBs each with per-layer memory): the
+        caller hands them over and never changes them afterwards."""
         self._ids.append(np.array(ids, np.int64))
         self._emb.append(np.array(embeddings, np.float32))
-        self._rec.append(np.array(records, np.uint8))
+        self._rec.append(np.asarray(records, np.uint8))
         self._len.append(np.array(lengths, np.int32))
 
     def copy(self) -> PendingChunks:

@@ -70,3 +70,54 @@ def test_shipped_adapters_pass_to_ray_replicas_by_name():
     parser = build_parser()
     for name in ("default", "smollm2-135m-memlong"):
         assert ray_config(parser.parse_args(["ray", "up", "--adapter", name])).adapter == name
+
+
+def test_the_three_text_limits_have_their_own_flags(monkeypatch):
+    from memlong.cli import build_parser
+    from memlong.services.decoder.config import DecoderConfig
+    from memlong.services.decoder.config import config_from_args as decoder_config
+    from memlong.services.gateway.config import GatewayConfig, Quotas
+    from memlong.services.gateway.config import config_from_args as gateway_config
+
+    monkeypatch.setenv("MEMLONG_API_KEYS", "key-a=tenant-a")
+    parse = build_parser().parse_args
+    g = gateway_config(
+        parse(
+            [
+                "gateway",
+                "serve",
+                "--decoders",
+                "d0=h:1",
+                "--retmem",
+                "s0=h:2",
+                "--max-tenant-text-bytes",
+                "7",
+                "--max-request-text-bytes",
+                "8",
+            ]
+        )
+    )
+    assert (g.quotas.max_tenant_text_bytes, g.max_request_text_bytes) == (7, 8)
+    d = decoder_config(parse(["decoder", "serve", "--retmem", "s0=h:1", "--max-call-text-bytes", "9"]))
+    assert d.max_call_text_bytes == 9
+    g, d = (
+        gateway_config(parse(["gateway", "serve", "--decoders", "d0=h:1", "--retmem", "s0=h:2"])),
+        decoder_config(parse(["decoder", "serve", "--retmem", "s0=h:1"])),
+    )
+    assert g.quotas.max_tenant_text_bytes == Quotas().max_tenant_text_bytes  # unset: the defaults
+    assert g.max_request_text_bytes == GatewayConfig.max_request_text_bytes
+    assert d.max_call_text_bytes == DecoderConfig.max_call_text_bytes
+    monkeypatch.setenv("MEMLONG_GATEWAY_MAX_REQUEST_TEXT_BYTES", "11")
+    monkeypatch.setenv("MEMLONG_DECODER_MAX_CALL_TEXT_BYTES", "12")
+    assert (
+        gateway_config(
+            build_parser().parse_args(["gateway", "serve", "--decoders", "d0=h:1", "--retmem", "s0=h:2"])
+        ).max_request_text_bytes
+        == 11
+    )
+    assert (
+        decoder_config(
+            build_parser().parse_args(["decoder", "serve", "--retmem", "s0=h:1"])
+        ).max_call_text_bytes
+        == 12
+    )

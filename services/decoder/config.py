@@ -82,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, default=int(env(ENV_PREFIX + "MAX_INFLIGHT", "4")))
     p.add_argument("--no-prefetch", action="store_true", help="retrieve at the boundary, no overlap")
     p.add_argument(
+        "--max-call-text-bytes",
+        type=int,
+        default=int(env(ENV_PREFIX + "MAX_CALL_TEXT_BYTES", DecoderConfig.max_call_text_bytes)),
+        help="all the text of one call: an ingest stream, a Score text, a prompt (default 64 MiB)",
+    )
+    p.add_argument(
         "--no-retmem-shared-memory",
         action="store_true",
         default=env(ENV_PREFIX + "NO_RETMEM_SHARED_MEMORY", "") not in ("", "0"),
@@ -118,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> DecoderConfig:
         threads=args.threads,
         max_inflight=args.max_inflight,
         prefetch=not args.no_prefetch,
+        max_call_text_bytes=args.max_call_text_bytes,
         retmem_shared_memory=not getattr(args, "no_retmem_shared_memory", False),
         window_cache_sessions=args.window_cache_sessions,
     )

@@ -106,6 +106,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, default=100, help="per tenant")
     p.add_argument("--max-tenant-inflight", type=int, default=4)
     p.add_argument("--max-inflight", type=int, default=16)
+    # Two text limits, each its own name (unset: the config's default).
+    p.add_argument(
+        "--max-tenant-text-bytes",
+        type=int,
+        default=env("MEMLONG_GATEWAY_MAX_TENANT_TEXT_BYTES"),
+        help="text stored over all of a tenant's sessions (quota; default 1 GiB)",
+    )
+    p.add_argument(
+        "--max-request-text-bytes",
+        type=int,
+        default=env("MEMLONG_GATEWAY_MAX_REQUEST_TEXT_BYTES"),
+        help="the text of one Score call or one Generate prompt (default 4 MiB)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -120,6 +133,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         data_dir=args.data_dir,
         host=args.host,
         port=args.port,
-        quotas=Quotas(max_sessions=args.max_sessions, max_inflight=args.max_tenant_inflight),
+        quotas=Quotas(
+            max_sessions=args.max_sessions,
+            max_inflight=args.max_tenant_inflight,
+            **_given(max_tenant_text_bytes=args.max_tenant_text_bytes),
+        ),
         max_inflight=args.max_inflight,
+        **_given(max_request_text_bytes=args.max_request_text_bytes),
     )
+
+
+def _given(**values: str | int | None) -> dict[str, int]:
+    """The limits set by a flag or its environment variable (as ints); the others keep their default."""
+    return {name: int(v) for name, v in values.items() if v is not None}

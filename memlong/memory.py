@@ -206,21 +206,29 @@ class PendingChunks:
         row_in_part = np.concatenate([np.arange(len(r)) for r in self._rec])  # (m,)
         local = (emb[None] * queries.astype(np.float64)[:, None, :]).sum(axis=2).astype(np.float32)  # (q, m)
         q = len(queries)
+        picks = []  # per row: (stored columns, pending chunks not in them, chosen candidates)
+        for row in range(q):
+            valid = np.flatnonzero(stored.ids[row] >= 0)  # (s,) columns of the stored result
+            fresh = np.flatnonzero(~np.isin(ids, stored.ids[row][valid]))  # in both: counts once
+            cand_ids = np.concatenate([stored.ids[row][valid], ids[fresh]])
+            cand_scores = np.concatenate([stored.scores[row][valid], local[row][fresh]])
+            best = np.lexsort((cand_ids, -cand_scores))[:top_k]
+            picks.append((valid, fresh, best[np.argsort(cand_ids[best])]))  # chronological
+        if stored.ids.shape == (q, top_k) and all(
+            len(b) == len(v) and np.array_equal(v, np.arange(len(v))) and np.array_equal(b, v)
+            for v, _, b in picks
+        ):
+            return stored  # none of these chunks made it: the stored rows as they are (no record copied)
         out = SearchResult(
             ids=np.full((q, top_k), -1, np.int64),
             scores=np.full((q, top_k), -np.inf, np.float32),
             records=np.zeros((q, top_k, self._rec[0].shape[1]), np.uint8),
             lengths=np.zeros((q, top_k), np.int32),
         )
-        for row in range(q):
-            valid = np.flatnonzero(stored.ids[row] >= 0)  # (s,) columns of the stored result
-            r_ids = stored.ids[row][valid]
-            fresh = np.flatnonzero(~np.isin(ids, r_ids))  # a chunk both here and in the memory counts once
-            cand_ids = np.concatenate([r_ids, ids[fresh]])
+        for row, (valid, fresh, best) in enumerate(picks):
+            cand_ids = np.concatenate([stored.ids[row][valid], ids[fresh]])
             cand_scores = np.concatenate([stored.scores[row][valid], local[row][fresh]])
             cand_len = np.concatenate([stored.lengths[row][valid], lens[fresh]])
-            best = np.lexsort((cand_ids, -cand_scores))[:top_k]
-            best = best[np.argsort(cand_ids[best])]  # chronological
             n = len(best)
             out.ids[row, :n], out.scores[row, :n] = cand_ids[best], cand_scores[best]
             out.lengths[row, :n] = cand_len[best]

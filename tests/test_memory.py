@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from memlong.memory import MemoryBank, MemoryConfig, SessionMemory
+from memlong.memory import MemoryBank, MemoryConfig, PendingChunks, SessionMemory
 
 DIM, RECORD = 16, 40
 
@@ -745,3 +745,27 @@ def test_bank_rejects_bad_session_ids(session_id):
             call()
         assert e.value.field == "session_id"
     assert bank.sessions() == []
+
+
+def test_pending_chunks_merge_is_the_search_of_the_union():
+    """PendingChunks.merge equals a search over stored and pending chunks together; when none of the
+    pending chunks makes a row, the stored result comes back as it is (no record copied)."""
+    emb = table(40, seed=9)
+    rng = np.random.default_rng(9)
+    whole, stored = make(), make()
+    append(whole, range(40), emb)
+    append(stored, range(30), emb)
+    pending = PendingChunks()
+    for lo in (30, 35):
+        ids = np.arange(lo, lo + 5)
+        pending.add(ids, emb[ids], record_of(ids), length_of(ids))
+    for _ in range(5):
+        queries = rng.standard_normal((3, DIM)).astype(np.float32)
+        got, want = pending.merge(queries, stored.search(queries, 6), 6), whole.search(queries, 6)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.records, want.records)
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+    # A query whose top 4 are all stored chunks: the stored result itself comes back.
+    far = next(q for q in (emb[i : i + 1] for i in range(30)) if whole.search(q, 4).ids.max() < 30)
+    res = stored.search(far, 4)
+    assert pending.merge(far, res, 4) is res

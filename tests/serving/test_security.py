@@ -113,18 +113,17 @@ class Retrievals:
     def __init__(self, monkeypatch) -> None:
         self.results: list = []
         self.appended: dict[int, bytes] = {}
-        finish, append = SessionPort._finish, SessionPort.append
+        note, append = SessionPort._note, SessionPort.append
 
-        def recording_finish(port, queries, remote, top_k):
-            res = finish(port, queries, remote, top_k)
-            self.results.append(res)
-            return res
+        def recording_note(port, result):  # every search result, prefetched or not, after the merge
+            self.results.append(result)
+            return note(port, result)
 
         def recording_append(port, ids, embeddings, records, lengths):
             self.appended.update((int(i), bytes(r)) for i, r in zip(ids, records, strict=True))
             return append(port, ids, embeddings, records, lengths)
 
-        monkeypatch.setattr(SessionPort, "_finish", recording_finish)
+        monkeypatch.setattr(SessionPort, "_note", recording_note)
         monkeypatch.setattr(SessionPort, "append", recording_append)
 
     def clear(self) -> None:

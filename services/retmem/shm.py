@@ -45,6 +45,7 @@ import ipaddress
 import logging
 import mmap
 import os
+import queue
 import re
 import secrets
 import socket
@@ -99,13 +100,8 @@ def is_local_address(target: str) -> bool:
         return True
     try:
         ip = ipaddress.ip_address(host)
-    except ValueError:
-        names = {socket.gethostname().lower()}
-        try:
-            names.add(socket.getfqdn().lower())
-        except OSError:
-            pass
-        return host in names
+    except ValueError:  # a name: this host's own (no DNS lookup here)
+        return host == socket.gethostname().lower()
     return ip.is_loopback or ip.is_unspecified
 
 
@@ -175,11 +171,15 @@ class SegmentPool:
         self.max_idle_bytes = max_idle_bytes
         self._lock = threading.Lock()
         self._free: list[Segment] = []
+        # Segments whose lease ended: put by finalizers (any thread, any moment, even inside `lease`),
+        # so through a queue that is safe there, and taken into `_free` by `lease`.
+        self._returns: queue.SimpleQueue[Segment] = queue.SimpleQueue()
         self._all: weakref.WeakSet[Segment] = weakref.WeakSet()
         self._swept = False
 
     def lease(self, nbytes: int) -> Lease:
         with self._lock:
+            self._take_returns()
             fits = [s for s in self._free if s.size >= nbytes]
             if fits:
                 seg = min(fits, key=lambda s: s.size)
@@ -196,21 +196,29 @@ class SegmentPool:
         return Lease(self, seg, nbytes)
 
     def _returned(self, segment: Segment, state: dict) -> None:
-        """The last view of a lease is gone (any thread, from a finalizer)."""
-        if state["discard"]:
-            return
-        with self._lock:
-            self._free.append(segment)
-            self._free.sort(key=lambda s: s.size)
-            idle = sum(s.size for s in self._free)
-            while idle > self.max_idle_bytes and self._free:
-                big = self._free.pop()  # drop the largest first
-                idle -= big.size
-                big.unlink()
+        """The last view of a lease is gone (a finalizer: any thread; takes no lock)."""
+        if not state["discard"]:
+            self._returns.put(segment)
+
+    def _take_returns(self) -> None:
+        """Move returned segments to the free list, keeping at most max_idle_bytes of them (under
+        the lock)."""
+        while True:
+            try:
+                self._free.append(self._returns.get_nowait())
+            except queue.Empty:
+                break
+        self._free.sort(key=lambda s: s.size)
+        idle = sum(s.size for s in self._free)
+        while idle > self.max_idle_bytes and self._free:
+            big = self._free.pop()  # drop the largest first
+            idle -= big.size
+            big.unlink()
 
     def close(self) -> None:
         """Unlink every segment of this pool (mappings stay valid until dropped)."""
         with self._lock:
+            self._take_returns()
             self._free.clear()
             for seg in list(self._all):
                 seg.unlink()

@@ -241,7 +241,7 @@ class ServiceProcess:
     def listen(self, options: ServerOptions) -> int:
         """Start the listener with health NOT_SERVING; returns the bound port."""
         options = replace(options, interceptors=(*options.interceptors, RequestDecoding()))
-        address = f"{self.config.host}:{self.config.port}"
+        address = self.config.host if _is_unix(self.config.host) else f"{self.config.host}:{self.config.port}"
         self.server, self.port = create_server(address, [self._service()], options, self.health)
         return self.port
 
@@ -271,4 +271,11 @@ class ServiceProcess:
         self.finish_stop(grace_s)
 
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        """Where callers reach it: host:port, or the Unix socket a host of "unix:/path" names."""
+        return self.config.host if _is_unix(self.config.host) else f"{self.config.host}:{self.port}"
+
+
+def _is_unix(host: str) -> bool:
+    """A host given as a gRPC Unix socket address ("unix:/run/memlong/retmem.sock"): the listener is
+    that socket (port ignored); put it in a directory only the service's user can reach."""
+    return host.startswith(("unix:", "unix-abstract:"))

@@ -311,3 +311,23 @@ def test_rawwire_messages_read_as_protobuf() -> None:
     for bad in (b"\x0a\xff", b"\x12\x05ab", b"\x0f"):
         with pytest.raises(ValueError):
             rawwire.parse_append(bad)
+
+
+def test_a_unix_socket_address_is_local(tmp_path: Path) -> None:
+    """ret-mem listening on a Unix socket (host "unix:/path"): a client of that address moves K/V
+    through shared memory, with the same bytes."""
+    sock = tmp_path / "retmem.sock"
+    server = RetMemServer(RetMemConfig(data_dir=tmp_path / "data", host=f"unix:{sock}"))
+    server.start()
+    try:
+        assert server.address() == f"unix:{sock}"
+        fast = RetMemClient({"shard0": server.address()}, timeout_s=20, shared_memory=True)
+        plain = RetMemClient({"shard0": server.address()}, timeout_s=20, shared_memory=False)
+        rng = np.random.default_rng(7)
+        fast.create_session("u1", SPEC)
+        batch = chunks(rng, SPEC, 0, 4)
+        fast.append("u1", *batch)
+        assert fast.transport("u1") == SHM
+        _same(fast.search("u1", batch[1][:2], 3), plain.search("u1", batch[1][:2], 3))
+    finally:
+        server.stop(grace_s=1)

@@ -47,17 +47,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetMem"].full_name
 # Safe to repeat: appends are idempotent by chunk id, reads change at most retrieval counters.
-IDEMPOTENT = (
-    "Append",
-    "Search",
-    "Retrieve",
-    "Fetch",
-    "Pin",
-    "Unpin",
-    "GetSession",
-    "ExportSession",
-    "Attach",
-)
+# (Attach is not retried: a call whose Attach fails goes over gRPC, and the next one asks again.)
+IDEMPOTENT = ("Append", "Search", "Retrieve", "Fetch", "Pin", "Unpin", "GetSession", "ExportSession")
 SHM, GRPC = "shm", "grpc"
 SHM_REQUEST_BYTES = 256 << 20  # K/V of one Append through shared memory (bounds a segment's size)
 ATTACH_TIMEOUT_S = 5.0

@@ -38,6 +38,7 @@ import numpy as np
 
 from memlong.atomic import fsync_dir
 from memlong.errors import DataLoss
+from memlong.services.common import parallel
 from memlong.services.common.tensor import checksum, zeros_checksum
 
 log = logging.getLogger(__name__)
@@ -187,14 +188,13 @@ class KVFiles:
         array when None."""
         lead = records.shape[:-1]
         refs = as_refs(records.reshape(-1, REF_BYTES))  # (m,)
-        if out is None:
-            out = np.empty(
-                (len(refs), record_bytes), np.uint8
-            )  # (m, record_bytes); not zeroed: written below
+        if out is None:  # not zeroed: every row is written below
+            out = np.empty((len(refs), record_bytes), np.uint8)  # (m, record_bytes)
         else:
             out = out.reshape(len(refs), record_bytes)
         out[refs["file"] == 0] = 0
-        for i in np.flatnonzero(refs["file"]):
+
+        def one(i: int) -> None:
             ref = refs[i]
             fid, off = int(ref["file"]), int(ref["off"])
             try:
@@ -205,6 +205,9 @@ class KVFiles:
                 raise DataLoss(f"K/V file {fid} ends before offset {off + record_bytes}")
             if verify and checksum(out[i]) != int(ref["crc"]):
                 raise DataLoss(f"K/V record in file {fid} at offset {off} fails its CRC-32")
+
+        todo = np.flatnonzero(refs["file"])
+        parallel.run(one, todo, len(todo) * record_bytes)  # two records at once when they are large
         return out.reshape(*lead, record_bytes)
 
     def _fd(self, file_id: int) -> int:

@@ -51,6 +51,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetMem"].full_name
 IDEMPOTENT = ("Append", "Search", "Retrieve", "Fetch", "Pin", "Unpin", "GetSession", "ExportSession")
 SHM, GRPC = "shm", "grpc"
 SHM_REQUEST_BYTES = 256 << 20  # K/V of one Append through shared memory (bounds a segment's size)
+# Replies over gRPC larger than this come streamed in pieces of about PIECE_BYTES (Search with
+# max_records_per_message): a 24 MiB reply moved in ~3 MiB messages took 35-39 ms on loopback against
+# 46-64 ms as one message (bench/results/retmem.md, echo floors), more than the copy that joins them.
+STREAM_ABOVE = 8 << 20
+PIECE_BYTES = 4 << 20
 ATTACH_TIMEOUT_S = 5.0
 
 
@@ -323,12 +328,14 @@ class RetMemClient:
         out = _Rows(spec, q, k)
         timeout = self._timeout(deadline)
         stub = self._raw(session_id)
+        rb = spec.record_bytes
         try:
-            if q * (k * (spec.record_bytes + 32) + 64) <= self.max_message_bytes:
+            if q * k * rb <= STREAM_ABOVE and q * (k * (rb + 32) + 64) <= self.max_message_bytes:
                 for head, data in rawwire.parse_rows(stub.Retrieve(req, timeout=timeout)):
                     out.add(head, data)
                 method = "Retrieve"
             else:
+                req.max_records_per_message = max(1, min(PIECE_BYTES, self.max_message_bytes // 2) // rb)
                 for msg in stub.Search(req, timeout=timeout):
                     for head, data in rawwire.parse_rows(msg, top_field=None):
                         out.add(head, data)
@@ -439,6 +446,7 @@ class _Rows:
         self.scores = np.full((q, k), -np.inf, np.float32)  # (q, k)
         self.lengths = np.zeros((q, k), np.int32)  # (q, k)
         self.records: np.ndarray | None = None  # (q, k, record_bytes)
+        self.filled = np.zeros((q, k), bool)  # slots whose K/V arrived in the messages
 
     def _row(self, msg: pb.SearchResponse) -> int:
         r = msg.row
@@ -448,17 +456,22 @@ class _Rows:
         return r
 
     def add(self, msg: pb.SearchResponse, data: memoryview | bytes | None = None) -> None:
-        """A row whose K/V are in the message (`data`: cut out of the received bytes by rawwire)."""
+        """A row, or a piece of one (first_slot), whose K/V are in the message (`data`: cut out of the
+        received bytes by rawwire)."""
         r, k, rb = self._row(msg), self.k, self.spec.record_bytes
-        shape = (k, *self.spec.wire_kv[1])
+        first, n = msg.first_slot, (msg.kv.shape[0] if msg.kv.shape else 0)
+        if not (0 <= first and 1 <= n and first + n <= k):
+            raise InvalidArgument(f"rows[{r}].first_slot", f"slots [{first}, {first + n}) outside 0..{k}")
+        shape = (n, *self.spec.wire_kv[1])
         kv = tensor.decode(msg.kv, f"rows[{r}].kv", dtypes=self.code, shape=shape, data=data)
-        flat = kv.view(np.uint8).reshape(k, rb)  # (k, record_bytes), a view of the reply
-        if self.q == 1:
-            self.records = flat[None]
-            return
-        if self.records is None:
-            self.records = np.zeros((self.q, k, rb), np.uint8)
-        self.records[r] = flat
+        flat = kv.view(np.uint8).reshape(n, rb)  # (n, record_bytes), a view of the reply
+        if self.q == 1 and n == k:
+            self.records = flat[None]  # the whole reply in one message: no copy
+        else:  # rows or pieces of rows: joined into one array (one copy)
+            if self.records is None or not self.records.flags.writeable:
+                self.records = np.zeros((self.q, k, rb), np.uint8)
+            self.records[r, first : first + n] = flat
+        self.filled[r, first : first + n] = True
 
     def add_shared(self, msg: pb.SearchResponse, lease: shm.Lease) -> None:
         """A row whose K/V the server put in the call's shared region: each record is checked against
@@ -487,6 +500,9 @@ class _Rows:
         self.records = records  # rows land in place: a view of the region (keeps the lease)
 
     def result(self) -> SearchResult:
+        part = self.filled.any(axis=1) & ~self.filled.all(axis=1)
+        if part.any():
+            raise InvalidArgument("rows", f"reply row {int(np.flatnonzero(part)[0])} came incomplete")
         records = self.records
         if records is None:
             records = np.zeros((self.q, self.k, self.spec.record_bytes), np.uint8)

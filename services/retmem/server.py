@@ -212,10 +212,11 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         return spec, shard.search(request.session_id, queries, request.top_k, into=into, verify=False), region
 
     def _rows(
-        self, spec: SessionSpec, result: StoredResult, region: pb.SharedRegion | None
+        self, spec: SessionSpec, result: StoredResult, region: pb.SharedRegion | None, piece: int = 0
     ) -> Iterator[bytes]:
         """The reply's rows as SearchResponse bytes: K/V in the message (rawwire, no protobuf copy),
-        or only their place and stored CRC-32s when they went to a shared region."""
+        in pieces of at most `piece` records when it is > 0 (first_slot set), or only their place and
+        stored CRC-32s when they went to a shared region."""
         q, k = result.ids.shape
         rb, code = spec.record_bytes, wire.kv_dtype_code(spec)
         for row in range(q):
@@ -236,13 +237,19 @@ class RetMemServicer(pb_grpc.RetMemServicer):
                 head.record_crcs[:] = [int(c) for c in crcs]
                 yield head.SerializeToString()
                 continue
-            data = memoryview(np.ascontiguousarray(records)).cast("B")
-            head.kv.checksum = (
-                tensor.concat_checksum(result.crcs[row], rb)
-                if result.crcs is not None
-                else tensor.checksum(data)
-            )
-            yield rawwire.search_response(head, data)
+            step = piece if 0 < piece < k else max(k, 1)
+            for lo in range(0, max(k, 1), step):
+                n = min(step, k - lo)
+                data = memoryview(np.ascontiguousarray(records[lo : lo + n])).cast("B")
+                if piece:
+                    head.first_slot = lo
+                    head.kv.shape[0] = n
+                head.kv.checksum = (
+                    tensor.concat_checksum(result.crcs[row, lo : lo + n], rb)
+                    if result.crcs is not None
+                    else tensor.checksum(data)
+                )
+                yield rawwire.search_response(head, data)
 
     @grpc_errors
     def search_bytes(self, request, context) -> Iterator[bytes]:
@@ -251,7 +258,9 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         _count(
             "Search", "sent", shm_bytes=result.records.nbytes if region else 0, total=result.records.nbytes
         )
-        for row in self._rows(spec, result, region):
+        if request.max_records_per_message < 0:
+            raise InvalidArgument("max_records_per_message", "must be >= 0")
+        for row in self._rows(spec, result, region, request.max_records_per_message):
             if not context.is_active():
                 return
             yield row

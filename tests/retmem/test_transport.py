@@ -331,3 +331,36 @@ def test_a_unix_socket_address_is_local(tmp_path: Path) -> None:
         _same(fast.search("u1", batch[1][:2], 3), plain.search("u1", batch[1][:2], 3))
     finally:
         server.stop(grace_s=1)
+
+
+def test_large_replies_over_grpc_come_in_pieces(server: RetMemServer, monkeypatch) -> None:
+    """Over gRPC a reply above STREAM_ABOVE is streamed a few records per message (first_slot) and
+    joined on arrival: the same result as one message, and as shared memory."""
+    from memlong.services.retmem import client as client_mod
+
+    fast, plain = _clients(server)
+    rng = np.random.default_rng(8)
+    fast.create_session("t8", SPEC)
+    fast.append("t8", *chunks(rng, SPEC, 0, 10))
+    queries = rng.standard_normal((2, SPEC.dim)).astype(np.float32)
+    whole = {q: plain.search("t8", queries[:q], 5) for q in (1, 2)}  # unary Retrieve
+    monkeypatch.setattr(client_mod, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(client_mod, "PIECE_BYTES", 2 * SPEC.record_bytes)
+    for q in (1, 2):
+        _same(plain.search("t8", queries[:q], 5), whole[q])
+        _same(fast.search("t8", queries[:q], 5), whole[q])
+    assert plain.transport_stats[(GRPC, "Search")][0] == 2
+    stub = pb_grpc.RetMemStub(grpc.insecure_channel(server.address()))
+    req = pb.SearchRequest(
+        session_id="t8", queries=tensor.encode(queries[:1]), top_k=5, max_records_per_message=2
+    )
+    pieces = list(stub.Search(req, timeout=5))
+    assert [(m.first_slot, m.kv.shape[0]) for m in pieces] == [(0, 2), (2, 2), (4, 1)]
+    assert b"".join(m.kv.data for m in pieces) == whole[1].records.tobytes()
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            stub.Search(
+                pb.SearchRequest(session_id="t8", queries=req.queries, top_k=5, max_records_per_message=-1)
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -102,16 +102,18 @@ class AppendResponse(_message.Message):
     def __init__(self, appended: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("session_id", "queries", "top_k", "reply_region")
+    __slots__ = ("session_id", "queries", "top_k", "reply_region", "max_records_per_message")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REPLY_REGION_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     queries: _tensor_pb2.Tensor
     top_k: int
     reply_region: SharedRegion
-    def __init__(self, session_id: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., reply_region: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
+    max_records_per_message: int
+    def __init__(self, session_id: _Optional[str] = ..., queries: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., reply_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., max_records_per_message: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("rows",)
@@ -120,7 +122,7 @@ class RetrieveResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("row", "ids", "scores", "lengths", "kv", "kv_region", "record_crcs")
+    __slots__ = ("row", "ids", "scores", "lengths", "kv", "kv_region", "record_crcs", "first_slot")
     ROW_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +130,7 @@ class SearchResponse(_message.Message):
     KV_FIELD_NUMBER: _ClassVar[int]
     KV_REGION_FIELD_NUMBER: _ClassVar[int]
     RECORD_CRCS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SLOT_FIELD_NUMBER: _ClassVar[int]
     row: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
@@ -135,7 +138,8 @@ class SearchResponse(_message.Message):
     kv: _tensor_pb2.Tensor
     kv_region: SharedRegion
     record_crcs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, row: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., lengths: _Optional[_Iterable[int]] = ..., kv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., kv_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., record_crcs: _Optional[_Iterable[int]] = ...) -> None: ...
+    first_slot: int
+    def __init__(self, row: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., lengths: _Optional[_Iterable[int]] = ..., kv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., kv_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., record_crcs: _Optional[_Iterable[int]] = ..., first_slot: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("session_id", "ids")

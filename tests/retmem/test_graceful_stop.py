@@ -74,6 +74,8 @@ def test_a3_sigterm_with_calls_in_flight(tmp_path: Path) -> None:
             try:
                 check_health(proc.target)
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # accepted while the server stops, never answered: no proof yet; probe again
                 # Refused (UNAVAILABLE), or accepted just before the stop and cut by it (CANCELLED).
                 assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
                 break

@@ -52,8 +52,8 @@ IDEMPOTENT = ("Append", "Search", "Retrieve", "Fetch", "Pin", "Unpin", "GetSessi
 SHM, GRPC = "shm", "grpc"
 SHM_REQUEST_BYTES = 256 << 20  # K/V of one Append through shared memory (bounds a segment's size)
 # Replies over gRPC larger than this come streamed in pieces of about PIECE_BYTES (Search with
-# max_records_per_message): a 24 MiB reply moved in ~3 MiB messages took 35-39 ms on loopback against
-# 46-64 ms as one message (bench/results/retmem.md, echo floors), more than the copy that joins them.
+# max_records_per_message), joined on arrival: a per-layer top-8 (24 MiB) over loopback took 43 ms so
+# against 66 ms as one Retrieve message (interleaved A/B; bench/results/retmem.md, grpc vs grpc_unary).
 STREAM_ABOVE = 8 << 20
 PIECE_BYTES = 4 << 20
 ATTACH_TIMEOUT_S = 5.0
@@ -113,6 +113,7 @@ class RetMemClient:
         self._stats_lock = threading.Lock()
         # (transport, method) -> [calls, K/V bytes]: what metrics count, for reading in process.
         self.transport_stats: dict[tuple[str, str], list[int]] = {}
+        self.stream_above, self.piece_bytes = STREAM_ABOVE, PIECE_BYTES  # K/V over gRPC: see above
 
     # ------------------------------------------------------------------------------- plumbing
 
@@ -330,12 +331,12 @@ class RetMemClient:
         stub = self._raw(session_id)
         rb = spec.record_bytes
         try:
-            if q * k * rb <= STREAM_ABOVE and q * (k * (rb + 32) + 64) <= self.max_message_bytes:
+            if q * k * rb <= self.stream_above and q * (k * (rb + 32) + 64) <= self.max_message_bytes:
                 for head, data in rawwire.parse_rows(stub.Retrieve(req, timeout=timeout)):
                     out.add(head, data)
                 method = "Retrieve"
             else:
-                req.max_records_per_message = max(1, min(PIECE_BYTES, self.max_message_bytes // 2) // rb)
+                req.max_records_per_message = max(1, min(self.piece_bytes, self.max_message_bytes // 2) // rb)
                 for msg in stub.Search(req, timeout=timeout):
                     for head, data in rawwire.parse_rows(msg, top_field=None):
                         out.add(head, data)

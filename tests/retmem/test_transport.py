@@ -333,19 +333,17 @@ def test_a_unix_socket_address_is_local(tmp_path: Path) -> None:
         server.stop(grace_s=1)
 
 
-def test_large_replies_over_grpc_come_in_pieces(server: RetMemServer, monkeypatch) -> None:
+def test_large_replies_over_grpc_come_in_pieces(server: RetMemServer) -> None:
     """Over gRPC a reply above STREAM_ABOVE is streamed a few records per message (first_slot) and
     joined on arrival: the same result as one message, and as shared memory."""
-    from memlong.services.retmem import client as client_mod
-
     fast, plain = _clients(server)
     rng = np.random.default_rng(8)
     fast.create_session("t8", SPEC)
     fast.append("t8", *chunks(rng, SPEC, 0, 10))
     queries = rng.standard_normal((2, SPEC.dim)).astype(np.float32)
     whole = {q: plain.search("t8", queries[:q], 5) for q in (1, 2)}  # unary Retrieve
-    monkeypatch.setattr(client_mod, "STREAM_ABOVE", 0)
-    monkeypatch.setattr(client_mod, "PIECE_BYTES", 2 * SPEC.record_bytes)
+    for c in (fast, plain):
+        c.stream_above, c.piece_bytes = 0, 2 * SPEC.record_bytes
     for q in (1, 2):
         _same(plain.search("t8", queries[:q], 5), whole[q])
         _same(fast.search("t8", queries[:q], 5), whole[q])

@@ -7,9 +7,10 @@ records carry these references, not the bytes, and snapshots hold them too: each
 to disk once.
 
 Durability: a chunk's bytes are written here before the log record that refers to them, and the
-log's flusher calls `sync` before it syncs the log, so an acknowledged record's K/V are on stable
-storage. After a power loss a log record may have reached the disk while its K/V did not; such a
-record was never acknowledged, and recovery finds it by the CRC (`read(..., verify=True)`).
+log's flusher calls `sync` alongside its own sync and acknowledges a record only once both are done,
+so an acknowledged record's K/V are on stable storage. After a power loss a log record may have
+reached the disk while its K/V did not; such a record was never acknowledged, and recovery finds it by
+the CRC (`read(..., verify=True)`).
 
 Files are `<id:010d>.kv`, ids from 1 (an all-zero reference is a padding slot). One file takes the
 appends until it passes `file_bytes`; it is synced and a new one starts. A file is never appended to
@@ -165,7 +166,7 @@ class KVFiles:
         return refs.view(np.uint8).reshape(n, REF_BYTES)
 
     def sync(self) -> None:
-        """Make every write so far durable (called by the log before it syncs)."""
+        """Make every write so far durable (called by the log with each of its syncs)."""
         with self._lock:
             if self._dirty and self._wfd >= 0:
                 self._dirty = False

@@ -15,7 +15,8 @@ most the hits since the session's last record and never more than `counter_flush
 checkpoint (and so a graceful stop) snapshots them and clears the pending list.
 
 K/V on disk: with a data directory, each chunk's K/V bytes go once to append-only data files
-(`kvfiles`), written before the log record that refers to them and synced before the log is. The
+(`kvfiles`), written before the log record that refers to them and synced with the log (an append
+is acknowledged once both syncs are done). The
 memory core holds a 16-byte reference per chunk instead of the record, and so do the log records and
 snapshots: resident memory is the index, ids, counters and metadata, whatever the stored size.
 Searches and fetches read the K/V back with positional reads and check each record's CRC-32 (a

@@ -59,6 +59,10 @@ PIECE_BYTES = 4 << 20
 ATTACH_TIMEOUT_S = 5.0
 
 
+class _NoSegment(Exception):
+    """No shared region could be had for a call (see RetMemClient._lease)."""
+
+
 class _RawStub:
     """The K/V-carrying methods with bytes on the K/V side: Append takes rawwire request bytes,
     Retrieve and Search return the reply bytes for rawwire to read."""
@@ -168,6 +172,15 @@ class RetMemClient:
             self._pool = shm.SegmentPool(self.shm_dir)
         return self._pool
 
+    def _lease(self, nbytes: int) -> shm.Lease:
+        """A shared region for one call; _NoSegment when /dev/shm has no room for one (that call then
+        keeps its K/V in the messages)."""
+        try:
+            return self._segments().lease(nbytes)
+        except OSError as e:
+            log.warning("no shared segment of %d bytes (%s); this call keeps K/V in the messages", nbytes, e)
+            raise _NoSegment from e
+
     def _attach(self, target: str, session_id: str, deadline: Deadline | None) -> str:
         """Prove the server sees this client's segments: it reads back a nonce written into one."""
         nonce = secrets.token_bytes(shm.NONCE_BYTES)
@@ -237,25 +250,28 @@ class RetMemClient:
         records = as_records(spec, np.asarray(kv))  # (n, record_bytes)
         embeddings = np.asarray(embeddings, np.float32)
         ids, lengths = np.asarray(ids, np.int64), np.asarray(lengths)
-        shared = self.transport(session_id, deadline) == SHM
         # Several requests when the chunks would not fit one message (per-layer records are MBs each)
         # or one segment; appends are idempotent per sequence number, so a retried part stores nothing
-        # twice.
-        room = SHM_REQUEST_BYTES if shared else self.max_message_bytes - 4096
-        per_msg = max(1, room // (spec.record_bytes + 4 * spec.dim + 256))
-        appended = 0
-        for lo in range(0, len(ids), per_msg):
+        # twice. What shared memory cannot take (refused, or no room in /dev/shm) goes over gRPC.
+        appended, done = 0, 0
+        if self.transport(session_id, deadline) == SHM:
+            per_msg = max(1, SHM_REQUEST_BYTES // spec.record_bytes)
+            try:
+                for lo in range(0, len(ids), per_msg):
+                    part = slice(lo, lo + per_msg)
+                    args = (spec, session_id, ids[part], embeddings[part], records[part], lengths[part])
+                    appended += self._append_shm(*args, deadline)
+                    done = min(lo + per_msg, len(ids))
+            except FailedPrecondition as e:
+                if not self._shm_refused(session_id, e):
+                    raise
+            except _NoSegment:
+                pass
+        per_msg = max(1, (self.max_message_bytes - 4096) // (spec.record_bytes + 4 * spec.dim + 256))
+        for lo in range(done, len(ids), per_msg):
             part = slice(lo, lo + per_msg)
-            args = (spec, session_id, ids[part], embeddings[part], records[part], lengths[part], deadline)
-            if shared:
-                try:
-                    appended += self._append_shm(*args)
-                    continue
-                except FailedPrecondition as e:
-                    if not self._shm_refused(session_id, e):
-                        raise
-                    shared = False
-            appended += self._append_grpc(*args)
+            args = (spec, session_id, ids[part], embeddings[part], records[part], lengths[part])
+            appended += self._append_grpc(*args, deadline)
         return appended
 
     @staticmethod
@@ -286,7 +302,7 @@ class RetMemClient:
     def _append_shm(self, spec, session_id, ids, embeddings, records, lengths, deadline) -> int:
         """K/V through a shared region: copied once into it; the server writes them from there."""
         n, rb = records.shape
-        lease = self._segments().lease(n * rb)
+        lease = self._lease(n * rb)
         try:
             region = lease.array.reshape(n, rb)
             np.copyto(region, records)  # the one copy between the caller's records and the data file
@@ -326,6 +342,8 @@ class RetMemClient:
             except FailedPrecondition as e:
                 if not self._shm_refused(session_id, e):
                     raise
+            except _NoSegment:
+                pass  # this call over gRPC
         out = _Rows(spec, q, k)
         timeout = self._timeout(deadline)
         stub = self._raw(session_id)
@@ -350,7 +368,7 @@ class RetMemClient:
     def _search_shm(self, spec, session_id, req, q: int, k: int, deadline) -> SearchResult:
         """The server reads the records into this call's region; each is checked here."""
         nbytes = q * k * spec.record_bytes
-        lease = self._segments().lease(nbytes)
+        lease = self._lease(nbytes)
         req = pb.SearchRequest(
             session_id=req.session_id,
             queries=req.queries,

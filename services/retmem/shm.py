@@ -118,7 +118,9 @@ class Segment:
         fd = os.open(self.path, flags, 0o600)
         try:
             os.fchmod(fd, 0o600)  # whatever the umask did
-            os.ftruncate(fd, size)
+            # Reserve the pages now: a write into a tmpfs file past its free space would fault
+            # (SIGBUS) later; here it is an OSError (ENOSPC) the caller falls back from.
+            os.posix_fallocate(fd, 0, size)
             self.map = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)

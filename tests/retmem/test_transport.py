@@ -362,3 +362,21 @@ def test_large_replies_over_grpc_come_in_pieces(server: RetMemServer) -> None:
             )
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_no_room_in_shared_memory_keeps_the_call_in_the_messages(server: RetMemServer, monkeypatch) -> None:
+    """/dev/shm full (segments are reserved whole when created, so that is an error, never a fault):
+    the call keeps its K/V in the messages, the address stays same-host."""
+    fast, plain = _clients(server)
+    rng = np.random.default_rng(10)
+    fast.create_session("t10", SPEC)
+    assert fast.transport("t10") == SHM
+
+    def full(nbytes: int) -> shm.Lease:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fast._segments(), "lease", full)
+    batch = chunks(rng, SPEC, 0, 5)
+    assert fast.append("t10", *batch) == 5
+    _same(fast.search("t10", batch[1][:1], 3), plain.search("t10", batch[1][:1], 3))
+    assert {t for t, _ in fast.transport_stats} == {GRPC} and fast.transport("t10") == SHM

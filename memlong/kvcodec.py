@@ -19,6 +19,8 @@ decoder): ret-mem stores and moves the compact bytes without looking inside. No 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -81,11 +83,24 @@ def encode(k: torch.Tensor, v: torch.Tensor, dtype: str, codec: str) -> np.ndarr
     return torch.cat(flat, dim=1).numpy()
 
 
+def _tensor_of(array: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy, without its warning for a read-only array (see `decode`: the result is read)."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def decode(records: np.ndarray, shape: tuple[int, ...], dtype: str, codec: str) -> torch.Tensor:
     """(..., record_bytes) uint8 -> (..., *shape) K/V: the stored dtype for `none` (a view, no copy),
-    float32 for the compact codecs."""
+    float32 for the compact codecs.
+
+    Retrieved records may be read-only views of a shared-memory lease: for `none` the result then shares
+    that read-only memory (torch has no read-only tensors), so callers only read it, as the chunk loop
+    does (it converts to float32 at once)."""
     lead = records.shape[:-1]
-    flat = torch.from_numpy(np.ascontiguousarray(records)).reshape(-1, records.shape[-1])  # (m, rb)
+    flat = _tensor_of(np.ascontiguousarray(records)).reshape(-1, records.shape[-1])  # (m, rb)
     if codec == "none":
         return flat.view(_TORCH[dtype]).reshape(*lead, *shape)
     n_layers, h, c, d = _dims(tuple(shape))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -43,6 +44,21 @@ def test_none_is_exact() -> None:
     k, v = _kv()
     out = kvcodec.decode(kvcodec.encode(k, v, "bfloat16", "none"), (2, 2, 3, 16, 8), "bfloat16", "none")
     assert torch.equal(out[:, :, 0].float(), k) and torch.equal(out[:, :, 1].float(), v)
+
+
+@pytest.mark.parametrize("codec", kvcodec.CODECS)
+def test_read_only_records_decode_quietly_and_alike(codec: str) -> None:
+    """Records retrieved through shared memory are read-only views: decoding them warns of nothing and
+    gives what the same bytes give when writable."""
+    k, v = _kv()
+    shape = (2, 2, 3, 16, 8)
+    records = kvcodec.encode(k, v, "bfloat16", codec)
+    frozen = records.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = kvcodec.decode(frozen, shape, "bfloat16", codec)
+    assert torch.equal(got, kvcodec.decode(records, shape, "bfloat16", codec))
 
 
 def test_int8_error_within_half_a_step_per_channel_and_token() -> None:

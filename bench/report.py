@@ -92,19 +92,21 @@ def chapterbreak_section() -> str:
         "context_tokens",
         "cases",
         "candidates",
+        "calibrated_correct",
+        "calibrated_accuracy",
+        "median_calibrated_margin",
         "correct",
         "accuracy",
-        "chance",
         "median_margin",
+        "chance",
     ]
     return (
         "## ChapterBreak-style suffix identification\n\nAfter a long prefix ending at a section break, the true "
         "next section's opening is ranked against openings of other sections of the same work by "
-        "log-likelihood (`memlong/eval/chapterbreak.py`); `median_margin`: the true opening's summed "
-        "log-probability less the best distractor's (nats). "
-        + "; ".join(settings)
-        + ".\n\n"
-        + markdown_table(rows, cols)
+        "log-likelihood (`memlong/eval/chapterbreak.py`). `calibrated`: each candidate's log-likelihood after "
+        "the prefix less its log-likelihood after the prefix's last token alone (what the past adds); "
+        "`correct`/`accuracy`: the raw log-likelihood; margins: the true opening's score less the best "
+        "distractor's (nats). " + "; ".join(settings) + ".\n\n" + markdown_table(rows, cols)
     )
 
 

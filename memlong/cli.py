@@ -127,7 +127,9 @@ def cmd_eval_chapterbreak(args: argparse.Namespace) -> int:
     )
     stack, meta = _eval_stack(args)
     out = Path(args.out)
-    run_chapterbreak(stack, settings, on_progress=lambda rows: write_chapterbreak(out, settings, rows, meta))
+    run_chapterbreak(
+        stack, settings, on_progress=lambda rows, cases: write_chapterbreak(out, settings, rows, meta, cases)
+    )
     print((out / f"chapterbreak_{settings.book}_{settings.context}.md").read_text())
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from memlong.eval import chapterbreak
 from memlong.eval.chapterbreak import ChapterBreakSettings, Work, build_cases, run_chapterbreak, works
 from memlong.eval.common import Stack
@@ -75,6 +77,29 @@ def test_the_true_candidate_is_what_follows_the_prefix_and_distractors_are_other
 def test_every_method_ranks_the_same_cases():
     stack = _stack()
     settings = ChapterBreakSettings(context=160, candidate_tokens=8, distractors=2, cases=3)
-    rows = run_chapterbreak(stack, settings)
+    rows, per_case = run_chapterbreak(stack, settings)
     assert [r["method"] for r in rows] == ["full", "sliding", "per_layer"]
     assert {r["cases"] for r in rows} == {3} and all(0 <= r["correct"] <= 3 for r in rows)
+    assert len(per_case) == 3 and all(len(r["reference"]) == 3 for r in per_case)
+    for row in rows:  # the summary is what the per-case scores say, raw and calibrated
+        m = row["method"]
+        raw = [r["scores"][m] for r in per_case]
+        cal = [
+            [a - b for a, b in zip(s, r["reference"], strict=True)]
+            for s, r in zip(raw, per_case, strict=True)
+        ]
+        assert row["correct"] == sum(s[0] > max(s[1:]) for s in raw)
+        assert row["calibrated_correct"] == sum(s[0] > max(s[1:]) for s in cal)
+
+
+def test_the_reference_score_is_the_candidate_after_the_last_prefix_token():
+    # Checked against the full-attention scorer given a one-token prefix (another code path: a cached
+    # prefix, then each candidate): the calibration subtracts exactly that.
+    stack = _stack()
+    case = build_cases(stack, ChapterBreakSettings(context=160, candidate_tokens=8, distractors=2, cases=1))[
+        0
+    ]
+    ref = chapterbreak._reference_scores(stack, case)
+    one = chapterbreak.Case(case.work, case.prefix[-1:], case.candidates)
+    assert ref == pytest.approx(chapterbreak._full_scores(stack, one), abs=1e-4)
+    assert len(set(ref)) == 3  # different openings, different worth

@@ -14,8 +14,14 @@ distant past (memory) should rank the true opening first more often than one wit
   judged.
 - Every method reads the same prefix tokens and scores the same candidate tokens: `full` (one forward up
   to `full_max`), `sliding` (local window and sinks only), `per_layer` (per-layer memory).
-- Accuracy: the true opening ranked first by summed log-probability (all candidates have the same token
-  count). Chance is 1 / (1 + distractors).
+- Scores: a candidate's summed log-probability after the prefix (all candidates have the same token
+  count), and the same less its summed log-probability after the prefix's last token alone (the
+  "calibrated" score, a pointwise mutual information between prefix and candidate). The raw score is
+  dominated by how predictable an opening is on its own (a short stage direction beats a speech after
+  any prefix: full attention ranks the true opening first in none of the first cases measured), which
+  no reading of the past can change; the calibrated score keeps only what the prefix adds. The
+  reference term does not depend on the method, so every method is ranked against the same numbers.
+- Accuracy: the true opening ranked first, by either score. Chance is 1 / (1 + distractors).
 """
 
 from __future__ import annotations
@@ -181,6 +187,17 @@ def _full_scores(stack: Stack, case: Case) -> list[float]:
 
 
 @torch.no_grad()
+def _reference_scores(stack: Stack, case: Case) -> list[float]:
+    """Each candidate's summed log-probability after the prefix's last token only (every token of it
+    scored, as in the methods' scores): what an opening is worth without the past."""
+    model = stack.model
+    with stock_attention(model):
+        ids = torch.tensor([[case.prefix[-1], *cand] for cand in case.candidates])
+        logp = torch.log_softmax(model.hf(ids).logits[:, :-1].float(), -1)
+        return logp.gather(2, ids[:, 1:, None])[..., 0].sum(1).tolist()
+
+
+@torch.no_grad()
 def _reader_scores(stack: Stack, case: Case, memory: bool) -> list[float]:
     cfg = stack.model.config
     reader = stack.reader(with_memory=memory)
@@ -196,61 +213,77 @@ def _reader_scores(stack: Stack, case: Case, memory: bool) -> list[float]:
 
 
 def run_chapterbreak(
-    stack: Stack, settings: ChapterBreakSettings, on_progress: Callable[[list[dict]], None] | None = None
-) -> list[dict]:
+    stack: Stack,
+    settings: ChapterBreakSettings,
+    on_progress: Callable[[list[dict], list[dict]], None] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """(one summary row per method, one record per case with every candidate's scores)."""
     cases = build_cases(stack, settings)
     if not cases:
         raise ValueError("no section break has enough context before it; lower --context")
     methods = [m for m in settings.methods if m != "full" or settings.context <= settings.full_max]
-    correct = dict.fromkeys(methods, 0)
-    margins: dict[str, list[float]] = {m: [] for m in methods}
+    per_case: list[dict] = []
     rows: list[dict] = []
-    for done, case in enumerate(
-        tqdm(cases, desc=f"chapterbreak {settings.book} {settings.context}", unit="case")
-    ):
+    for case in tqdm(cases, desc=f"chapterbreak {settings.book} {settings.context}", unit="case"):
+        record = {"work": case.work, "reference": _reference_scores(stack, case), "scores": {}}
         for method in methods:
             if method == "full":
                 scores = _full_scores(stack, case)
             else:
                 with stack.model.configured(layout="per_layer"):
                     scores = _reader_scores(stack, case, memory=method != "sliding")
-            correct[method] += int(max(range(len(scores)), key=scores.__getitem__) == 0)
-            margins[method].append(scores[0] - max(scores[1:]))
-        rows = _rows(stack, settings, methods, done + 1, correct, margins)
+            record["scores"][method] = scores
+        per_case.append(record)
+        rows = _rows(stack, settings, methods, per_case)
         if on_progress is not None:  # after every case: a long run that is stopped keeps what it measured
-            on_progress(rows)
-    return rows
+            on_progress(rows, per_case)
+    return rows, per_case
+
+
+def _margin(scores: list[float]) -> float:
+    """The true opening's score less the best distractor's: > 0 when ranked first."""
+    return scores[0] - max(scores[1:])
 
 
 def _rows(
-    stack: Stack,
-    settings: ChapterBreakSettings,
-    methods: list[str],
-    cases: int,
-    correct: dict[str, int],
-    margins: dict[str, list[float]],
+    stack: Stack, settings: ChapterBreakSettings, methods: list[str], per_case: list[dict]
 ) -> list[dict]:
     cfg = stack.model.config
-    return [
-        {
-            "book": settings.book,
-            "method": m,
-            "context_tokens": settings.context,
-            "cases": cases,
-            "candidates": settings.distractors + 1,
-            "correct": correct[m],
-            "accuracy": correct[m] / cases,
-            "chance": 1 / (settings.distractors + 1),
-            "median_margin": statistics.median(margins[m]),
-            "local_window": settings.context if m == "full" else cfg.local_window,
-            "top_k": cfg.top_k if m == "per_layer" else 0,
-            "chunk": cfg.chunk,
-        }
-        for m in methods
-    ]
+    rows = []
+    for m in methods:
+        raw = [_margin(r["scores"][m]) for r in per_case]
+        cal = [
+            _margin([a - b for a, b in zip(r["scores"][m], r["reference"], strict=True)]) for r in per_case
+        ]
+        rows.append(
+            {
+                "book": settings.book,
+                "method": m,
+                "context_tokens": settings.context,
+                "cases": len(per_case),
+                "candidates": settings.distractors + 1,
+                "correct": sum(x > 0 for x in raw),
+                "accuracy": sum(x > 0 for x in raw) / len(per_case),
+                "calibrated_correct": sum(x > 0 for x in cal),
+                "calibrated_accuracy": sum(x > 0 for x in cal) / len(per_case),
+                "chance": 1 / (settings.distractors + 1),
+                "median_margin": statistics.median(raw),
+                "median_calibrated_margin": statistics.median(cal),
+                "local_window": settings.context if m == "full" else cfg.local_window,
+                "top_k": cfg.top_k if m == "per_layer" else 0,
+                "chunk": cfg.chunk,
+            }
+        )
+    return rows
 
 
-def write_chapterbreak(out_dir: Path, settings: ChapterBreakSettings, rows: list[dict], extra: dict) -> None:
+def write_chapterbreak(
+    out_dir: Path,
+    settings: ChapterBreakSettings,
+    rows: list[dict],
+    extra: dict,
+    per_case: list[dict] | None = None,
+) -> None:
     stem = f"chapterbreak_{settings.book}_{settings.context}"
     meta = {
         "settings": asdict(settings),
@@ -258,6 +291,24 @@ def write_chapterbreak(out_dir: Path, settings: ChapterBreakSettings, rows: list
         "written": time.strftime("%F %T"),
         **extra,
     }
-    write_json(out_dir / f"{stem}.json", {"meta": meta, "rows": rows})
-    cols = ["book", "method", "context_tokens", "cases", "candidates", "correct", "accuracy", "chance"]
-    (out_dir / f"{stem}.md").write_text(markdown_table(rows, cols))
+    write_json(out_dir / f"{stem}.json", {"meta": meta, "rows": rows, "cases": per_case or []})
+    cols = [
+        "book",
+        "method",
+        "context_tokens",
+        "cases",
+        "candidates",
+        "calibrated_correct",
+        "calibrated_accuracy",
+        "median_calibrated_margin",
+        "correct",
+        "accuracy",
+        "median_margin",
+        "chance",
+    ]
+    note = (
+        "\n\ncalibrated: each candidate's log-likelihood after the prefix less its log-likelihood after the"
+        " prefix's last token alone; correct/accuracy: the raw log-likelihood. Margins in nats (true opening"
+        " less the best distractor).\n"
+    )
+    (out_dir / f"{stem}.md").write_text(markdown_table(rows, cols) + note)

@@ -179,8 +179,8 @@ def _full_scores(stack: Stack, case: Case) -> list[float]:
         last = torch.log_softmax(out.logits[0, -1].float(), -1)
         scores = []
         for cand in case.candidates:
-            cache = copy.deepcopy(out.past_key_values)
-            logits = model.hf(torch.tensor([cand]), past_key_values=cache, use_cache=True).logits[0]
+            cache = copy.deepcopy(out.cache)
+            logits = model.hf(torch.tensor([cand]), cache=cache, use_cache=True).logits[0]
             logp = torch.log_softmax(logits[:-1].float(), -1).gather(1, torch.tensor(cand[1:])[:, None])
             scores.append(float(last[cand[0]] + logp.sum()))
     return scores

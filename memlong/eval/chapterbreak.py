@@ -27,6 +27,7 @@ distant past (memory) should rank the true opening first more often than one wit
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 import re
 import statistics
@@ -175,12 +176,14 @@ def _tokens_at(stack: Stack, text: str, starts: list[int]) -> tuple[list[int], l
 def _full_scores(stack: Stack, case: Case) -> list[float]:
     model = stack.model
     with stock_attention(model):
+        # transformers renamed past_key_values to cache in 5.x; the project admits the whole series
+        name = "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"
         out = model.hf(torch.tensor([case.prefix]), use_cache=True)
         last = torch.log_softmax(out.logits[0, -1].float(), -1)
         scores = []
         for cand in case.candidates:
-            cache = copy.deepcopy(out.cache)
-            logits = model.hf(torch.tensor([cand]), cache=cache, use_cache=True).logits[0]
+            cache = copy.deepcopy(out[name])
+            logits = model.hf(torch.tensor([cand]), use_cache=True, **{name: cache}).logits[0]
             logp = torch.log_softmax(logits[:-1].float(), -1).gather(1, torch.tensor(cand[1:])[:, None])
             scores.append(float(last[cand[0]] + logp.sum()))
     return scores

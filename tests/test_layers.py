@@ -9,6 +9,7 @@ top-level `services`. Checked on the source with `ast`, so an import inside a fu
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,3 +97,42 @@ def test_nothing_imports_a_top_level_services_package() -> None:
             if wrong:
                 bad[str(path.relative_to(REPO))] = wrong
     assert not bad, bad
+
+
+def readme_architecture() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Architecture")
+    return text[start : text.index("\n## ", start)]
+
+
+def test_the_readme_architecture_matches_the_tree() -> None:
+    """Every path the README's architecture section names exists, and every package directly under
+    memlong/ and services/ has a row of its table (itself or, for memlong/api, its generated packages)."""
+    section = readme_architecture()
+    diagram = section[section.index("```text") : section.index("```", section.index("```text") + 3)]
+    named = set(re.findall(r"\b((?:memlong|services|proto)/[\w/.]*)", diagram))
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        folder = ""
+        for name in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if re.fullmatch(r"memlong(\.\w+)+", name):  # an installed module name, not a path
+                continue
+            if "/" not in name and not (REPO / name).exists():  # a file beside the previous path's
+                name = folder + name
+            heads, _, tail = name.partition("{")
+            names = [heads + part + tail.partition("}")[2] for part in tail.partition("}")[0].split(",")]
+            rows += names if tail else [name]
+            folder = name.rpartition("/")[0] + "/"
+    named.update(rows)
+    missing = sorted(n for n in named if not (REPO / n).exists())
+    assert not missing, f"README architecture names paths that do not exist: {missing}"
+    packages = [
+        f"{top}/{d.name}/"
+        for top in ("memlong", "services")
+        for d in sorted((REPO / top).iterdir())
+        if (d / "__init__.py").is_file()
+    ]
+    unlisted = [p for p in packages if not any(r.rstrip("/") + "/" == p or r.startswith(p) for r in rows)]
+    assert not unlisted, f"packages with no row in the README's architecture table: {unlisted}"

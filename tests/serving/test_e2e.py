@@ -54,6 +54,46 @@ def test_append_resumes_by_offset_and_skips_committed_bytes(stack):
         client.append(sid, b"gap", offset=len(text) + 5)
 
 
+def test_append_reaches_the_decoder_piece_by_piece_as_the_client_sends_it(stack, monkeypatch):
+    """The gateway gathers no Append stream: each piece goes on to the decoder as it arrives, as it
+    came (one Ingest message each), so the decoder reads the first before the client sends the next."""
+    import threading
+
+    from memlong.api.gateway.v1 import gateway_pb2 as pb
+    from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
+    from memlong.rpc.channel import get_channel
+    from memlong.services.decoder.engine import DecoderEngine
+
+    received, first_in = [], threading.Event()
+    real = DecoderEngine.ingest
+
+    def ingest(self, session_id, next_chunk_id, pieces, call):
+        def watched():
+            for piece in pieces:
+                received.append(len(piece))
+                first_in.set()
+                yield piece
+
+        return real(self, session_id, next_chunk_id, watched(), call)
+
+    monkeypatch.setattr(DecoderEngine, "ingest", ingest)
+    sid = stack.client().create_session().session_id
+    text = _text(40).encode()
+    cut = len(text) // 2
+    sent_after_first_read = []
+
+    def requests():
+        yield pb.AppendRequest(session_id=sid, offset=0, text=text[:cut])
+        sent_after_first_read.append(first_in.wait(30))  # a gateway that gathered would wait forever
+        yield pb.AppendRequest(session_id=sid, offset=cut, text=text[cut:])
+
+    stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
+    last = list(stub.Append(requests(), timeout=60, metadata=(("x-api-key", "key-a"),)))[-1]
+    assert sent_after_first_read == [True], "the decoder saw nothing before the stream ended"
+    assert received == [cut, len(text) - cut]
+    assert last.done and last.text_bytes == len(text)
+
+
 def test_ingest_then_score_equals_the_in_process_decoder_core(stack):
     client = stack.client()
     sid = client.create_session().session_id

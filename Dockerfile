@@ -35,7 +35,8 @@ ENV PATH=/opt/memlong/bin:$PATH \
     TRANSFORMERS_OFFLINE=1
 USER 10001:10001
 WORKDIR /data
-# 50051 gateway, 50071 decoder, 50061 ret-mem; 8081 plaintext gRPC health; 9464 Prometheus metrics.
+# 50051 gateway, 50071 decoder, 50061 ret-mem; 8080 the HTTP API (OpenAI-compatible); 8081 plaintext
+# gRPC health; 9464 Prometheus metrics.
 EXPOSE 50051 50061 50071 8080 8081 9464
 VOLUME ["/data"]
 ENTRYPOINT ["memlong"]

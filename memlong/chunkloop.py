@@ -52,7 +52,12 @@ class SearchResultLike(Protocol):
 
 
 class MemoryPort(Protocol):
-    """What the chunk loop needs from a memory: satisfied by SessionMemory and the ret-mem client."""
+    """What the chunk loop needs from a memory: satisfied by SessionMemory and the ret-mem client.
+
+    Optional, looked up with getattr: `search_async(make_queries, top_k, then)` starts embedding +
+    search + `then(result)` (the decode of the K/V) at once and returns a `PendingSearch`. It must answer
+    as `search(make_queries(), top_k)` made at the moment of the call; the Reader uses it only where
+    nothing was appended since (the ret-mem port offers it; see "Prefetch" above)."""
 
     def append(
         self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
@@ -69,19 +74,6 @@ class PendingSearch(Protocol):
     def result(self) -> Any:
         """Wait for the search; `then` of its result."""
         ...
-
-
-class PrefetchingMemoryPort(MemoryPort, Protocol):
-    """A memory that can search in the background (optional; the Reader checks with getattr).
-
-    `search_async(make_queries, top_k, then)` starts embedding + search + `then(result)` (the decode of
-    the K/V) at once. The search must answer as `search(make_queries(), top_k)` made at the moment of
-    the call; the Reader uses it only where nothing was appended since.
-    """
-
-    def search_async(
-        self, make_queries: Callable[[], np.ndarray], top_k: int, then: Callable[[SearchResultLike], Any]
-    ) -> PendingSearch: ...
 
 
 class Embedder(Protocol):

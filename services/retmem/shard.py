@@ -28,7 +28,7 @@ files when it is recovered.
 
 Deleted session ids are written to a tombstone log before anything is removed and are never
 reused, so a delete survives restarts and stale snapshots. Without a data directory the shard is
-purely in memory (`LocalStore`).
+purely in memory (`Shard(name, data_dir=None)`).
 
 Damaged snapshots: a checkpoint keeps each session's previous snapshot generation and the log back
 to the previous checkpoint (its cut is kept in `checkpoint.json`). When the newest generation fails

@@ -1,7 +1,7 @@
 """A ret-mem session's spec and the checks on what is stored in it, shared by the shards and the client.
 
 K/V travel as opaque per-chunk records: `(n, record_bytes)` uint8 in, `SearchResult.records`
-`(q, k, record_bytes)` uint8 out. `LocalStore` is a shard with no disk. No grpc and no file system here.
+`(q, k, record_bytes)` uint8 out. No grpc and no file system here.
 """
 
 from __future__ import annotations
@@ -127,20 +127,3 @@ def check_lengths(spec: SessionSpec, lengths: np.ndarray) -> None:
     """Valid token counts cannot exceed the chunk size (the core checks >= 1)."""
     if lengths.size and int(lengths.max()) > spec.chunk_tokens:
         raise InvalidArgument("lengths", f"must be <= chunk_tokens {spec.chunk_tokens}")
-
-
-def LocalStore(name: str = "local", faiss_threads: int | None = 1) -> Any:  # noqa: N802 - reads as a class
-    """An in-process ret-mem shard with no disk (nothing survives the process).
-
-    `faiss_threads` sets FAISS's OpenMP threads process-wide (None leaves it alone): one query row
-    per call gains nothing from OpenMP, and spinning workers cost milliseconds on small machines.
-    """
-    import faiss
-
-    from .shard import Shard
-
-    if faiss_threads is not None:
-        faiss.omp_set_num_threads(faiss_threads)
-    shard = Shard(name, data_dir=None)
-    shard.open()
-    return shard

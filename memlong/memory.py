@@ -380,16 +380,22 @@ class SessionMemory:
     # -------------------------------------------------------------------------------- append
 
     def _check_batch(
-        self, ids: Any, embeddings: Any, records: Any, lengths: Any
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Validate one append batch as a whole; returns contiguous arrays. Changes nothing."""
+        self, ids: Any, embeddings: Any, records: Any, lengths: Any, with_records: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """Validate one append batch as a whole; returns contiguous arrays. Changes nothing.
+
+        with_records False: the records are neither checked nor returned (None)."""
         ids = _check_array("ids", ids, np.int64, (None,))  # (n,)
         n = len(ids)
         embeddings = _check_vectors("embeddings", embeddings, self.config.dim)  # (n, dim)
-        records = _check_array("records", records, np.uint8, (None, self.config.record_bytes))
+        records = (
+            _check_array("records", records, np.uint8, (None, self.config.record_bytes))
+            if with_records
+            else None
+        )
         lengths = _check_array("lengths", lengths, np.int32, (None,))  # (n,)
         for field, arr in (("embeddings", embeddings), ("records", records), ("lengths", lengths)):
-            if len(arr) != n:
+            if arr is not None and len(arr) != n:
                 raise InvalidArgument(field, f"batch has {len(arr)} rows but ids has {n}")
         if n and ids.min() < 0:
             raise InvalidArgument("ids", "chunk ids must be >= 0")
@@ -400,10 +406,10 @@ class SessionMemory:
         return ids, embeddings, records, lengths
 
     def _check_replays(
-        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray
+        self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray | None, lengths: np.ndarray
     ) -> None:
         """FailedPrecondition for an id never accepted; AlreadyExists if a stored id arrives with
-        different bytes."""
+        different bytes (records None: their bytes are not compared)."""
         run = np.searchsorted(self._accepted[:, 0], ids, side="right") - 1  # (r,) run that may hold it
         known = (run >= 0) & (ids <= self._accepted[np.maximum(run, 0), 1])
         if not known.all():
@@ -421,7 +427,8 @@ class SessionMemory:
         slots = self._slots[pos]
         # Compare bytes, not values: -0.0 vs 0.0 is a different write.
         same = (self._emb[slots].view(np.uint32) == embeddings[rows].view(np.uint32)).all(axis=1)
-        same &= (self._rec[slots] == records[rows]).all(axis=1)
+        if records is not None:
+            same &= (self._rec[slots] == records[rows]).all(axis=1)
         same &= self._lengths[pos] == lengths[rows]
         if not same.all():
             bad = ids[rows[~same]][:8].tolist()
@@ -445,19 +452,44 @@ class SessionMemory:
         as it will be after this append. If even that cannot make room (pinned and protected
         chunks), ResourceExhausted. Any error leaves the memory unchanged.
         """
-        ids, embeddings, records, lengths = self._check_batch(ids, embeddings, records, lengths)
-        n_old = int(np.searchsorted(ids, self._max_id, side="right"))  # replays form a prefix
-        self._check_replays(ids[:n_old], embeddings[:n_old], records[:n_old], lengths[:n_old])
+        ids, embeddings, records, lengths, n_old, evict_pos = self._plan_append(
+            ids, embeddings, records, lengths
+        )
+        assert records is not None
         ids, embeddings, records, lengths = ids[n_old:], embeddings[n_old:], records[n_old:], lengths[n_old:]
         m = len(ids)
         if m == 0:
             return 0
-        evict_pos = self._plan_room(m)
         # ---- nothing below raises on valid input: the batch is committed as a whole.
         if len(evict_pos):
             self._drop(evict_pos)
         self._store(ids, embeddings, records, lengths)
         return m
+
+    def check_append(self, ids: Any, embeddings: Any, lengths: Any, records: Any = None) -> int:
+        """Run the checks `append` runs, changing nothing; returns how many chunks would be new.
+
+        For a caller that keeps the K/V elsewhere and must refuse a batch before writing it there
+        (ret-mem's data files). records None skips the records' own checks (their width, and a
+        replay's stored bytes), which that caller then makes itself. Raises what `append` raises."""
+        ids, _, _, _, n_old, _ = self._plan_append(ids, embeddings, records, lengths, records is not None)
+        return len(ids) - n_old
+
+    def _plan_append(
+        self, ids: Any, embeddings: Any, records: Any, lengths: Any, with_records: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, int, np.ndarray]:
+        """Every check of an append batch, changing nothing: the checked arrays (records None
+        without `with_records`), how many of them are replays (a prefix of the batch) and the
+        positions to evict so that the new chunks fit."""
+        ids, embeddings, records, lengths = self._check_batch(ids, embeddings, records, lengths, with_records)
+        n_old = int(np.searchsorted(ids, self._max_id, side="right"))  # replays form a prefix
+        old = slice(0, n_old)
+        self._check_replays(
+            ids[old], embeddings[old], None if records is None else records[old], lengths[old]
+        )
+        m = len(ids) - n_old
+        evict_pos = self._plan_room(m) if m else np.empty(0, np.int64)
+        return ids, embeddings, records, lengths, n_old, evict_pos
 
     def _plan_room(self, m: int) -> np.ndarray:
         """Positions to evict so that `m` new chunks fit; ResourceExhausted when impossible."""

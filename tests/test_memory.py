@@ -473,6 +473,63 @@ def test_bad_append_names_field_and_changes_nothing(case):
     assert_same_state(before, mem.export_state())
 
 
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_check_append_refuses_what_append_refuses_and_changes_nothing(case):
+    """check_append runs append's checks; without records (kept elsewhere) it skips only theirs."""
+    field, spoil = BAD_BATCHES[case]
+    mem = make(memory_size=8)
+    append(mem, np.arange(8), table(8))
+    before = mem.export_state()
+    batch = _batch()
+    spoil(batch)
+    with pytest.raises(InvalidArgument) as e:
+        mem.check_append(**batch)
+    assert e.value.field == field
+    del batch["records"]
+    if field == "records":
+        assert mem.check_append(**batch) == 4
+    else:
+        with pytest.raises(InvalidArgument) as e:
+            mem.check_append(**batch)
+        assert e.value.field == field
+    assert_same_state(before, mem.export_state())
+
+
+def test_check_append_counts_new_chunks_and_refuses_late_ids_conflicts_and_no_room():
+    mem = make(memory_size=8)
+    emb = table(40)
+    append(mem, [0, 1, 2, 5, 6], emb)
+    before = mem.export_state()
+
+    def batch(ids, **change):
+        ids = np.asarray(ids, np.int64)
+        out = {"ids": ids, "embeddings": emb[ids], "records": record_of(ids), "lengths": length_of(ids)}
+        return {**out, **change}
+
+    ok = batch([5, 6, 7, 8])
+    assert mem.check_append(**ok) == 2  # 5 and 6 are replays
+    assert mem.check_append(ok["ids"], ok["embeddings"], ok["lengths"]) == 2
+    with pytest.raises(FailedPrecondition, match=r"\[3\]"):
+        mem.check_append(**batch([3, 9]))
+    other_emb = emb[[5, 9]].copy()
+    other_emb[0, 0] += 1
+    with pytest.raises(AlreadyExists, match=r"\[5\]"):
+        mem.check_append(**batch([5, 9], embeddings=other_emb))
+    other_rec = batch([5, 9], records=record_of(np.array([6, 9])))
+    with pytest.raises(AlreadyExists, match=r"\[5\]"):
+        mem.check_append(**other_rec)
+    del other_rec["records"]  # the caller compares the records it keeps itself
+    assert mem.check_append(**other_rec) == 1
+    with pytest.raises(ResourceExhausted, match="exceeds memory_size"):
+        mem.check_append(**batch(np.arange(10, 19)))
+    mem.pin(mem.ids())
+    with pytest.raises(ResourceExhausted, match="memory full"):
+        mem.check_append(**batch(np.arange(10, 14)))
+    mem.unpin(mem.ids())
+    assert_same_state(before, mem.export_state())
+    assert mem.append(**ok) == 2
+
+
 @pytest.mark.parametrize(
     "field, queries, top_k",
     [

@@ -16,7 +16,8 @@ checkpoint (and so a graceful stop) snapshots them and clears the pending list.
 
 K/V on disk: with a data directory, each chunk's K/V bytes go once to append-only data files
 (`kvfiles`), written before the log record that refers to them and synced with the log (an append
-is acknowledged once both syncs are done). The
+is acknowledged once both syncs are done). A batch is checked whole first (the core's
+`check_append`, the CRCs, a replay's stored bytes): one that is refused writes nothing. The
 memory core holds a 16-byte reference per chunk instead of the record, and so do the log records and
 snapshots: resident memory is the index, ids, counters and metadata, whatever the stored size.
 Searches and fetches read the K/V back with positional reads and check each record's CRC-32 (a
@@ -326,6 +327,9 @@ class Shard:
             check_lengths(meta.spec, np.asarray(lengths))
             kv_bytes = 0
             if self.kv is not None:
+                # Every check the core makes, before anything reaches the data files: a refused
+                # batch leaves no bytes behind. The K/V themselves are checked in _write_kv.
+                mem.check_append(ids, embeddings, lengths)
                 records, kv_bytes = self._write_kv(meta.spec, mem, ids, rows, crcs)
             else:
                 _check_crcs(rows, crcs)
@@ -371,12 +375,12 @@ class Shard:
         """Write a batch's new K/V (one uint8 row per chunk) to the data files, each checked against
         its CRC-32 in `crcs` first; returns the references the core stores and the bytes written. A
         replay of a stored chunk is compared with the stored bytes here (different bytes:
-        AlreadyExists) and gets the stored reference, so the core sees an exact replay."""
+        AlreadyExists) and gets the stored reference, so the core sees an exact replay. The rest of
+        the batch has passed `SessionMemory.check_append`: nothing is written for a batch the core
+        would refuse."""
         assert self.kv is not None
-        if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.shape != (len(records),):
-            raise InvalidArgument("ids", f"must be ({len(records)},) int64 aligned with the records")
-        if len(ids) > 1 and not (np.diff(ids) > 0).all():
-            raise InvalidArgument("ids", "chunk ids in a batch must be strictly increasing")
+        if ids.shape != (len(records),):
+            raise InvalidArgument("ids", f"has {len(ids)} entries but the batch has {len(records)} records")
         refs = np.zeros((len(ids), REF_BYTES), np.uint8)  # (n, REF_BYTES); zero: never stored
         n_old = int(np.searchsorted(ids, mem.stats()["max_id"], side="right"))  # replays form a prefix
         if n_old:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memlong.errors import AlreadyExists, DataLoss
+from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from memlong.services.retmem.kvfiles import REF_BYTES
 from memlong.services.retmem.shard import Shard
 from memlong.services.retmem.store import SessionSpec
@@ -76,6 +76,68 @@ def test_a_replay_is_compared_with_the_stored_bytes(tmp_path: Path) -> None:
         shard.append("a", ids, emb, other, lengths)
     assert np.array_equal(shard.fetch("a", ids)[0], rec)
     shard.close()
+
+
+def _refused_batch(case: str, rng: np.random.Generator, spec: SessionSpec, shard: Shard):
+    """A batch the shard must refuse, holding new chunks (ids above every stored one) that an
+    append would write to the data files, and the error it must raise."""
+    ids, emb, rec, lengths = chunks(rng, spec, 20, 4)
+    if case == "nan embedding":
+        emb[3, 0] = np.nan
+        return (ids, emb, rec, lengths), InvalidArgument, "embeddings: contains NaN"
+    if case == "out-of-order id":  # 7 was never accepted: below the highest (15), so it came late
+        ids[0] = 7
+        return (ids, emb, rec, lengths), FailedPrecondition, r"chunk ids \[7\] .* increasing order"
+    if case == "replay with other embedding":  # 15 is stored: same K/V and length, other embedding
+        ids[0] = 15
+        (rec[0],), (lengths[0],) = shard.fetch("a", ids[:1])
+        return (ids, emb, rec, lengths), AlreadyExists, r"different content: \[15\]"
+    if case == "lengths misaligned":
+        return (ids, emb, rec, lengths[:3]), InvalidArgument, "lengths: batch has 3 rows but ids has 4"
+    if case == "larger than memory":
+        batch = chunks(rng, spec, 20, spec.memory_size + 1)
+        return batch, ResourceExhausted, "exceeds memory_size"
+    assert case == "memory full of pinned chunks"
+    free = spec.memory_size - len(shard.bank.get("a"))
+    shard.append("a", *chunks(rng, spec, 16, free))  # full, no eviction yet
+    shard.pin("a", shard.bank.get("a").ids())
+    ids, emb, rec, lengths = chunks(rng, spec, 16 + free, 4)
+    return (ids, emb, rec, lengths), ResourceExhausted, "memory full"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nan embedding",
+        "out-of-order id",
+        "replay with other embedding",
+        "lengths misaligned",
+        "larger than memory",
+        "memory full of pinned chunks",
+    ],
+)
+def test_a_refused_append_writes_nothing_to_the_data_files(tmp_path: Path, case: str) -> None:
+    """The core's checks run before the K/V reach the data files: a refused batch leaves their size
+    as it was (no unreferenced bytes), the session as it was, and the error the core gives."""
+    spec, rng = tiny_spec(memory_size=32), np.random.default_rng(9)
+    shard = _open(tmp_path)
+    shard.create_session("a", spec)
+    shard.append("a", *chunks(rng, spec, 0, 5))
+    shard.append("a", *chunks(rng, spec, 10, 6))  # 5..9 never sent: a later 5..9 is out of order
+    batch, error, message = _refused_batch(case, rng, spec, shard)
+    kv_before = [(p.name, p.stat().st_size) for p in _files(tmp_path, "kv")]
+    want = _content(shard, "a")
+    with pytest.raises(error, match=message):
+        shard.append("a", *batch)
+    assert [(p.name, p.stat().st_size) for p in _files(tmp_path, "kv")] == kv_before
+    _same(want, _content(shard, "a"))
+    shard.unpin("a", shard.bank.get("a").ids())  # room again after the pinned case
+    assert shard.append("a", *chunks(rng, spec, 1000, 2)) == 2  # the shard goes on as before
+    want = _content(shard, "a")
+    shard.close()
+    again = _open(tmp_path)
+    _same(want, _content(again, "a"))
+    again.close()
 
 
 def test_kv_that_never_reached_the_disk_cut_the_log_there(tmp_path: Path) -> None:

@@ -1,10 +1,14 @@
-"""A call the client cancels stops downstream: the decoder stops working, its slot frees, and a
-cancelled Append leaves no chunk behind (its retry stores what a fresh session stores)."""
+"""A call the client cancels, or whose deadline passes, stops downstream: the decoder stops working,
+its slot frees, and such an Append leaves no chunk behind (its retry stores what a fresh session
+stores)."""
 
 from __future__ import annotations
 
 import threading
 import time
+
+import grpc
+import pytest
 
 from memlong.api.decoder.v1 import decoder_pb2 as dpb
 from memlong.api.gateway.v1 import gateway_pb2 as pb
@@ -102,3 +106,31 @@ def test_a_cancelled_append_leaves_no_chunk_and_its_retry_stores_the_text_once(s
     shift = table.get("tenant-a", sid).next_chunk_id - table.get("tenant-a", fresh).next_chunk_id
     assert list(a.memory.retrieved_ids) == [i - shift for i in b.memory.retrieved_ids]
     assert a.logprobs[1:] == b.logprobs[1:]  # (the first is NaN: nothing scored before it)
+
+
+def test_an_append_whose_deadline_passes_leaves_no_chunk(stack, monkeypatch):
+    """A deadline that expires during an Append ends it like a cancel: the decoder stops, nothing is
+    committed, and the chunks it had stored leave ret-mem."""
+    client = stack.client()
+    sid = client.create_session().session_id
+    pace = _Paced()
+    monkeypatch.setattr(Reader, "_blocks", pace.wrap(Reader._blocks))
+    stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
+    text = "alpha beta gamma delta epsilon zeta eta theta " * 40
+    for _ in range(30):  # some chunks reach ret-mem, then the decoder crawls past the deadline
+        pace.go.release()
+    call = stub.Append(
+        iter([pb.AppendRequest(session_id=sid, offset=0, text=text.encode())]), timeout=10, metadata=MD
+    )
+    assert _until(lambda: stack.retmem.shard.info(sid).num_chunks > 0, 10)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(10_000):  # a decoder that did not notice would store the rest now
+        pace.go.release()
+    engine = stack.decoder.engine
+    assert _until(lambda: engine.in_flight == 0)
+    assert engine.cancelled_calls == 1
+    monkeypatch.undo()
+    assert client.get_session(sid).text_bytes == 0
+    assert stack.retmem.shard.info(sid).num_chunks == 0, "chunks of an expired append outlived it"

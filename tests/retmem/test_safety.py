@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import grpc
@@ -183,3 +185,26 @@ def test_verified_faiss_file_is_adopted_not_rebuilt(tmp_path: Path, monkeypatch)
     after = again.search("a", queries, 4)
     assert np.array_equal(before.ids, after.ids) and np.array_equal(before.records, after.records)
     again.close()
+
+
+def test_a_shards_files_are_private_to_its_user(tmp_path: Path) -> None:
+    """Log, tombstones, snapshots, K/V files and the checkpoint marker are created owner-only, whatever
+    the umask lets through: they hold other tenants' K/V and session ids."""
+    old = os.umask(0o022)
+    try:
+        spec, rng = tiny_spec(), np.random.default_rng(0)
+        shard = Shard("s", tmp_path)
+        shard.open()
+        for sid in ("a", "b"):
+            shard.create_session(sid, spec)
+            shard.append(sid, *chunks(rng, spec, 0, 20))
+        shard.checkpoint()
+        shard.delete_session("b")
+        shard.close()
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+    kinds = {p.relative_to(tmp_path / "s").parts[0] for p in files}
+    assert {"wal", "tombstones", "snapshots", "kv", "checkpoint.json"} <= kinds
+    shared = [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert not shared, f"readable by group or others: {shared}"

@@ -30,7 +30,7 @@ def token_from_env() -> str | None:
     """MEMLONG_INTERNAL_TOKEN, else the contents of MEMLONG_INTERNAL_TOKEN_FILE, else None.
 
     A secret everyone could know is refused (InvalidArgument): one shorter than MIN_TOKEN_CHARS, or
-    a placeholder left in place (k8s/base/secrets.yaml's "REPLACE: ...")."""
+    a placeholder left in place (k8s/secrets.example.yaml's "REPLACE: ...")."""
     name, token = "MEMLONG_INTERNAL_TOKEN", os.environ.get("MEMLONG_INTERNAL_TOKEN")
     if not token and os.environ.get("MEMLONG_INTERNAL_TOKEN_FILE"):
         name = "MEMLONG_INTERNAL_TOKEN_FILE"

@@ -1,5 +1,9 @@
 """Kubernetes manifests: every rendered object validates offline against the Kubernetes JSON schemas
-(strict: unknown fields are errors), and the wiring between objects is what the design says."""
+(strict: unknown fields are errors), and the wiring between objects is what the design says.
+
+The Secrets are not rendered (the operator creates them before the first apply, so an apply never
+overwrites them): k8s/secrets.example.yaml shows their names and keys, and the workloads are
+checked against it."""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from .kustomize import build
+from .kustomize import build, load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
+EXAMPLE_SECRETS = K8S / "secrets.example.yaml"  # not applied: names, keys and placeholder values
 OVERLAYS = ("cpu", "gpu")
 # The oldest and newest Kubernetes minor versions we promise to deploy on.
 VERSIONS = ("1.29.0", "1.37.0")
@@ -27,6 +32,11 @@ def rendered(overlay: str) -> list[dict[str, Any]]:
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def example_secrets() -> dict[str, dict[str, Any]]:
+    """The Secrets the operator creates, as k8s/secrets.example.yaml shows them (name -> object)."""
+    return by_kind(load_yaml(EXAMPLE_SECRETS), "Secret")
 
 
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +56,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_every_object_validates_against_the_schemas(overlay: str, version: str) -> None:
     docs = rendered(overlay)
     assert len(docs) >= 15
-    for doc in docs:
+    for doc in docs + load_yaml(EXAMPLE_SECRETS):
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -116,7 +126,7 @@ def test_tls_settings_mtls_inside_api_keys_at_the_edge(overlay: str) -> None:
     """Internal hops (decoder and ret-mem ports, every channel) require client certificates; the
     gateway's public port is TLS without them (separate policies, memlong/rpc/tls.py)."""
     docs = rendered(overlay)
-    tls_files = set(by_kind(docs, "Secret")["memlong-tls"]["stringData"])
+    tls_files = set(example_secrets()["memlong-tls"]["stringData"])
     for name, load in workloads(docs).items():
         (container,) = pod_spec(load)["containers"]
         env = environment(docs, container)
@@ -134,7 +144,7 @@ def test_every_workload_gets_the_internal_secret(overlay: str) -> None:
     """The decoder and ret-mem refuse callers without the installation secret, and the gateway and the
     decoder send it: all three read it from the Secret memlong-internal (MEMLONG_INTERNAL_TOKEN_FILE)."""
     docs = rendered(overlay)
-    secret = by_kind(docs, "Secret")["memlong-internal"]
+    secret = example_secrets()["memlong-internal"]
     assert set(secret["stringData"]) == {"internal.key"}
     loads = workloads(docs)
     assert set(loads) == set(GRPC_PORTS)
@@ -148,11 +158,12 @@ def test_every_workload_gets_the_internal_secret(overlay: str) -> None:
 
 
 def test_the_internal_secret_placeholder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Applied as shipped, the placeholder would be a secret everyone knows: the services refuse it."""
+    """Created from the example as it stands, the placeholder would be a secret everyone knows: the
+    services refuse it."""
     from memlong.errors import InvalidArgument
     from memlong.rpc.internal import token_from_env
 
-    (placeholder,) = by_kind(rendered("cpu"), "Secret")["memlong-internal"]["stringData"].values()
+    (placeholder,) = example_secrets()["memlong-internal"]["stringData"].values()
     path = tmp_path / "internal.key"
     monkeypatch.delenv("MEMLONG_INTERNAL_TOKEN", raising=False)
     monkeypatch.setenv("MEMLONG_INTERNAL_TOKEN_FILE", str(path))
@@ -188,8 +199,8 @@ def test_retmem_is_a_statefulset_with_volumes_behind_a_headless_service(overlay:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_configmaps_and_secrets_referenced_exist(overlay: str) -> None:
     docs = rendered(overlay)
-    secrets, maps = by_kind(docs, "Secret"), by_kind(docs, "ConfigMap")
-    assert {"memlong-tls", "memlong-api-keys", "memlong-internal"} <= set(secrets)
+    secrets, maps = example_secrets(), by_kind(docs, "ConfigMap")
+    assert set(secrets) == {"memlong-tls", "memlong-api-keys", "memlong-internal"}
     for name, load in workloads(docs).items():
         spec = pod_spec(load)
         for vol in spec.get("volumes", []):
@@ -203,6 +214,23 @@ def test_configmaps_and_secrets_referenced_exist(overlay: str) -> None:
             mounted = {m["mountPath"] for m in c["volumeMounts"]}
             assert "/etc/memlong/tls" in mounted, f"{name} has no TLS material"
     assert all(d["metadata"].get("namespace") == "memlong" for d in docs if d["kind"] != "Namespace")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_applying_an_overlay_never_touches_a_secret(overlay: str) -> None:
+    """No Secret is rendered, so `kubectl apply` of an overlay, however often, leaves the Secrets the
+    operator created as they are; and no placeholder value rides along in another object."""
+    docs = rendered(overlay)
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == []
+    placeholders = [v for s in example_secrets().values() for v in s["stringData"].values()]
+    assert placeholders and all(v.startswith("REPLACE") for v in placeholders)
+    assert "REPLACE" not in str(docs)
+    # Nothing renders the example: no kustomization under k8s/ names it.
+    for kust in K8S.rglob("kustomization.yaml"):
+        (spec,) = load_yaml(kust)
+        assert EXAMPLE_SECRETS not in [(kust.parent / r).resolve() for r in spec.get("resources", [])], kust
+    # A mistaken `kubectl apply -f` of the example does not land in the namespace either.
+    assert all("namespace" not in s["metadata"] for s in example_secrets().values())
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

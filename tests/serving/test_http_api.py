@@ -98,6 +98,12 @@ def test_chat_completion_reads_the_chat_template_and_matches_the_grpc_client(ser
     answer = stack.client().ask(sid, prompt, max_new_tokens=6, temperature=0.0)
     assert choice.message.content == answer.text
     assert reply.model_extra["memlong"]["memory_used"] is True  # the document was read from memory
+    # The session named by the X-Session-Id header instead of the body: the same call.
+    by_header = c.with_options(default_headers={"X-Session-Id": sid}).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0
+    )
+    assert by_header.choices[0].message.content == answer.text
+    assert by_header.model_extra["memlong"]["memory_used"] is True
 
 
 def test_streamed_chat_equals_the_whole_answer(served) -> None:

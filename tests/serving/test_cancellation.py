@@ -71,33 +71,45 @@ def test_a_cancelled_generate_stops_the_decoder_and_frees_its_slot(stack, monkey
     assert client.score(sid, "alpha beta").scored_tokens > 0  # serving goes on
 
 
-def test_a_cancelled_append_leaves_no_chunk_and_its_retry_stores_the_text_once(stack, monkeypatch):
-    client = stack.client()
-    text = "alpha beta gamma delta epsilon zeta eta theta " * 40
-    fresh = client.create_session().session_id
-    client.append(fresh, text)
-    want = stack.retmem.shard.info(fresh).num_chunks
+TEXT = "alpha beta gamma delta epsilon zeta eta theta " * 40
 
-    sid = client.create_session().session_id
+
+def _paced_append(stack, monkeypatch, sid: str, timeout_s: float):
+    """(pace, call): an Append of TEXT whose decoder takes each block of work only when let go."""
     pace = _Paced()
     monkeypatch.setattr(Reader, "_blocks", pace.wrap(Reader._blocks))
     stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
-    call = stub.Append(
-        iter([pb.AppendRequest(session_id=sid, offset=0, text=text.encode())]), timeout=120, metadata=MD
-    )
-    for _ in range(30):  # some chunks reach ret-mem
-        pace.go.release()
-    assert _until(lambda: pace.steps >= 30)
-    call.cancel()
+    request = pb.AppendRequest(session_id=sid, offset=0, text=TEXT.encode())
+    return pace, stub.Append(iter([request]), timeout=timeout_s, metadata=MD)
+
+
+def _assert_the_append_left_nothing(stack, monkeypatch, pace: _Paced, sid: str) -> None:
+    """After an Append that ended early: the decoder stopped and freed its slot, nothing was committed
+    and no chunk of it is left in ret-mem."""
     for _ in range(10_000):  # a decoder that did not notice would store the rest now
         pace.go.release()
     engine = stack.decoder.engine
     assert _until(lambda: engine.in_flight == 0)
     assert engine.cancelled_calls == 1
     monkeypatch.undo()
-    assert client.get_session(sid).text_bytes == 0
-    assert stack.retmem.shard.info(sid).num_chunks == 0, "chunks of a cancelled append outlived it"
-    client.append(sid, text)
+    assert stack.client().get_session(sid).text_bytes == 0
+    assert stack.retmem.shard.info(sid).num_chunks == 0, "chunks of an append that ended outlived it"
+
+
+def test_a_cancelled_append_leaves_no_chunk_and_its_retry_stores_the_text_once(stack, monkeypatch):
+    client = stack.client()
+    fresh = client.create_session().session_id
+    client.append(fresh, TEXT)
+    want = stack.retmem.shard.info(fresh).num_chunks
+
+    sid = client.create_session().session_id
+    pace, call = _paced_append(stack, monkeypatch, sid, timeout_s=120)
+    for _ in range(30):  # some chunks reach ret-mem
+        pace.go.release()
+    assert _until(lambda: pace.steps >= 30)
+    call.cancel()
+    _assert_the_append_left_nothing(stack, monkeypatch, pace, sid)
+    client.append(sid, TEXT)
     assert stack.retmem.shard.info(sid).num_chunks == want
     a = client.score(fresh, "alpha beta gamma", return_logprobs=True)
     b = client.score(sid, "alpha beta gamma", return_logprobs=True)
@@ -111,26 +123,12 @@ def test_a_cancelled_append_leaves_no_chunk_and_its_retry_stores_the_text_once(s
 def test_an_append_whose_deadline_passes_leaves_no_chunk(stack, monkeypatch):
     """A deadline that expires during an Append ends it like a cancel: the decoder stops, nothing is
     committed, and the chunks it had stored leave ret-mem."""
-    client = stack.client()
-    sid = client.create_session().session_id
-    pace = _Paced()
-    monkeypatch.setattr(Reader, "_blocks", pace.wrap(Reader._blocks))
-    stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
-    text = "alpha beta gamma delta epsilon zeta eta theta " * 40
+    sid = stack.client().create_session().session_id
+    pace, call = _paced_append(stack, monkeypatch, sid, timeout_s=10)
     for _ in range(30):  # some chunks reach ret-mem, then the decoder crawls past the deadline
         pace.go.release()
-    call = stub.Append(
-        iter([pb.AppendRequest(session_id=sid, offset=0, text=text.encode())]), timeout=10, metadata=MD
-    )
     assert _until(lambda: stack.retmem.shard.info(sid).num_chunks > 0, 10)
     with pytest.raises(grpc.RpcError) as err:
         list(call)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(10_000):  # a decoder that did not notice would store the rest now
-        pace.go.release()
-    engine = stack.decoder.engine
-    assert _until(lambda: engine.in_flight == 0)
-    assert engine.cancelled_calls == 1
-    monkeypatch.undo()
-    assert client.get_session(sid).text_bytes == 0
-    assert stack.retmem.shard.info(sid).num_chunks == 0, "chunks of an expired append outlived it"
+    _assert_the_append_left_nothing(stack, monkeypatch, pace, sid)

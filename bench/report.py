@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from memlong.eval.chapterbreak import CHAPTERBREAK_COLUMNS
 from memlong.eval.common import markdown_table
 from memlong.eval.passkey import PASSKEY_COLUMNS
 from memlong.eval.ppl import PPL_COLUMNS
@@ -86,27 +87,13 @@ def chapterbreak_section() -> str:
             f"`{st['book']}` at {st['context']} tokens: {st['cases']} cases requested{stopped} (seed {st['seed']}), "
             f"{st['distractors']} distractors, {st['candidate_tokens']} candidate tokens"
         )
-    cols = [
-        "book",
-        "method",
-        "context_tokens",
-        "cases",
-        "candidates",
-        "calibrated_correct",
-        "calibrated_accuracy",
-        "median_calibrated_margin",
-        "correct",
-        "accuracy",
-        "median_margin",
-        "chance",
-    ]
     return (
         "## ChapterBreak-style suffix identification\n\nAfter a long prefix ending at a section break, the true "
         "next section's opening is ranked against openings of other sections of the same work by "
         "log-likelihood (`memlong/eval/chapterbreak.py`). `calibrated`: each candidate's log-likelihood after "
         "the prefix less its log-likelihood after the prefix's last token alone (what the past adds); "
         "`correct`/`accuracy`: the raw log-likelihood; margins: the true opening's score less the best "
-        "distractor's (nats). " + "; ".join(settings) + ".\n\n" + markdown_table(rows, cols)
+        "distractor's (nats). " + "; ".join(settings) + ".\n\n" + markdown_table(rows, CHAPTERBREAK_COLUMNS)
     )
 
 

@@ -48,6 +48,23 @@ from memlong.eval.common import Stack, machine_info, markdown_table, stock_atten
 _SCENE = re.compile(r"^#{2,3} (?:ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION).*\n*", re.M)
 
 
+# The summary table's columns (here and in bench/report.py)
+CHAPTERBREAK_COLUMNS = [
+    "book",
+    "method",
+    "context_tokens",
+    "cases",
+    "candidates",
+    "calibrated_correct",
+    "calibrated_accuracy",
+    "median_calibrated_margin",
+    "correct",
+    "accuracy",
+    "median_margin",
+    "chance",
+]
+
+
 @dataclass(frozen=True)
 class ChapterBreakSettings:
     book: str = "shakespeare"  # "shakespeare" (scenes of each play) or "kjv" (chapters of each book)
@@ -295,23 +312,9 @@ def write_chapterbreak(
         **extra,
     }
     write_json(out_dir / f"{stem}.json", {"meta": meta, "rows": rows, "cases": per_case or []})
-    cols = [
-        "book",
-        "method",
-        "context_tokens",
-        "cases",
-        "candidates",
-        "calibrated_correct",
-        "calibrated_accuracy",
-        "median_calibrated_margin",
-        "correct",
-        "accuracy",
-        "median_margin",
-        "chance",
-    ]
     note = (
         "\n\ncalibrated: each candidate's log-likelihood after the prefix less its log-likelihood after the"
         " prefix's last token alone; correct/accuracy: the raw log-likelihood. Margins in nats (true opening"
         " less the best distractor).\n"
     )
-    (out_dir / f"{stem}.md").write_text(markdown_table(rows, cols) + note)
+    (out_dir / f"{stem}.md").write_text(markdown_table(rows, CHAPTERBREAK_COLUMNS) + note)

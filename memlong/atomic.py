@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,9 +20,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644, replace: bool = True) -> bool:
+def write_atomic(
+    path: Path, data: bytes | str | Callable[[Path], object], *, mode: int = 0o644, replace: bool = True
+) -> bool:
     """Write `data` to `path` atomically and durably, the file created with `mode` (e.g. 0o600 for
     secrets: never readable by others, not even as the temp file).
+
+    `data`: the bytes (a str is written as UTF-8), or a writer called with the temp file's path that
+    fills that (already created, empty) file, for libraries that write by file name (safetensors'
+    `save_file`) without first building the whole file in memory.
 
     replace=False: create only if absent (the first of several concurrent writers wins; the others'
     data is dropped). Returns whether this call's data is now the file."""
@@ -30,10 +37,19 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644, replace: b
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # unique per writer
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+            fd = os.open(tmp, os.O_RDONLY)  # the file as the writer left it
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
         if replace:
             os.replace(tmp, path)
             written = True

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,9 +149,10 @@ def save_adapter(path: Path, model: MemLongModel, spec: AdapterSpec, extra: dict
         "base_model": base_identity(model),
         **(extra or {}),
     }
-    tmp = path / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(adapter_tensors(model, spec), str(tmp), metadata={"format": str(FORMAT)})
-    os.replace(tmp, path / ADAPTER_WEIGHTS)
+    tensors = adapter_tensors(model, spec)
+    write_atomic(
+        path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": str(FORMAT)})
+    )
     write_atomic(path / ADAPTER_META, json.dumps(meta, indent=1) + "\n")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from memlong.atomic import write_atomic
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongModel
 from memlong.training.adapter import base_identity
@@ -100,12 +100,24 @@ def build_frozen(model: MemLongModel, tokens: Sequence[int], embed: Embed, token
     return FrozenDoc(ids, hidden, kv, torch.from_numpy(np.asarray(emb, dtype=np.float32)))
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write `tensors` (made contiguous) as one safetensors file, atomically, `meta` as its JSON metadata."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)}))
+
+
+def doc_path(directory: Path | None, settings: dict, tokens: Sequence[int], kind: str) -> Path | None:
+    """The file of a document's cached `kind` under `directory` (None: not stored), keyed by its tokens
+    and every setting it depends on."""
+    if directory is None:
+        return None
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    return directory / f"{h.hexdigest()[:24]}.{kind}.safetensors"
+
+
 def save_frozen(path: Path, doc: FrozenDoc, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tensors = {"tokens": doc.tokens, "hidden": doc.hidden, "kv": doc.kv, "emb": doc.emb}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    save_tensors(path, {"tokens": doc.tokens, "hidden": doc.hidden, "kv": doc.kv, "emb": doc.emb}, meta)
 
 
 def load_frozen(path: Path) -> FrozenDoc:
@@ -126,11 +138,7 @@ class FrozenCache:
         self.built = self.loaded = 0
 
     def path(self, tokens: Sequence[int]) -> Path | None:
-        if self.directory is None:
-            return None
-        h = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode())
-        h.update(np.asarray(tokens, dtype=np.int64).tobytes())
-        return self.directory / f"{h.hexdigest()[:24]}.lower.safetensors"
+        return doc_path(self.directory, self.settings, tokens, "lower")
 
     def get(self, tokens: Sequence[int]) -> FrozenDoc:
         """The document's frozen output: read from disk when there, else computed (and stored)."""

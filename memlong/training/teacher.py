@@ -14,19 +14,16 @@ vocabulary; the rest of its mass is one more outcome in `topk_kl`.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongModel
+from memlong.training.cache import doc_path, save_tensors
 
 TEACHERS = ("per_layer", "full")
 
@@ -139,11 +136,7 @@ class TeacherCache:
         }
 
     def path(self, tokens: Sequence[int]) -> Path | None:
-        if self.directory is None:
-            return None
-        h = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode())
-        h.update(np.asarray(tokens, dtype=np.int64).tobytes())
-        return self.directory / f"{h.hexdigest()[:24]}.teacher.safetensors"
+        return doc_path(self.directory, self.settings, tokens, "teacher")
 
     def get(self, tokens: Sequence[int]) -> TopK:
         path = self.path(tokens)
@@ -155,9 +148,5 @@ class TeacherCache:
         else:
             out = full_teacher(self.model, tokens, self.k)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            tensors = {"idx": out.idx.to(torch.int32).contiguous(), "logp": out.logp.contiguous()}
-            save_file(tensors, str(tmp), metadata={"meta": json.dumps(self.settings)})
-            os.replace(tmp, path)
+            save_tensors(path, {"idx": out.idx.to(torch.int32), "logp": out.logp}, self.settings)
         return out

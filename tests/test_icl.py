@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from memlong.eval.common import Stack
-from memlong.eval.icl import ICLSettings, load_task, run_icl
+from memlong.eval.icl import ICLSettings, load_task, run_icl, write_icl
 from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong
 
 WORDS = ["good", "bad", "film", "plot", "dull", "fine", "great", "story", "acting", "long"]
@@ -58,10 +58,18 @@ def test_both_methods_score_the_same_prompts_and_memory_is_read(tmp_path):
     memory = [r for r in per_seed if r["method"] == "memory"]
     assert all(r["memory_chunks"] > 0 and r["retrievals_per_example"] > 0 for r in memory)
     assert all(r["retrievals_per_example"] == 0 for r in per_seed if r["method"] == "none")
+    assert all(sum(r["predicted_raw"]) == sum(r["gold"]) == 5 for r in per_seed)
     for method in ("none", "memory"):
         mean = next(r for r in rows if r["seed"] == "mean" and r["method"] == method)
-        accs = [r["accuracy"] for r in per_seed if r["method"] == method]
-        assert mean["accuracy"] == pytest.approx(statistics.mean(accs))
+        for scoring in ("raw", "cf", "batch"):
+            accs = [r[f"accuracy_{scoring}"] for r in per_seed if r["method"] == method]
+            assert mean[f"accuracy_{scoring}"] == pytest.approx(statistics.mean(accs))
+        assert mean["accuracy"] == mean["accuracy_batch"]
+    write_icl(tmp_path, settings, rows, {})
+    assert (
+        "| task | method | local_demos | memory_demos | test_examples | raw | cf | batch | chance |"
+        in (tmp_path / "icl.md").read_text()
+    )
 
 
 def test_a_missing_task_folder_is_a_clear_error(tmp_path):
@@ -91,3 +99,25 @@ def test_the_data_ships_in_the_package_compressed_and_reads_the_same(tmp_path):
         assert len(test) == ICLSettings().test_examples
         if shared.is_dir():
             assert (pool, test) == load_task(shared, task, ICLSettings()), task
+
+
+def test_calibration_takes_out_the_label_prior_the_same_way_for_every_scoring():
+    """raw: log-probs renormalised over the labels; cf: less the content-free prompts' mean probability;
+    batch: less the test prompts' own mean probability (no labels used)."""
+    import torch
+
+    from memlong.eval.icl import SCORINGS, calibrated
+
+    # Every prompt leans to label 1 by the same 2 nats; the sentence moves label 0 by +-1.
+    logp = torch.log_softmax(torch.tensor([[1.0, 2.0], [-1.0, 2.0], [1.0, 2.0], [-1.0, 2.0]]), -1) - 3.0
+    content_free = torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    scores = calibrated(logp, content_free)
+    assert set(scores) == set(SCORINGS)
+    assert torch.allclose(scores["raw"].exp().sum(1), torch.ones(4))
+    assert scores["raw"].argmax(1).tolist() == [1, 1, 1, 1]  # the prior wins every prompt
+    assert scores["cf"].argmax(1).tolist() == [0, 1, 0, 1]
+    assert scores["batch"].argmax(1).tolist() == [0, 1, 0, 1]
+    # A prior that is already flat changes nothing.
+    flat = calibrated(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.zeros(1, 2))
+    assert torch.equal(flat["cf"].argmax(1), flat["raw"].argmax(1))
+    assert torch.equal(flat["batch"].argmax(1), flat["raw"].argmax(1))

@@ -1,6 +1,6 @@
 """The element types a chunk's K/V may be stored in: the one list, with the numpy dtype a record's
 bytes are kept in (bfloat16 as raw little-endian uint16: numpy has no bfloat16). The model computes in
-the torch dtype of the same name."""
+the torch dtype of the same name (`torch_dtype`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ KV_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
 }
+
+
+def torch_dtype(kv_dtype: str):
+    """The torch dtype of K/V element type `kv_dtype` (a name in KV_DTYPES; KeyError otherwise). torch is
+    imported only here, when asked: the ret-mem service reads this list without torch."""
+    import torch
+
+    KV_DTYPES[kv_dtype]  # only the listed types
+    return getattr(torch, kv_dtype)
+
 
 # How a chunk's record holds its K/V (memlong.kvcodec encodes and expands them): "none" as kv_dtype
 # values, "int8" or "fp8" compact (about half the bytes of bfloat16).

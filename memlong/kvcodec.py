@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 from memlong.dtypes import KV_CODECS as CODECS
-from memlong.dtypes import record_bytes
+from memlong.dtypes import record_bytes, torch_dtype
 from memlong.errors import InvalidArgument
 
 __all__ = ["CODECS", "check_codec", "decode", "encode", "record_bytes"]
-_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _F16_MAX = 65504.0
 _FP8_MAX = 448.0  # largest float8_e4m3fn
 
@@ -60,7 +59,7 @@ def encode(k: torch.Tensor, v: torch.Tensor, dtype: str, codec: str) -> np.ndarr
     if codec == "none":
         # One pass: each of K and V is converted and laid out straight into the record (a stack
         # first would write them once more, at float32 width).
-        out = torch.empty((n, k.shape[1], 2, *k.shape[2:]), dtype=_TORCH[dtype])  # (n, L, 2, H, c, D)
+        out = torch.empty((n, k.shape[1], 2, *k.shape[2:]), dtype=torch_dtype(dtype))  # (n, L, 2, H, c, D)
         out[:, :, 0] = k
         out[:, :, 1] = v
         return out.view(torch.uint8).reshape(n, -1).numpy()
@@ -102,7 +101,7 @@ def decode(records: np.ndarray, shape: tuple[int, ...], dtype: str, codec: str) 
     lead = records.shape[:-1]
     flat = _tensor_of(np.ascontiguousarray(records)).reshape(-1, records.shape[-1])  # (m, rb)
     if codec == "none":
-        return flat.view(_TORCH[dtype]).reshape(*lead, *shape)
+        return flat.view(torch_dtype(dtype)).reshape(*lead, *shape)
     n_layers, h, c, d = _dims(tuple(shape))
     m, vals = flat.shape[0], n_layers * h * c * d
     if codec == "int8":

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from memlong import kvcodec
+from memlong.dtypes import KV_DTYPES, torch_dtype
 
 
 def _kv(n: int = 3, layers: int = 2, h: int = 3, c: int = 16, d: int = 8, seed: int = 0):
@@ -80,6 +81,18 @@ def test_fp8_error_relative_plus_subnormal_floor() -> None:
     scale = kv.abs().amax(dim=(4, 5), keepdim=True) / 448
     assert ((out - kv).abs() <= kv.abs() * 2**-4 + scale * 2**-9 + 1e-12).all()
     assert (out - kv).norm() / kv.norm() < 0.05
+
+
+@pytest.mark.parametrize("name", KV_DTYPES)
+def test_each_kv_dtype_has_the_torch_dtype_of_its_name_and_record_width(name: str) -> None:
+    dt = torch_dtype(name)
+    assert dt == getattr(torch, name)
+    assert torch.empty(0, dtype=dt).element_size() == KV_DTYPES[name].itemsize
+
+
+def test_an_unlisted_dtype_has_no_torch_dtype() -> None:
+    with pytest.raises(KeyError):
+        torch_dtype("int8")
 
 
 def test_unknown_codec_is_refused() -> None:

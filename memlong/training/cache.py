@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memlong.atomic import write_atomic
+from memlong.dtypes import torch_dtype
 from memlong.errors import InvalidArgument
 from memlong.model import MemLongModel
 from memlong.training.adapter import base_identity
@@ -80,7 +81,7 @@ def build_frozen(model: MemLongModel, tokens: Sequence[int], embed: Embed, token
     ids = torch.tensor(list(tokens), dtype=torch.long)
     stream = model.new_stream()
     hidden = torch.zeros(n, model.hf.config.hidden_size)
-    kv = torch.zeros(2, model.n_kv_heads, -(-n // c) * c, model.head_dim, dtype=getattr(torch, cfg.kv_dtype))
+    kv = torch.zeros(2, model.n_kv_heads, -(-n // c) * c, model.head_dim, dtype=torch_dtype(cfg.kv_dtype))
     seen: list[torch.Tensor] = []
     # lower_only stops before the memory layer's attention; its input norm sees the state entering it.
     hook = model.base.layers[cfg.mem_layer].input_layernorm.register_forward_pre_hook(

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from memlong.dtypes import torch_dtype
 from memlong.errors import InvalidArgument
 from memlong.model import LayerCache, MemLongModel, Memory
 
@@ -89,7 +90,7 @@ class DocumentPass:
                 model.n_kv_heads,
                 n_pad,
                 model.head_dim,
-                dtype=getattr(torch, cfg.kv_dtype),
+                dtype=torch_dtype(cfg.kv_dtype),
                 device=self.device,
             )
         )  # (2, Hkv, N, D): memory-layer K (before RoPE) and V of every token read

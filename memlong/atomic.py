@@ -1,6 +1,7 @@
 """Atomic file writes: temp file in the same directory -> fsync -> rename -> fsync(directory).
 
 A reader sees the old file or the new one, never a part; after return the new one survives a crash.
+`private_dir` makes the folders such files live in owner-only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_dir(path: Path) -> Path:
+    """Create directory `path`, and every missing folder above it, owner-only (0700: neither the names
+    in it nor its files reachable by other local users). Folders that exist are left as they are."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(mode=0o700, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)  # exists now; raises if `path` is a file
+    return path
 
 
 def write_atomic(

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memlong.atomic import fsync_dir
+from memlong.atomic import fsync_dir, private_dir
 from memlong.errors import DataLoss
 from memlong.services.common import parallel
 from memlong.services.common.tensor import checksum, zeros_checksum
@@ -96,7 +96,7 @@ class KVFiles:
 
     def open(self) -> None:
         """Start a fresh active file after the newest one on disk."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         existing = self.files()
         self._start(max(existing, default=0) + 1)
 

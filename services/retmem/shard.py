@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from memlong.atomic import write_atomic
+from memlong.atomic import private_dir, write_atomic
 from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from memlong.gpu_index import GpuIndexes
 from memlong.ids import check_session_id
@@ -682,7 +682,7 @@ class Shard:
     def _recover(self, report: RecoveryReport) -> None:
         assert self.root is not None
         snaps, waldir, tombdir = self.root / "snapshots", self.root / "wal", self.root / "tombstones"
-        snaps.mkdir(parents=True, exist_ok=True)
+        private_dir(snaps)  # and the shard's root: session ids (folder names) and K/V are private
         if self.kv is not None:
             self.kv.open()  # a fresh active file: K/V moved from older layouts during recovery go there
         tomb_report = ReplayReport()

@@ -26,7 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memlong.atomic import fsync_dir
+from memlong.atomic import fsync_dir, private_dir
 
 from .kvfiles import referenced_files
 
@@ -91,10 +91,10 @@ def write(
     With `final=False` the `.tmp` directory is left for the caller to `publish` later (imports
     publish only after their log record is durable).
     """
-    session_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(session_dir)
     tmp = session_dir / f"{lsn:020d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
     files: dict[str, str] = {}
     scalars: dict[str, Any] = {}
     for key, value in state.items():

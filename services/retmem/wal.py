@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from memlong.atomic import fsync_dir
+from memlong.atomic import fsync_dir, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class WriteAheadLog:
 
     def open(self, next_lsn: int) -> None:
         """Start appending at `next_lsn` in a fresh segment (after recovery)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         self._next_lsn = next_lsn
         self._written_lsn = self._durable_lsn = next_lsn - 1
         # Bytes a recovery would replay: what earlier runs left in the log counts toward a checkpoint.

@@ -208,3 +208,33 @@ def test_a_shards_files_are_private_to_its_user(tmp_path: Path) -> None:
     assert {"wal", "tombstones", "snapshots", "kv", "checkpoint.json"} <= kinds
     shared = [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert not shared, f"readable by group or others: {shared}"
+
+
+def test_a_shards_folders_are_private_to_its_user(tmp_path: Path) -> None:
+    """The folders a shard creates (its root, log, tombstones, K/V, snapshots and a folder per session,
+    named by the session id) are owner-only (0700) under a permissive umask: other local users can
+    neither list the session ids nor reach the files. Folders above the root it creates are too."""
+    root = tmp_path / "data" / "s"
+    old = os.umask(0o022)
+    try:
+        spec, rng = tiny_spec(), np.random.default_rng(0)
+        shard = Shard("s", tmp_path / "data")
+        shard.open()
+        for sid in ("a", "b"):
+            shard.create_session(sid, spec)
+            shard.append(sid, *chunks(rng, spec, 0, 20))
+        shard.checkpoint()
+        shard.delete_session("b")
+        shard.close()
+    finally:
+        os.umask(old)
+    folders = [tmp_path / "data", root, *(p for p in root.rglob("*") if p.is_dir())]
+    kinds = {p.relative_to(root).parts[0] for p in folders[2:]}
+    assert {"wal", "tombstones", "snapshots", "kv"} <= kinds
+    assert any(len(p.relative_to(root).parts) == 3 for p in folders[2:]), "no snapshot generation folder"
+    wrong = {
+        str(p): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in folders
+        if stat.S_IMODE(p.stat().st_mode) != 0o700
+    }
+    assert not wrong, f"folders not owner-only: {wrong}"

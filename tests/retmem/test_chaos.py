@@ -25,7 +25,9 @@ from .test_durability import scan
 
 
 @pytest.mark.chaos
-def test_a1_kill_loop(tmp_path: Path) -> None:
+def test_a_kill_loop_loses_no_acknowledged_chunk_and_adds_none(tmp_path: Path) -> None:
+    """SIGKILL at random moments of a live workload, then restart: every acknowledged chunk is there, and
+    no phantom, duplicate or corrupt one."""
     rng = np.random.default_rng(77)
     spec = tiny_spec(memory_size=100_000)
     sessions = [f"chaos-{i}" for i in range(20)]

@@ -40,7 +40,10 @@ def same(a, b) -> bool:
     return x == y
 
 
-def test_b1_congruence_random_operations(tmp_path: Path) -> None:
+def test_random_operations_answer_as_the_in_process_core_does(tmp_path: Path) -> None:
+    """400 random operations (create, append, a replayed or conflicting append, search, evict, pin, fetch,
+    delete, info; a graceful restart half-way) get the same answers and the same errors from the service
+    as from an in-process MemoryBank."""
     rng = np.random.default_rng(2024)
     spec = tiny_spec(memory_size=32)
     config = RetMemConfig(data_dir=tmp_path, shards=("shard0",))
@@ -143,7 +146,7 @@ def tie_session(client: RetMemClient):
     return spec, ids, emb, rng
 
 
-def test_b2_exact_against_brute_force(client: RetMemClient, tie_session) -> None:
+def test_search_is_exact_against_brute_force(client: RetMemClient, tie_session) -> None:
     spec, ids, emb, rng = tie_session
     queries = np.concatenate([emb[:50], np.round(rng.standard_normal((150, spec.dim)), 1)]).astype(np.float32)
     k = 8
@@ -154,7 +157,7 @@ def test_b2_exact_against_brute_force(client: RetMemClient, tie_session) -> None
         assert np.array_equal(got.ids[r], np.sort(ids[order])), r
 
 
-def test_b3_alignment_after_many_evictions(client: RetMemClient) -> None:
+def test_ids_and_kv_records_stay_aligned_through_many_evictions(client: RetMemClient) -> None:
     spec = tiny_spec(memory_size=32)
     client.create_session("b3", spec)
     rng = np.random.default_rng(8)

@@ -64,7 +64,7 @@ def append_until_killed(
 
 
 @pytest.mark.parametrize("fsync", ["grouped", "per-append"])
-def test_a0_sigkill_during_appends_loses_no_acknowledged_chunk(tmp_path: Path, fsync: str) -> None:
+def test_sigkill_during_appends_loses_no_acknowledged_chunk(tmp_path: Path, fsync: str) -> None:
     seed = {"grouped": 1234, "per-append": 99}[fsync]
     kill_after = int(np.random.default_rng(seed).integers(50, 950))
     spec = tiny_spec(memory_size=1000)
@@ -122,7 +122,7 @@ def _read(directory: Path) -> tuple[list[int], wal.ReplayReport]:
         "zeros_tail",
     ],
 )
-def test_a2_torn_tail_is_dropped_and_counted(tmp_path: Path, damage: str) -> None:
+def test_a_torn_log_tail_is_dropped_and_counted(tmp_path: Path, damage: str) -> None:
     _write_records(tmp_path, 20)
     (seg,) = tmp_path.glob("*.wal")
     data = bytearray(seg.read_bytes())
@@ -154,7 +154,7 @@ def test_a2_torn_tail_is_dropped_and_counted(tmp_path: Path, damage: str) -> Non
     assert again == expected and report2.dropped_records == 0
 
 
-def test_a2_shard_recovers_earlier_appends_after_torn_tail(tmp_path: Path) -> None:
+def test_a_shard_recovers_the_appends_before_a_torn_log_tail(tmp_path: Path) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(3)
     shard = Shard("s", tmp_path, fsync="per-append")
     shard.open()
@@ -177,7 +177,7 @@ def test_a2_shard_recovers_earlier_appends_after_torn_tail(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("via", ["log", "snapshot"])
-def test_a4_same_topk_before_and_after_recovery(tmp_path: Path, via: str) -> None:
+def test_the_same_top_k_before_and_after_recovery(tmp_path: Path, via: str) -> None:
     spec, rng = tiny_spec(memory_size=200), np.random.default_rng(4)
     shard = Shard("s", tmp_path)
     shard.open()
@@ -201,7 +201,7 @@ def test_a4_same_topk_before_and_after_recovery(tmp_path: Path, via: str) -> Non
     again.close()
 
 
-def test_c4_deleted_stays_deleted_across_restart(tmp_path: Path) -> None:
+def test_a_deleted_session_stays_deleted_across_a_restart(tmp_path: Path) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(5)
     shard = Shard("s", tmp_path)
     shard.open()

@@ -40,7 +40,7 @@ def check_health(target: str) -> int:
         return health_pb2_grpc.HealthStub(ch).Check(req, timeout=5).status
 
 
-def test_a3_sigterm_with_calls_in_flight(tmp_path: Path) -> None:
+def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(tmp_path: Path) -> None:
     proc = ServerProcess(tmp_path, "shard0", "grouped", "--drain-s", "2", "--grace-s", "60")
     try:
         proc.wait_serving()

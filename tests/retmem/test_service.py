@@ -39,7 +39,9 @@ def stub_for(server: RetMemServer) -> pb_grpc.RetMemStub:
     return pb_grpc.RetMemStub(grpc.insecure_channel(server.address()))
 
 
-def test_c1_random_bytes_get_invalid_argument_and_server_keeps_serving(server, client) -> None:
+def test_random_bytes_get_invalid_argument_and_the_server_keeps_serving(server, client) -> None:
+    """Bytes that are no request message are a client mistake (INVALID_ARGUMENT), never INTERNAL, and the
+    server goes on answering."""
     spec = tiny_spec()
     client.create_session("c1", spec)
     rng = np.random.default_rng(11)
@@ -67,7 +69,7 @@ def _bad_tensor(t: tensor_pb2.Tensor, **change) -> tensor_pb2.Tensor:
     return out
 
 
-def test_c2_each_bad_field_is_invalid_argument_naming_it(server, client) -> None:
+def test_each_bad_field_is_invalid_argument_naming_it(server, client) -> None:
     spec = tiny_spec()
     client.create_session("c2", spec)
     rng = np.random.default_rng(12)
@@ -152,7 +154,7 @@ def test_c2_each_bad_field_is_invalid_argument_naming_it(server, client) -> None
         client.info("c2b")
 
 
-def test_c3_over_size_limit_is_resource_exhausted(tmp_path: Path) -> None:
+def test_a_message_over_the_size_limit_is_resource_exhausted(tmp_path: Path) -> None:
     server = RetMemServer(RetMemConfig(data_dir=tmp_path, max_message_bytes=1 << 20))
     server.start()
     try:
@@ -168,7 +170,7 @@ def test_c3_over_size_limit_is_resource_exhausted(tmp_path: Path) -> None:
         server.stop(grace_s=1)
 
 
-def test_c4_unknown_deleted_and_deleted_after_restart_are_not_found(tmp_path: Path) -> None:
+def test_unknown_deleted_and_deleted_before_a_restart_sessions_are_not_found(tmp_path: Path) -> None:
     config = RetMemConfig(data_dir=tmp_path)
     server = RetMemServer(config)
     server.start()
@@ -197,7 +199,9 @@ def test_c4_unknown_deleted_and_deleted_after_restart_are_not_found(tmp_path: Pa
     server.stop(grace_s=1)
 
 
-def test_c5_idempotent_append(client: RetMemClient) -> None:
+def test_a_repeated_append_stores_nothing_and_changed_bytes_are_refused(client: RetMemClient) -> None:
+    """Appends are idempotent by chunk id: a repeated batch stores nothing, an overlapping one stores only
+    its new chunks, and a stored id sent with other bytes is ALREADY_EXISTS."""
     spec, rng = tiny_spec(), np.random.default_rng(15)
     client.create_session("c5", spec)
     batch = chunks(rng, spec, 0, 6)
@@ -214,7 +218,7 @@ def test_c5_idempotent_append(client: RetMemClient) -> None:
     assert client.info("c5").num_chunks == 9
 
 
-def test_c5_late_append_is_refused_not_dropped(client: RetMemClient) -> None:
+def test_a_late_append_is_refused_not_dropped(client: RetMemClient) -> None:
     """A chunk sent out of order (below the highest seq, never stored) would be lost silently."""
     spec, rng = tiny_spec(), np.random.default_rng(16)
     client.create_session("late", spec)
@@ -232,7 +236,7 @@ def _append_request(spec, session_id: str, batch) -> pb.AppendRequest:
     return wire.append_request(spec, session_id, *batch)
 
 
-def test_c6_a_write_without_time_for_it_is_refused_and_stores_nothing(server, client) -> None:
+def test_a_write_without_time_for_it_is_refused_and_stores_nothing(server, client) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(17)
     client.create_session("tight", spec)
     stub = pb_grpc.RetMemStub(grpc.insecure_channel(server.address()))
@@ -244,7 +248,7 @@ def test_c6_a_write_without_time_for_it_is_refused_and_stores_nothing(server, cl
     assert client.info("tight").num_chunks == 0  # refused before anything was written, 10 of 10
 
 
-def test_c6_a_write_that_outlives_its_deadline_may_be_applied_and_a_retry_stores_it_once(
+def test_a_write_that_outlives_its_deadline_may_be_applied_and_a_retry_stores_it_once(
     server, client, monkeypatch
 ) -> None:
     """The contract in retmem.proto: DEADLINE_EXCEEDED on a write means "maybe applied"; retry."""
@@ -274,7 +278,7 @@ def test_c6_a_write_that_outlives_its_deadline_may_be_applied_and_a_retry_stores
     assert state["ids"].tolist() == batch[0].tolist()
 
 
-def test_d4_health_not_serving_while_recovering(tmp_path: Path, monkeypatch) -> None:
+def test_health_is_not_serving_while_the_shards_recover(tmp_path: Path, monkeypatch) -> None:
     gate = threading.Event()
     real_open = Shard.open
     monkeypatch.setattr(Shard, "open", lambda self: gate.wait(30) and real_open(self))
@@ -311,7 +315,9 @@ def test_d4_health_not_serving_while_recovering(tmp_path: Path, monkeypatch) -> 
         server.stop(grace_s=1)
 
 
-def test_a3_graceful_stop(tmp_path: Path, monkeypatch) -> None:
+def test_graceful_stop_finishes_calls_in_flight_and_refuses_new_ones(tmp_path: Path, monkeypatch) -> None:
+    """Stopping flips health to NOT_SERVING while the listener is open, refuses new calls with
+    UNAVAILABLE, and lets the calls already running finish."""
     server = RetMemServer(RetMemConfig(data_dir=tmp_path))
     server.start()
     target = server.address()

@@ -18,6 +18,7 @@ OTEL_SERVICE_NAME and OTEL_EXPORTER_OTLP_*. Tests install an in-memory exporter 
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import os
 import threading
@@ -247,43 +248,43 @@ class _ServerCall:
         span.set_attributes(_fields(request, _REQUEST_FIELDS))
         return request
 
+    @contextlib.contextmanager
+    def _span(self, context: grpc.ServicerContext) -> Iterator[Span]:
+        """The call's span, ended with the call's outcome (whatever ends it, a generator's close too)."""
+        span, start = self._start(), time.perf_counter()
+        try:
+            yield span
+        except BaseException as exc:
+            self._finish(span, context, start, exc)
+            raise
+        self._finish(span, context, start, None)
+
+    @staticmethod
+    def _current(span: Span):
+        """`span` is the current span inside the block; ending it and recording errors stay with `_span`."""
+        return trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
     def unary(self, behavior: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            span, start, error = self._start(), time.perf_counter(), None
-            try:
-                with trace.use_span(
-                    span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-                ):
+            with self._span(context) as span:
+                with self._current(span):
                     response = behavior(self._request(span, request, streaming_request), context)
                 span.set_attributes(_fields(response, _RESPONSE_FIELDS))
                 return response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._finish(span, context, start, error)
 
         return wrapped
 
     def stream(self, behavior: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            span, start, error = self._start(), time.perf_counter(), None
-            try:
+            with self._span(context) as span:
                 # The span is current only while the handler runs, not while the reply is written.
                 responses = behavior(self._request(span, request, streaming_request), context)
                 while True:
-                    with trace.use_span(
-                        span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-                    ):
+                    with self._current(span):
                         response = next(responses, _END)
                     if response is _END:
                         return
                     yield response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._finish(span, context, start, error)
 
         return wrapped
 

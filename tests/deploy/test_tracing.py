@@ -66,7 +66,7 @@ def services_in(trace: list[ReadableSpan], kind: SpanKind) -> set[str]:
     return {s.attributes["rpc.service"] for s in trace if s.kind == kind}
 
 
-def test_h1_one_trace_links_gateway_decoder_retmem(traced_stack: Stack, telemetry) -> None:
+def test_one_trace_links_gateway_decoder_and_retmem(traced_stack: Stack, telemetry) -> None:
     exporter, reader = telemetry
     client = traced_stack.client()
     sid = client.create_session("h1").session_id

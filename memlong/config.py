@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memlong.dtypes import KV_CODECS, KV_DTYPES
-from memlong.errors import InvalidArgument
+from memlong.errors import InvalidArgument, check_positive
 
 LAYOUTS = ("per_layer", "paper")
 RETRIEVAL_SOURCES = ("text", "keys")
@@ -78,9 +78,7 @@ class MemLongConfig:
             raise InvalidArgument("ret_attn_layers", "retrieval layers must be >= mem_layer")
         if self.sink_tokens < 0:
             raise InvalidArgument("sink_tokens", f"must be >= 0, got {self.sink_tokens}")
-        for name in ("chunk", "top_k", "local_window", "memory_size"):
-            if getattr(self, name) <= 0:
-                raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
+        check_positive(self, ("chunk", "top_k", "local_window", "memory_size"))
         if self.memory_size < self.chunk:
             raise InvalidArgument("memory_size", "must hold at least one chunk")
         if self.query not in ("prev_chunk",):

@@ -6,6 +6,8 @@ The core raises these; each service edge maps them to a gRPC status in one table
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class MemLongError(Exception):
     """Base class of every error the core raises on purpose."""
@@ -71,3 +73,17 @@ def shown(value: str) -> str:
     if len(value) <= SHOWN_CHARS:
         return repr(value)
     return repr(value[:SHOWN_CHARS]) + "…"
+
+
+def check_positive(settings: object, names: Iterable[str], prefix: str = "") -> None:
+    """InvalidArgument naming (after `prefix`) the first field of `settings` in `names` that is not > 0."""
+    for name in names:
+        value = getattr(settings, name)
+        if not value > 0:
+            raise InvalidArgument(prefix + name, f"must be positive, got {value}")
+
+
+def check_port(port: int, field: str = "port") -> None:
+    """InvalidArgument unless `port` is a TCP port number (0: any free port)."""
+    if not 0 <= port < 65536:
+        raise InvalidArgument(field, f"out of range: {port}")

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from memlong.config import MemLongConfig
-from memlong.errors import InvalidArgument
+from memlong.errors import InvalidArgument, check_port, check_positive
 from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
 from memlong.rpc.internal import token_from_env
 from memlong.rpc.tls import TlsConfig
@@ -50,14 +50,12 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if not self.retmem:
             raise InvalidArgument("retmem", "at least one ret-mem shard address is needed")
-        if not 0 <= self.port < 65536:
-            raise InvalidArgument("port", f"out of range: {self.port}")
-        for name in ("max_inflight", "max_call_text_bytes", "ingest_progress_tokens", "max_message_bytes"):
-            if getattr(self, name) <= 0:
-                raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
-        for name in ("default_timeout_s", "retmem_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
+        check_port(self.port)
+        check_positive(
+            self,
+            ("max_inflight", "max_call_text_bytes", "ingest_progress_tokens", "max_message_bytes")
+            + ("default_timeout_s", "retmem_timeout_s"),
+        )
         if self.threads < 0:
             raise InvalidArgument("threads", "must be >= 0")
         if self.window_cache_sessions < 0:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memlong.errors import InvalidArgument
+from memlong.errors import InvalidArgument, check_port, check_positive
 from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
 from memlong.rpc.internal import token_from_env
 from memlong.rpc.tls import TlsConfig
@@ -32,9 +32,7 @@ class Quotas:
     max_inflight: int = 4  # calls at once
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_tenant_text_bytes", "max_inflight"):
-            if getattr(self, name) <= 0:
-                raise InvalidArgument(f"quotas.{name}", "must be positive")
+        check_positive(self, ("max_sessions", "max_tenant_text_bytes", "max_inflight"), "quotas.")
 
 
 @dataclass(frozen=True)
@@ -68,11 +66,10 @@ class GatewayConfig:
             raise InvalidArgument("retmem", "at least one ret-mem shard address is needed")
         if not self.key_hashes:
             raise InvalidArgument("api_keys", "no API keys configured: every call would be refused")
-        if not 0 <= self.port < 65536:
-            raise InvalidArgument("port", f"out of range: {self.port}")
-        for name in ("max_inflight", "max_append_bytes", "max_request_text_bytes", "max_message_bytes"):
-            if getattr(self, name) <= 0:
-                raise InvalidArgument(name, "must be positive")
+        check_port(self.port)
+        check_positive(
+            self, ("max_inflight", "max_append_bytes", "max_request_text_bytes", "max_message_bytes")
+        )
         if not 0 < self.default_timeout_s <= self.max_timeout_s:
             raise InvalidArgument("default_timeout_s", "must be in (0, max_timeout_s]")
 

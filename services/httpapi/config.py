@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from memlong.errors import InvalidArgument
+from memlong.errors import InvalidArgument, check_port, check_positive
 from memlong.rpc.tls import TlsConfig
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -33,13 +33,12 @@ class HttpConfig:
     def __post_init__(self) -> None:
         if not self.gateway or ":" not in self.gateway:
             raise InvalidArgument("http.gateway", f"expected host:port, got {self.gateway!r}")
-        if not 0 <= self.port < 65536:
-            raise InvalidArgument("http.port", f"out of range: {self.port}")
+        check_port(self.port, "http.port")
         if not self.model_id:
             raise InvalidArgument("http.model_id", "must not be empty")
-        for name in ("default_timeout_s", "max_body_bytes", "upload_piece_bytes", "grace_s"):
-            if getattr(self, name) <= 0:
-                raise InvalidArgument(f"http.{name}", "must be positive")
+        check_positive(
+            self, ("default_timeout_s", "max_body_bytes", "upload_piece_bytes", "grace_s"), "http."
+        )
         for name in ("chat_max_tokens", "completion_max_tokens"):
             if not 1 <= getattr(self, name) <= 4096:
                 raise InvalidArgument(f"http.{name}", "must be in 1..4096")

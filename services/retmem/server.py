@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2
 
 from memlong.api.retmem.v1 import retmem_pb2 as pb
 from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
-from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, check_port
 from memlong.gpu_index import GpuIndexes
 from memlong.rpc import metrics
 from memlong.rpc.status import grpc_errors
@@ -90,8 +90,7 @@ class RetMemConfig:
             raise InvalidArgument("shards", f"need distinct shard names, got {self.shards}")
         if self.fsync not in ("per-append", "grouped"):
             raise InvalidArgument("fsync", f"must be per-append or grouped, got {self.fsync!r}")
-        if not 0 <= self.port < 65536:
-            raise InvalidArgument("port", f"out of range: {self.port}")
+        check_port(self.port)
 
 
 class RetMemServicer(pb_grpc.RetMemServicer):

@@ -93,24 +93,19 @@ def create_app(
         prompt = front.template.render(messages)  # InvalidArgument (400) when the template refuses them
         stops = body.stops()
         max_tokens = body.max_completion_tokens or body.max_tokens or config.chat_max_tokens
-        req = pb.GenerateRequest(
-            session_id=session_id or "",
-            prompt=prompt.encode(),
-            sampling=front.sampling(body, max_tokens, stops),
-            memory_mode=front.memory_mode(body, session_id),
-        )
 
         def turn(reply: str) -> str:  # the exchange as the model reads it, for the session's memory
             return front.template.render([*messages, {"role": "assistant", "content": reply}], False)
 
         try:
             return await front.generate(
-                req,
+                body,
                 caller,
-                shapes.Shape(True, config.model_id),
-                shapes.TextOut(stops),
-                stream=body.stream,
-                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                chat=True,
+                session_id=session_id,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                stops=stops,
                 remember=turn if body.remember else None,
             )
         except ApiError as err:
@@ -138,20 +133,14 @@ def create_app(
             logprobs = shapes.score_logprobs(r) if body.logprobs is not None else None
             use = shapes.usage(r.scored_tokens + 1, 0)
             return JSONResponse(shape.full(text, "length", use, info, logprobs))
-        stops = body.stops()
-        req = pb.GenerateRequest(
-            session_id=session_id or "",
-            prompt=text.encode(),
-            sampling=front.sampling(body, body.max_tokens or config.completion_max_tokens, stops),
-            memory_mode=mode,
-        )
         return await front.generate(
-            req,
+            body,
             caller,
-            shapes.Shape(False, config.model_id),
-            shapes.TextOut(stops),
-            stream=body.stream,
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            chat=False,
+            session_id=session_id,
+            prompt=text,
+            max_tokens=body.max_tokens or config.completion_max_tokens,
+            stops=body.stops(),
             remember=(lambda reply: text + reply) if body.remember else None,
         )
 

@@ -133,25 +133,35 @@ class Front:
 
     async def generate(
         self,
-        req: pb.GenerateRequest,
+        body: _Generation,
         caller: Caller,
-        shape: shapes.Shape,
-        out: shapes.TextOut,
         *,
-        stream: bool,
-        include_usage: bool,
+        chat: bool,
+        session_id: str | None,
+        prompt: str,
+        max_tokens: int,
+        stops: list[str],
         remember: Callable[[str], str] | None,
     ) -> JSONResponse | EventStream:
-        """Run Generate; answer whole or as events. The first token is awaited before answering, so a
-        refused request (key, session, limits) gets its HTTP status rather than a failed stream."""
+        """Run Generate on `prompt` with the body's sampling, memory and streaming options; answer whole
+        or as events (a chat.completion or a text_completion). The first token is awaited before
+        answering, so a refused request (key, session, limits) gets its HTTP status rather than a failed
+        stream. `remember`: the exchange to append to the session's memory, given the reply."""
+        req = pb.GenerateRequest(
+            session_id=session_id or "",
+            prompt=prompt.encode(),
+            sampling=self.sampling(body, max_tokens, stops),
+            memory_mode=self.memory_mode(body, session_id),
+        )
+        shape, out = shapes.Shape(chat, self.config.model_id), shapes.TextOut(stops)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         call = self.upstream.stream("Generate", req, caller)
         try:
             first = await in_thread(call.next)
         except BaseException:
             call.cancel()
             raise
-        session_id = req.session_id or None
-        if not stream:
+        if not body.stream:
             rest = await in_thread(drain, call)
             msgs = [m for m in (first, *rest) if m is not None]
             for m in msgs:

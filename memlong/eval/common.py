@@ -160,6 +160,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],  # a shared machine: what else was running
     }
 
 

@@ -187,34 +187,10 @@ def test_verified_faiss_file_is_adopted_not_rebuilt(tmp_path: Path, monkeypatch)
     again.close()
 
 
-def test_a_shards_files_are_private_to_its_user(tmp_path: Path) -> None:
-    """Log, tombstones, snapshots, K/V files and the checkpoint marker are created owner-only, whatever
-    the umask lets through: they hold other tenants' K/V and session ids."""
-    old = os.umask(0o022)
-    try:
-        spec, rng = tiny_spec(), np.random.default_rng(0)
-        shard = Shard("s", tmp_path)
-        shard.open()
-        for sid in ("a", "b"):
-            shard.create_session(sid, spec)
-            shard.append(sid, *chunks(rng, spec, 0, 20))
-        shard.checkpoint()
-        shard.delete_session("b")
-        shard.close()
-    finally:
-        os.umask(old)
-    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
-    kinds = {p.relative_to(tmp_path / "s").parts[0] for p in files}
-    assert {"wal", "tombstones", "snapshots", "kv", "checkpoint.json"} <= kinds
-    shared = [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o077]
-    assert not shared, f"readable by group or others: {shared}"
-
-
-def test_a_shards_folders_are_private_to_its_user(tmp_path: Path) -> None:
-    """The folders a shard creates (its root, log, tombstones, K/V, snapshots and a folder per session,
-    named by the session id) are owner-only (0700) under a permissive umask: other local users can
-    neither list the session ids nor reach the files. Folders above the root it creates are too."""
-    root = tmp_path / "data" / "s"
+@pytest.fixture
+def written_shard(tmp_path: Path) -> Path:
+    """The root of a shard written under a permissive umask (0o022), in a data folder it created:
+    sessions appended, checkpointed (snapshots, marker), one deleted (tombstone), closed."""
     old = os.umask(0o022)
     try:
         spec, rng = tiny_spec(), np.random.default_rng(0)
@@ -228,13 +204,26 @@ def test_a_shards_folders_are_private_to_its_user(tmp_path: Path) -> None:
         shard.close()
     finally:
         os.umask(old)
-    folders = [tmp_path / "data", root, *(p for p in root.rglob("*") if p.is_dir())]
-    kinds = {p.relative_to(root).parts[0] for p in folders[2:]}
-    assert {"wal", "tombstones", "snapshots", "kv"} <= kinds
-    assert any(len(p.relative_to(root).parts) == 3 for p in folders[2:]), "no snapshot generation folder"
-    wrong = {
-        str(p): oct(stat.S_IMODE(p.stat().st_mode))
-        for p in folders
-        if stat.S_IMODE(p.stat().st_mode) != 0o700
-    }
+    return tmp_path / "data" / "s"
+
+
+def test_a_shards_files_are_private_to_its_user(written_shard: Path) -> None:
+    """Log, tombstones, snapshots, K/V files and the checkpoint marker are created owner-only, whatever
+    the umask lets through: they hold other tenants' K/V and session ids."""
+    files = [p for p in written_shard.rglob("*") if p.is_file()]
+    kinds = {p.relative_to(written_shard).parts[0] for p in files}
+    assert {"wal", "tombstones", "snapshots", "kv", "checkpoint.json"} <= kinds
+    shared = [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert not shared, f"readable by group or others: {shared}"
+
+
+def test_a_shards_folders_are_private_to_its_user(written_shard: Path) -> None:
+    """The folders a shard creates (its root, log, tombstones, K/V, snapshots and a folder per session,
+    named by the session id) are owner-only (0700) under a permissive umask: other local users can
+    neither list the session ids nor reach the files. Folders above the root it creates are too."""
+    inside = [p for p in written_shard.rglob("*") if p.is_dir()]
+    assert {"wal", "tombstones", "snapshots", "kv"} <= {p.relative_to(written_shard).parts[0] for p in inside}
+    assert any(len(p.relative_to(written_shard).parts) == 3 for p in inside), "no snapshot generation folder"
+    modes = {str(p): stat.S_IMODE(p.stat().st_mode) for p in [written_shard.parent, written_shard, *inside]}
+    wrong = {p: oct(m) for p, m in modes.items() if m != 0o700}
     assert not wrong, f"folders not owner-only: {wrong}"

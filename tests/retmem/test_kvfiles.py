@@ -36,6 +36,22 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         assert np.array_equal(a[key], b[key]), key
 
 
+def _reopened_holds(root: Path, want: dict[str, np.ndarray], sid: str = "a") -> None:
+    """The shard under `root`, opened again, holds `want` for session `sid`."""
+    again = _open(root)
+    try:
+        _same(want, _content(again, sid))
+    finally:
+        again.close()
+
+
+def _survives_restart(shard: Shard, root: Path, sid: str = "a") -> None:
+    """Close `shard` (under `root`): opened again, it holds session `sid` as it was."""
+    want = _content(shard, sid)
+    shard.close()
+    _reopened_holds(root, want, sid)
+
+
 def test_kv_bytes_live_in_data_files_once_and_the_core_holds_references(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     spec = SessionSpec(dim=16, kv_shape=(3, 2, 2, 8, 4), kv_dtype="bfloat16", memory_size=100)  # 1.5 KiB
@@ -133,11 +149,7 @@ def test_a_refused_append_writes_nothing_to_the_data_files(tmp_path: Path, case:
     _same(want, _content(shard, "a"))
     shard.unpin("a", shard.bank.get("a").ids())  # room again after the pinned case
     assert shard.append("a", *chunks(rng, spec, 1000, 2)) == 2  # the shard goes on as before
-    want = _content(shard, "a")
-    shard.close()
-    again = _open(tmp_path)
-    _same(want, _content(again, "a"))
-    again.close()
+    _survives_restart(shard, tmp_path)
 
 
 def test_kv_that_never_reached_the_disk_cut_the_log_there(tmp_path: Path) -> None:
@@ -162,11 +174,7 @@ def test_kv_that_never_reached_the_disk_cut_the_log_there(tmp_path: Path) -> Non
     assert got.tolist() == list(range(15))
     _same({k: v[:15] for k, v in want.items()}, _content(again, "a"))
     assert again.append("a", *chunks(rng, spec, 15, 3)) == 3  # the cut ids are free again
-    expect = _content(again, "a")
-    again.close()
-    third = _open(tmp_path)
-    _same(expect, _content(third, "a"))
-    third.close()
+    _survives_restart(again, tmp_path)
 
 
 def test_a_torn_kv_record_is_reported(tmp_path: Path) -> None:
@@ -250,9 +258,7 @@ def test_inline_kv_of_older_versions_moves_into_kv_files(tmp_path: Path) -> None
     new.checkpoint()
     new.checkpoint()
     new.close()
-    third = _open(tmp_path)
-    _same(want, _content(third, "a"))
-    third.close()
+    _reopened_holds(tmp_path, want)
 
 
 def test_export_and_import_between_disk_shards_keep_every_byte(tmp_path: Path) -> None:

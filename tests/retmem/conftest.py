@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memlong.services.retmem.client import RetMemClient
 from memlong.services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+from memlong.services.retmem.shard import Shard
 from memlong.services.retmem.store import SessionSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +36,32 @@ def chunks(rng: np.random.Generator, spec: SessionSpec, first: int, n: int):
     rec = rng.integers(0, 256, (n, spec.record_bytes), dtype=np.uint8)
     lengths = rng.integers(1, spec.chunk_tokens + 1, n).astype(np.int32)
     return ids, emb, rec, lengths
+
+
+def open_shard(root: Path, **kw) -> Shard:
+    """Shard "s" under data folder `root`, opened (whatever is on disk recovered)."""
+    shard = Shard("s", root, **kw)
+    shard.open()
+    return shard
+
+
+def shard_holding(
+    root: Path,
+    spec: SessionSpec,
+    rng: np.random.Generator,
+    n: int,
+    sid: str = "a",
+    *,
+    checkpoint: bool = False,
+) -> Shard:
+    """`open_shard(root)` with session `sid` created and chunks 0..n-1 appended, then checkpointed
+    (snapshots written) when `checkpoint`."""
+    shard = open_shard(root)
+    shard.create_session(sid, spec)
+    shard.append(sid, *chunks(rng, spec, 0, n))
+    if checkpoint:
+        shard.checkpoint()
+    return shard
 
 
 def deterministic_chunk(spec: SessionSpec, seq: int):

@@ -15,7 +15,7 @@ from memlong.services.retmem import wal
 from memlong.services.retmem.client import RetMemClient
 from memlong.services.retmem.shard import Shard
 
-from .conftest import ServerProcess, chunks, deterministic_chunk, tiny_spec
+from .conftest import ServerProcess, chunks, deterministic_chunk, shard_holding, tiny_spec
 
 
 def scan(client: RetMemClient, session_id: str, spec) -> dict[str, int]:
@@ -203,11 +203,7 @@ def test_the_same_top_k_before_and_after_recovery(tmp_path: Path, via: str) -> N
 
 def test_a_deleted_session_stays_deleted_across_a_restart(tmp_path: Path) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(5)
-    shard = Shard("s", tmp_path)
-    shard.open()
-    shard.create_session("gone", spec)
-    shard.append("gone", *chunks(rng, spec, 0, 5))
-    shard.checkpoint()  # a snapshot exists before the delete
+    shard = shard_holding(tmp_path, spec, rng, 5, "gone", checkpoint=True)  # a snapshot before the delete
     shard.create_session("kept", spec)
     shard.delete_session("gone")
     shard.close()
@@ -288,11 +284,7 @@ def test_checkpoint_snapshots_pending_hits_once(tmp_path: Path) -> None:
     """A checkpoint after searches only (a graceful stop) keeps the counters; they are not credited
     again by the next record."""
     spec, rng = tiny_spec(), np.random.default_rng(8)
-    shard = Shard("s", tmp_path)
-    shard.open()
-    shard.create_session("a", spec)
-    shard.append("a", *chunks(rng, spec, 0, 20))
-    shard.checkpoint()
+    shard = shard_holding(tmp_path, spec, rng, 20, checkpoint=True)
     for _ in range(5):
         shard.search("a", rng.standard_normal((2, spec.dim)).astype(np.float32), 4)
     assert shard.checkpoint() == 1  # not dirty, but it has unlogged hits
@@ -360,10 +352,7 @@ def test_a_shard_that_keeps_crashing_still_compacts_its_log(tmp_path: Path) -> N
 
 def test_a_retired_range_survives_a_restart(tmp_path: Path) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(22)
-    shard = Shard("s", tmp_path)
-    shard.open()
-    shard.create_session("a", spec)
-    shard.append("a", *chunks(rng, spec, 0, 6))
+    shard = shard_holding(tmp_path, spec, rng, 6)
     assert shard.evict("a", id_range=(3, 12)).tolist() == [3, 4, 5]
     shard.close()  # no checkpoint: the log alone carries the retirement
     again = Shard("s", tmp_path)

@@ -13,13 +13,7 @@ from memlong.services.retmem.kvfiles import REF_BYTES
 from memlong.services.retmem.shard import Shard
 from memlong.services.retmem.store import SessionSpec
 
-from .conftest import chunks, tiny_spec
-
-
-def _open(root: Path, **kw) -> Shard:
-    shard = Shard("s", root, **kw)
-    shard.open()
-    return shard
+from .conftest import chunks, open_shard, tiny_spec
 
 
 def _files(root: Path, kind: str) -> list[Path]:
@@ -38,7 +32,7 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 def _reopened_holds(root: Path, want: dict[str, np.ndarray], sid: str = "a") -> None:
     """The shard under `root`, opened again, holds `want` for session `sid`."""
-    again = _open(root)
+    again = open_shard(root)
     try:
         _same(want, _content(again, sid))
     finally:
@@ -55,7 +49,7 @@ def _survives_restart(shard: Shard, root: Path, sid: str = "a") -> None:
 def test_kv_bytes_live_in_data_files_once_and_the_core_holds_references(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     spec = SessionSpec(dim=16, kv_shape=(3, 2, 2, 8, 4), kv_dtype="bfloat16", memory_size=100)  # 1.5 KiB
-    shard = _open(tmp_path)
+    shard = open_shard(tmp_path)
     shard.create_session("a", spec)
     ids, emb, rec, lengths = chunks(rng, spec, 0, 40)
     shard.append("a", ids, emb, rec, lengths)
@@ -71,14 +65,14 @@ def test_kv_bytes_live_in_data_files_once_and_the_core_holds_references(tmp_path
     assert kv_bytes == rec.nbytes  # each K/V byte once
     assert wal_bytes < rec.nbytes / 4  # the log carries references, not K/V
     shard.close()
-    again = _open(tmp_path)
+    again = open_shard(tmp_path)
     assert np.array_equal(again.fetch("a", ids)[0], rec)
     again.close()
 
 
 def test_a_replay_is_compared_with_the_stored_bytes(tmp_path: Path) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(1)
-    shard = _open(tmp_path)
+    shard = open_shard(tmp_path)
     shard.create_session("a", spec)
     batch = chunks(rng, spec, 0, 5)
     assert shard.append("a", *batch) == 5
@@ -136,7 +130,7 @@ def test_a_refused_append_writes_nothing_to_the_data_files(tmp_path: Path, case:
     """The core's checks run before the K/V reach the data files: a refused batch leaves their size
     as it was (no unreferenced bytes), the session as it was, and the error the core gives."""
     spec, rng = tiny_spec(memory_size=32), np.random.default_rng(9)
-    shard = _open(tmp_path)
+    shard = open_shard(tmp_path)
     shard.create_session("a", spec)
     shard.append("a", *chunks(rng, spec, 0, 5))
     shard.append("a", *chunks(rng, spec, 10, 6))  # 5..9 never sent: a later 5..9 is out of order
@@ -156,7 +150,7 @@ def test_kv_that_never_reached_the_disk_cut_the_log_there(tmp_path: Path) -> Non
     """After a power loss a log record can be on disk without its K/V (it was never acknowledged):
     recovery keeps every record before it and drops it and the rest, like a torn tail."""
     spec, rng = tiny_spec(memory_size=200), np.random.default_rng(2)
-    shard = _open(tmp_path)
+    shard = open_shard(tmp_path)
     shard.create_session("a", spec)
     shard.append("a", *chunks(rng, spec, 0, 10))
     shard.checkpoint()
@@ -179,7 +173,7 @@ def test_kv_that_never_reached_the_disk_cut_the_log_there(tmp_path: Path) -> Non
 
 def test_a_torn_kv_record_is_reported(tmp_path: Path) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(3)
-    shard = _open(tmp_path)
+    shard = open_shard(tmp_path)
     shard.create_session("a", spec)
     shard.append("a", *chunks(rng, spec, 0, 4))
     shard.close()
@@ -197,7 +191,7 @@ def test_a_torn_kv_record_is_reported(tmp_path: Path) -> None:
 
 def test_damaged_kv_behind_a_snapshot_reads_as_data_loss(tmp_path: Path) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(4)
-    shard = _open(tmp_path)
+    shard = open_shard(tmp_path)
     shard.create_session("a", spec)
     ids, emb, rec, lengths = chunks(rng, spec, 0, 6)
     shard.append("a", ids, emb, rec, lengths)
@@ -207,7 +201,7 @@ def test_damaged_kv_behind_a_snapshot_reads_as_data_loss(tmp_path: Path) -> None
     data = bytearray(kv.read_bytes())
     data[2 * spec.record_bytes + 1] ^= 0x10  # chunk 2
     kv.write_bytes(bytes(data))
-    again = _open(tmp_path)
+    again = open_shard(tmp_path)
     with pytest.raises(DataLoss, match="CRC"):
         again.fetch("a", ids[2:3])
     assert np.array_equal(again.fetch("a", ids[3:])[0], rec[3:])
@@ -217,7 +211,7 @@ def test_damaged_kv_behind_a_snapshot_reads_as_data_loss(tmp_path: Path) -> None
 def test_checkpoints_delete_kv_files_nothing_refers_to(tmp_path: Path) -> None:
     spec, rng = tiny_spec(memory_size=20), np.random.default_rng(5)
     file_bytes = 8 * spec.record_bytes
-    shard = _open(tmp_path, kv_file_bytes=file_bytes)
+    shard = open_shard(tmp_path, kv_file_bytes=file_bytes)
     shard.create_session("a", spec)
     shard.create_session("b", spec)
     shard.append("b", *chunks(rng, spec, 0, 3))
@@ -232,7 +226,7 @@ def test_checkpoints_delete_kv_files_nothing_refers_to(tmp_path: Path) -> None:
     shard.delete_session("b")
     shard.checkpoint()
     shard.close()
-    again = _open(tmp_path, kv_file_bytes=file_bytes)
+    again = open_shard(tmp_path, kv_file_bytes=file_bytes)
     _same(want["a"], _content(again, "a"))
     again.close()
 
@@ -263,15 +257,15 @@ def test_inline_kv_of_older_versions_moves_into_kv_files(tmp_path: Path) -> None
 
 def test_export_and_import_between_disk_shards_keep_every_byte(tmp_path: Path) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(7)
-    src = _open(tmp_path / "src")
+    src = open_shard(tmp_path / "src")
     src.create_session("a", spec)
     src.append("a", *chunks(rng, spec, 0, 12))
     spec_, state = src.export_session("a")
-    dst = _open(tmp_path / "dst")
+    dst = open_shard(tmp_path / "dst")
     assert dst.import_session("a", spec_, state) == 12
     _same(_content(src, "a"), _content(dst, "a"))
     dst.close()
-    again = _open(tmp_path / "dst")
+    again = open_shard(tmp_path / "dst")
     _same(_content(src, "a"), _content(again, "a"))
     again.close()
     src.close()

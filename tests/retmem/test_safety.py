@@ -18,7 +18,7 @@ from memlong.services.retmem import snapshot
 from memlong.services.retmem.server import INTEGRITY_NAME, SERVICE_NAME, RetMemConfig, RetMemServer
 from memlong.services.retmem.shard import Shard
 
-from .conftest import REPO, chunks, tiny_spec
+from .conftest import REPO, chunks, shard_holding, tiny_spec
 
 FORBIDDEN = [
     re.compile(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib)\b", re.M),
@@ -49,11 +49,7 @@ def test_no_pickle_in_repository() -> None:
 
 def test_faiss_file_with_bad_checksum_is_not_loaded(tmp_path: Path, monkeypatch) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(0)
-    shard = Shard("s", tmp_path)
-    shard.open()
-    shard.create_session("a", spec)
-    shard.append("a", *chunks(rng, spec, 0, 20))
-    shard.checkpoint()
+    shard = shard_holding(tmp_path, spec, rng, 20, checkpoint=True)
     expected = shard.bank.get("a").ids()
     shard.close()
     (gen,) = (tmp_path / "s" / "snapshots").glob("*/*")
@@ -167,11 +163,7 @@ def test_a_session_with_no_usable_snapshot_answers_data_loss_and_keeps_its_files
 
 def test_verified_faiss_file_is_adopted_not_rebuilt(tmp_path: Path, monkeypatch) -> None:
     spec, rng = tiny_spec(), np.random.default_rng(2)
-    shard = Shard("s", tmp_path)
-    shard.open()
-    shard.create_session("a", spec)
-    shard.append("a", *chunks(rng, spec, 0, 20))
-    shard.checkpoint()
+    shard = shard_holding(tmp_path, spec, rng, 20, checkpoint=True)
     queries = rng.standard_normal((30, spec.dim)).astype(np.float32)
     before = shard.search("a", queries, 4)
     shard.close()

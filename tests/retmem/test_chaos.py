@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memlong.errors import MemLongError
 from memlong.services.retmem.client import RetMemClient
 
-from .conftest import ServerProcess, deterministic_chunk, tiny_spec
-from .test_durability import scan
+from .conftest import ServerProcess, tiny_spec
+from .test_durability import scan, try_append
 
 
 @pytest.mark.chaos
@@ -52,12 +51,8 @@ def test_a_kill_loop_loses_no_acknowledged_chunk_and_adds_none(tmp_path: Path) -
         def run(sid: str, client: RetMemClient, stop: threading.Event) -> None:
             while not stop.is_set():
                 seq = next_seq[sid]
-                attempted[sid].add(seq)
-                try:
-                    client.append(sid, *deterministic_chunk(spec, seq))
-                except MemLongError:
+                if not try_append(client, spec, sid, seq, acked, attempted):
                     return
-                acked[sid].add(seq)
                 next_seq[sid] = seq + 1
 
         threads = [threading.Thread(target=run, args=(s, client, stop)) for s in sessions]

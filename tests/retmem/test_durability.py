@@ -30,6 +30,18 @@ def scan(client: RetMemClient, session_id: str, spec) -> dict[str, int]:
     return {"ids": ids, "duplicates": len(ids) - len(np.unique(ids)), "mismatches": mismatches}
 
 
+def try_append(client: RetMemClient, spec, sid: str, seq: int, acked: dict, attempted: dict) -> bool:
+    """Append chunk `seq` (`deterministic_chunk`) to session `sid`, noted in `attempted[sid]` before and
+    in `acked[sid]` once acknowledged. False when the call failed (the server went away)."""
+    attempted[sid].add(seq)
+    try:
+        client.append(sid, *deterministic_chunk(spec, seq))
+    except MemLongError:
+        return False
+    acked[sid].add(seq)
+    return True
+
+
 def append_until_killed(
     client: RetMemClient, spec, sessions: list[str], per_session: int, kill_after: int, kill
 ) -> dict[str, tuple[set[int], set[int]]]:
@@ -43,12 +55,8 @@ def append_until_killed(
 
     def run(sid: str) -> None:
         for seq in range(per_session):
-            attempted[sid].add(seq)
-            try:
-                client.append(sid, *deterministic_chunk(spec, seq))
-            except MemLongError:
+            if not try_append(client, spec, sid, seq, acked, attempted):
                 return
-            acked[sid].add(seq)
             with lock:
                 total[0] += 1
                 if total[0] >= kill_after and not fired.is_set():

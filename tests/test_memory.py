@@ -459,14 +459,20 @@ BAD_BATCHES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
-def test_bad_append_names_field_and_changes_nothing(case):
+def _full_memory_and_bad_batch(case: str):
+    """(memory, its state, the spoiled batch, the field it spoils): a full memory, so that a bad batch
+    must not trigger eviction either."""
     field, spoil = BAD_BATCHES[case]
     mem = make(memory_size=8)
-    append(mem, np.arange(8), table(8))  # full: a bad batch must not trigger eviction either
-    before = mem.export_state()
+    append(mem, np.arange(8), table(8))
     batch = _batch()
     spoil(batch)
+    return mem, mem.export_state(), batch, field
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_bad_append_names_field_and_changes_nothing(case):
+    mem, before, batch, field = _full_memory_and_bad_batch(case)
     with pytest.raises(InvalidArgument) as e:
         mem.append(**batch)
     assert e.value.field == field
@@ -476,12 +482,7 @@ def test_bad_append_names_field_and_changes_nothing(case):
 @pytest.mark.parametrize("case", sorted(BAD_BATCHES))
 def test_check_append_refuses_what_append_refuses_and_changes_nothing(case):
     """check_append runs append's checks; without records (kept elsewhere) it skips only theirs."""
-    field, spoil = BAD_BATCHES[case]
-    mem = make(memory_size=8)
-    append(mem, np.arange(8), table(8))
-    before = mem.export_state()
-    batch = _batch()
-    spoil(batch)
+    mem, before, batch, field = _full_memory_and_bad_batch(case)
     with pytest.raises(InvalidArgument) as e:
         mem.check_append(**batch)
     assert e.value.field == field

@@ -143,20 +143,30 @@ def _assert_same_caches(a, b, layers):
             torch.testing.assert_close(getattr(ca, name), getattr(cb, name), atol=1e-5, rtol=0, msg=name)
 
 
+def _continued_reads_as_one_pass(model, toks, split: int, first_call):
+    """A reader given `toks[:split]` by `first_call(reader, tokens)` and then scoring the rest gives the
+    log-probs and the caches (every layer) of one reader scoring all of `toks`. Returns both readers."""
+    two, one = _reader(model), _reader(model)
+    first_call(two, toks[:split])
+    lp_two = two.score(toks[split:])
+    lp_one = one.score(toks)
+    torch.testing.assert_close(lp_two[1:], lp_one[split + 1 :], atol=1e-5, rtol=0)
+    _assert_same_caches(two, one, range(4))
+    return two, one
+
+
 def test_ingest_then_score_equals_one_pass_of_score_at_every_layer():
     # Per-layer memory: upper layers read memory, so what they store depends on retrieval; ingest reads
     # exactly as scoring does (without the LM head), so the two paths agree at every layer.
     model = tiny_memlong(chunk=4, window=8)
     toks = _tokens(72, seed=7)
-    split = 48
-    two, one = _reader(model), _reader(model)
-    two.ingest(toks[:split])
-    _assert_same_caches(two, _scored(model, toks[:split]), range(4))
-    lp_two = two.score(toks[split:])
-    lp_one = one.score(toks)
+
+    def ingest(reader, first):
+        reader.ingest(first)
+        _assert_same_caches(reader, _scored(model, first), range(4))
+
+    two, one = _continued_reads_as_one_pass(model, toks, 48, ingest)
     assert one.stats.retrievals > 10
-    torch.testing.assert_close(lp_two[1:], lp_one[split + 1 :], atol=1e-5, rtol=0)
-    _assert_same_caches(two, one, range(4))
     ids = one.memory.ids()
     assert (two.memory.ids() == ids).all()
     torch.testing.assert_close(
@@ -216,16 +226,13 @@ def test_a_session_continued_after_a_flush_reads_as_one_pass():
     # chunks still inside the window stay out of retrieval until they leave it, so the next call reads
     # exactly as one pass over both texts would (text ending on a chunk boundary).
     model = tiny_memlong(chunk=4, window=8)
-    toks = _tokens(80, seed=12)
-    split = 44
-    served, one = _reader(model), _reader(model)
-    served.ingest(toks[:split])
-    served.flush(keep_window=True)
-    assert len(served.memory) == split // 4  # everything is in memory after the call
-    lp_served = served.score(toks[split:])
-    lp_one = one.score(toks)
-    torch.testing.assert_close(lp_served[1:], lp_one[split + 1 :], atol=1e-5, rtol=0)
-    _assert_same_caches(served, one, range(4))
+
+    def served_call(reader, first):
+        reader.ingest(first)
+        reader.flush(keep_window=True)
+        assert len(reader.memory) == len(first) // 4  # everything is in memory after the call
+
+    _continued_reads_as_one_pass(model, _tokens(80, seed=12), 44, served_call)
 
 
 class _LoggedMemory:

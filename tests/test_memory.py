@@ -470,12 +470,16 @@ def _full_memory_and_bad_batch(case: str):
     return mem, mem.export_state(), batch, field
 
 
+def _refused_naming(field: str, call, batch: dict) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        call(**batch)
+    assert e.value.field == field
+
+
 @pytest.mark.parametrize("case", sorted(BAD_BATCHES))
 def test_bad_append_names_field_and_changes_nothing(case):
     mem, before, batch, field = _full_memory_and_bad_batch(case)
-    with pytest.raises(InvalidArgument) as e:
-        mem.append(**batch)
-    assert e.value.field == field
+    _refused_naming(field, mem.append, batch)
     assert_same_state(before, mem.export_state())
 
 
@@ -483,16 +487,12 @@ def test_bad_append_names_field_and_changes_nothing(case):
 def test_check_append_refuses_what_append_refuses_and_changes_nothing(case):
     """check_append runs append's checks; without records (kept elsewhere) it skips only theirs."""
     mem, before, batch, field = _full_memory_and_bad_batch(case)
-    with pytest.raises(InvalidArgument) as e:
-        mem.check_append(**batch)
-    assert e.value.field == field
+    _refused_naming(field, mem.check_append, batch)
     del batch["records"]
     if field == "records":
         assert mem.check_append(**batch) == 4
     else:
-        with pytest.raises(InvalidArgument) as e:
-            mem.check_append(**batch)
-        assert e.value.field == field
+        _refused_naming(field, mem.check_append, batch)
     assert_same_state(before, mem.export_state())
 
 

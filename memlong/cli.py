@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from memlong.errors import MemLongError
-from memlong.flags import add_model_args, memlong_config, set_threads
+from memlong.flags import add_model_args, ints, memlong_config, set_threads
 from memlong.packages import ICL_DATA_DIR
 
 # Sub-command groups contributed by other modules: each exposes register(subparsers).
@@ -23,11 +23,6 @@ PLUGINS = (
     "memlong.client_cli",
     "memlong.train_cli",
 )
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    """'2k,4096' -> (2048, 4096)."""
-    return tuple(int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in text.strip().split(","))
 
 
 def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
@@ -62,7 +57,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
     settings = PPLSettings(
         book=args.book,
-        lengths=_ints(args.lengths),
+        lengths=ints(args.lengths),
         windows=args.windows,
         score_tokens=args.score_tokens,
         methods=tuple(m for m in args.methods.split(",") if m),
@@ -83,7 +78,7 @@ def cmd_eval_icl(args: argparse.Namespace) -> int:
     settings = ICLSettings(
         data_dir=args.data,
         tasks=tuple(args.tasks.split(",")),
-        seeds=_ints(args.seeds),
+        seeds=ints(args.seeds),
         local_demos=args.local_demos,
         memory_demos=args.memory_demos,
         test_examples=args.test_examples,
@@ -100,7 +95,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
 
     settings = PasskeySettings(
         book=args.book,
-        lengths=_ints(args.lengths),
+        lengths=ints(args.lengths),
         trials=args.trials,
         seed=args.seed,
         methods=tuple(m for m in args.methods.split(",") if m),

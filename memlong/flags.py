@@ -9,6 +9,11 @@ from memlong.config import MemLongConfig
 from memlong.dtypes import KV_CODECS
 
 
+def ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers, "k" meaning 1024: '2k,4096' -> (2048, 4096)."""
+    return tuple(int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in text.strip().split(","))
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model flags; their defaults are MemLongConfig's (defined there once)."""
     d = MemLongConfig

@@ -287,7 +287,7 @@ def cmd_train_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train_eval(args: argparse.Namespace) -> int:
-    from memlong.flags import memlong_config, set_threads
+    from memlong.flags import ints, memlong_config, set_threads
     from memlong.training.evaluate import run_train_eval
 
     set_threads(args)
@@ -300,7 +300,7 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
         adapter=Path(args.adapter) if args.adapter else None,
         model_path=args.model,
         plays=tuple(args.plays.split(",")),
-        lengths=tuple(int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in args.lengths.split(",")),
+        lengths=ints(args.lengths),
         windows=args.windows,
         score_tokens=args.score_tokens,
         out_dir=Path(args.out_dir),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from memlong.memory import MemoryBank, MemoryConfig, PendingChunks, SessionMemory
+from memlong.memory import MemoryBank, MemoryConfig, PendingChunks, SearchResult, SessionMemory
 
 DIM, RECORD = 16, 40
 
@@ -661,21 +661,32 @@ def _flat_index(ids: np.ndarray, emb: np.ndarray) -> faiss.Index:
     return faiss.deserialize_index(faiss.serialize_index(index))  # as a snapshot file gives it back
 
 
-def test_from_state_adopts_a_matching_prebuilt_index():
-    rng = np.random.default_rng(12)
-    emb = table(300, seed=12)
+def _worked_memory(seed: int) -> tuple[SessionMemory, np.random.Generator]:
+    """A 32-chunk memory after 300 chunks (embeddings `table(300, seed)`) were appended five at a time
+    with searches between (evictions, counters) and two pinned; and the generator that drove it."""
+    rng, emb = np.random.default_rng(seed), table(300, seed=seed)
     mem = make(memory_size=32)
-    _workload(mem, emb, rng)
+    for start in range(0, 300, 5):
+        append(mem, np.arange(start, start + 5), emb)
+        mem.search(rng.standard_normal((2, DIM)).astype(np.float32), 4)
+    mem.pin(mem.ids()[[3, 10]])
+    return mem, rng
+
+
+def _same_results(got: SearchResult, want: SearchResult) -> None:
+    for a, b in zip(vars(got).values(), vars(want).values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_from_state_adopts_a_matching_prebuilt_index():
+    mem, rng = _worked_memory(12)
     state = mem.export_state()
     index = _flat_index(state["ids"], state["embeddings"])
     copy = SessionMemory.from_state(state, index=index)
     assert copy._index is index
     del index  # the memory keeps the owning object alive
     queries = rng.standard_normal((100, DIM)).astype(np.float32)
-    for got, want in zip(
-        vars(copy.search(queries, 8)).values(), vars(mem.search(queries, 8)).values(), strict=True
-    ):
-        np.testing.assert_array_equal(got, want)
+    _same_results(copy.search(queries, 8), mem.search(queries, 8))
     append(copy, np.arange(300, 310), table(310, seed=12))  # keeps working after adoption
     assert copy._index.ntotal == len(copy)
 
@@ -706,18 +717,8 @@ def test_from_state_refuses_a_prebuilt_index_that_does_not_match(damage):
 # ------------------------------------------------------------------------------ export / import
 
 
-def _workload(mem: SessionMemory, emb: np.ndarray, rng: np.random.Generator) -> None:
-    for start in range(0, 300, 5):
-        append(mem, np.arange(start, start + 5), emb)
-        mem.search(rng.standard_normal((2, DIM)).astype(np.float32), 4)
-    mem.pin(mem.ids()[[3, 10]])
-
-
 def test_export_import_round_trip_gives_identical_results():
-    rng = np.random.default_rng(6)
-    emb = table(300, seed=6)
-    mem = make(memory_size=32)
-    _workload(mem, emb, rng)
+    mem, rng = _worked_memory(6)
     state = mem.export_state()
     buf = io.BytesIO()
     np.savez(buf, **state)  # npz-friendly: plain arrays and scalars
@@ -730,8 +731,7 @@ def test_export_import_round_trip_gives_identical_results():
     queries = rng.standard_normal((200, DIM)).astype(np.float32)
     results = [m.search(queries, 8) for m in (mem, *copies)]
     for res in results[1:]:
-        for got, want in zip(vars(res).values(), vars(results[0]).values(), strict=True):
-            np.testing.assert_array_equal(got, want)
+        _same_results(res, results[0])
     # Copies keep evolving the same way (pins, counters and max id came along).
     for m in (mem, *copies):
         append(m, np.arange(300, 310), table(310, seed=6))

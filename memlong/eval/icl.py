@@ -152,7 +152,7 @@ def run_icl(
                 free = [stack.encode(prefix + f"Review: {c}\n{field}:") for c in CONTENT_FREE]
                 cf = torch.stack([_label_logp(base, p, method, label_ids)[0] for p in free])
                 scores = calibrated(torch.stack(logps[method]), cf)
-                accs = {k: float((v.argmax(1) == labels).float().mean()) for k, v in scores.items()}
+                accs = {k: float((v.argmax(1) == labels).double().mean()) for k, v in scores.items()}
                 for k, acc in accs.items():
                     per_method[method][k].append(acc)
                 row = _record(task, method, seed, settings, accs, len(test), base)

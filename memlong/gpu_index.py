@@ -14,6 +14,7 @@ server does), so cuBLAS never multiplies in TF32.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import faiss
@@ -21,6 +22,7 @@ import numpy as np
 
 from memlong.errors import FailedPrecondition, InvalidArgument
 
+GPU_MAX_K = 2048  # faiss's GPU k-selection takes at most this many results per query
 INSTALL_HINT = (
     "install the GPU extra (pip install 'memlong[gpu]', then replace faiss-cpu's files: "
     "pip uninstall -y faiss-cpu && pip install --force-reinstall --no-deps faiss-gpu) with a CUDA build "
@@ -47,12 +49,15 @@ class GpuIndexes:
             )
         self.device = device
         self.resources = faiss.StandardGpuResources()
+        # faiss's GPU indexes are not thread-safe, and every index made here shares these resources
+        # (one scratch area on the GPU): one call on them at a time, whichever session it is for.
+        self.lock = threading.Lock()
 
     def new_index(self, dim: int) -> GpuFlatIndex:
         config = faiss.GpuIndexFlatConfig()
         config.device = self.device
         config.useFloat16 = False  # full float32 vectors: the exactness bound assumes them
-        return GpuFlatIndex(faiss.GpuIndexFlatIP(self.resources, dim, config))
+        return GpuFlatIndex(faiss.GpuIndexFlatIP(self.resources, dim, config), self.lock)
 
     def describe(self) -> str:
         return f"faiss GPU {self.device}"
@@ -67,8 +72,9 @@ class GpuFlatIndex:
     quarter of memory) make rare.
     """
 
-    def __init__(self, flat: Any) -> None:
+    def __init__(self, flat: Any, lock: threading.Lock | None = None) -> None:
         self.flat = flat
+        self.lock = lock or threading.Lock()  # shared by the indexes on one GpuIndexes' resources
         self.ids = np.empty(0, np.int64)  # (n,) id of each position
 
     @property
@@ -76,22 +82,44 @@ class GpuFlatIndex:
         return len(self.ids)
 
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self.flat.add(np.ascontiguousarray(vectors, np.float32))  # (n, dim)
+        with self.lock:
+            self.flat.add(np.ascontiguousarray(vectors, np.float32))  # (n, dim)
         self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)])
 
     def remove_ids(self, ids: np.ndarray) -> int:
         keep = ~np.isin(self.ids, np.asarray(ids, np.int64))  # (n,)
         n_removed = int((~keep).sum())
         if n_removed:
-            kept = self.flat.reconstruct_n(0, len(self.ids))[keep]  # (n - removed, dim)
-            self.flat.reset()
-            if len(kept):
-                self.flat.add(np.ascontiguousarray(kept, np.float32))
+            with self.lock:
+                kept = self.flat.reconstruct_n(0, len(self.ids))[keep]  # (n - removed, dim)
+                self.flat.reset()
+                if len(kept):
+                    self.flat.add(np.ascontiguousarray(kept, np.float32))
             self.ids = self.ids[keep]
         return n_removed
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores (q, k) float32, ids (q, k) int64; -1 where fewer than k are stored)."""
-        scores, pos = self.flat.search(np.ascontiguousarray(queries, np.float32), k)
+        queries = np.ascontiguousarray(queries, np.float32)
+        with self.lock:
+            if k <= GPU_MAX_K:
+                scores, pos = self.flat.search(queries, k)
+            else:  # past faiss's GPU selection limit (an exact search widening to every vector): here
+                vectors = self.flat.reconstruct_n(0, len(self.ids))  # (n, dim)
+        if k > GPU_MAX_K:
+            scores, pos = _top_k(queries @ vectors.T, k)
         ids = np.where(pos >= 0, self.ids[np.clip(pos, 0, max(len(self.ids) - 1, 0))], -1)
         return scores, ids
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(q, n) scores -> the k best per row, best first, as faiss answers: (scores, positions), padded
+    with -FLT_MAX / -1 where fewer than k exist."""
+    q, n = scores.shape
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (q, min(n, k))
+    top = np.take_along_axis(scores, order, axis=1)
+    pad = k - order.shape[1]
+    if pad > 0:
+        order = np.pad(order, ((0, 0), (0, pad)), constant_values=-1)
+        top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.finfo(np.float32).max)
+    return top.astype(np.float32), order.astype(np.int64)

@@ -19,6 +19,7 @@ decoder): ret-mem stores and moves the compact bytes without looking inside. No 
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -29,6 +30,7 @@ from memlong.dtypes import record_bytes, torch_dtype
 from memlong.errors import InvalidArgument
 
 __all__ = ["CODECS", "check_codec", "decode", "encode", "record_bytes"]
+_QUIET = threading.Lock()
 _F16_MAX = 65504.0
 _FP8_MAX = 448.0  # largest float8_e4m3fn
 
@@ -86,7 +88,9 @@ def _tensor_of(array: np.ndarray) -> torch.Tensor:
     """torch.from_numpy, without its warning for a read-only array (see `decode`: the result is read)."""
     if array.flags.writeable:
         return torch.from_numpy(array)
-    with warnings.catch_warnings():
+    # catch_warnings swaps the process's filters: one decode at a time does (the prefetch thread decodes
+    # beside the model's), so none restores the filters another has just replaced.
+    with _QUIET, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array)
 

@@ -341,23 +341,20 @@ class DecoderEngine:
             spec = self._spec(session_id, call)
         except Unavailable as exc:
             down = Unavailable(f"ret-mem unreachable for session {shown(session_id)}: {exc}")
-            if self._without_memory(down, mode, commit, report):
-                return None, self.cfg.retrieval
-            raise
+            self._without_memory(down, mode, commit, report)
+            return None, self.cfg.retrieval
         source = self._source_of(session_id, spec)
         if next_chunk_id == 0:
             report.note = "session memory is empty"
-        port = self._port(session_id, call, commit)
-        port.stored_chunks = next_chunk_id  # chunk ids are sequence numbers: chunks written so far
-        return port, source
+        return self._port(session_id, call, commit), source
 
     @staticmethod
-    def _without_memory(exc: Unavailable, mode: str, commit: bool, report: MemoryReport) -> bool:
-        """Ret-mem is unreachable: True (noted in the report) where the call may run without memory,
-        else Unavailable saying how to ask for that."""
+    def _without_memory(exc: Unavailable, mode: str, commit: bool, report: MemoryReport) -> None:
+        """Ret-mem is unreachable: noted in the report where the call may run without memory, else
+        Unavailable saying how to ask for that."""
         if mode == MEMORY_IF_AVAILABLE and not commit:
             report.note = f"{exc}; ran WITHOUT memory as the request allowed"
-            return True
+            return
         raise Unavailable(
             f"{exc}. Retry later, or ask with memory_mode IF_AVAILABLE to run without memory."
         ) from exc
@@ -499,14 +496,15 @@ class DecoderEngine:
         try:
             reader, parts = read(port)
         except Unavailable as exc:  # ret-mem went away (its spec was known: no call at the open)
-            if port is None or not self._without_memory(exc, mode, commit, report):
+            if port is None:
                 raise
+            self._without_memory(exc, mode, commit, report)
             port = None
             reader, parts = read(None)  # nothing was stored (no commit): read again, window only
         if (
             mode == MEMORY_REQUIRED
             and port is not None
-            and port.stored_chunks
+            and next_chunk_id  # chunk ids are sequence numbers: the session holds chunks
             and not reader.stats.blocks_searched
         ):
             # Short text inside a chunk whose retrieval this replica does not hold (cold window): no
@@ -568,8 +566,9 @@ class DecoderEngine:
                 try:
                     token = next(steps, None)
                 except Unavailable as exc:  # ret-mem went away: before the first token, maybe go on without
-                    if out or port is None or not self._without_memory(exc, mode, False, report):
+                    if out or port is None:
                         raise
+                    self._without_memory(exc, mode, False, report)
                     port = None
                     reader = self._reader(session_id, None, next_chunk_id, report)
                     steps = reader.generate(tokens, params)

@@ -57,7 +57,6 @@ class SessionPort:
         self.keep_recent = keep_recent
         self._recent = PendingChunks()  # this call's own chunks, merged into every search
         self.retrieved_ids: list[int] = []
-        self.stored_chunks = 0  # chunks the session held when the call opened it
         if executor is None:  # nothing runs in the background: the chunk loop retrieves at each boundary
             self.search_async = None
 

@@ -255,7 +255,11 @@ class RetMemClient:
         # twice. What shared memory cannot take (refused, or no room in /dev/shm) goes over gRPC.
         appended, done = 0, 0
         if self.transport(session_id, deadline) == SHM:
-            per_msg = max(1, SHM_REQUEST_BYTES // spec.record_bytes)
+            # the K/V go through the segment; ids, embeddings and lengths still travel in the message
+            meta_bytes = 4 * spec.dim + 256
+            per_msg = max(
+                1, min(SHM_REQUEST_BYTES // spec.record_bytes, (self.max_message_bytes - 4096) // meta_bytes)
+            )
             try:
                 for lo in range(0, len(ids), per_msg):
                     part = slice(lo, lo + per_msg)

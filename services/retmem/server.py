@@ -253,12 +253,12 @@ class RetMemServicer(pb_grpc.RetMemServicer):
     @grpc_errors
     def search_bytes(self, request, context) -> Iterator[bytes]:
         """Search, each reply message as its bytes (what `add_servicer` registers)."""
+        if request.max_records_per_message < 0:
+            raise InvalidArgument("max_records_per_message", "must be >= 0")
         spec, result, region = self._search(request)
         _count(
             "Search", "sent", shm_bytes=result.records.nbytes if region else 0, total=result.records.nbytes
         )
-        if request.max_records_per_message < 0:
-            raise InvalidArgument("max_records_per_message", "must be >= 0")
         for row in self._rows(spec, result, region, request.max_records_per_message):
             if not context.is_active():
                 return
@@ -283,14 +283,6 @@ class RetMemServicer(pb_grpc.RetMemServicer):
             rawwire.varint(rawwire.RETRIEVE_ROWS << 3 | rawwire.LEN) + rawwire.varint(len(r)) + r
             for r in self._rows(spec, result, region)
         )
-
-    # As messages, for a server that registers this servicer with the generated add function.
-    def Search(self, request, context):  # noqa: N802
-        for row in self.search_bytes(request, context):
-            yield pb.SearchResponse.FromString(row)
-
-    def Retrieve(self, request, context):  # noqa: N802
-        return pb.RetrieveResponse.FromString(self.retrieve_bytes(request, context))
 
     @grpc_errors
     def Attach(self, request, context):  # noqa: N802

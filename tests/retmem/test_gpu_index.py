@@ -33,6 +33,7 @@ class FakeGpuFlatIP:
         self.cpu.add(x)
 
     def search(self, x, k):
+        assert k <= 2048, "faiss's GPU selection takes k <= 2048"  # as the real GPU index refuses more
         return self.cpu.search(x, k)
 
     def reset(self):
@@ -104,3 +105,20 @@ def test_a_shard_with_gpu_indexes_answers_as_one_in_ram(tmp_path: Path, fake_gpu
     assert isinstance(again.bank.get("s")._index, GpuFlatIndex)
     again.close()
     cpu.close()
+
+
+def test_a_search_past_the_gpu_selection_limit_is_answered_exactly(fake_gpu):
+    """An exact search may widen to every stored vector; past the 2,048 results a GPU index selects,
+    the GPU index still answers what a CPU flat index answers (scores best first, -1 past the end)."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2100, 8)).astype(np.float32)
+    queries = rng.standard_normal((2, 8)).astype(np.float32)
+    index = GpuIndexes(0).new_index(8)
+    index.add_with_ids(vectors, np.arange(100, 2200, dtype=np.int64))
+    cpu = faiss.IndexFlatIP(8)
+    cpu.add(vectors)
+    for k in (8, 2100, 2200):
+        scores, ids = index.search(queries, k)
+        want_scores, want_pos = cpu.search(queries, k)
+        assert np.array_equal(ids, np.where(want_pos >= 0, want_pos + 100, -1))
+        assert np.allclose(scores[ids >= 0], want_scores[want_pos >= 0], rtol=1e-5, atol=1e-5)

@@ -33,36 +33,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from retmem_bench import cpu_model, disk_sync_bandwidth  # noqa: E402  (bench/ is on sys.path)
+
 KINDS = {"per_layer": (30, 2, 3, 128, 64), "single": (2, 3, 128, 64)}  # SmolLM2-135M records
 TOP_K = 8
 DIM = 384
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def disk_sync_bandwidth(directory: Path, total: int = 256 << 20, block: int = 8 << 20) -> float:
-    """MB/s of sequential writes with fdatasync after each block (what a durable append pays)."""
-    buf = np.random.default_rng(1).integers(0, 256, block, dtype=np.uint8).tobytes()
-    path = directory / "ddtest"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    t0 = time.perf_counter()
-    for _ in range(total // block):
-        os.write(fd, buf)
-        os.fdatasync(fd)
-    dt = time.perf_counter() - t0
-    os.close(fd)
-    path.unlink()
-    return total / 1e6 / dt
 
 
 def child(tokens: int, iters: int, data_dir: Path, extra: dict, kv_shape: tuple[int, ...]) -> dict:
@@ -82,7 +62,7 @@ def child(tokens: int, iters: int, data_dir: Path, extra: dict, kv_shape: tuple[
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     out: dict = {"tokens": tokens, "chunks": n_chunks, "record_bytes": spec.record_bytes}
     out["rss_start_mib"] = round(rss_mib(), 1)
-    disk = disk_sync_bandwidth(data_dir)
+    disk = disk_sync_bandwidth(data_dir, 8 << 20, 1, 256 << 20)["MBps"]  # 8 MiB writes, each synced
     shard = Shard("s0", data_dir, fsync="grouped", checkpoint_bytes=1 << 40)
     shard.open()
     shard.create_session("a", spec)

@@ -37,7 +37,7 @@ from memlong.rpc.channel import close_channels  # noqa: E402
 from memlong.services.retmem.client import RetMemClient  # noqa: E402
 from memlong.services.retmem.store import SessionSpec  # noqa: E402
 from tests.deploy.hosts import ShardCluster, netns_available  # noqa: E402
-from tests.retmem.conftest import wait_serving  # noqa: E402
+from tests.services.retmem.servers import wait_serving  # noqa: E402
 
 SPEC = SessionSpec(
     dim=384, kv_shape=(2, 3, 128, 64), kv_dtype="bfloat16", memory_size=1024

@@ -152,7 +152,7 @@ class Deadline:
         gRPC sends timeouts with about three significant digits, rounded up (20.04 s arrives as ~20.1 s),
         so a downstream call given exactly our remaining time may see more than we have. 1 % + 50 ms is
         enough for the downstream deadline to be strictly earlier than ours, always
-        (tests/serving/test_deadlines.py).
+        (tests/services/test_deadlines.py).
         """
         left = self.remaining()
         return Deadline.after(left - 0.05 - 0.01 * max(left, 0.0))

@@ -15,12 +15,12 @@ Block sizes up to local_window + chunk keep this exact: every chunk a query in t
 left the window before the block began. Blocks of more than one chunk need `sink_tokens=0` (sinks sit at
 fixed positions, so a query deeper into a longer block would see them further away than the Reader does). With memory at position 0 (`mem_position="zero"`) the
 query-memory distance is the query's local position; `memory()` shifts each query chunk's memory keys so
-that distance equals the Reader's (tests/test_train.py checks log-probs against the Reader).
+that distance equals the Reader's (tests/training/test_train.py checks log-probs against the Reader).
 Local caches are detached after every block (truncated backpropagation through the window).
 
 With `frozen` (memlong.training.cache) the frozen lower stack is not run: each block starts at the memory
 layer from the cached states entering it, and memory K/V are the cached ones, the values a pass of the
-lower layers would produce (tests/test_train_cache.py checks log-probs against the Reader).
+lower layers would produce (tests/training/test_train_cache.py checks log-probs against the Reader).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ def tiny():
     import torch
 
     from tests.factories import RecordingRetriever
-    from tests.serving.conftest import ByteTokenizer, tiny_model
+    from tests.services.stack import ByteTokenizer, tiny_model
 
     torch.manual_seed(0)
     return tiny_model(), ByteTokenizer(), RecordingRetriever()

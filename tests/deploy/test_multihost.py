@@ -22,8 +22,7 @@ from memlong.errors import MemLongError, Unavailable
 from memlong.rpc.channel import close_channels
 from memlong.services.retmem.client import RetMemClient
 from memlong.services.retmem.routing import Ring
-from tests.retmem.conftest import deterministic_chunk, tiny_spec, wait_serving
-from tests.retmem.test_durability import scan
+from tests.services.retmem.servers import deterministic_chunk, scan, tiny_spec, wait_serving
 
 from .hosts import ShardCluster
 

@@ -28,7 +28,7 @@ from memlong.errors import Unavailable  # noqa: E402
 from memlong.rpc.channel import close_channels  # noqa: E402
 from memlong.services.httpapi.config import DEFAULT_MODEL_ID  # noqa: E402
 from memlong.services.retmem.routing import Ring  # noqa: E402
-from tests.retmem.conftest import wait_serving  # noqa: E402
+from tests.services.retmem.servers import wait_serving  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "ray-test-key"

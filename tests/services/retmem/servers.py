@@ -1,5 +1,6 @@
-"""Fixtures for ret-mem tests: tiny specs, chunk factories, servers on port 0 (in-process or a
-subprocess), health polled with a deadline instead of sleeps."""
+"""Helpers for ret-mem tests: tiny specs, chunk factories, a server in a subprocess on port 0, health
+polled with a deadline instead of sleeps, and a full scan that checks every stored chunk (the fixtures
+are in conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memlong.services.retmem.client import RetMemClient
-from memlong.services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemServer
+from memlong.services.retmem.server import SERVICE_NAME
 from memlong.services.retmem.shard import Shard
 from memlong.services.retmem.store import SessionSpec
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -97,20 +96,6 @@ def wait_serving(target: str, timeout_s: float = 60.0) -> None:
         raise TimeoutError(f"{target}: health stream ended before SERVING")
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RetMemServer]:
-    srv = RetMemServer(RetMemConfig(data_dir=tmp_path / "data", shards=("shard0",), fsync="grouped"))
-    srv.start()
-    yield srv
-    srv.stop(grace_s=1)
-
-
-@pytest.fixture(params=["shm", "grpc"])
-def client(server: RetMemServer, request: pytest.FixtureRequest) -> RetMemClient:
-    """A client of `server` with K/V through shared memory (same host), then with K/V in the messages."""
-    return RetMemClient({"shard0": server.address()}, timeout_s=20, shared_memory=request.param == "shm")
-
-
 class ServerProcess:
     """`python -m memlong.services.retmem serve` in a subprocess, on port 0."""
 
@@ -147,3 +132,15 @@ class ServerProcess:
     def kill(self, sig: int = 9) -> int:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=60)
+
+
+def scan(client: RetMemClient, session_id: str, spec) -> dict[str, int]:
+    """Full scan of a session; checks every stored chunk against the content its id implies."""
+    _, state = client.export_session(session_id)
+    ids = state["ids"]
+    mismatches = 0
+    for i, seq in enumerate(ids):
+        _, emb, rec, lengths = deterministic_chunk(spec, int(seq))
+        ok = np.array_equal(state["records"][i], rec[0]) and np.array_equal(state["embeddings"][i], emb[0])
+        mismatches += not (ok and state["lengths"][i] == lengths[0])
+    return {"ids": ids, "duplicates": len(ids) - len(np.unique(ids)), "mismatches": mismatches}

@@ -27,11 +27,9 @@ from memlong.services.gateway.config import Quotas
 from memlong.services.httpapi.config import DEFAULT_MODEL_ID, HttpConfig
 from memlong.services.httpapi.server import HttpServer
 from memlong.services.httpapi.template import ChatTemplate
+from tests.services.stack import Paced, Stack, start_stack, until
 
-from .conftest import Stack, start_stack
-from .test_cancellation import _Paced, _until
-
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BOOK = "alpha beta gamma delta epsilon zeta eta theta iota kappa " * 6
 MODEL = DEFAULT_MODEL_ID
 
@@ -152,7 +150,7 @@ def test_text_completion_streams_and_scoring_equals_grpc_score(served) -> None:
 def test_a_client_leaving_a_stream_stops_the_decoder(served, monkeypatch) -> None:
     """Closing the HTTP stream cancels the gateway call, which stops the decoder's work (promise 7)."""
     stack, http = served
-    pace = _Paced()  # each decoding step waits for the test's go
+    pace = Paced()  # each decoding step waits for the test's go
     monkeypatch.setattr(Reader, "generate", pace.wrap(Reader.generate))
     for _ in range(3):
         pace.go.release()
@@ -161,7 +159,7 @@ def test_a_client_leaving_a_stream_stops_the_decoder(served, monkeypatch) -> Non
         next(iter(stream))  # the first token came: the call runs
     for _ in range(400):  # let a decoder that did not notice run on to the end
         pace.go.release()
-    assert _until(lambda: stack.decoder.engine.in_flight == 0), "the decoder slot was never freed"
+    assert until(lambda: stack.decoder.engine.in_flight == 0), "the decoder slot was never freed"
     assert pace.steps < 400, "the decoder generated every token of an abandoned stream"
     assert client(http).completions.create(model=MODEL, prompt="beta", max_tokens=2).choices[0].text
 
@@ -397,8 +395,7 @@ def test_memlong_up_serves_the_http_api_beside_the_gateway(
     from memlong.deploy import cli as deploy_cli
     from memlong.deploy.stack import EmbeddedStack
     from tests.factories import RecordingRetriever
-
-    from .conftest import ByteTokenizer, tiny_model
+    from tests.services.stack import ByteTokenizer, tiny_model
 
     model = tiny_model()
     real_start = EmbeddedStack.start
@@ -441,7 +438,7 @@ def test_gateway_serve_flags_build_the_front_config(tmp_path: Path) -> None:
     from memlong.cli import build_parser
     from memlong.rpc.tls import PLAINTEXT, TlsConfig
     from memlong.services.httpapi.config import config_from_args
-    from tests.deploy.certs import issue, make_ca
+    from tests.rpc.certs import issue, make_ca
 
     args = build_parser().parse_args(["gateway", "serve", "--host", "0.0.0.0", "--port", "50051"])
     assert config_from_args(args, "0.0.0.0", 50051, None, PLAINTEXT) is None  # off by default
@@ -459,7 +456,7 @@ def test_gateway_serve_flags_build_the_front_config(tmp_path: Path) -> None:
 
 def test_the_http_port_serves_tls_under_the_public_policy(tmp_path: Path, template) -> None:
     from memlong.rpc.tls import PLAINTEXT, TlsConfig
-    from tests.deploy.certs import issue, make_ca
+    from tests.rpc.certs import issue, make_ca
 
     ca = make_ca(tmp_path, "ca")
     cert, key = issue(ca, tmp_path, "front")

@@ -14,7 +14,7 @@ from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.rpc.channel import get_channel
 from memlong.services.decoder.port import SessionPort
 from memlong.services.gateway.config import Quotas
-from tests.serving.conftest import start_stack
+from tests.services.stack import start_stack
 
 OK, DENIED, MISSING = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND
 

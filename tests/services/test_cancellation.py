@@ -4,9 +4,6 @@ stores)."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import grpc
 import pytest
 
@@ -15,45 +12,16 @@ from memlong.api.gateway.v1 import gateway_pb2 as pb
 from memlong.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from memlong.chunkloop import Reader
 from memlong.rpc.channel import get_channel
+from tests.services.stack import Paced, until
 
 MD = (("x-api-key", "key-a"),)
-
-
-def _until(condition, timeout_s: float = 60.0) -> bool:
-    """Wait for `condition()` on a condition variable's clock, not a fixed sleep; False at timeout."""
-    done = threading.Event()
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        done.wait(0.01)
-    return True
-
-
-class _Paced:
-    """Counts the steps a wrapped generator takes and holds each one until the test lets it go on."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.go = threading.Semaphore(0)
-
-    def wrap(self, real):
-        pace = self
-
-        def generate(reader, *args, **kw):
-            for token in real(reader, *args, **kw):
-                pace.steps += 1
-                pace.go.acquire(timeout=5)
-                yield token
-
-        return generate
 
 
 def test_a_cancelled_generate_stops_the_decoder_and_frees_its_slot(stack, monkeypatch):
     client = stack.client()
     sid = client.create_session().session_id
     client.append(sid, "alpha beta gamma delta " * 4)
-    pace = _Paced()
+    pace = Paced()
     monkeypatch.setattr(Reader, "generate", pace.wrap(Reader.generate))
     stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
     req = pb.GenerateRequest(session_id=sid, prompt=b"alpha", sampling=dpb.SamplingParams(max_new_tokens=400))
@@ -65,7 +33,7 @@ def test_a_cancelled_generate_stops_the_decoder_and_frees_its_slot(stack, monkey
     for _ in range(400):  # let a decoder that did not notice run on to the end
         pace.go.release()
     engine = stack.decoder.engine
-    assert _until(lambda: engine.in_flight == 0), "the decoder slot was never freed"
+    assert until(lambda: engine.in_flight == 0), "the decoder slot was never freed"
     assert pace.steps < 400, "the decoder generated every token of a cancelled call"
     assert engine.cancel_event.is_set() and engine.cancelled_calls == 1  # counted as score's are
     assert client.score(sid, "alpha beta").scored_tokens > 0  # serving goes on
@@ -76,20 +44,20 @@ TEXT = "alpha beta gamma delta epsilon zeta eta theta " * 40
 
 def _paced_append(stack, monkeypatch, sid: str, timeout_s: float):
     """(pace, call): an Append of TEXT whose decoder takes each block of work only when let go."""
-    pace = _Paced()
+    pace = Paced()
     monkeypatch.setattr(Reader, "_blocks", pace.wrap(Reader._blocks))
     stub = pb_grpc.GatewayStub(get_channel(stack.gateway.address()))
     request = pb.AppendRequest(session_id=sid, offset=0, text=TEXT.encode())
     return pace, stub.Append(iter([request]), timeout=timeout_s, metadata=MD)
 
 
-def _assert_the_append_left_nothing(stack, monkeypatch, pace: _Paced, sid: str) -> None:
+def _assert_the_append_left_nothing(stack, monkeypatch, pace: Paced, sid: str) -> None:
     """After an Append that ended early: the decoder stopped and freed its slot, nothing was committed
     and no chunk of it is left in ret-mem."""
     for _ in range(10_000):  # a decoder that did not notice would store the rest now
         pace.go.release()
     engine = stack.decoder.engine
-    assert _until(lambda: engine.in_flight == 0)
+    assert until(lambda: engine.in_flight == 0)
     assert engine.cancelled_calls == 1
     monkeypatch.undo()
     assert stack.client().get_session(sid).text_bytes == 0
@@ -106,7 +74,7 @@ def test_a_cancelled_append_leaves_no_chunk_and_its_retry_stores_the_text_once(s
     pace, call = _paced_append(stack, monkeypatch, sid, timeout_s=120)
     for _ in range(30):  # some chunks reach ret-mem
         pace.go.release()
-    assert _until(lambda: pace.steps >= 30)
+    assert until(lambda: pace.steps >= 30)
     call.cancel()
     _assert_the_append_left_nothing(stack, monkeypatch, pace, sid)
     client.append(sid, TEXT)
@@ -127,7 +95,7 @@ def test_an_append_whose_deadline_passes_leaves_no_chunk(stack, monkeypatch):
     pace, call = _paced_append(stack, monkeypatch, sid, timeout_s=10)
     for _ in range(30):  # some chunks reach ret-mem, then the decoder crawls past the deadline
         pace.go.release()
-    assert _until(lambda: stack.retmem.shard.info(sid).num_chunks > 0, 10)
+    assert until(lambda: stack.retmem.shard.info(sid).num_chunks > 0, 10)
     with pytest.raises(grpc.RpcError) as err:
         list(call)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

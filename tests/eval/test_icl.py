@@ -93,7 +93,7 @@ def test_the_data_ships_in_the_package_compressed_and_reads_the_same(tmp_path):
     packed.mkdir(parents=True)
     (packed / "train.csv.gz").write_bytes(gzip.compress((tmp_path / "plain/mr/train.csv").read_bytes()))
     assert load_task(tmp_path / "packed", "mr", settings) == load_task(tmp_path / "plain", "mr", settings)
-    shared = Path(__file__).resolve().parents[2] / "shared/data/icl"  # the copy the results used, if here
+    shared = Path(__file__).resolve().parents[3] / "shared/data/icl"  # the copy the results used, if here
     for task in ("sst-2", "mr", "sst-5", "subj"):
         pool, test = load_task(ICL_DATA_DIR, task, ICLSettings())
         assert len(test) == ICLSettings().test_examples

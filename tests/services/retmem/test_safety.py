@@ -18,7 +18,7 @@ from memlong.services.retmem import snapshot
 from memlong.services.retmem.server import INTEGRITY_NAME, SERVICE_NAME, RetMemConfig, RetMemServer
 from memlong.services.retmem.shard import Shard
 
-from .conftest import REPO, chunks, shard_holding, tiny_spec
+from .servers import REPO, chunks, shard_holding, tiny_spec
 
 FORBIDDEN = [
     re.compile(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib)\b", re.M),

@@ -25,7 +25,7 @@ from memlong.services.retmem.client import RetMemClient
 from memlong.services.retmem.server import SERVICE_NAME
 from memlong.services.retmem.store import SessionSpec
 
-from .conftest import ServerProcess, chunks
+from .servers import ServerProcess, chunks
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

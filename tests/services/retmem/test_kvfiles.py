@@ -13,7 +13,7 @@ from memlong.services.retmem.kvfiles import REF_BYTES
 from memlong.services.retmem.shard import Shard
 from memlong.services.retmem.store import SessionSpec
 
-from .conftest import chunks, open_shard, tiny_spec
+from .servers import chunks, open_shard, tiny_spec
 
 
 def _files(root: Path, kind: str) -> list[Path]:

@@ -23,7 +23,7 @@ from memlong.services.retmem.server import SERVICE_NAME, RetMemConfig, RetMemSer
 from memlong.services.retmem.shard import Shard
 from memlong.services.retmem.store import SessionSpec
 
-from .conftest import chunks, tiny_spec
+from .servers import chunks, tiny_spec
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

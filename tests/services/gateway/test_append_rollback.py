@@ -11,7 +11,7 @@ import pytest
 from memlong.errors import Unavailable
 from memlong.services.gateway.server import GatewayServer
 from tests.factories import RecordingRetriever
-from tests.serving.conftest import start_stack
+from tests.services.stack import start_stack
 
 FIRST = "alpha beta gamma delta " * 3  # 69 bytes: 18 chunks of 4 byte-tokens
 SECOND = "eps zeta eta theta " * 5  # 95 bytes: 24 chunks; with a failed copy left over, 18 + 24 + 24 < 64

@@ -15,19 +15,7 @@ from memlong.services.retmem import wal
 from memlong.services.retmem.client import RetMemClient
 from memlong.services.retmem.shard import Shard
 
-from .conftest import ServerProcess, chunks, deterministic_chunk, shard_holding, tiny_spec
-
-
-def scan(client: RetMemClient, session_id: str, spec) -> dict[str, int]:
-    """Full scan of a session; checks every stored chunk against the content its id implies."""
-    _, state = client.export_session(session_id)
-    ids = state["ids"]
-    mismatches = 0
-    for i, seq in enumerate(ids):
-        _, emb, rec, lengths = deterministic_chunk(spec, int(seq))
-        ok = np.array_equal(state["records"][i], rec[0]) and np.array_equal(state["embeddings"][i], emb[0])
-        mismatches += not (ok and state["lengths"][i] == lengths[0])
-    return {"ids": ids, "duplicates": len(ids) - len(np.unique(ids)), "mismatches": mismatches}
+from .servers import ServerProcess, chunks, deterministic_chunk, scan, shard_holding, tiny_spec
 
 
 def try_append(client: RetMemClient, spec, sid: str, seq: int, acked: dict, attempted: dict) -> bool:

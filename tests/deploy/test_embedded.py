@@ -6,7 +6,7 @@ from memlong.cli import main
 from memlong.client import Client
 from memlong.deploy.stack import EmbeddedStack, local_api_key
 from tests.factories import RecordingRetriever
-from tests.serving.conftest import ByteTokenizer, tiny_model
+from tests.services.stack import ByteTokenizer, tiny_model
 
 
 def test_embedded_stack_serves_and_stops(tmp_path, capsys):

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from memlong.rpc import metrics, tracing
-from tests.serving.conftest import KEYS, Stack, start_stack
+from tests.services.stack import KEYS, Stack, start_stack
 
 GATEWAY = "memlong.gateway.v1.Gateway"
 DECODER = "memlong.decoder.v1.Decoder"
@@ -139,7 +139,7 @@ def test_trace_context_crosses_a_client_to_retmem_hop(telemetry, tmp_path: Path)
 
     from memlong.services.retmem.client import RetMemClient
     from memlong.services.retmem.server import RetMemConfig, RetMemServer
-    from tests.retmem.conftest import chunks, tiny_spec
+    from tests.services.retmem.servers import chunks, tiny_spec
 
     exporter, _ = telemetry
     server = RetMemServer(RetMemConfig(data_dir=tmp_path))

@@ -10,7 +10,7 @@ from memlong.errors import InvalidArgument
 from memlong.services.retmem.client import RetMemClient
 from memlong.services.retmem.store import SessionSpec
 
-from .conftest import chunks
+from .servers import chunks
 
 
 def _spec(codec: str) -> SessionSpec:

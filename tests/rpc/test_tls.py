@@ -211,7 +211,7 @@ def test_embedded_stack_public_tls_without_client_certs_internal_mtls(tmp_path: 
     from memlong.client import Client
     from memlong.deploy.stack import EmbeddedStack
     from tests.factories import RecordingRetriever
-    from tests.serving.conftest import ByteTokenizer, tiny_model
+    from tests.services.stack import ByteTokenizer, tiny_model
 
     public = Pki.create(tmp_path / "public", client_auth=False)
     internal = Pki.create(tmp_path / "internal", client_auth=True)

@@ -24,7 +24,7 @@ from memlong.services.retmem.client import GRPC, SHM, RetMemClient
 from memlong.services.retmem.server import RetMemConfig, RetMemServer
 from memlong.services.retmem.store import SessionSpec
 
-from .conftest import chunks
+from .servers import chunks
 
 pytestmark = pytest.mark.skipif(shm.default_dir() is None, reason="no /dev/shm on this host")
 

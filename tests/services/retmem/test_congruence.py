@@ -14,7 +14,7 @@ from memlong.memory import MemoryBank
 from memlong.services.retmem.client import RetMemClient
 from memlong.services.retmem.server import RetMemConfig, RetMemServer
 
-from .conftest import chunks, tiny_spec
+from .servers import chunks, tiny_spec
 
 
 def outcome(fn):

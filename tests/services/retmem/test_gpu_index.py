@@ -16,7 +16,7 @@ from memlong.errors import FailedPrecondition, InvalidArgument
 from memlong.gpu_index import GpuFlatIndex, GpuIndexes
 from memlong.services.retmem.server import RetMemConfig, RetMemServer
 from memlong.services.retmem.shard import Shard
-from tests.retmem.conftest import chunks, tiny_spec
+from tests.services.retmem.servers import chunks, tiny_spec
 
 
 class FakeGpuFlatIP:

@@ -12,7 +12,7 @@ import pytest
 
 from memlong.errors import ResourceExhausted
 from tests.factories import RecordingRetriever
-from tests.serving.conftest import start_stack
+from tests.services.stack import start_stack
 
 
 class GatedRetriever(RecordingRetriever):

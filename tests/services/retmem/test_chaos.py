@@ -1,6 +1,6 @@
 """Kill loop: SIGKILL the server every few seconds while 20 sessions append; after the final
 restart: 0 acknowledged chunks lost, 0 phantoms, 0 duplicates, 0 checksum mismatches.
-Run with `pytest -m chaos tests/retmem/test_chaos.py`; MEMLONG_CHAOS_ROUNDS sets the rounds (default 8),
+Run with `pytest -m chaos tests/services/retmem/test_chaos.py`; MEMLONG_CHAOS_ROUNDS sets the rounds (default 8),
 and MEMLONG_CHAOS_REPORT=path.json writes the counts and each restart's recovery time (start to
 SERVING) there (measured, never asserted)."""
 
@@ -19,7 +19,7 @@ import pytest
 
 from memlong.services.retmem.client import RetMemClient
 
-from .conftest import ServerProcess, tiny_spec
+from .servers import ServerProcess, tiny_spec
 from .test_durability import scan, try_append
 
 

@@ -1,17 +1,15 @@
-"""Fixtures for the serving path: ret-mem, a decoder on a tiny random LLaMA and the gateway, all over
+"""The serving path for tests: ret-mem, a decoder on a tiny random LLaMA and the gateway, all over
 real gRPC on loopback ports. Every server records the deadline of every call it serves
-(tests/serving/test_deadlines.py)."""
+(tests/services/test_deadlines.py)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import pytest
 import torch
 
 from memlong.client import Client
@@ -178,11 +176,34 @@ def start_stack(
     return Stack(retmem, decoder, gateway, log, model, retriever, tokenizer)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path)
-    yield s
-    s.stop()
+def until(condition, timeout_s: float = 60.0) -> bool:
+    """Wait for `condition()` on a condition variable's clock, not a fixed sleep; False at timeout."""
+    done = threading.Event()
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        done.wait(0.01)
+    return True
 
 
-__all__ = ["ByteTokenizer", "CallLog", "MemLongConfig", "Stack", "start_stack"]
+class Paced:
+    """Counts the steps a wrapped generator takes and holds each one until the test lets it go on."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.go = threading.Semaphore(0)
+
+    def wrap(self, real):
+        pace = self
+
+        def generate(reader, *args, **kw):
+            for token in real(reader, *args, **kw):
+                pace.steps += 1
+                pace.go.acquire(timeout=5)
+                yield token
+
+        return generate
+
+
+__all__ = ["ByteTokenizer", "CallLog", "MemLongConfig", "Paced", "Stack", "start_stack", "until"]

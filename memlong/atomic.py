@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,12 +24,17 @@ def fsync_dir(path: Path) -> None:
 
 def private_dir(path: Path) -> Path:
     """Create directory `path`, and every missing folder above it, owner-only (0700: neither the names
-    in it nor its files reachable by other local users). Folders that exist are left as they are."""
+    in it nor its files reachable by other local users). When `path` exists already and we own it, its
+    group and other permissions are removed; one owned by another user is left as it is (chmod would
+    fail), and so are existing folders above it (/tmp, a shared volume's root)."""
     path = Path(path)
     missing = [p for p in (path, *path.parents) if not p.exists()]
     for p in reversed(missing):
         p.mkdir(mode=0o700, exist_ok=True)
     path.mkdir(mode=0o700, exist_ok=True)  # exists now; raises if `path` is a file
+    st = path.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o077)
     return path
 
 

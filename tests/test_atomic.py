@@ -1,4 +1,5 @@
-"""memlong.atomic.write_atomic: bytes, text or a writer callback; the file's mode; create-if-absent."""
+"""memlong.atomic: write_atomic (bytes, text or a writer callback; the file's mode; create-if-absent) and
+private_dir (owner-only folders, existing ones of ours tightened)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memlong.atomic import write_atomic
+from memlong.atomic import private_dir, write_atomic
 
 
 def _mode(path) -> int:
@@ -58,3 +59,36 @@ def test_create_if_absent_keeps_the_first_writers_data(tmp_path):
     assert write_atomic(path, b"first", replace=False)
     assert not write_atomic(path, b"second", replace=False)
     assert path.read_bytes() == b"first"
+
+
+def test_private_dir_creates_owner_only_folders_under_a_permissive_umask(tmp_path):
+    path = tmp_path / "a" / "b"
+    old_umask = os.umask(0)
+    try:
+        assert private_dir(path) == path
+    finally:
+        os.umask(old_umask)
+    assert _mode(path) == 0o700 and _mode(path.parent) == 0o700
+
+
+def test_private_dir_tightens_an_existing_wider_folder_of_ours_and_leaves_the_folders_above(tmp_path):
+    path = tmp_path / "shared"
+    old_umask = os.umask(0)
+    try:
+        path.mkdir(mode=0o777)
+        tmp_path.chmod(0o755)
+        assert _mode(path) == 0o777
+        private_dir(path)
+    finally:
+        os.umask(old_umask)
+    assert _mode(path) == 0o700
+    assert _mode(tmp_path) == 0o755  # not ours to tighten: it existed above the folder asked for
+
+
+def test_private_dir_leaves_a_folder_owned_by_another_user_as_it_is(tmp_path, monkeypatch):
+    path = tmp_path / "theirs"
+    path.mkdir()
+    path.chmod(0o755)
+    monkeypatch.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)
+    private_dir(path)
+    assert _mode(path) == 0o755

@@ -34,11 +34,13 @@ def _play_file(name: str) -> Path:
 
 
 VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
-    "base": (("full", "sliding", "memlong"), {}),
+    # per_layer: every layer reads back its own K/V on the base weights (training-free), the reading the
+    # trained paper layout is measured against.
+    "base": (("full", "sliding", "memlong", "per_layer"), {}),
     "trained": (("sliding", "memlong"), {"memlong": "memlong_trained", "sliding": "sliding_trained"}),
     "control": (("sliding",), {"sliding": "lora_no_memory"}),
 }
-_ORDER = ["full", "sliding", "memlong", "lora_no_memory", "sliding_trained", "memlong_trained"]
+_ORDER = ["full", "sliding", "memlong", "per_layer", "lora_no_memory", "sliding_trained", "memlong_trained"]
 
 
 def run_train_eval(

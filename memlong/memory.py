@@ -164,46 +164,80 @@ class SearchResult:
     lengths: np.ndarray
 
 
+class _PendingRows:
+    """Row-aligned arrays of pending chunks, grown geometrically: an add writes only its own rows.
+
+    Rows below a holder's `used` are never written again, so a copy of a PendingChunks shares them
+    (each PendingChunks reads only its own first n rows)."""
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.ids = np.empty(capacity, np.int64)  # (cap,)
+        self.emb = np.empty((capacity, dim), np.float64)  # (cap, dim), exact copies of the float32 given
+        self.lens = np.empty(capacity, np.int32)  # (cap,)
+        self.part = np.empty(capacity, np.int64)  # (cap,) which add a row came from (its records)
+        self.row = np.empty(capacity, np.int64)  # (cap,) the row within that add
+        self.used = 0
+
+    def grown(self, n: int, capacity: int) -> _PendingRows:
+        """A new holder of `capacity` rows with the first `n` of this one."""
+        other = _PendingRows(capacity, self.emb.shape[1])
+        for name in ("ids", "emb", "lens", "part", "row"):
+            getattr(other, name)[:n] = getattr(self, name)[:n]
+        other.used = n
+        return other
+
+
 class PendingChunks:
     """Chunks held beside a memory without being written to it, merged into its search results.
 
     A read that must not change the memory (a served score or generate, a forked reader in an
     evaluation) keeps its own chunks here; the union of two top-k lists contains the top-k of the union,
     so `merge` is exact. Ranking as `SessionMemory.search`: score descending, then the older id.
+    Chunks are kept in arrays that grow as they are added, so a search does not rebuild them: over a
+    session's chunks, adds cost linear time in all and each merge is one pass over what is held.
+    Adds come from one thread; a `copy` may merge on another meanwhile.
     """
 
     def __init__(self) -> None:
-        self._ids: list[np.ndarray] = []  # (n,) per add
-        self._emb: list[np.ndarray] = []  # (n, dim)
-        self._rec: list[np.ndarray] = []  # (n, record_bytes)
-        self._len: list[np.ndarray] = []  # (n,)
+        self._n = 0  # rows of self._rows that are this object's
+        self._rows: _PendingRows | None = None
+        self._owner = True  # copies never write into shared rows: their first add takes its own
+        self._rec: list[np.ndarray] = []  # (n_i, record_bytes) per add, as given
 
     def add(self, ids: np.ndarray, embeddings: np.ndarray, records: np.ndarray, lengths: np.ndarray) -> None:
         """Hold chunks. The records are kept as given, not copied (MBs each with per-layer memory): the
         caller hands them over and never changes them afterwards."""
-        self._ids.append(np.array(ids, np.int64))
-        self._emb.append(np.array(embeddings, np.float32))
+        ids = np.array(ids, np.int64).reshape(-1)  # (m,)
+        emb = np.array(embeddings, np.float32)  # (m, dim)
+        lens = np.array(lengths, np.int32).reshape(-1)  # (m,)
+        n, m = self._n, len(ids)
+        rows = self._rows
+        if rows is None:
+            rows = _PendingRows(max(16, 2 * m), emb.shape[1])
+        elif not self._owner or rows.used != n or n + m > len(rows.ids):
+            rows = rows.grown(n, max(16, 2 * (n + m)))
+        rows.ids[n : n + m], rows.emb[n : n + m], rows.lens[n : n + m] = ids, emb, lens
+        rows.part[n : n + m], rows.row[n : n + m] = len(self._rec), np.arange(m)
+        rows.used = self._n = n + m
+        self._rows, self._owner = rows, True
         self._rec.append(np.asarray(records, np.uint8))
-        self._len.append(np.array(lengths, np.int32))
 
     def copy(self) -> PendingChunks:
         """The chunks added so far (arrays shared, never modified): later adds do not reach the copy."""
         other = PendingChunks()
-        other._ids, other._emb = list(self._ids), list(self._emb)
-        other._rec, other._len = list(self._rec), list(self._len)
+        other._n, other._rows, other._owner, other._rec = self._n, self._rows, False, list(self._rec)
         return other
 
     def merge(self, queries: np.ndarray, stored: SearchResult, top_k: int) -> SearchResult:
         """Top-k of (stored rows ∪ these chunks) per query row, each row chronological."""
-        if not self._ids:
+        if not self._rec:
             return stored
+        assert self._rows is not None
         queries = np.asarray(queries, np.float32)
-        ids = np.concatenate(self._ids)  # (m,)
-        emb = np.concatenate(self._emb).astype(np.float64)  # (m, dim)
-        lens = np.concatenate(self._len)  # (m,)
+        m = self._n
+        ids, emb, lens = self._rows.ids[:m], self._rows.emb[:m], self._rows.lens[:m]  # (m,), (m, dim), (m,)
         # (part, row) of each pending chunk: only the records chosen are copied (they are MBs each)
-        part = np.repeat(np.arange(len(self._rec)), [len(r) for r in self._rec])  # (m,)
-        row_in_part = np.concatenate([np.arange(len(r)) for r in self._rec])  # (m,)
+        part, row_in_part = self._rows.part[:m], self._rows.row[:m]  # (m,) each
         local = (emb[None] * queries.astype(np.float64)[:, None, :]).sum(axis=2).astype(np.float32)  # (q, m)
         q = len(queries)
         picks = []  # per row: (stored columns, pending chunks not in them, chosen candidates)

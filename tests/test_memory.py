@@ -827,3 +827,63 @@ def test_pending_chunks_merge_is_the_search_of_the_union():
     far = next(q for q in (emb[i : i + 1] for i in range(30)) if whole.search(q, 4).ids.max() < 30)
     res = stored.search(far, 4)
     assert pending.merge(far, res, 4) is res
+
+
+def test_pending_chunks_added_between_searches_and_copies_merge_as_the_search_of_their_union():
+    """Adds, merges and copies interleaved (a copy taken mid-session, then both sides adding): every
+    merge equals a search over the stored chunks and exactly the pending chunks its object holds."""
+    emb = table(200, seed=4)
+    rng = np.random.default_rng(4)
+    stored = make(memory_size=256)
+    append(stored, range(40), emb)
+    pending, held = PendingChunks(), [np.arange(0)]
+    copies: list[tuple[PendingChunks, np.ndarray]] = []
+    next_id = 40
+    for step in range(24):
+        ids = np.arange(next_id, next_id + int(rng.integers(0, 4)))
+        next_id += len(ids)
+        pending.add(ids, emb[ids], record_of(ids), length_of(ids))
+        held.append(ids)
+        if step % 6 == 2:
+            copies.append((pending.copy(), np.concatenate(held)))
+        if step % 6 == 4:  # the newest copy adds chunks of its own: the original never sees them
+            copy, copy_held = copies[-1]
+            extra = np.arange(150 + step, 151 + step)
+            copy.add(extra, emb[extra], record_of(extra), length_of(extra))
+            copies[-1] = (copy, np.concatenate([copy_held, extra]))
+        queries = rng.standard_normal((2, DIM)).astype(np.float32)
+        for chunks, ids_held in [(pending, np.concatenate(held)), *copies]:
+            got = chunks.merge(queries, stored.search(queries, 5), 5)
+            union = np.concatenate([np.arange(40), ids_held])
+            np.testing.assert_array_equal(got.ids, brute_topk(union, emb[union], queries, 5))
+            np.testing.assert_array_equal(got.records, record_of(got.ids.ravel()).reshape(2, 5, RECORD))
+            np.testing.assert_array_equal(got.lengths, length_of(got.ids))
+
+
+def test_pending_chunks_merge_does_not_rebuild_what_was_added():
+    """A search reads the pending chunks where the adds put them: its memory is the (q, m, dim) scoring
+    product it needs, not a fresh copy of every chunk added so far (which made a session's searches cost
+    quadratic time in its pending chunks)."""
+    import tracemalloc
+
+    m, dim = 4000, 64
+    rng = np.random.default_rng(5)
+    pending = PendingChunks()
+    for lo in range(0, m, 10):  # one add per stored chunk of a long read
+        ids = np.arange(lo, lo + 10)
+        pending.add(ids, rng.standard_normal((10, dim)).astype(np.float32), record_of(ids, 8), length_of(ids))
+    query = rng.standard_normal((1, dim)).astype(np.float32)
+    none = SearchResult(
+        np.full((1, 4), -1, np.int64),
+        np.full((1, 4), -np.inf, np.float32),
+        np.zeros((1, 4, 8), np.uint8),
+        np.zeros((1, 4), np.int32),
+    )
+    tracemalloc.start()
+    try:
+        pending.merge(query, none, 4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    product = m * dim * 8  # float64 scores of every pending chunk, before the sum
+    assert peak < 1.5 * product, f"merge allocated {peak / product:.2f}x the scoring product"

@@ -164,6 +164,38 @@ class SearchResult:
     lengths: np.ndarray
 
 
+@dataclass(frozen=True)
+class AppendPlan:
+    """An append batch that passed every check of `SessionMemory.plan_append`, and what storing it does.
+
+    Made for one memory in one state: `SessionMemory.apply` refuses it once that memory changed
+    (another append, an eviction, a search's counters), so the checks it stands for still hold.
+    ids: (n,) int64; embeddings: (n, dim) float32; lengths: (n,) int32: the checked batch.
+    records: (n, record_bytes) uint8 when planned with them, else None (`apply` takes them).
+    n_old: how many of the batch are replays (a prefix). evicted: (e,) ids the append evicts, ascending.
+    """
+
+    ids: np.ndarray
+    embeddings: np.ndarray
+    lengths: np.ndarray
+    records: np.ndarray | None
+    n_old: int
+    evicted: np.ndarray
+    evict_pos: np.ndarray  # chronological positions of `evicted` in the memory it was made for
+    memory: SessionMemory  # the memory it was made for, and that memory's generation then
+    generation: int
+
+    @property
+    def n_new(self) -> int:
+        """Chunks the append stores."""
+        return len(self.ids) - self.n_old
+
+    @property
+    def new(self) -> slice:
+        """The batch's new chunks (replays form a prefix)."""
+        return slice(self.n_old, len(self.ids))
+
+
 class _PendingRows:
     """Row-aligned arrays of pending chunks, grown geometrically: an add writes only its own rows.
 
@@ -336,6 +368,8 @@ class SessionMemory:
         self._evicted_chunks = 0
         self._searches = 0
         self._queries = 0
+        # Bumped by every change an append plan depends on (chunks, counters, pins, accepted ids).
+        self._generation = 0
 
     # ------------------------------------------------------------------------------- lookups
 
@@ -369,10 +403,12 @@ class SessionMemory:
     def pin(self, ids: Any) -> None:
         """Pinned chunks are never evicted (they stay searchable). Unknown id: NotFound, no change."""
         self._pinned[self._positions(ids)] = True
+        self._generation += 1
 
     def unpin(self, ids: Any) -> None:
         """Make chunks evictable again. Unknown id: NotFound, no change."""
         self._pinned[self._positions(ids)] = False
+        self._generation += 1
 
     def credit(self, ids: Any, counts: Any, searches: int = 0, queries: int = 0) -> None:
         """Add retrievals that happened elsewhere (replay of logged counters): all or nothing.
@@ -393,6 +429,7 @@ class SessionMemory:
                 raise InvalidArgument(name, f"must be a non-negative integer, got {v!r}")
         pos = self._positions(ids)
         self._counters[pos] += counts
+        self._generation += 1
         self._searches += int(searches)
         self._queries += int(queries)
 
@@ -486,35 +523,16 @@ class SessionMemory:
         as it will be after this append. If even that cannot make room (pinned and protected
         chunks), ResourceExhausted. Any error leaves the memory unchanged.
         """
-        ids, embeddings, records, lengths, n_old, evict_pos = self._plan_append(
-            ids, embeddings, records, lengths
-        )
-        assert records is not None
-        ids, embeddings, records, lengths = ids[n_old:], embeddings[n_old:], records[n_old:], lengths[n_old:]
-        m = len(ids)
-        if m == 0:
-            return 0
-        # ---- nothing below raises on valid input: the batch is committed as a whole.
-        if len(evict_pos):
-            self._drop(evict_pos)
-        self._store(ids, embeddings, records, lengths)
-        return m
+        return self.apply(self.plan_append(ids, embeddings, lengths, records))
 
-    def check_append(self, ids: Any, embeddings: Any, lengths: Any, records: Any = None) -> int:
-        """Run the checks `append` runs, changing nothing; returns how many chunks would be new.
+    def plan_append(self, ids: Any, embeddings: Any, lengths: Any, records: Any = None) -> AppendPlan:
+        """Run every check `append` runs, changing nothing; the checked batch as a plan for `apply`.
 
         For a caller that keeps the K/V elsewhere and must refuse a batch before writing it there
-        (ret-mem's data files). records None skips the records' own checks (their width, and a
-        replay's stored bytes), which that caller then makes itself. Raises what `append` raises."""
-        ids, _, _, _, n_old, _ = self._plan_append(ids, embeddings, records, lengths, records is not None)
-        return len(ids) - n_old
-
-    def _plan_append(
-        self, ids: Any, embeddings: Any, records: Any, lengths: Any, with_records: bool = True
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, int, np.ndarray]:
-        """Every check of an append batch, changing nothing: the checked arrays (records None
-        without `with_records`), how many of them are replays (a prefix of the batch) and the
-        positions to evict so that the new chunks fit."""
+        (ret-mem's data files): records None skips the records' own checks (their width, and a
+        replay's stored bytes), which that caller then makes itself, handing the records to `apply`.
+        Raises what `append` raises."""
+        with_records = records is not None
         ids, embeddings, records, lengths = self._check_batch(ids, embeddings, records, lengths, with_records)
         n_old = int(np.searchsorted(ids, self._max_id, side="right"))  # replays form a prefix
         old = slice(0, n_old)
@@ -523,7 +541,32 @@ class SessionMemory:
         )
         m = len(ids) - n_old
         evict_pos = self._plan_room(m) if m else np.empty(0, np.int64)
-        return ids, embeddings, records, lengths, n_old, evict_pos
+        return AppendPlan(
+            ids, embeddings, lengths, records, n_old, self._ids[evict_pos], evict_pos, self, self._generation
+        )
+
+    def apply(self, plan: AppendPlan, records: Any = None) -> int:
+        """Store a batch `plan_append` checked; returns how many chunks were newly stored.
+
+        records: the batch's (n, record_bytes) uint8 records when the plan was made without them
+        (only their shape is checked here: the caller compared a replay's bytes), else None.
+        A plan made for another memory, or before this memory last changed, is refused (RuntimeError:
+        a caller's bug, not a client's). Nothing below the checks raises: the batch is stored whole."""
+        if plan.memory is not self or plan.generation != self._generation:
+            raise RuntimeError("append plan is stale: the memory changed since it was made")
+        if (plan.records is None) == (records is None):
+            raise RuntimeError("records must come with the plan or with apply, once")
+        if records is None:
+            records = plan.records
+        else:
+            records = _check_array("records", records, np.uint8, (len(plan.ids), self.config.record_bytes))
+        new = plan.new
+        if plan.n_new == 0:
+            return 0
+        if len(plan.evict_pos):
+            self._drop(plan.evict_pos)
+        self._store(plan.ids[new], plan.embeddings[new], records[new], plan.lengths[new])
+        return plan.n_new
 
     def _plan_room(self, m: int) -> np.ndarray:
         """Positions to evict so that `m` new chunks fit; ResourceExhausted when impossible."""
@@ -571,6 +614,7 @@ class SessionMemory:
         self._max_norm = max(self._max_norm, float(norms.max()))
         self._max_id = int(ids[-1])
         self._accept(ids)
+        self._generation += 1
 
     def _accept(self, ids: np.ndarray) -> None:
         """Add new ids (strictly increasing, above every accepted id) to the accepted runs.
@@ -638,6 +682,7 @@ class SessionMemory:
         runs = np.concatenate([acc[keep], [[first, last]]]).astype(np.int64)
         self._accepted = _bounded_runs(runs[np.argsort(runs[:, 0], kind="stable")])
         self._max_id = max(self._max_id, last)
+        self._generation += 1
 
     def remove(self, ids: Any) -> None:
         """Remove exactly `ids` (any order, no repeats) from index, metadata and slabs.
@@ -683,6 +728,7 @@ class SessionMemory:
         self._free = np.concatenate([self._free, slots[::-1]])
         self._eviction_rounds += 1
         self._evicted_chunks += len(pos)
+        self._generation += 1
 
     # -------------------------------------------------------------------------------- search
 
@@ -709,6 +755,7 @@ class SessionMemory:
         top_scores = np.take_along_axis(top_scores, order, axis=1)
         pos = np.searchsorted(self._ids, top_ids)  # (q, kk)
         np.add.at(self._counters, pos.ravel(), 1)
+        self._generation += 1
         top_records = np.take(self._rec, self._slots[pos], axis=0)  # (q, kk, record_bytes)
         if kk == k:  # the common case: no padding, no second copy of the records
             return SearchResult(top_ids, top_scores, top_records, self._lengths[pos])

@@ -484,19 +484,19 @@ def test_bad_append_names_field_and_changes_nothing(case):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_BATCHES))
-def test_check_append_refuses_what_append_refuses_and_changes_nothing(case):
-    """check_append runs append's checks; without records (kept elsewhere) it skips only theirs."""
+def test_plan_append_refuses_what_append_refuses_and_changes_nothing(case):
+    """plan_append runs append's checks; without records (kept elsewhere) it skips only theirs."""
     mem, before, batch, field = _full_memory_and_bad_batch(case)
-    _refused_naming(field, mem.check_append, batch)
+    _refused_naming(field, mem.plan_append, batch)
     del batch["records"]
     if field == "records":
-        assert mem.check_append(**batch) == 4
+        assert mem.plan_append(**batch).n_new == 4
     else:
-        _refused_naming(field, mem.check_append, batch)
+        _refused_naming(field, mem.plan_append, batch)
     assert_same_state(before, mem.export_state())
 
 
-def test_check_append_counts_new_chunks_and_refuses_late_ids_conflicts_and_no_room():
+def test_plan_append_counts_new_chunks_and_refuses_late_ids_conflicts_and_no_room():
     mem = make(memory_size=8)
     emb = table(40)
     append(mem, [0, 1, 2, 5, 6], emb)
@@ -508,27 +508,74 @@ def test_check_append_counts_new_chunks_and_refuses_late_ids_conflicts_and_no_ro
         return {**out, **change}
 
     ok = batch([5, 6, 7, 8])
-    assert mem.check_append(**ok) == 2  # 5 and 6 are replays
-    assert mem.check_append(ok["ids"], ok["embeddings"], ok["lengths"]) == 2
+    assert mem.plan_append(**ok).n_new == 2  # 5 and 6 are replays
+    assert mem.plan_append(ok["ids"], ok["embeddings"], ok["lengths"]).n_new == 2
     with pytest.raises(FailedPrecondition, match=r"\[3\]"):
-        mem.check_append(**batch([3, 9]))
+        mem.plan_append(**batch([3, 9]))
     other_emb = emb[[5, 9]].copy()
     other_emb[0, 0] += 1
     with pytest.raises(AlreadyExists, match=r"\[5\]"):
-        mem.check_append(**batch([5, 9], embeddings=other_emb))
+        mem.plan_append(**batch([5, 9], embeddings=other_emb))
     other_rec = batch([5, 9], records=record_of(np.array([6, 9])))
     with pytest.raises(AlreadyExists, match=r"\[5\]"):
-        mem.check_append(**other_rec)
+        mem.plan_append(**other_rec)
     del other_rec["records"]  # the caller compares the records it keeps itself
-    assert mem.check_append(**other_rec) == 1
+    assert mem.plan_append(**other_rec).n_new == 1
     with pytest.raises(ResourceExhausted, match="exceeds memory_size"):
-        mem.check_append(**batch(np.arange(10, 19)))
+        mem.plan_append(**batch(np.arange(10, 19)))
     mem.pin(mem.ids())
     with pytest.raises(ResourceExhausted, match="memory full"):
-        mem.check_append(**batch(np.arange(10, 14)))
+        mem.plan_append(**batch(np.arange(10, 14)))
     mem.unpin(mem.ids())
     assert_same_state(before, mem.export_state())
     assert mem.append(**ok) == 2
+
+
+def test_an_applied_plan_stores_what_append_stores_and_evicts_what_it_names():
+    """apply(plan_append(...)) is append, checked once: the plan names the ids the append evicts."""
+    emb = table(40)
+
+    def batch(ids):
+        ids = np.asarray(ids, np.int64)
+        return {"ids": ids, "embeddings": emb[ids], "lengths": length_of(ids)}
+
+    planned, appended = make(memory_size=8), make(memory_size=8)
+    for mem in (planned, appended):
+        append(mem, range(8), emb)
+        mem.search(emb[[6, 7]], 2)  # counters: the least retrieved go first
+    plan = planned.plan_append(**batch([7, 8, 9]))  # 7 is a replay
+    assert (plan.n_old, plan.n_new) == (1, 2)
+    evicted = plan.evicted.copy()
+    assert len(evicted) == 2 and not np.isin([6, 7], evicted).any()
+    assert planned.apply(plan, record_of(np.array([7, 8, 9]))) == 2
+    assert appended.append(**batch([7, 8, 9]), records=record_of(np.array([7, 8, 9]))) == 2
+    assert_same_state(planned.export_state(), appended.export_state())
+    assert not np.isin(evicted, planned.ids()).any()
+
+
+def test_a_plan_is_applied_once_to_the_memory_and_state_it_was_made_for():
+    emb = table(40)
+    ids = np.array([3, 4], np.int64)
+    mem, other = make(), make()
+    append(mem, range(3), emb)
+    plan = mem.plan_append(ids, emb[ids], length_of(ids))
+    with pytest.raises(RuntimeError, match="stale"):
+        other.apply(plan, record_of(ids))
+    with pytest.raises(RuntimeError, match="once"):
+        mem.apply(plan)  # made without records: apply must get them
+    with pytest.raises(InvalidArgument) as e:
+        mem.apply(plan, record_of(ids, RECORD + 1))
+    assert e.value.field == "records"
+    mem.search(emb[:1], 1)  # a search changes counters, and so what an eviction would choose
+    with pytest.raises(RuntimeError, match="stale"):
+        mem.apply(plan, record_of(ids))
+    plan = mem.plan_append(ids, emb[ids], length_of(ids), record_of(ids))
+    with pytest.raises(RuntimeError, match="once"):
+        mem.apply(plan, record_of(ids))  # the plan holds them already
+    assert mem.apply(plan) == 2
+    with pytest.raises(RuntimeError, match="stale"):
+        mem.apply(plan)  # applied: the memory it was made for has changed
+    assert list(mem.ids()) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ checkpoint (and so a graceful stop) snapshots them and clears the pending list.
 K/V on disk: with a data directory, each chunk's K/V bytes go once to append-only data files
 (`kvfiles`), written before the log record that refers to them and synced with the log (an append
 is acknowledged once both syncs are done). A batch is checked whole first (the core's
-`check_append`, the CRCs, a replay's stored bytes): one that is refused writes nothing. The
+`plan_append`, the CRCs, a replay's stored bytes): one that is refused writes nothing. The
 memory core holds a 16-byte reference per chunk instead of the record, and so do the log records and
 snapshots: resident memory is the index, ids, counters and metadata, whatever the stored size.
 Searches and fetches read the K/V back with positional reads and check each record's CRC-32 (a
@@ -58,7 +58,7 @@ from memlong.atomic import private_dir, write_atomic
 from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from memlong.gpu_index import GpuIndexes
 from memlong.ids import check_session_id
-from memlong.memory import MemoryBank, MemoryConfig, SearchResult, SessionMemory
+from memlong.memory import AppendPlan, MemoryBank, MemoryConfig, SearchResult, SessionMemory
 from memlong.services.common.tensor import checksum
 
 from . import kvfiles, snapshot
@@ -327,34 +327,30 @@ class Shard:
             check_lengths(meta.spec, np.asarray(lengths))
             kv_bytes = 0
             if self.kv is not None:
-                # Every check the core makes, before anything reaches the data files: a refused
+                # Every check the core makes, once, before anything reaches the data files: a refused
                 # batch leaves no bytes behind. The K/V themselves are checked in _write_kv.
-                mem.check_append(ids, embeddings, lengths)
-                records, kv_bytes = self._write_kv(meta.spec, mem, ids, rows, crcs)
+                plan = mem.plan_append(ids, embeddings, lengths)
+                records, kv_bytes = self._write_kv(meta.spec, mem, plan, rows, crcs)
+                n_new = mem.apply(plan, records)
             else:
                 _check_crcs(rows, crcs)
                 stacked = np.stack(rows) if rows else np.empty((0, meta.spec.record_bytes), np.uint8)
                 records = as_records(meta.spec, kv if isinstance(kv, np.ndarray) else stacked)
-            n = len(ids)
-            before = mem.ids() if len(mem) + n > meta.spec.memory_size else None
-            n_before = len(mem)
-            n_new = mem.append(ids, embeddings, records, lengths)
+                plan = mem.plan_append(ids, embeddings, lengths, records)
+                n_new = mem.apply(plan)
             if n_new == 0:
                 return 0
-            evicted = np.empty(0, np.int64)
-            if before is not None and len(mem) != n_before + n_new:
-                evicted = np.setdiff1d(before, mem.ids(), assume_unique=True)
-            new = slice(n - n_new, n)  # replays form a prefix of the batch
+            new = plan.new
             self._log(
                 meta,
                 {
                     "op": "append",
                     "sid": session_id,
-                    "ids": np.ascontiguousarray(ids[new], np.int64).tobytes(),
-                    "emb": np.ascontiguousarray(embeddings[new], np.float32).tobytes(),
+                    "ids": plan.ids[new].tobytes(),
+                    "emb": plan.embeddings[new].tobytes(),
                     "rec" if self.kv is None else "ref": np.ascontiguousarray(records[new]).tobytes(),
-                    "len": np.ascontiguousarray(lengths[new], np.int32).tobytes(),
-                    "evicted": evicted.astype(np.int64).tobytes(),
+                    "len": plan.lengths[new].tobytes(),
+                    "evicted": plan.evicted.tobytes(),
                 },
                 kv_bytes,
             )
@@ -368,7 +364,7 @@ class Shard:
         self,
         spec: SessionSpec,
         mem: SessionMemory,
-        ids: Any,
+        plan: AppendPlan,
         records: list[np.ndarray],
         crcs: np.ndarray | None,
     ) -> tuple[np.ndarray, int]:
@@ -376,13 +372,13 @@ class Shard:
         its CRC-32 in `crcs` first; returns the references the core stores and the bytes written. A
         replay of a stored chunk is compared with the stored bytes here (different bytes:
         AlreadyExists) and gets the stored reference, so the core sees an exact replay. The rest of
-        the batch has passed `SessionMemory.check_append`: nothing is written for a batch the core
-        would refuse."""
+        the batch has passed `SessionMemory.plan_append` (`plan`): nothing is written for a batch the
+        core would refuse."""
         assert self.kv is not None
+        ids, n_old = plan.ids, plan.n_old  # replays form a prefix
         if ids.shape != (len(records),):
             raise InvalidArgument("ids", f"has {len(ids)} entries but the batch has {len(records)} records")
         refs = np.zeros((len(ids), REF_BYTES), np.uint8)  # (n, REF_BYTES); zero: never stored
-        n_old = int(np.searchsorted(ids, mem.stats()["max_id"], side="right"))  # replays form a prefix
         if n_old:
             _check_crcs(records[:n_old], None if crcs is None else crcs[:n_old])
             held_ids = mem.ids()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from memlong.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
+from memlong.memory import SessionMemory
 from memlong.services.retmem.kvfiles import REF_BYTES
 from memlong.services.retmem.shard import Shard
 from memlong.services.retmem.store import SessionSpec
@@ -86,6 +87,33 @@ def test_a_replay_is_compared_with_the_stored_bytes(tmp_path: Path) -> None:
         shard.append("a", ids, emb, other, lengths)
     assert np.array_equal(shard.fetch("a", ids)[0], rec)
     shard.close()
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_an_append_checks_its_batch_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: bool
+) -> None:
+    """The shard has the core plan the batch (every check) and stores that plan: the core's checks run
+    once per append, whether the K/V go to data files first or stay in memory. The log gets exactly the
+    evictions the plan named (a restart holds the same chunks)."""
+    spec, rng = tiny_spec(memory_size=8), np.random.default_rng(3)
+    shard = open_shard(tmp_path) if on_disk else Shard("s", None)
+    if not on_disk:
+        shard.open()
+    shard.create_session("a", spec)
+    checks = []
+    real = SessionMemory._check_batch
+    monkeypatch.setattr(
+        SessionMemory, "_check_batch", lambda mem, *a, **k: checks.append(1) or real(mem, *a, **k)
+    )
+    assert shard.append("a", *chunks(rng, spec, 0, 6)) == 6
+    assert len(checks) == 1
+    assert shard.append("a", *chunks(rng, spec, 6, 4)) == 4  # evicts to make room
+    assert len(checks) == 2
+    if on_disk:
+        _survives_restart(shard, tmp_path)
+    else:
+        shard.close()
 
 
 def _refused_batch(case: str, rng: np.random.Generator, spec: SessionSpec, shard: Shard):

@@ -1,9 +1,8 @@
-"""The gateway's cross-cutting concerns, each one server interceptor: status mapping, auth, deadlines.
+"""The gateway's cross-cutting concerns in one server interceptor: status mapping, auth, deadlines.
 
-Order matters (the first interceptor is outermost): `StatusInterceptor` turns whatever the inner
-layers raise into a clear status; `AuthInterceptor` maps the API key to a tenant (UNAUTHENTICATED
-otherwise); `DeadlineInterceptor` fixes the call's deadline (the client's, capped; a default when the
-client sent none). Handlers read both through `current()`. Health and reflection pass untouched.
+`GatewayInterceptor` turns whatever the inner layers raise into a clear status, maps the API key to a
+tenant (UNAUTHENTICATED otherwise) and fixes the call's deadline (the client's, capped; a default when
+the client sent none). Handlers read both through `current()`. Health and reflection pass untouched.
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ class CallInfo:
 
 
 _CALL: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("gateway_call", default=None)
-_TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("gateway_tenant", default=None)
 
 
 def current() -> CallInfo:
@@ -97,64 +95,22 @@ def _around(before: Callable[[grpc.ServicerContext], None]) -> Callable[[Callabl
     return decorate
 
 
-class _Interceptor(grpc.ServerInterceptor):
-    def __init__(self, prefix: str) -> None:
+class GatewayInterceptor(grpc.ServerInterceptor):
+    """Status mapping, auth and the deadline of every public call, in one wrapper around the handler.
+
+    In the order they apply: whatever the inner layers raise becomes a clear status (domain exceptions
+    -> memlong.rpc.status, never UNKNOWN); the API key (metadata x-api-key, or authorization: Bearer KEY)
+    maps to a tenant, else UNAUTHENTICATED; the deadline is fixed (the client's, capped at `max_s`;
+    `default_s` when it sent none). One interceptor, not one per concern: gRPC runs every interceptor
+    for every call, and each one that wraps builds a new handler and adds a frame to every message
+    of a stream. Calls outside `prefix` (health, reflection) pass untouched.
+    """
+
+    def __init__(self, prefix: str, key_hashes: Mapping[str, str], default_s: float, max_s: float) -> None:
         self.prefix = prefix  # e.g. "/memlong.gateway.v1.Gateway/": only the public API is guarded
-
-    def applies(self, details: grpc.HandlerCallDetails) -> bool:
-        return details.method.startswith(self.prefix)
-
-
-class StatusInterceptor(_Interceptor):
-    """Domain exceptions -> their status (memlong.rpc.status); never UNKNOWN."""
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or not self.applies(details):
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-
-        def handle(exc: Exception, context: grpc.ServicerContext) -> None:
-            if isinstance(exc, MemLongError):
-                reason = getattr(exc, "reason", None)  # e.g. too_large: HTTP tells it from a quota
-                if reason:
-                    context.set_trailing_metadata(((REASON_KEY, reason),))
-                context.abort(status_for(exc), str(exc))
-            if isinstance(exc, grpc.RpcError) and exc.code() in _PASS_THROUGH:
-                context.abort(exc.code(), exc.details() or exc.code().name)
-            if getattr(getattr(context, "_state", None), "aborted", False):
-                raise exc  # context.abort() already set the status
-            log.exception("internal error in %s", method)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
-
-        def decorate(behavior: Callable, streams: bool) -> Callable:
-            if streams:
-
-                def stream(request, context):
-                    try:
-                        yield from behavior(request, context)
-                    except Exception as exc:  # noqa: BLE001 - mapped above
-                        handle(exc, context)
-
-                return stream
-
-            def unary(request, context):
-                try:
-                    return behavior(request, context)
-                except Exception as exc:  # noqa: BLE001
-                    handle(exc, context)
-
-            return unary
-
-        return _wrap(handler, decorate)
-
-
-class AuthInterceptor(_Interceptor):
-    """API key (metadata x-api-key, or authorization: Bearer KEY) -> tenant; UNAUTHENTICATED otherwise."""
-
-    def __init__(self, prefix: str, key_hashes: Mapping[str, str]) -> None:
-        super().__init__(prefix)
         self.key_hashes = dict(key_hashes)  # sha256(key) -> tenant: keys are not kept in memory
+        self.default_s = default_s
+        self.max_s = max_s
 
     def tenant_for(self, metadata) -> str | None:
         values = dict(metadata or ())
@@ -166,39 +122,54 @@ class AuthInterceptor(_Interceptor):
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or not self.applies(details):
+        if handler is None or not details.method.startswith(self.prefix):
             return handler
+        method = details.method.rsplit("/", 1)[-1]
         tenant = self.tenant_for(details.invocation_metadata)
 
-        def before(context: grpc.ServicerContext) -> None:
+        def begin(context: grpc.ServicerContext) -> None:
             if tenant is None:
                 context.abort(
                     grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (metadata x-api-key)"
                 )
-            _TENANT.set(tenant)
-
-        return _wrap(handler, _around(before))
-
-
-class DeadlineInterceptor(_Interceptor):
-    """Fix every call's deadline: the client's, capped at `max_s`; `default_s` when it sent none."""
-
-    def __init__(self, prefix: str, default_s: float, max_s: float) -> None:
-        super().__init__(prefix)
-        self.default_s = default_s
-        self.max_s = max_s
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or not self.applies(details):
-            return handler
-
-        def before(context: grpc.ServicerContext) -> None:
             remaining = context.time_remaining()
             seconds = self.default_s if remaining is None else min(remaining, self.max_s)
-            tenant = _TENANT.get()
-            if tenant is None:
-                raise RuntimeError("DeadlineInterceptor must run inside AuthInterceptor")
             _CALL.set(CallInfo(tenant, Deadline.after(seconds)))
 
-        return _wrap(handler, _around(before))
+        def decorate(behavior: Callable, streams: bool) -> Callable:
+            if streams:
+
+                def stream(request, context):
+                    try:
+                        begin(context)
+                        yield from behavior(request, context)
+                    except Exception as exc:  # noqa: BLE001 - mapped in _abort_for
+                        _abort_for(exc, context, method)
+
+                return stream
+
+            def unary(request, context):
+                try:
+                    begin(context)
+                    return behavior(request, context)
+                except Exception as exc:  # noqa: BLE001
+                    _abort_for(exc, context, method)
+
+            return unary
+
+        return _wrap(handler, decorate)
+
+
+def _abort_for(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    """End the call with the status `exc` stands for (re-raise when the call was aborted already)."""
+    if isinstance(exc, MemLongError):
+        reason = getattr(exc, "reason", None)  # e.g. too_large: HTTP tells it from a quota
+        if reason:
+            context.set_trailing_metadata(((REASON_KEY, reason),))
+        context.abort(status_for(exc), str(exc))
+    if isinstance(exc, grpc.RpcError) and exc.code() in _PASS_THROUGH:
+        context.abort(exc.code(), exc.details() or exc.code().name)
+    if getattr(getattr(context, "_state", None), "aborted", False):
+        raise exc  # context.abort() already set the status
+    log.exception("internal error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")

@@ -39,7 +39,7 @@ from memlong.services.retmem.routing import Ring
 from memlong.services.retmem.store import SessionSpec
 
 from .config import GatewayConfig
-from .interceptors import AuthInterceptor, DeadlineInterceptor, StatusInterceptor, current
+from .interceptors import GatewayInterceptor, current
 from .sessions import SessionRecord, SessionTable
 
 log = logging.getLogger(__name__)
@@ -425,9 +425,9 @@ class GatewayServer(ServiceProcess):
         prefix = f"/{SERVICE_NAME}/"
         interceptors = (
             *extra_interceptors,
-            StatusInterceptor(prefix),
-            AuthInterceptor(prefix, self.config.key_hashes),
-            DeadlineInterceptor(prefix, self.config.default_timeout_s, self.config.max_timeout_s),
+            GatewayInterceptor(
+                prefix, self.config.key_hashes, self.config.default_timeout_s, self.config.max_timeout_s
+            ),
         )
         options = ServerOptions(
             max_message_bytes=self.config.max_message_bytes,

@@ -226,18 +226,17 @@ def main() -> int:
             gw_ingest_s = time.perf_counter() - t0
             engine = stack.decoder.engine
             served: dict[str, list] = {"prefetch": [], "no_prefetch": [], "sliding": []}
-            pool = engine._prefetch_pool
             for _ in range(args.reps):  # interleaved, so load from other processes hits every path alike
                 r = first.fork(memory)  # what the decoder's Score does: continue from a copy of the window
                 t0 = time.perf_counter()
                 logp = r.score(passage_tokens)
                 inproc.append((time.perf_counter() - t0, r.stats))
                 for mode in ("prefetch", "no_prefetch"):
-                    engine._prefetch_pool = pool if mode == "prefetch" else None
+                    engine.set_prefetch(mode == "prefetch")
                     t0 = time.perf_counter()
                     rep = client.score(sid, passage)
                     served[mode].append((time.perf_counter() - t0, rep))
-                engine._prefetch_pool = pool
+                engine.set_prefetch(True)
                 t0 = time.perf_counter()  # the same call reading no memory: the local window and sinks only
                 rep = client.score(sid, passage, memory="off")
                 served["sliding"].append((time.perf_counter() - t0, rep))

@@ -78,11 +78,10 @@ def main() -> int:
         stack = EmbeddedStack.start(Path(tmp), cfg, components=(s.model, tok, s.retriever))
         try:
             engine = stack.decoder.engine
-            pool = engine._prefetch_pool
             client = Client(stack.gateway_address, stack.api_key, timeout_s=3600)
             sessions = {}
             for mode in MODES:
-                engine._prefetch_pool = pool if mode == "prefetch" else None
+                engine.set_prefetch(mode == "prefetch")
                 sid = client.create_session(f"bench-{mode}").session_id
                 t0 = time.perf_counter()
                 client.append(sid, context)
@@ -91,11 +90,11 @@ def main() -> int:
             sid = sessions["prefetch"]
             for _ in range(args.reps):  # interleaved: load from other processes hits both alike
                 for mode in MODES:
-                    engine._prefetch_pool = pool if mode == "prefetch" else None
+                    engine.set_prefetch(mode == "prefetch")
                     t0 = time.perf_counter()
                     reply = client.score(sid, passage)
                     scores[mode].append((time.perf_counter() - t0, reply))
-            engine._prefetch_pool = pool
+            engine.set_prefetch(True)
         finally:
             stack.stop()
 

@@ -19,6 +19,8 @@ and talks to a memory through `MemoryPort`: the in-process `SessionMemory` or a 
   leave the window by that boundary are stored first (their K/V were read already), so the background
   search sees the memory a search at the boundary would see, in the same order of calls: the answer is
   the same. `ReaderStats.retrieval_hidden_s` says how much retrieval time the model did not wait for.
+  A search started ahead that does not answer its boundary (the memory or query changed, the state was
+  flushed) is cancelled, and so is one still open when the reader is given up (`cancel_prefetch`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ class PendingSearch(Protocol):
 
     def result(self) -> Any:
         """Wait for the search; `then` of its result."""
+        ...
+
+    def cancel(self) -> None:
+        """Give the search up (its result is never read): stop its work where it can be stopped."""
         ...
 
 
@@ -333,7 +339,15 @@ class Reader:
                 for i in range(first_id, self.next_chunk_id):
                     self._early[i] = start + (i - first_id) * c + c  # where the chunk may leave the window
         if not keep_window:
+            self.cancel_prefetch()
             self._reset_local()
+
+    def cancel_prefetch(self) -> None:
+        """Cancel the retrieval started ahead, if any: a reader that is put aside (kept for a later call,
+        or dropped) would otherwise leave it running and hold its K/V."""
+        pre, self._prefetched = self._prefetched, None
+        if pre is not None:
+            pre[4].cancel()
 
     def seed_query(self, tokens: Sequence[int], unread: int = 0) -> None:
         """Retrieve memory for the tokens about to be read with `tokens` (a given prompt) as the query.
@@ -362,6 +376,7 @@ class Reader:
         """Start the retrieval for the boundary at `position` in the background, before the block that
         ends there is computed. `query_tokens` is that block's own text: known (the text is given) and
         before the boundary, so the query stays causal."""
+        self.cancel_prefetch()  # one for an earlier boundary was either read there or is stale
         search_async = getattr(self.memory, "search_async", None)
         if search_async is None or self.cfg.retrieval == "keys":  # the query comes out of this block
             return
@@ -407,6 +422,8 @@ class Reader:
         # (nothing stored since it was issued).
         used = pre is not None and pre[:4] == (self.position, query_tokens, self.next_chunk_id, top_k)
         self.stats.prefetch_unused += pre is not None and not used
+        if pre is not None and not used:
+            pre[4].cancel()
         if used:
             memory, n_bytes = pre[4].result()
             self.stats.prefetched += 1

@@ -241,6 +241,7 @@ class _LoggedMemory:
 
     def __init__(self, memory, ahead: bool) -> None:
         self.memory, self.log = memory, []
+        self.started, self.cancelled = [], []  # searches started ahead; those given up
         if not ahead:
             self.search_async = None
 
@@ -256,7 +257,10 @@ class _LoggedMemory:
         pool = concurrent.futures.ThreadPoolExecutor(1)
         future = pool.submit(lambda: then(self.search(make_queries(), top_k)))
         pool.shutdown(wait=False)
-        return SimpleNamespace(work_s=0.0, result=future.result)
+        search = SimpleNamespace(work_s=0.0, result=future.result)
+        search.cancel = lambda: self.cancelled.append(search)
+        self.started.append(search)
+        return search
 
 
 @pytest.mark.parametrize("start", [0, 2])  # the score starts on a chunk boundary, or inside a chunk
@@ -280,6 +284,30 @@ def test_retrieval_started_a_chunk_ahead_answers_as_at_the_boundary(start):
     assert (ids0 == ids1).all()
     assert st0.prefetched == 0 and st1.prefetch_unused == 0
     assert st1.prefetched == st1.retrievals  # every one started a chunk ahead (more=True chains calls)
+
+
+def test_a_search_started_ahead_that_answers_no_boundary_is_cancelled():
+    """Given up, not left running: one whose boundary asks another query (a given prompt), one still
+    open when the state is flushed, and one open when the reader is put aside."""
+    model = tiny_memlong(chunk=4, window=8)
+    toks = _tokens(60, seed=15)
+    retriever = RecordingRetriever()
+    memory = _LoggedMemory(tiny_memory(model, retriever), ahead=True)
+    reader = Reader(model, retriever, TinyTokenizer(), memory)
+    reader.ingest(toks[:24], more=True)  # the text goes on: the search for chunk 24's boundary starts
+    ahead = memory.started[-1]
+    assert memory.cancelled == []
+    reader.read_prompt(toks[24:27])  # the prompt is the boundary's query: the search ahead answers no one
+    assert memory.cancelled == [ahead] and reader.stats.prefetch_unused == 1
+    reader.ingest(toks[27:32], more=True)
+    reader.flush()  # the state it was started for is gone
+    assert memory.cancelled == [ahead, memory.started[-1]]
+    flushed = memory.cancelled[-1]
+    reader.ingest(toks[32:44], more=True)  # the searches started ahead within it answer their boundaries
+    reader.cancel_prefetch()  # e.g. the reader kept for the session's next call
+    assert memory.cancelled == [ahead, flushed, memory.started[-1]]
+    reader.cancel_prefetch()  # nothing open: a no-op
+    assert len(memory.cancelled) == 3 and reader.stats.prefetch_unused == 1
 
 
 # Fixed logits, best tokens not first (a sampler that keeps the first k indices is caught).

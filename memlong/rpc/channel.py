@@ -167,3 +167,31 @@ class Deadline:
         if left <= 0:
             raise DeadlineExceeded("deadline exceeded: no time left for a downstream call")
         return left if cap_s is None else min(left, cap_s)
+
+
+class CallScope:
+    """The gRPC calls made for one piece of work, cancelled together (e.g. a search started ahead
+    whose answer is no longer wanted). A call added after `cancel` is cancelled at once. Thread-safe:
+    calls are added on the thread doing the work and cancelled from the thread that gave it up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: list[grpc.Future] = []
+        self.cancelled = False
+
+    def add(self, call: grpc.Future) -> grpc.Future:
+        """Track `call` (a unary call's future or a streaming call: anything with `cancel()`)."""
+        with self._lock:
+            if not self.cancelled:
+                self._calls.append(call)
+                return call
+        call.cancel()
+        return call
+
+    def cancel(self) -> None:
+        """Cancel every call added (finished ones are unaffected) and every one added from now on."""
+        with self._lock:
+            self.cancelled = True
+            calls, self._calls = self._calls, []
+        for call in calls:
+            call.cancel()

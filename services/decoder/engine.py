@@ -195,11 +195,23 @@ class DecoderEngine:
         self._count_lock = threading.Lock()
         self.in_flight = 0  # calls admitted and not yet finished (for health, metrics and tests)
         self.max_inflight = max_inflight
-        self._prefetch_pool = ThreadPoolExecutor(max_inflight, "prefetch") if prefetch else None
+        self._prefetch_pool: ThreadPoolExecutor | None = None
+        self.set_prefetch(prefetch)
         self.cancelled_calls = 0  # calls stopped because their caller went away (tests read it)
         self.cancel_event = threading.Event()
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids: tuple[int, ...] = (int(eos),) if isinstance(eos, int) else ()
+
+    def set_prefetch(self, on: bool) -> None:
+        """Whether calls that start from now on retrieve each chunk's memory a chunk ahead, while the model
+        computes (benchmarks and tests compare both; the answers are the same)."""
+        if on and self._prefetch_pool is None:
+            self._prefetch_pool = ThreadPoolExecutor(self.max_inflight, "prefetch")
+        self._prefetch = on
+
+    @property
+    def prefetch(self) -> bool:
+        return self._prefetch
 
     # -- description --------------------------------------------------------------------------------
 
@@ -314,7 +326,7 @@ class DecoderEngine:
             call.deadline,
             commit=commit,
             alive=call.alive,
-            executor=self._prefetch_pool,
+            executor=self._prefetch_pool if self._prefetch else None,
             keep_recent=keep_recent,
         )
 
@@ -382,9 +394,20 @@ class DecoderEngine:
     def _keep(self, session_id: str, reader: Reader) -> None:
         """After a call that stored its text: keep its local state for the session's next call."""
         reader.flush(keep_window=True)
+        reader.cancel_prefetch()  # kept without the call's port: nothing may run on it or hold its K/V
         reader.memory = None  # the call's port dies with the call; the next call brings its own
         if reader.next_chunk_id > 0:  # (session, 0) is a fresh session: never continue a stale state
             self.windows.put(session_id, reader.next_chunk_id, reader)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _closing(port: SessionPort | None) -> Iterator[None]:
+        """Close the call's port when the call ends, however it ends: its searches started ahead stop."""
+        try:
+            yield
+        finally:
+            if port is not None:
+                port.close()
 
     @staticmethod
     def _finish_report(report: MemoryReport, reader: Reader, port: SessionPort | None) -> None:
@@ -417,48 +440,49 @@ class DecoderEngine:
         # a session deleted since is refused by ret-mem at the first chunk stored.
         source = self._source_of(session_id, self._spec(session_id, call))
         port = self._port(session_id, call, commit=True, keep_recent=False)
-        reader = self._reader(session_id, port, next_chunk_id)
-        utf8 = codecs.getincrementaldecoder("utf-8")()
-        pending, received, done_bytes = "", 0, 0
+        with self._closing(port):
+            reader = self._reader(session_id, port, next_chunk_id)
+            utf8 = codecs.getincrementaldecoder("utf-8")()
+            pending, received, done_bytes = "", 0, 0
 
-        def progress(done: bool = False) -> IngestProgress:
-            st = reader.stats
-            return IngestProgress(
-                done_bytes, st.tokens_ingested, reader.next_chunk_id, st.chunks_stored, st.compute_s, done
-            )
+            def progress(done: bool = False) -> IngestProgress:
+                st = reader.stats
+                return IngestProgress(
+                    done_bytes, st.tokens_ingested, reader.next_chunk_id, st.chunks_stored, st.compute_s, done
+                )
 
-        def run(text: str, n_bytes: int) -> Iterator[IngestProgress]:
-            nonlocal done_bytes
-            tokens, base, step = self.encode(text), done_bytes, self.progress_tokens
-            for i in range(0, len(tokens), step):
-                with self._model(call, source=source):
-                    reader.ingest(tokens[i : i + step], more=i + step < len(tokens))
-                done_bytes = base + n_bytes * min(len(tokens), i + step) // len(tokens)
-                yield progress()
-            done_bytes = base + n_bytes
+            def run(text: str, n_bytes: int) -> Iterator[IngestProgress]:
+                nonlocal done_bytes
+                tokens, base, step = self.encode(text), done_bytes, self.progress_tokens
+                for i in range(0, len(tokens), step):
+                    with self._model(call, source=source):
+                        reader.ingest(tokens[i : i + step], more=i + step < len(tokens))
+                    done_bytes = base + n_bytes * min(len(tokens), i + step) // len(tokens)
+                    yield progress()
+                done_bytes = base + n_bytes
 
-        for piece in pieces:
-            received += len(piece)
-            if received > self.max_call_text_bytes:
-                raise ResourceExhausted(f"text: more than {self.max_call_text_bytes} bytes in one ingest")
+            for piece in pieces:
+                received += len(piece)
+                if received > self.max_call_text_bytes:
+                    raise ResourceExhausted(f"text: more than {self.max_call_text_bytes} bytes in one ingest")
+                try:
+                    pending += utf8.decode(piece)
+                except UnicodeDecodeError as exc:
+                    raise InvalidArgument(
+                        "text", f"not valid UTF-8 near byte {received - len(piece) + exc.start}"
+                    ) from None
+                head, pending = split_at_word(pending)
+                if head:
+                    yield from run(head, len(head.encode()))
             try:
-                pending += utf8.decode(piece)
-            except UnicodeDecodeError as exc:
-                raise InvalidArgument(
-                    "text", f"not valid UTF-8 near byte {received - len(piece) + exc.start}"
-                ) from None
-            head, pending = split_at_word(pending)
-            if head:
-                yield from run(head, len(head.encode()))
-        try:
-            pending += utf8.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise InvalidArgument("text", "ends inside a UTF-8 character") from None
-        if pending:
-            yield from run(pending, len(pending.encode()))
-        with self._model(call, source=source):
-            self._keep(session_id, reader)  # the last partial chunk and the window go to memory too
-        yield progress(done=True)
+                pending += utf8.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise InvalidArgument("text", "ends inside a UTF-8 character") from None
+            if pending:
+                yield from run(pending, len(pending.encode()))
+            with self._model(call, source=source):
+                self._keep(session_id, reader)  # the last partial chunk and the window go to memory too
+            yield progress(done=True)
 
     # -- score --------------------------------------------------------------------------------------
 
@@ -482,53 +506,54 @@ class DecoderEngine:
             raise InvalidArgument("text", "has no tokens")
         report = MemoryReport()
         port, source = self._open(session_id, next_chunk_id, mode, call, commit, report)
+        with self._closing(port):
 
-        def read(port: SessionPort | None) -> tuple[Reader, list[torch.Tensor]]:
-            reader = self._reader(session_id, port, next_chunk_id, report)
-            # With memory the port checks cancellation per chunk; without, slices give the check points.
-            step = len(tokens) if port is not None else SCORE_SLICE_CHUNKS * self.cfg.chunk
-            parts = []
-            for i in range(0, len(tokens), step):
+            def read(port: SessionPort | None) -> tuple[Reader, list[torch.Tensor]]:
+                reader = self._reader(session_id, port, next_chunk_id, report)
+                # With memory the port checks cancellation per chunk; without, slices give the check points.
+                step = len(tokens) if port is not None else SCORE_SLICE_CHUNKS * self.cfg.chunk
+                parts = []
+                for i in range(0, len(tokens), step):
+                    with self._model(call, report, source):
+                        parts.append(reader.score(tokens[i : i + step]))
+                return reader, parts
+
+            try:
+                reader, parts = read(port)
+            except Unavailable as exc:  # ret-mem went away (its spec was known: no call at the open)
+                if port is None:
+                    raise
+                self._without_memory(exc, mode, commit, report)
+                port = None
+                reader, parts = read(None)  # nothing was stored (no commit): read again, window only
+            if (
+                mode == MEMORY_REQUIRED
+                and port is not None
+                and next_chunk_id  # chunk ids are sequence numbers: the session holds chunks
+                and not reader.stats.blocks_searched
+            ):
+                # Short text inside a chunk whose retrieval this replica does not hold (cold window): no
+                # memory was read. A causal query for this chunk is the text before it, which is not here.
+                raise FailedPrecondition(
+                    f"memory REQUIRED, but none was read: the text ({len(tokens)} tokens) reaches no chunk "
+                    "boundary and this replica holds no retrieval for the session's current chunk (cold "
+                    "window). Send text that reaches a chunk boundary, or use memory_mode IF_AVAILABLE."
+                )
+            if commit:
                 with self._model(call, report, source):
-                    parts.append(reader.score(tokens[i : i + step]))
-            return reader, parts
-
-        try:
-            reader, parts = read(port)
-        except Unavailable as exc:  # ret-mem went away (its spec was known: no call at the open)
-            if port is None:
-                raise
-            self._without_memory(exc, mode, commit, report)
-            port = None
-            reader, parts = read(None)  # nothing was stored (no commit): read again, window only
-        if (
-            mode == MEMORY_REQUIRED
-            and port is not None
-            and next_chunk_id  # chunk ids are sequence numbers: the session holds chunks
-            and not reader.stats.blocks_searched
-        ):
-            # Short text inside a chunk whose retrieval this replica does not hold (cold window): no
-            # memory was read. A causal query for this chunk is the text before it, which is not here.
-            raise FailedPrecondition(
-                f"memory REQUIRED, but none was read: the text ({len(tokens)} tokens) reaches no chunk "
-                "boundary and this replica holds no retrieval for the session's current chunk (cold "
-                "window). Send text that reaches a chunk boundary, or use memory_mode IF_AVAILABLE."
+                    self._keep(session_id, reader)
+            logp = torch.cat(parts)
+            finite = logp[~torch.isnan(logp)]
+            ppl = math.exp(-float(finite.mean())) if len(finite) else float("nan")
+            self._finish_report(report, reader, port)
+            return ScoreResult(
+                token_ids=tokens,
+                logprobs=logp.tolist(),
+                scored_tokens=len(finite),
+                perplexity=ppl,
+                memory=report,
+                next_chunk_id=reader.next_chunk_id if commit else next_chunk_id,
             )
-        if commit:
-            with self._model(call, report, source):
-                self._keep(session_id, reader)
-        logp = torch.cat(parts)
-        finite = logp[~torch.isnan(logp)]
-        ppl = math.exp(-float(finite.mean())) if len(finite) else float("nan")
-        self._finish_report(report, reader, port)
-        return ScoreResult(
-            token_ids=tokens,
-            logprobs=logp.tolist(),
-            scored_tokens=len(finite),
-            perplexity=ppl,
-            memory=report,
-            next_chunk_id=reader.next_chunk_id if commit else next_chunk_id,
-        )
 
     # -- generate -----------------------------------------------------------------------------------
 
@@ -557,37 +582,39 @@ class DecoderEngine:
             )
         report = MemoryReport()
         port, source = self._open(session_id, next_chunk_id, mode, call, False, report)
-        reader = self._reader(session_id, port, next_chunk_id, report)
-        steps = reader.generate(tokens, params)
-        out: list[int] = []
-        text = ""
-        while True:
-            with self._model(call, report, source):
-                try:
-                    token = next(steps, None)
-                except Unavailable as exc:  # ret-mem went away: before the first token, maybe go on without
-                    if out or port is None:
-                        raise
-                    self._without_memory(exc, mode, False, report)
-                    port = None
-                    reader = self._reader(session_id, None, next_chunk_id, report)
-                    steps = reader.generate(tokens, params)
-                    token = next(steps, None)
-            if token is None:
-                break
-            out.append(token)
-            # A stop token ends the answer and is no part of it: its text (the end of sequence's is
-            # "<|im_end|>") is never sent; the token itself is, by id, with the finish reason.
-            stop = token in params.stop_token_ids
-            full = self.tokenizer.decode(out[:-1] if stop else out)
-            stop = stop or any(s in full for s in params.stop_strings)
-            last = stop or len(out) >= params.max_new_tokens
-            delta, text = stream_delta(text, full, last)
-            if last:
-                self._finish_report(report, reader, port)
-                yield GeneratedToken(token, delta, "stop" if stop else "length", report, len(tokens))
-                return
-            yield GeneratedToken(token, delta)
+        with self._closing(port):
+            reader = self._reader(session_id, port, next_chunk_id, report)
+            steps = reader.generate(tokens, params)
+            out: list[int] = []
+            text = ""
+            while True:
+                with self._model(call, report, source):
+                    try:
+                        token = next(steps, None)
+                    except Unavailable as exc:
+                        # ret-mem went away: before the first token, maybe go on without
+                        if out or port is None:
+                            raise
+                        self._without_memory(exc, mode, False, report)
+                        port = None
+                        reader = self._reader(session_id, None, next_chunk_id, report)
+                        steps = reader.generate(tokens, params)
+                        token = next(steps, None)
+                if token is None:
+                    break
+                out.append(token)
+                # A stop token ends the answer and is no part of it: its text (the end of sequence's is
+                # "<|im_end|>") is never sent; the token itself is, by id, with the finish reason.
+                stop = token in params.stop_token_ids
+                full = self.tokenizer.decode(out[:-1] if stop else out)
+                stop = stop or any(s in full for s in params.stop_strings)
+                last = stop or len(out) >= params.max_new_tokens
+                delta, text = stream_delta(text, full, last)
+                if last:
+                    self._finish_report(report, reader, port)
+                    yield GeneratedToken(token, delta, "stop" if stop else "length", report, len(tokens))
+                    return
+                yield GeneratedToken(token, delta)
 
     def close(self) -> None:
         if self._prefetch_pool is not None:

@@ -8,6 +8,8 @@
 - `search_async` runs query embedding, search and that merge on a background thread, so retrieval for
   the next chunk overlaps the model's work on the current one. It answers for the memory of the moment
   it is called (the chunks appended so far); the chunk loop uses it only where nothing was appended since.
+  A search whose answer is not used is cancelled (`PrefetchedSearch.cancel`: a queued one never starts,
+  a running one's ret-mem call is cancelled), and `close` cancels those still open when the call ends.
 
 Not handled: a chunk evicted by ret-mem during the call can still be returned from `recent`.
 """
@@ -26,7 +28,7 @@ import numpy as np
 from memlong.errors import DeadlineExceeded, Unavailable, shown
 from memlong.memory import PendingChunks, SearchResult
 from memlong.rpc import tracing
-from memlong.rpc.channel import Deadline
+from memlong.rpc.channel import CallScope, Deadline
 from memlong.services.retmem.client import RetMemClient
 
 
@@ -56,6 +58,7 @@ class SessionPort:
         self.executor = executor
         self.keep_recent = keep_recent
         self._recent = PendingChunks()  # this call's own chunks, merged into every search
+        self._ahead: set[PrefetchedSearch] = set()  # searches started ahead, neither read nor cancelled
         self.retrieved_ids: list[int] = []
         if executor is None:  # nothing runs in the background: the chunk loop retrieves at each boundary
             self.search_async = None
@@ -68,13 +71,13 @@ class SessionPort:
         if self.deadline.remaining() <= 0:
             raise CallCancelled("the call's deadline passed")
 
-    def _remote(self, fn: Callable, *args):
+    def _remote(self, fn: Callable, *args, **kwargs):
         self._check()
         deadline = self.deadline.downstream()
         if deadline.remaining() <= 0:
             raise CallCancelled("no time left for a ret-mem call")
         try:
-            return fn(self.session_id, *args, deadline=deadline)
+            return fn(self.session_id, *args, deadline=deadline, **kwargs)
         except DeadlineExceeded as exc:
             raise CallCancelled(f"no time left for a ret-mem call: {exc}") from exc
         except Unavailable as exc:
@@ -105,40 +108,66 @@ class SessionPort:
     ) -> PrefetchedSearch:
         recent = self._recent.copy()  # the chunks appended so far: this search's memory
 
-        def run() -> tuple[SearchResult, Any]:
+        def run(calls: CallScope) -> tuple[SearchResult, Any]:
             queries = make_queries()
-            result = recent.merge(queries, self._remote(self.client.search, queries, top_k), top_k)
+            _check_wanted(calls)
+            remote = self._remote(self.client.search, queries, top_k, calls=calls)
+            result = recent.merge(queries, remote, top_k)
+            _check_wanted(calls)
             return result, then(result)
 
-        return PrefetchedSearch(self, run)
+        search = PrefetchedSearch(self, run)
+        self._ahead.add(search)
+        return search
+
+    def close(self) -> None:
+        """The call is over: cancel the searches started ahead that nobody will read."""
+        for search in list(self._ahead):
+            search.cancel()
 
     def _note(self, result: SearchResult) -> SearchResult:
         self.retrieved_ids.extend(int(i) for i in result.ids.ravel() if i >= 0)
         return result
 
 
-class PrefetchedSearch:
-    """A search running on the port's executor."""
+def _check_wanted(calls: CallScope) -> None:
+    if calls.cancelled:
+        raise CallCancelled("the search started ahead was cancelled")
 
-    def __init__(self, port: SessionPort, run: Callable[[], tuple[SearchResult, Any]]) -> None:
+
+class PrefetchedSearch:
+    """A search running on the port's executor. Read it (`result`) or give it up (`cancel`), once."""
+
+    def __init__(self, port: SessionPort, run: Callable[[CallScope], tuple[SearchResult, Any]]) -> None:
         self.port = port
         self.work_s = 0.0
+        self._calls = CallScope()  # the search's ret-mem call, for cancel
 
         def timed() -> tuple[SearchResult, Any]:
             t0 = time.perf_counter()
             try:
-                return run()
+                return run(self._calls)
             finally:
                 self.work_s = time.perf_counter() - t0
 
         # in_current_context: the prefetch's ret-mem call stays in the serving call's trace.
+        assert port.executor is not None
         self._future = port.executor.submit(tracing.in_current_context(timed))
 
     def result(self) -> Any:
         """`then` of the search's result (the retrieved ids are noted here, in the caller's order)."""
+        self.port._ahead.discard(self)
         try:
             result, out = self._future.result(timeout=max(self.port.deadline.remaining(), 0.0))
         except FutureTimeout as exc:
+            self.cancel()
             raise CallCancelled("the call's deadline passed during retrieval") from exc
         self.port._note(result)
         return out
+
+    def cancel(self) -> None:
+        """Give the search up: a queued one never starts; a running one stops before its next step and
+        its ret-mem call is cancelled (ret-mem stops the work; the executor's thread is free again)."""
+        self.port._ahead.discard(self)
+        self._future.cancel()
+        self._calls.cancel()

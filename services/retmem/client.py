@@ -34,7 +34,7 @@ from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.errors import DataLoss, FailedPrecondition, InvalidArgument
 from memlong.memory import SearchResult
 from memlong.rpc import metrics
-from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelOptions, Deadline, get_channel
+from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, CallScope, ChannelOptions, Deadline, get_channel
 from memlong.rpc.status import raise_for_rpc_error
 from memlong.rpc.tls import TlsConfig
 from memlong.services.common import parallel, tensor
@@ -61,6 +61,20 @@ ATTACH_TIMEOUT_S = 5.0
 
 class _NoSegment(Exception):
     """No shared region could be had for a call (see RetMemClient._lease)."""
+
+
+def _unary(
+    method: grpc.UnaryUnaryMultiCallable, request: Any, timeout: float, calls: CallScope | None
+) -> Any:
+    """The reply of a unary call; with `calls`, the call is made as a future added there (a blocking
+    call cannot be cancelled from another thread). Cancelled: its RpcError, code CANCELLED."""
+    if calls is None:
+        return method(request, timeout=timeout)
+    call = calls.add(method.future(request, timeout=timeout))
+    try:
+        return call.result()
+    except grpc.FutureCancelledError:
+        raise call from None  # the call is an RpcError whose code() is CANCELLED
 
 
 class _RawStub:
@@ -326,10 +340,16 @@ class RetMemClient:
         return reply.appended
 
     def search(
-        self, session_id: str, queries: np.ndarray, top_k: int, deadline: Deadline | None = None
+        self,
+        session_id: str,
+        queries: np.ndarray,
+        top_k: int,
+        deadline: Deadline | None = None,
+        calls: CallScope | None = None,
     ) -> SearchResult:
         """Top-k chunks per query row (chronological). records (q, k, record_bytes) uint8, read-only
-        where they are a view of what arrived.
+        where they are a view of what arrived. calls: the search's gRPC call is added to it, so that
+        whoever gives the search up can cancel it (it then raises the call's CANCELLED RpcError).
 
         Through shared memory the records are a view of this call's region (which serves no other
         call while any view of them exists). Otherwise a reply that fits one message comes from the
@@ -342,7 +362,7 @@ class RetMemClient:
         q, k = len(queries), int(top_k)
         if q and k > 0 and self.transport(session_id, deadline) == SHM:
             try:
-                return self._search_shm(spec, session_id, req, q, k, deadline)
+                return self._search_shm(spec, session_id, req, q, k, deadline, calls)
             except FailedPrecondition as e:
                 if not self._shm_refused(session_id, e):
                     raise
@@ -354,12 +374,15 @@ class RetMemClient:
         rb = spec.record_bytes
         try:
             if q * k * rb <= self.stream_above and q * (k * (rb + 32) + 64) <= self.max_message_bytes:
-                for head, data in rawwire.parse_rows(stub.Retrieve(req, timeout=timeout)):
+                for head, data in rawwire.parse_rows(_unary(stub.Retrieve, req, timeout, calls)):
                     out.add(head, data)
                 method = "Retrieve"
             else:
                 req.max_records_per_message = max(1, min(self.piece_bytes, self.max_message_bytes // 2) // rb)
-                for msg in stub.Search(req, timeout=timeout):
+                replies = stub.Search(req, timeout=timeout)
+                if calls is not None:
+                    calls.add(replies)
+                for msg in replies:
                     for head, data in rawwire.parse_rows(msg, top_field=None):
                         out.add(head, data)
                 method = "Search"
@@ -369,7 +392,7 @@ class RetMemClient:
         self._count(GRPC, method, "received", result.records.nbytes)
         return result
 
-    def _search_shm(self, spec, session_id, req, q: int, k: int, deadline) -> SearchResult:
+    def _search_shm(self, spec, session_id, req, q: int, k: int, deadline, calls) -> SearchResult:
         """The server reads the records into this call's region; each is checked here."""
         nbytes = q * k * spec.record_bytes
         lease = self._lease(nbytes)
@@ -380,7 +403,7 @@ class RetMemClient:
             reply_region=lease.region(0, nbytes),
         )
         try:
-            reply = self._stub(session_id).Retrieve(req, timeout=self._timeout(deadline))
+            reply = _unary(self._stub(session_id).Retrieve, req, self._timeout(deadline), calls)
             out = _Rows(spec, q, k)
             for msg in reply.rows:
                 out.add_shared(msg, lease)

@@ -257,11 +257,11 @@ def test_prefetch_gives_the_same_logprobs_as_retrieval_at_the_boundary(stack):
     client.append(sid, _text(150, seed=8))
     passage = _text(80, seed=9)  # longer than the window: its own chunks enter (call-local) memory
     with_prefetch = client.score(sid, passage, return_logprobs=True)
-    pool, stack.decoder.engine._prefetch_pool = stack.decoder.engine._prefetch_pool, None
+    stack.decoder.engine.set_prefetch(False)
     try:
         without = client.score(sid, passage, return_logprobs=True)
     finally:
-        stack.decoder.engine._prefetch_pool = pool
+        stack.decoder.engine.set_prefetch(True)
     np.testing.assert_array_equal(np.array(with_prefetch.logprobs), np.array(without.logprobs))
     m = with_prefetch.memory
     assert m.retrievals == without.memory.retrievals > 10

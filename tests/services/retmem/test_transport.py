@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -18,10 +20,12 @@ from memlong.api.retmem.v1 import retmem_pb2 as pb
 from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.errors import DataLoss, InvalidArgument
 from memlong.rpc import metrics
+from memlong.rpc.channel import CallScope
 from memlong.services.common import tensor
 from memlong.services.retmem import rawwire, shm
 from memlong.services.retmem.client import GRPC, SHM, RetMemClient
 from memlong.services.retmem.server import RetMemConfig, RetMemServer
+from memlong.services.retmem.shard import Shard
 from memlong.services.retmem.store import SessionSpec
 
 from .servers import chunks
@@ -380,3 +384,45 @@ def test_no_room_in_shared_memory_keeps_the_call_in_the_messages(server: RetMemS
     assert fast.append("t10", *batch) == 5
     _same(fast.search("t10", batch[1][:1], 3), plain.search("t10", batch[1][:1], 3))
     assert {t for t, _ in fast.transport_stats} == {GRPC} and fast.transport("t10") == SHM
+
+
+@pytest.mark.parametrize("path", ["shm", "grpc", "grpc streamed"])
+def test_a_search_whose_calls_are_cancelled_ends_cancelled_at_once(
+    server: RetMemServer, monkeypatch, path: str
+) -> None:
+    """A search given up (a decoder's retrieval started ahead and not used) is cancelled while the shard
+    still works on it: the caller gets CANCELLED without waiting for the shard, and the client goes on
+    (a shared region the server may still write into is never used again)."""
+    fast, plain = _clients(server)
+    client = fast if path == "shm" else plain
+    if path == "grpc streamed":
+        client.stream_above = 0
+    rng = np.random.default_rng(11)
+    client.create_session("c", SPEC)
+    client.append("c", *chunks(rng, SPEC, 0, 10))
+    queries = rng.standard_normal((1, SPEC.dim)).astype(np.float32)
+    want = client.search("c", queries, 3)
+    entered, go = threading.Event(), threading.Event()
+    search = Shard.search
+
+    def waiting(self, *args, **kwargs):
+        entered.set()
+        assert go.wait(60)
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(Shard, "search", waiting)
+    calls = CallScope()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.search, "c", queries, 3, None, calls)
+        assert entered.wait(60)
+        calls.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            pending.result(timeout=60)  # returns while the shard still waits
+        assert err.value.code() == grpc.StatusCode.CANCELLED
+        assert not go.is_set()
+        go.set()
+    monkeypatch.undo()
+    _same(client.search("c", queries, 3), want)
+    with pytest.raises(grpc.RpcError) as err:
+        client.search("c", queries, 3, calls=calls)  # a scope cancelled already cancels a new call
+    assert err.value.code() == grpc.StatusCode.CANCELLED

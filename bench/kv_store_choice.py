@@ -13,9 +13,7 @@ the K/V files are measured.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +23,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from runinfo import machine, write_results  # noqa: E402  (bench/ is on sys.path)
 
 from memlong.services.common.tensor import checksum  # noqa: E402
 from memlong.services.retmem.kvfiles import KVFiles  # noqa: E402
@@ -108,15 +108,7 @@ def main() -> int:
         lmdb_version = f"py-lmdb {lmdb.__version__}, LMDB {'.'.join(map(str, lmdb.version()))}"
     result = {
         "command": "python bench/kv_store_choice.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "cpu": next(
-                (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                "",
-            ),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(),
         "settings": {
             "record_bytes": RECORD,
             "records": args.records,
@@ -125,8 +117,6 @@ def main() -> int:
         },
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kv_store_choice.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# K/V store: ret-mem's K/V files vs LMDB",
         "",
@@ -146,7 +136,7 @@ def main() -> int:
         lines.append(
             f"| {name} | {r['append_MBps']} | {r['top8_read']['p50_ms']} | {r['top8_read']['p99_ms']} | {no_crc} |"
         )
-    (args.out / "kv_store_choice.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "kv_store_choice", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -45,6 +44,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from runinfo import loadavg, machine, write_results  # noqa: E402  (bench/ is on sys.path)
+
 from memlong.services.retmem.client import RetMemClient  # noqa: E402
 from memlong.services.retmem.shard import Shard  # noqa: E402
 from memlong.services.retmem.store import SessionSpec  # noqa: E402
@@ -55,16 +56,6 @@ TOP_K = 8
 DIM = 384
 ECHO = "memlong.bench.Echo"
 PATHS = ("in_process", "shm", "grpc")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def spec_of(kind: str, memory_size: int) -> SessionSpec:
@@ -511,14 +502,7 @@ def main() -> int:
     # a shared 2-core machine made in-process searches slow and bimodal
     work = Path(tempfile.mkdtemp(prefix="retmem-bench-", dir=os.environ.get("RETMEM_BENCH_DIR")))
     result: dict = {
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-            "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-        },
+        "machine": machine(),
         "settings": {
             "top_k": TOP_K,
             "dim": DIM,
@@ -548,11 +532,9 @@ def main() -> int:
         result["append"][kind] = appends(kind, work, paths, args.append_mb * 10**6)
     if not args.no_recovery and "single" in kinds:
         result["recovery"] = recovery(work, SIZES[sizes[-1]])
-    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.mkdir(parents=True, exist_ok=True)
+    result["machine"]["loadavg_at_end"] = loadavg()
     result["settings"]["command"] = "python bench/retmem_bench.py " + " ".join(sys.argv[1:])
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(result))
+    write_results(args.out, args.name, result, markdown(result))
     shutil.rmtree(work, ignore_errors=True)
     print(markdown(result))
     return 0
@@ -567,7 +549,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# ret-mem benchmark",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('mem_total_gb', '?')} GB RAM, shared with other "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('mem_gib', '?')} GiB RAM, shared with other "
         f"work: load average {m['loadavg_at_start']} at the start, {m.get('loadavg_at_end')} at the end. "
         f"Python {m['python']}. Per-chunk retrieval: 1 query row, top-8, bf16 K/V on disk (what the page "
         "cache holds stays there: 1M per-layer tokens are 22.5 GiB), 384-d embeddings. `in-proc`: Shard.search in the benchmark's process on the same files; "

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,16 +31,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retmem_bench import cpu_model, disk_sync_bandwidth  # noqa: E402  (bench/ is on sys.path)
+from retmem_bench import disk_sync_bandwidth  # noqa: E402  (bench/ is on sys.path)
+from runinfo import machine, peak_rss_bytes, rss_mib, write_results  # noqa: E402
 
 KINDS = {"per_layer": (30, 2, 3, 128, 64), "single": (2, 3, 128, 64)}  # SmolLM2-135M records
 TOP_K = 8
 DIM = 384
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(tokens: int, iters: int, data_dir: Path, extra: dict, kv_shape: tuple[int, ...]) -> dict:
@@ -113,7 +107,7 @@ def child(tokens: int, iters: int, data_dir: Path, extra: dict, kv_shape: tuple[
     report = third.open()
     out["recovery_from_snapshot_s"] = round(time.perf_counter() - t, 2)
     out["recovery_errors"] += len(report.errors)
-    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mib"] = round(peak_rss_bytes() / 2**20, 1)
     third.close()
     out["disk_bytes_mib"] = round(
         sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 2**20, 1
@@ -189,14 +183,7 @@ def main() -> int:
         "label": args.label or "current",
         "code": f"HEAD {code.stdout.strip()} + working tree",
         "command": "python bench/retmem_disk_bench.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(),
         "settings": {
             "records": args.records,
             "kv_shape": list(KINDS[args.records]),
@@ -210,9 +197,7 @@ def main() -> int:
         "rows": rows,
     }
     stem = "retmem_disk" + (f"_{args.label}" if args.label else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
+    write_results(args.out, stem, result, markdown(result))
     return 0
 
 

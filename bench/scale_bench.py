@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -32,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from runinfo import machine, write_results  # noqa: E402  (bench/ is on sys.path)
 
 from memlong.rpc.channel import close_channels  # noqa: E402
 from memlong.services.retmem.client import RetMemClient  # noqa: E402
@@ -46,13 +47,6 @@ TOP_K = 8
 BATCH = 16
 POD_MEMORY_LIMIT = 16 << 30  # k8s/base/retmem.yaml
 GiB = 1 << 30
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def rss_bytes(pid: int) -> int:
@@ -381,12 +375,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result: dict = {
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "netns": netns_available(),
-        },
+        "machine": machine(netns=netns_available()),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "spec": {"dim": SPEC.dim, "kv_shape": SPEC.kv_shape, "kv_dtype": SPEC.kv_dtype, "top_k": TOP_K},
     }
@@ -402,9 +391,7 @@ def main() -> int:
         if not args.no_ray:
             result["ray_vs_embedded"] = ray_vs_embedded(root, args.calls)
             print(json.dumps(result["ray_vs_embedded"]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "scale.md").write_text(markdown(result))
+    write_results(args.out, "scale", result, markdown(result))
     print(markdown(result))
     return 0
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from runinfo import loadavg, peak_rss_bytes  # bench/ is on sys.path
 
 OUT = Path(__file__).resolve().parent / "results"
 SCORED = 512
@@ -36,7 +37,7 @@ def one(method: str, length: int, threads: int) -> dict:
 
     stack = Stack.load(MemLongConfig(memory_size=1 << 20))
     tokens = stack.encode_book("kjv")[100_000 : 100_000 + length]
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = peak_rss_bytes()
     w = stack.model.config.local_window
     row: dict = {"method": method, "context_tokens": length}
     if method == "full":
@@ -54,10 +55,9 @@ def one(method: str, length: int, threads: int) -> dict:
         row["score_tok_s"] = len(tail) / (time.perf_counter() - t0)
         row["retrieval_ms_per_chunk"] = 1e3 * reader.stats.retrieval_s / max(1, reader.stats.retrievals)
         row["memory_bank_mb"] = reader.memory.stats()["bytes"] / 2**20 if reader.memory is not None else 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    row["peak_rss_mb"] = peak / 2**20
+    row["peak_rss_mb"] = peak_rss_bytes() / 2**20
     row["model_rss_mb"] = base_rss / 2**20
-    row["load_1m"] = __import__("os").getloadavg()[0]  # other work on the machine while this cell ran
+    row["load_1m"] = loadavg()[0]  # other work on the machine while this cell ran
     return row
 
 
@@ -87,7 +87,7 @@ def main() -> None:
         "machine": machine_info(),
         "threads": args.threads,
         "scored_tokens": SCORED,
-        "load_average": list(__import__("os").getloadavg()),
+        "load_average": loadavg(),
         "book": "kjv",
         "local_window": 1024,
     }

@@ -5,7 +5,7 @@
 
 Every run must have evaluated the same held-out tokens (the same eval documents and eval_tokens, checked
 through eval_tokens); rows are (run, tokens trained, held-out loss, perplexity), plus the base model read
-without memory (sliding) where a run logged it. Writes OUT.json and OUT.md.
+without memory (sliding) where a run logged it. Writes OUT.json, OUT.md and OUT.png (the curves).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="output path without suffix")
     args = ap.parse_args()
 
-    from memlong.eval.common import markdown_table, write_json
+    from memlong.eval.common import markdown_table, plot_lines, write_json
     from memlong.training.card import read_metrics
 
     rows, runs, scored = [], {}, set()
@@ -72,6 +72,9 @@ def main() -> int:
         f"Held-out loss of stage-2 runs on the same {scored.pop()} scored tokens "
         f"(`bench/train_compare.py --runs {args.runs}`).\n\n"
         + markdown_table(unique, ["run", "tokens_trained", "loss", "ppl"])
+    )
+    plot_lines(
+        out.with_suffix(".png"), unique, "tokens_trained", "ppl", "held-out perplexity", "run", log_x=False
     )
     print(out.with_suffix(".md").read_text())
     return 0

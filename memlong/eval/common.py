@@ -180,8 +180,10 @@ def _fmt(x: object) -> str:
     return str(x)
 
 
-def plot_lines(path: Path, rows: list[dict], x: str, y: str, ylabel: str, group: str = "method") -> None:
-    """One line per `group` value of y against x (log2 x axis), saved as a PNG."""
+def plot_lines(
+    path: Path, rows: list[dict], x: str, y: str, ylabel: str, group: str = "method", log_x: bool = True
+) -> None:
+    """One line per `group` value of y against x (log2 x axis unless log_x is False), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,7 +193,8 @@ def plot_lines(path: Path, rows: list[dict], x: str, y: str, ylabel: str, group:
     for name in sorted({r[group] for r in rows}):
         pts = sorted((r[x], r[y]) for r in rows if r[group] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xscale("log", base=2)
+    if log_x:
+        ax.set_xscale("log", base=2)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(ylabel)
     ax.legend()

@@ -74,27 +74,6 @@ def _wrap(
     return grpc.stream_stream_rpc_method_handler(decorate(handler.stream_stream, True), de, ser)
 
 
-def _around(before: Callable[[grpc.ServicerContext], None]) -> Callable[[Callable, bool], Callable]:
-    """Decorator factory: run `before(context)` at the start of the call, then the behavior."""
-
-    def decorate(behavior: Callable, streams: bool) -> Callable:
-        if streams:
-
-            def stream(request, context):
-                before(context)
-                yield from behavior(request, context)
-
-            return stream
-
-        def unary(request, context):
-            before(context)
-            return behavior(request, context)
-
-        return unary
-
-    return decorate
-
-
 class GatewayInterceptor(grpc.ServerInterceptor):
     """Status mapping, auth and the deadline of every public call, in one wrapper around the handler.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,11 +81,32 @@ class CallLog:
                         if remaining is not None:
                             log.deadlines.append((server, method, before + remaining, after + remaining))
 
-                from memlong.services.gateway.interceptors import _around, _wrap
+                from memlong.services.gateway.interceptors import _wrap
 
                 return _wrap(handler, _around(record))
 
         return Record()
+
+
+def _around(before: Callable[[grpc.ServicerContext], None]) -> Callable[[Callable, bool], Callable]:
+    """Decorator factory: run `before(context)` at the start of the call, then the behavior."""
+
+    def decorate(behavior: Callable, streams: bool) -> Callable:
+        if streams:
+
+            def stream(request, context):
+                before(context)
+                yield from behavior(request, context)
+
+            return stream
+
+        def unary(request, context):
+            before(context)
+            return behavior(request, context)
+
+        return unary
+
+    return decorate
 
 
 def tiny_model():

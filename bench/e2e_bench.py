@@ -166,9 +166,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import faiss
+    from memlong.memory import set_faiss_threads
 
-    faiss.omp_set_num_threads(1)  # as ret-mem does: FAISS's OpenMP spinning would slow the in-process path
+    set_faiss_threads(1)  # as ret-mem does, in every thread (prefetch too): OpenMP spinning slows the rest
 
     cfg = MemLongConfig()
     s = Stack.load(cfg)

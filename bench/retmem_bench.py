@@ -496,9 +496,9 @@ def main() -> int:
     if args.echo_server:
         return echo_server(args.echo_server)
     kinds, sizes, paths = args.records.split(","), args.sizes.split(","), args.paths.split(",")
-    import faiss
+    from memlong.memory import set_faiss_threads
 
-    faiss.omp_set_num_threads(1)  # as ret-mem does (RetMemConfig.faiss_threads): OpenMP spinning on
+    set_faiss_threads(1)  # as ret-mem does (RetMemConfig.faiss_threads): OpenMP spinning on
     # a shared 2-core machine made in-process searches slow and bimodal
     work = Path(tempfile.mkdtemp(prefix="retmem-bench-", dir=os.environ.get("RETMEM_BENCH_DIR")))
     result: dict = {

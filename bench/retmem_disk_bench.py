@@ -41,12 +41,11 @@ DIM = 384
 
 def child(tokens: int, iters: int, data_dir: Path, extra: dict, kv_shape: tuple[int, ...]) -> dict:
     """One size: fill, search, reopen; returns the figures (runs in its own process)."""
-    import faiss
-
+    from memlong.memory import set_faiss_threads
     from memlong.services.retmem.shard import Shard
     from memlong.services.retmem.store import SessionSpec
 
-    faiss.omp_set_num_threads(1)  # as ret-mem does (RetMemConfig.faiss_threads); OpenMP spins otherwise
+    set_faiss_threads(1)  # as ret-mem does (RetMemConfig.faiss_threads); OpenMP spins otherwise
 
     n_chunks = tokens // 128
     spec = SessionSpec(dim=DIM, kv_shape=kv_shape, kv_dtype="bfloat16", memory_size=n_chunks, **extra)

@@ -43,6 +43,32 @@ MAX_ABS_VALUE = 1e16
 # Unit roundoff of float32: bounds FAISS's score error when deciding if a candidate set is complete.
 _F32_UNIT = 2.0**-24
 
+# FAISS's OpenMP threads. OpenMP keeps the count per thread: `faiss.omp_set_num_threads` in one thread
+# leaves every other one (a server's workers, a prefetch pool) at OpenMP's default of all cores, whose
+# idle threads spin after each search. So the count is recorded here and each thread applies it to
+# itself before its first FAISS call.
+_faiss_threads: int | None = None  # None: OpenMP's default
+_thread_state = threading.local()
+
+
+def set_faiss_threads(n: int | None) -> None:
+    """Threads every FAISS call of this process uses, whichever thread makes it (None: OpenMP's
+    default)."""
+    global _faiss_threads
+    if n is not None and (not _is_int(n) or n < 1):
+        raise InvalidArgument("faiss_threads", f"must be a positive integer, got {n!r}")
+    _faiss_threads = n
+    if n is not None:
+        _apply_faiss_threads()
+
+
+def _apply_faiss_threads() -> None:
+    """Give this thread the count `set_faiss_threads` chose (once per thread and count)."""
+    n = _faiss_threads
+    if n is not None and getattr(_thread_state, "faiss_threads", None) != n:
+        faiss.omp_set_num_threads(n)
+        _thread_state.faiss_threads = n
+
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -604,6 +630,7 @@ class SessionMemory:
         self._emb[slots] = embeddings
         self._rec[slots] = records
         if not indexed:
+            _apply_faiss_threads()
             self._index.add_with_ids(embeddings, ids)
         self._ids = np.concatenate([self._ids, ids])
         self._slots = np.concatenate([self._slots, slots])
@@ -714,6 +741,7 @@ class SessionMemory:
     def _drop(self, pos: np.ndarray) -> None:
         """Remove the chunks at chronological positions `pos` from index, metadata and slabs."""
         ids, slots = self._ids[pos], self._slots[pos]
+        _apply_faiss_threads()
         removed = self._index.remove_ids(ids)
         if removed != len(ids):
             raise RuntimeError(f"index removed {removed} of {len(ids)} ids: index and metadata disagree")
@@ -788,6 +816,7 @@ class SessionMemory:
         slack = 2.0 * self.config.dim * _F32_UNIT * qnorm * self._max_norm + 1e-30  # (q,)
         rows = np.arange(q)
         k_cand = min(n, max(2 * kk, kk + 16))
+        _apply_faiss_threads()
         while len(rows):
             cand_scores, cand_ids = self._index.search(queries[rows], k_cand)  # (r, k') each
             exact = self._rescore(queries[rows], cand_ids)  # (r, k') float64

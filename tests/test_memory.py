@@ -8,13 +8,21 @@ Records and embeddings are derived deterministically from the chunk id, so any r
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 import pytest
 
 from memlong.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from memlong.memory import MemoryBank, MemoryConfig, PendingChunks, SearchResult, SessionMemory
+from memlong.memory import (
+    MemoryBank,
+    MemoryConfig,
+    PendingChunks,
+    SearchResult,
+    SessionMemory,
+    set_faiss_threads,
+)
 
 DIM, RECORD = 16, 40
 
@@ -175,6 +183,28 @@ def test_rows_are_chronological_and_padded():
 def test_search_on_empty_memory_is_all_padding():
     res = make().search(np.ones((3, DIM), np.float32), 4)
     assert (res.ids == -1).all() and np.isneginf(res.scores).all() and res.records.shape == (3, 4, RECORD)
+
+
+def test_the_faiss_thread_count_holds_in_every_thread_that_searches():
+    """OpenMP keeps its thread count per thread: set in one thread, it must still hold in a worker (a
+    server's gRPC thread) that searches, or that worker runs FAISS on every core, spinning."""
+    default = ThreadPoolExecutor(1).submit(faiss.omp_get_max_threads).result()
+    wanted = default + 1  # differs from the default on any machine
+    mem, emb = make(), table(8)
+    append(mem, np.arange(8), emb)
+
+    def search_in_a_new_thread() -> int:
+        mem.search(emb[:1], 2)
+        return faiss.omp_get_max_threads()
+
+    try:
+        ThreadPoolExecutor(1).submit(set_faiss_threads, wanted).result()  # set in another thread
+        assert ThreadPoolExecutor(1).submit(search_in_a_new_thread).result() == wanted
+    finally:
+        set_faiss_threads(None)
+    assert ThreadPoolExecutor(1).submit(search_in_a_new_thread).result() == default
+    with pytest.raises(InvalidArgument, match="faiss_threads"):
+        set_faiss_threads(0)
 
 
 # ---------------------------------------------------------------------------- alignment under eviction

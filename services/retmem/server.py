@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
@@ -29,6 +28,7 @@ from memlong.api.retmem.v1 import retmem_pb2 as pb
 from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, check_port
 from memlong.gpu_index import GpuIndexes
+from memlong.memory import set_faiss_threads
 from memlong.rpc import metrics
 from memlong.rpc.status import grpc_errors
 from memlong.rpc.tls import TlsConfig
@@ -72,9 +72,10 @@ class RetMemConfig:
     checkpoint_on_stop: bool = True  # snapshot at graceful stop so retrieval counters survive it
     internal_token: str | None = None  # callers must send it (memlong.rpc.internal)
     tls: TlsConfig | None = None  # None: the process's internal TLS policy (memlong.rpc.tls)
-    # FAISS OpenMP threads, set process-wide when the server is built. One: a per-chunk search is one
-    # query row, calls run in parallel on gRPC threads, and idle OpenMP workers spinning on 2 cores
-    # made a 2000-chunk search 20x slower.
+    # FAISS OpenMP threads of every thread that searches (memory.set_faiss_threads; OpenMP keeps the
+    # count per thread, so setting it once in the thread that builds the server left gRPC's workers at
+    # all cores). One: a per-chunk search is one query row, calls run in parallel on gRPC threads, and
+    # idle OpenMP workers spinning on 2 cores made a 2000-chunk search 20x slower.
     faiss_threads: int = 1
     # GPU number on which every shard keeps its sessions' search indexes (exact flat indexes, the same
     # results); None: in RAM. Set without a GPU or without faiss's GPU build: a clear error at startup.
@@ -412,7 +413,7 @@ class RetMemServer(ServiceProcess):
     def __init__(self, config: RetMemConfig) -> None:
         super().__init__(drain_s=config.drain_s)
         self.config = config
-        faiss.omp_set_num_threads(config.faiss_threads)
+        set_faiss_threads(config.faiss_threads)  # in every thread that searches, not only this one
         gpu = None
         if config.faiss_gpu is not None:
             # The exactness bound of the index's candidates assumes float32 products: no TF32 in cuBLAS.

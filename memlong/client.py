@@ -118,6 +118,8 @@ class Client:
                         progress(msg)
                 if bar is not None:
                     bar.close()
+                if last is None:  # the gateway sends progress at least once, the last one at the end
+                    raise Unavailable("the gateway ended the append without a reply")
                 return last
             except Unavailable:
                 if attempt == retries:

@@ -373,7 +373,8 @@ class SessionMemory:
         if not isinstance(config, MemoryConfig):
             raise InvalidArgument("config", f"expected MemoryConfig, got {type(config).__name__}")
         self.config = config
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(config.dim))
+        # FAISS's IndexIDMap2 over a flat index, or a GpuFlatIndex (memlong.gpu_index): the same calls
+        self._index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(config.dim))
         # Chronological metadata, one entry per stored chunk, sorted by id.
         self._ids = np.empty(0, np.int64)  # (n,)
         self._slots = np.empty(0, np.int64)  # (n,)

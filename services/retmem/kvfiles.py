@@ -10,7 +10,7 @@ Durability: a chunk's bytes are written here before the log record that refers t
 log's flusher calls `sync` alongside its own sync and acknowledges a record only once both are done,
 so an acknowledged record's K/V are on stable storage. After a power loss a log record may have
 reached the disk while its K/V did not; such a record was never acknowledged, and recovery finds it by
-the CRC (`read(..., verify=True)`).
+the CRC (`read` checks every record).
 
 Files are `<id:010d>.kv`, ids from 1 (an all-zero reference is a padding slot). One file takes the
 appends until it passes `file_bytes`; it is synced and a new one starts. A file is never appended to
@@ -177,14 +177,10 @@ class KVFiles:
 
     # ----------------------------------------------------------------------------------- read
 
-    def read(
-        self, records: np.ndarray, record_bytes: int, verify: bool = True, out: np.ndarray | None = None
-    ) -> np.ndarray:
+    def read(self, records: np.ndarray, record_bytes: int, out: np.ndarray | None = None) -> np.ndarray:
         """References (…, REF_BYTES) -> K/V records (…, record_bytes) uint8; padding reads as zeros.
 
-        verify: check each record's CRC-32 (DataLoss naming the file and offset when it differs).
-        Without it the caller checks them where they are used, against `crcs(records)` (the
-        same-host transport: the client checks what it received, so each record is checked once).
+        Each record is checked against its CRC-32 (DataLoss naming the file and offset when it differs).
         out: where to read them to ((m, record_bytes) uint8, e.g. a shared-memory region); a new
         array when None."""
         lead = records.shape[:-1]
@@ -204,7 +200,7 @@ class KVFiles:
                 raise DataLoss(f"K/V file {fid} unreadable at {off}: {e}") from e
             if got < record_bytes:
                 raise DataLoss(f"K/V file {fid} ends before offset {off + record_bytes}")
-            if verify and checksum(out[i]) != int(ref["crc"]):
+            if checksum(out[i]) != int(ref["crc"]):
                 raise DataLoss(f"K/V record in file {fid} at offset {off} fails its CRC-32")
 
         todo = np.flatnonzero(refs["file"])

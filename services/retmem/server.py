@@ -203,13 +203,13 @@ class RetMemServicer(pb_grpc.RetMemServicer):
         queries = tensor.decode(request.queries, "queries", dtypes=F32, shape=(None, spec.dim))
         if not request.HasField("reply_region"):
             return spec, shard.search(request.session_id, queries, request.top_k), None
-        # Same host: the records go from the data files straight into the caller's region, unchecked
-        # here; the caller checks each against the CRC-32 it was stored with (record_crcs).
+        # Same host: the records go from the data files straight into the caller's region, each
+        # checked against its CRC-32 as it is read (records_checked), as an in-process read is.
         region = request.reply_region
         q, k = len(queries), max(int(request.top_k), 0)
         into = self.segments.view(region, q * k * spec.record_bytes, "reply_region")
         into = into.reshape(q, k, spec.record_bytes)
-        return spec, shard.search(request.session_id, queries, request.top_k, into=into, verify=False), region
+        return spec, shard.search(request.session_id, queries, request.top_k, into=into), region
 
     def _rows(
         self, spec: SessionSpec, result: StoredResult, region: pb.SharedRegion | None, piece: int = 0
@@ -235,6 +235,7 @@ class RetMemServicer(pb_grpc.RetMemServicer):
                 head.kv_region.offset = region.offset + row * k * rb
                 head.kv_region.length = k * rb
                 head.record_crcs[:] = [int(c) for c in crcs]
+                head.records_checked = result.crcs is not None  # K/V files: checked as they were read
                 yield head.SerializeToString()
                 continue
             step = piece if 0 < piece < k else max(k, 1)

@@ -415,19 +415,17 @@ class Shard:
         queries: np.ndarray,
         top_k: int,
         into: np.ndarray | None = None,
-        verify: bool = True,
     ) -> StoredResult:
         """Top-k chunks per query row (SessionMemory.search), with the CRC-32 each record was stored
-        with. into: where to put the records ((q, top_k, record_bytes) uint8, e.g. a shared-memory
-        region); verify=False leaves the records' CRC-32 to the caller (who checks them against
-        `crcs` where they are used)."""
+        with; each record read from the data files is checked against it. into: where to put the
+        records ((q, top_k, record_bytes) uint8, e.g. a shared-memory region)."""
         meta, mem = self._locked(session_id)
         try:
             result = mem.search(queries, top_k)
             rb, crcs = meta.spec.record_bytes, None
             if self.kv is not None:
                 crcs = kvfiles.crcs(result.records, rb)  # (q, k)
-                kv = self.kv.read(result.records, rb, verify=verify, out=into)  # (q, k, record_bytes)
+                kv = self.kv.read(result.records, rb, out=into)  # (q, k, record_bytes)
             elif into is not None:
                 into.reshape(result.records.shape)[...] = result.records
                 kv = into.reshape(result.records.shape)

@@ -4,8 +4,9 @@ A client whose ret-mem address is on its own host (loopback, `localhost`, this h
 socket) creates segments, files in the shared-memory directory (/dev/shm), and names a region of one
 in its requests: an Append's K/V are copied once into the region and the server writes them from there
 to its data files (`Chunk.kv_region`); a retrieval's K/V are read by the server from its data files
-straight into the region (`SearchRequest.reply_region`) and the reply says which CRC-32 each record
-was stored with, which the client checks before handing the records on as a view of the region. One
+straight into the region (`SearchRequest.reply_region`), each checked against the CRC-32 it was stored
+with as it is read (`records_checked`; a client checks them itself when a server does not say so), and
+the client hands the records on as a view of the region. One
 `Attach` call per server first proves that the server sees the client's segments (same host, same
 /dev/shm, same user); when it does not, or the setting is off, or the address is remote, the K/V stay
 in the gRPC messages. Which transport each call used, and the K/V bytes it moved, are counted in the
@@ -29,9 +30,11 @@ Security.
   out (so the server might still be using the region) never returns its segment to the pool: the
   segment is unlinked and dropped.
 - Integrity: the server checks an Append's K/V against the CRC-32 the client computed before writing
-  them; the client checks every retrieved record against the CRC-32 it was stored with. A torn, short
-  or overwritten region is therefore an error (INVALID_ARGUMENT on append, DATA_LOSS on retrieval),
-  never wrong data, and a damaged segment is dropped. A segment shorter than the region named is refused
+  them, and every retrieved record against the CRC-32 it was stored with as it reads it into the
+  region (while it is in the cache; an older server leaves that to the client, which then checks them
+  itself). Between that check and the client's use only the call's lease can write the region. A torn,
+  short or overwritten region is therefore an error (INVALID_ARGUMENT on append, DATA_LOSS on
+  retrieval), never wrong data, and a damaged segment is dropped. A segment shorter than the region named is refused
   before it is touched (a truncated mapping would fault).
 
 Segments are named `memlong-kv-<pid>-<32 hex digits>`; a client unlinks its own at exit, and removes
@@ -150,7 +153,7 @@ class Lease:
     def __init__(self, pool: SegmentPool, segment: Segment, nbytes: int) -> None:
         self.segment, self.nbytes, self.offset = segment, nbytes, 0
         buf = (ctypes.c_ubyte * max(nbytes, 1)).from_buffer(segment.map, 0)
-        self.array = np.frombuffer(buf, np.uint8, count=nbytes)  # (nbytes,)
+        self.array = np.frombuffer(memoryview(buf), np.uint8, count=nbytes)  # (nbytes,)
         self._state = {"discard": False}
         weakref.finalize(buf, pool._returned, segment, self._state)
 
@@ -352,6 +355,8 @@ class SegmentTable:
             entry, st = self._get(region.segment)
             if end > entry.size:
                 raise InvalidArgument(field, "region past the segment's end")
+        if entry.map is None:  # an empty segment: only an empty region fits, and it needs no mapping
+            return np.empty(0, np.uint8)
         return np.frombuffer(entry.map, np.uint8, count=nbytes, offset=region.offset)
 
     def close(self) -> None:

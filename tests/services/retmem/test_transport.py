@@ -135,29 +135,61 @@ def test_turned_off_it_falls_back_to_grpc(server: RetMemServer, tmp_path: Path, 
         off.stop(grace_s=1)
 
 
-def test_a_torn_or_short_region_is_an_error_not_data(server: RetMemServer, monkeypatch) -> None:
+def test_a_damaged_record_or_torn_region_is_an_error_not_data(server: RetMemServer, monkeypatch) -> None:
     fast, plain = _clients(server)
     rng = np.random.default_rng(3)
     fast.create_session("t4", SPEC)
     batch = chunks(rng, SPEC, 0, 6)
     fast.append("t4", *batch)
-    query = batch[1][2:3]
+    query = batch[1][2:3]  # chunk 2's own embedding: chunk 2 is retrieved
     want = plain.search("t4", query, 4)
-    shard = server.shards["shard0"]
-    real = shard.search
+    assert 2 in want.ids
 
-    def torn(*args, **kw):  # the region is changed after the server wrote it (a torn write)
+    # Damaged on disk: the server finds it as it reads the record into the region.
+    (kv_file,) = (server.config.data_dir / "shard0").rglob("*.kv")
+    at = 2 * SPEC.record_bytes + 7  # chunk 2 (the one append wrote chunks 0..5 in order)
+
+    def flip() -> None:
+        with open(kv_file, "r+b") as f:
+            f.seek(at)
+            b = f.read(1)
+            f.seek(at)
+            f.write(bytes([b[0] ^ 0x20]))
+
+    flip()
+    before = _segments()
+    with pytest.raises(DataLoss, match="K/V record in file .* fails its CRC-32"):  # the server's check
+        fast.search("t4", query, 4)
+    assert not (_segments() - before)  # the segment of the failed call is dropped, not reused
+    flip()
+    _same(fast.search("t4", query, 4), want)
+
+    # A server that does not check them (older than records_checked), and a region changed after it
+    # was written (a torn write): the client checks every record itself.
+    servicer, shard = server.servicer, server.shards["shard0"]
+    real, real_rows = shard.search, servicer._rows
+
+    def torn(*args, **kw):
         result = real(*args, **kw)
         if kw.get("into") is not None:
             kw["into"][0, 1, 5] ^= 0xFF
         return result
 
+    def unchecked(*args, **kw):
+        for row in real_rows(*args, **kw):
+            msg = pb.SearchResponse.FromString(row)
+            msg.records_checked = False
+            yield msg.SerializeToString()
+
+    monkeypatch.setattr(servicer, "_rows", unchecked)
+    _same(fast.search("t4", query, 4), want)  # checked by the client, and right
     monkeypatch.setattr(shard, "search", torn)
     before = _segments()
-    with pytest.raises(DataLoss, match="CRC-32"):
+    with pytest.raises(DataLoss, match="fail the CRC-32 they were stored with"):  # the client's check
         fast.search("t4", query, 4)
     assert not (_segments() - before)  # the damaged segment is dropped, not reused
     monkeypatch.setattr(shard, "search", real)
+    monkeypatch.setattr(servicer, "_rows", real_rows)
     _same(fast.search("t4", query, 4), want)
 
     # A segment shorter than the region named: refused before anything touches it.

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from memlong.api.common.v1 import tensor_pb2 as memlong_dot_api_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"memlong/api/retmem/v1/retmem.proto\x12\x11memlong.retmem.v1\x1a\"memlong/api/common/v1/tensor.proto\"?\n\x0cSharedRegion\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"5\n\rAttachRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x13\n\x0bnonce_bytes\x18\x02 \x01(\r\"\x1f\n\x0e\x41ttachResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"Q\n\x0e\x45victionPolicy\x12\x16\n\x0eprotect_newest\x18\x01 \x01(\x01\x12\x13\n\x0b\x64rop_oldest\x18\x02 \x01(\x01\x12\x12\n\nevict_free\x18\x03 \x01(\x01\"\xc4\x01\n\x0bSessionSpec\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12\x10\n\x08kv_shape\x18\x02 \x03(\x03\x12*\n\x08kv_dtype\x18\x03 \x01(\x0e\x32\x18.memlong.common.v1.DType\x12\x13\n\x0bmemory_size\x18\x04 \x01(\x03\x12\x33\n\x08\x65viction\x18\x05 \x01(\x0b\x32!.memlong.retmem.v1.EvictionPolicy\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\x10\n\x08kv_codec\x18\x07 \x01(\t\"X\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x04spec\x18\x02 \x01(\x0b\x32\x1e.memlong.retmem.v1.SessionSpec\"&\n\x15\x43reateSessionResponse\x12\r\n\x05shard\x18\x01 \x01(\t\"\xad\x01\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\x12%\n\x02kv\x18\x03 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\x12\x0e\n\x06length\x18\x04 \x01(\x05\x12\x32\n\tkv_region\x18\x05 \x01(\x0b\x32\x1f.memlong.retmem.v1.SharedRegion\"M\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x18.memlong.retmem.v1.Chunk\"\"\n\x0e\x41ppendResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x03\"\xb6\x01\n\rSearchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x07queries\x18\x02 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x35\n\x0creply_region\x18\x04 \x01(\x0b\x32\x1f.memlong.retmem.v1.SharedRegion\x12\x1f\n\x17max_records_per_message\x18\x05 \x01(\x05\"C\n\x10RetrieveResponse\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.memlong.retmem.v1.SearchResponse\"\xcf\x01\n\x0eSearchResponse\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x0f\n\x07lengths\x18\x04 \x03(\x05\x12%\n\x02kv\x18\x05 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\x12\x32\n\tkv_region\x18\x06 \x01(\x0b\x32\x1f.memlong.retmem.v1.SharedRegion\x12\x13\n\x0brecord_crcs\x18\x07 \x03(\x07\x12\x12\n\nfirst_slot\x18\x08 \x01(\x05\"/\n\x0c\x46\x65tchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"G\n\rFetchResponse\x12\x0f\n\x07lengths\x18\x01 \x03(\x05\x12%\n\x02kv\x18\x02 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\"-\n\nPinRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"\r\n\x0bPinResponse\"^\n\x0c\x45victRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06n_free\x18\x02 \x01(\x03\x12\x15\n\rfrom_chunk_id\x18\x03 \x01(\x03\x12\x13\n\x0bto_chunk_id\x18\x04 \x01(\x03\"$\n\rEvictResponse\x12\x13\n\x0b\x65victed_ids\x18\x01 \x03(\x03\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xda\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x04spec\x18\x02 \x01(\x0b\x32\x1e.memlong.retmem.v1.SessionSpec\x12\x12\n\nnum_chunks\x18\x03 \x01(\x03\x12\r\n\x05shard\x18\x04 \x01(\t\x12\x38\n\x05stats\x18\x05 \x03(\x0b\x32).memlong.retmem.v1.SessionInfo.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xdd\x01\n\x0bSessionPart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x04spec\x18\x02 \x01(\x0b\x32\x1e.memlong.retmem.v1.SessionSpec\x12\x0c\n\x04name\x18\x03 \x01(\t\x12*\n\x05\x61rray\x18\x04 \x01(\x0b\x32\x19.memlong.common.v1.TensorH\x00\x12\x11\n\x07integer\x18\x05 \x01(\x03H\x00\x12\x0e\n\x04real\x18\x08 \x01(\x01H\x00\x12\x12\n\nrow_offset\x18\x06 \x01(\x03\x12\x12\n\ntotal_rows\x18\x07 \x01(\x03\x42\x07\n\x05value\":\n\x15ImportSessionResponse\x12\x12\n\nnum_chunks\x18\x01 \x01(\x03\x12\r\n\x05shard\x18\x02 \x01(\t2\xc5\x08\n\x06RetMem\x12\x62\n\rCreateSession\x12\'.memlong.retmem.v1.CreateSessionRequest\x1a(.memlong.retmem.v1.CreateSessionResponse\x12M\n\x06\x41ppend\x12 .memlong.retmem.v1.AppendRequest\x1a!.memlong.retmem.v1.AppendResponse\x12O\n\x06Search\x12 .memlong.retmem.v1.SearchRequest\x1a!.memlong.retmem.v1.SearchResponse0\x01\x12Q\n\x08Retrieve\x12 .memlong.retmem.v1.SearchRequest\x1a#.memlong.retmem.v1.RetrieveResponse\x12J\n\x05\x46\x65tch\x12\x1f.memlong.retmem.v1.FetchRequest\x1a .memlong.retmem.v1.FetchResponse\x12\x44\n\x03Pin\x12\x1d.memlong.retmem.v1.PinRequest\x1a\x1e.memlong.retmem.v1.PinResponse\x12\x46\n\x05Unpin\x12\x1d.memlong.retmem.v1.PinRequest\x1a\x1e.memlong.retmem.v1.PinResponse\x12J\n\x05\x45vict\x12\x1f.memlong.retmem.v1.EvictRequest\x1a .memlong.retmem.v1.EvictResponse\x12R\n\nGetSession\x12$.memlong.retmem.v1.GetSessionRequest\x1a\x1e.memlong.retmem.v1.SessionInfo\x12\x62\n\rDeleteSession\x12\'.memlong.retmem.v1.DeleteSessionRequest\x1a(.memlong.retmem.v1.DeleteSessionResponse\x12Z\n\rExportSession\x12\'.memlong.retmem.v1.ExportSessionRequest\x1a\x1e.memlong.retmem.v1.SessionPart0\x01\x12[\n\rImportSession\x12\x1e.memlong.retmem.v1.SessionPart\x1a(.memlong.retmem.v1.ImportSessionResponse(\x01\x12M\n\x06\x41ttach\x12 .memlong.retmem.v1.AttachRequest\x1a!.memlong.retmem.v1.AttachResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"memlong/api/retmem/v1/retmem.proto\x12\x11memlong.retmem.v1\x1a\"memlong/api/common/v1/tensor.proto\"?\n\x0cSharedRegion\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"5\n\rAttachRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x13\n\x0bnonce_bytes\x18\x02 \x01(\r\"\x1f\n\x0e\x41ttachResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"Q\n\x0e\x45victionPolicy\x12\x16\n\x0eprotect_newest\x18\x01 \x01(\x01\x12\x13\n\x0b\x64rop_oldest\x18\x02 \x01(\x01\x12\x12\n\nevict_free\x18\x03 \x01(\x01\"\xc4\x01\n\x0bSessionSpec\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12\x10\n\x08kv_shape\x18\x02 \x03(\x03\x12*\n\x08kv_dtype\x18\x03 \x01(\x0e\x32\x18.memlong.common.v1.DType\x12\x13\n\x0bmemory_size\x18\x04 \x01(\x03\x12\x33\n\x08\x65viction\x18\x05 \x01(\x0b\x32!.memlong.retmem.v1.EvictionPolicy\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\x10\n\x08kv_codec\x18\x07 \x01(\t\"X\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x04spec\x18\x02 \x01(\x0b\x32\x1e.memlong.retmem.v1.SessionSpec\"&\n\x15\x43reateSessionResponse\x12\r\n\x05shard\x18\x01 \x01(\t\"\xad\x01\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\x12%\n\x02kv\x18\x03 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\x12\x0e\n\x06length\x18\x04 \x01(\x05\x12\x32\n\tkv_region\x18\x05 \x01(\x0b\x32\x1f.memlong.retmem.v1.SharedRegion\"M\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x18.memlong.retmem.v1.Chunk\"\"\n\x0e\x41ppendResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x03\"\xb6\x01\n\rSearchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x07queries\x18\x02 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x35\n\x0creply_region\x18\x04 \x01(\x0b\x32\x1f.memlong.retmem.v1.SharedRegion\x12\x1f\n\x17max_records_per_message\x18\x05 \x01(\x05\"C\n\x10RetrieveResponse\x12/\n\x04rows\x18\x01 \x03(\x0b\x32!.memlong.retmem.v1.SearchResponse\"\xe8\x01\n\x0eSearchResponse\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x0f\n\x07lengths\x18\x04 \x03(\x05\x12%\n\x02kv\x18\x05 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\x12\x32\n\tkv_region\x18\x06 \x01(\x0b\x32\x1f.memlong.retmem.v1.SharedRegion\x12\x13\n\x0brecord_crcs\x18\x07 \x03(\x07\x12\x12\n\nfirst_slot\x18\x08 \x01(\x05\x12\x17\n\x0frecords_checked\x18\t \x01(\x08\"/\n\x0c\x46\x65tchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"G\n\rFetchResponse\x12\x0f\n\x07lengths\x18\x01 \x03(\x05\x12%\n\x02kv\x18\x02 \x01(\x0b\x32\x19.memlong.common.v1.Tensor\"-\n\nPinRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\"\r\n\x0bPinResponse\"^\n\x0c\x45victRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06n_free\x18\x02 \x01(\x03\x12\x15\n\rfrom_chunk_id\x18\x03 \x01(\x03\x12\x13\n\x0bto_chunk_id\x18\x04 \x01(\x03\"$\n\rEvictResponse\x12\x13\n\x0b\x65victed_ids\x18\x01 \x03(\x03\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xda\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x04spec\x18\x02 \x01(\x0b\x32\x1e.memlong.retmem.v1.SessionSpec\x12\x12\n\nnum_chunks\x18\x03 \x01(\x03\x12\r\n\x05shard\x18\x04 \x01(\t\x12\x38\n\x05stats\x18\x05 \x03(\x0b\x32).memlong.retmem.v1.SessionInfo.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xdd\x01\n\x0bSessionPart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x04spec\x18\x02 \x01(\x0b\x32\x1e.memlong.retmem.v1.SessionSpec\x12\x0c\n\x04name\x18\x03 \x01(\t\x12*\n\x05\x61rray\x18\x04 \x01(\x0b\x32\x19.memlong.common.v1.TensorH\x00\x12\x11\n\x07integer\x18\x05 \x01(\x03H\x00\x12\x0e\n\x04real\x18\x08 \x01(\x01H\x00\x12\x12\n\nrow_offset\x18\x06 \x01(\x03\x12\x12\n\ntotal_rows\x18\x07 \x01(\x03\x42\x07\n\x05value\":\n\x15ImportSessionResponse\x12\x12\n\nnum_chunks\x18\x01 \x01(\x03\x12\r\n\x05shard\x18\x02 \x01(\t2\xc5\x08\n\x06RetMem\x12\x62\n\rCreateSession\x12\'.memlong.retmem.v1.CreateSessionRequest\x1a(.memlong.retmem.v1.CreateSessionResponse\x12M\n\x06\x41ppend\x12 .memlong.retmem.v1.AppendRequest\x1a!.memlong.retmem.v1.AppendResponse\x12O\n\x06Search\x12 .memlong.retmem.v1.SearchRequest\x1a!.memlong.retmem.v1.SearchResponse0\x01\x12Q\n\x08Retrieve\x12 .memlong.retmem.v1.SearchRequest\x1a#.memlong.retmem.v1.RetrieveResponse\x12J\n\x05\x46\x65tch\x12\x1f.memlong.retmem.v1.FetchRequest\x1a .memlong.retmem.v1.FetchResponse\x12\x44\n\x03Pin\x12\x1d.memlong.retmem.v1.PinRequest\x1a\x1e.memlong.retmem.v1.PinResponse\x12\x46\n\x05Unpin\x12\x1d.memlong.retmem.v1.PinRequest\x1a\x1e.memlong.retmem.v1.PinResponse\x12J\n\x05\x45vict\x12\x1f.memlong.retmem.v1.EvictRequest\x1a .memlong.retmem.v1.EvictResponse\x12R\n\nGetSession\x12$.memlong.retmem.v1.GetSessionRequest\x1a\x1e.memlong.retmem.v1.SessionInfo\x12\x62\n\rDeleteSession\x12\'.memlong.retmem.v1.DeleteSessionRequest\x1a(.memlong.retmem.v1.DeleteSessionResponse\x12Z\n\rExportSession\x12\'.memlong.retmem.v1.ExportSessionRequest\x1a\x1e.memlong.retmem.v1.SessionPart0\x01\x12[\n\rImportSession\x12\x1e.memlong.retmem.v1.SessionPart\x1a(.memlong.retmem.v1.ImportSessionResponse(\x01\x12M\n\x06\x41ttach\x12 .memlong.retmem.v1.AttachRequest\x1a!.memlong.retmem.v1.AttachResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,35 +59,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVERESPONSE']._serialized_start=1134
   _globals['_RETRIEVERESPONSE']._serialized_end=1201
   _globals['_SEARCHRESPONSE']._serialized_start=1204
-  _globals['_SEARCHRESPONSE']._serialized_end=1411
-  _globals['_FETCHREQUEST']._serialized_start=1413
-  _globals['_FETCHREQUEST']._serialized_end=1460
-  _globals['_FETCHRESPONSE']._serialized_start=1462
-  _globals['_FETCHRESPONSE']._serialized_end=1533
-  _globals['_PINREQUEST']._serialized_start=1535
-  _globals['_PINREQUEST']._serialized_end=1580
-  _globals['_PINRESPONSE']._serialized_start=1582
-  _globals['_PINRESPONSE']._serialized_end=1595
-  _globals['_EVICTREQUEST']._serialized_start=1597
-  _globals['_EVICTREQUEST']._serialized_end=1691
-  _globals['_EVICTRESPONSE']._serialized_start=1693
-  _globals['_EVICTRESPONSE']._serialized_end=1729
-  _globals['_GETSESSIONREQUEST']._serialized_start=1731
-  _globals['_GETSESSIONREQUEST']._serialized_end=1770
-  _globals['_SESSIONINFO']._serialized_start=1773
-  _globals['_SESSIONINFO']._serialized_end=1991
-  _globals['_SESSIONINFO_STATSENTRY']._serialized_start=1947
-  _globals['_SESSIONINFO_STATSENTRY']._serialized_end=1991
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1993
-  _globals['_DELETESESSIONREQUEST']._serialized_end=2035
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=2037
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=2060
-  _globals['_EXPORTSESSIONREQUEST']._serialized_start=2062
-  _globals['_EXPORTSESSIONREQUEST']._serialized_end=2104
-  _globals['_SESSIONPART']._serialized_start=2107
-  _globals['_SESSIONPART']._serialized_end=2328
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2330
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2388
-  _globals['_RETMEM']._serialized_start=2391
-  _globals['_RETMEM']._serialized_end=3484
+  _globals['_SEARCHRESPONSE']._serialized_end=1436
+  _globals['_FETCHREQUEST']._serialized_start=1438
+  _globals['_FETCHREQUEST']._serialized_end=1485
+  _globals['_FETCHRESPONSE']._serialized_start=1487
+  _globals['_FETCHRESPONSE']._serialized_end=1558
+  _globals['_PINREQUEST']._serialized_start=1560
+  _globals['_PINREQUEST']._serialized_end=1605
+  _globals['_PINRESPONSE']._serialized_start=1607
+  _globals['_PINRESPONSE']._serialized_end=1620
+  _globals['_EVICTREQUEST']._serialized_start=1622
+  _globals['_EVICTREQUEST']._serialized_end=1716
+  _globals['_EVICTRESPONSE']._serialized_start=1718
+  _globals['_EVICTRESPONSE']._serialized_end=1754
+  _globals['_GETSESSIONREQUEST']._serialized_start=1756
+  _globals['_GETSESSIONREQUEST']._serialized_end=1795
+  _globals['_SESSIONINFO']._serialized_start=1798
+  _globals['_SESSIONINFO']._serialized_end=2016
+  _globals['_SESSIONINFO_STATSENTRY']._serialized_start=1972
+  _globals['_SESSIONINFO_STATSENTRY']._serialized_end=2016
+  _globals['_DELETESESSIONREQUEST']._serialized_start=2018
+  _globals['_DELETESESSIONREQUEST']._serialized_end=2060
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=2062
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=2085
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=2087
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=2129
+  _globals['_SESSIONPART']._serialized_start=2132
+  _globals['_SESSIONPART']._serialized_end=2353
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2355
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2413
+  _globals['_RETMEM']._serialized_start=2416
+  _globals['_RETMEM']._serialized_end=3509
 # @@protoc_insertion_point(module_scope)

@@ -122,7 +122,7 @@ class RetrieveResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("row", "ids", "scores", "lengths", "kv", "kv_region", "record_crcs", "first_slot")
+    __slots__ = ("row", "ids", "scores", "lengths", "kv", "kv_region", "record_crcs", "first_slot", "records_checked")
     ROW_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class SearchResponse(_message.Message):
     KV_REGION_FIELD_NUMBER: _ClassVar[int]
     RECORD_CRCS_FIELD_NUMBER: _ClassVar[int]
     FIRST_SLOT_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     row: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
@@ -139,7 +140,8 @@ class SearchResponse(_message.Message):
     kv_region: SharedRegion
     record_crcs: _containers.RepeatedScalarFieldContainer[int]
     first_slot: int
-    def __init__(self, row: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., lengths: _Optional[_Iterable[int]] = ..., kv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., kv_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., record_crcs: _Optional[_Iterable[int]] = ..., first_slot: _Optional[int] = ...) -> None: ...
+    records_checked: bool
+    def __init__(self, row: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., lengths: _Optional[_Iterable[int]] = ..., kv: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., kv_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., record_crcs: _Optional[_Iterable[int]] = ..., first_slot: _Optional[int] = ..., records_checked: _Optional[bool] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("session_id", "ids")

@@ -94,8 +94,12 @@ def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer") 
 
 
 def set_threads(args: argparse.Namespace) -> None:
-    """torch threads from --threads (0: leave torch's default, all cores)."""
+    """torch threads from --threads (0: leave torch's default, all cores); FAISS one thread, always: its
+    searches here are one query row per chunk, where more OpenMP threads only spin beside the model."""
     import torch
+
+    from memlong.memory import set_faiss_threads
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_faiss_threads(1)

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -169,6 +169,16 @@ class Deadline:
         return left if cap_s is None else min(left, cap_s)
 
 
+class CancelledBeforeStart(grpc.RpcError):
+    """A call not made because its CallScope was cancelled: reads as a cancelled gRPC call."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "cancelled before it started"
+
+
 class CallScope:
     """The gRPC calls made for one piece of work, cancelled together (e.g. a search started ahead
     whose answer is no longer wanted). A call added after `cancel` is cancelled at once. Thread-safe:
@@ -187,6 +197,17 @@ class CallScope:
                 return call
         call.cancel()
         return call
+
+    def start(self, make: Callable[[], grpc.Future]) -> grpc.Future:
+        """Make a call (`make` starts it without waiting for it) and track it; once the scope is
+        cancelled, none is made: CancelledBeforeStart (code CANCELLED). Unlike `add` of a call that was
+        started already, this never lets a call that finishes fast slip through after `cancel`."""
+        with self._lock:
+            if self.cancelled:
+                raise CancelledBeforeStart()
+            call = make()
+            self._calls.append(call)
+            return call
 
     def cancel(self) -> None:
         """Cancel every call added (finished ones are unaffected) and every one added from now on."""

@@ -70,7 +70,7 @@ def _unary(
     call cannot be cancelled from another thread). Cancelled: its RpcError, code CANCELLED."""
     if calls is None:
         return method(request, timeout=timeout)
-    call = calls.add(method.future(request, timeout=timeout))
+    call = calls.start(lambda: method.future(request, timeout=timeout))
     try:
         return call.result()
     except grpc.FutureCancelledError:
@@ -379,9 +379,11 @@ class RetMemClient:
                 method = "Retrieve"
             else:
                 req.max_records_per_message = max(1, min(self.piece_bytes, self.max_message_bytes // 2) // rb)
-                replies = stub.Search(req, timeout=timeout)
-                if calls is not None:
-                    calls.add(replies)
+                replies = (
+                    stub.Search(req, timeout=timeout)
+                    if calls is None
+                    else calls.start(lambda: stub.Search(req, timeout=timeout))
+                )
                 for msg in replies:
                     for head, data in rawwire.parse_rows(msg, top_field=None):
                         out.add(head, data)

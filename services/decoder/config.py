@@ -37,6 +37,10 @@ class DecoderConfig:
     retmem_shared_memory: bool = True
     max_call_text_bytes: int = 64 << 20  # all the text of one call (an ingest stream, a Score, a prompt)
     prefetch: bool = True  # overlap the next chunk's retrieval with the current chunk's compute
+    # Chunks a call's background writer may hold unacknowledged (its appends overlap the model's work,
+    # several chunks per ret-mem Append when they queue up; services/decoder/writer.py); 0: each chunk
+    # is appended in the serving thread before the model reads on.
+    write_behind_chunks: int = 8
     ingest_progress_tokens: int = 2048  # tokens between two IngestProgress messages
     # Sessions whose local window (sinks + last local_window tokens, every layer) this replica keeps
     # between calls, so a call continues a session as one pass would; 0 turns it off (cold windows).
@@ -60,6 +64,8 @@ class DecoderConfig:
             raise InvalidArgument("threads", "must be >= 0")
         if self.window_cache_sessions < 0:
             raise InvalidArgument("window_cache_sessions", "must be >= 0")
+        if self.write_behind_chunks < 0:
+            raise InvalidArgument("write_behind_chunks", "must be >= 0")
         if self.max_workers < self.max_inflight + 2:
             raise InvalidArgument("max_workers", "must exceed max_inflight by 2 (health, refusals)")
 
@@ -79,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retmem", default=env(ENV_PREFIX + "RETMEM", ""), help="shard=host:port,... (the ring)")
     p.add_argument("--max-inflight", type=int, default=int(env(ENV_PREFIX + "MAX_INFLIGHT", "4")))
     p.add_argument("--no-prefetch", action="store_true", help="retrieve at the boundary, no overlap")
+    p.add_argument(
+        "--write-behind-chunks",
+        type=int,
+        default=int(env(ENV_PREFIX + "WRITE_BEHIND_CHUNKS", DecoderConfig.write_behind_chunks)),
+        help="chunks a call's appends may have in flight in the background (0: append before reading on)",
+    )
     p.add_argument(
         "--max-call-text-bytes",
         type=int,
@@ -122,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> DecoderConfig:
         threads=args.threads,
         max_inflight=args.max_inflight,
         prefetch=not args.no_prefetch,
+        write_behind_chunks=args.write_behind_chunks,
         max_call_text_bytes=args.max_call_text_bytes,
         retmem_shared_memory=not getattr(args, "no_retmem_shared_memory", False),
         window_cache_sessions=args.window_cache_sessions,

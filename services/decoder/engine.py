@@ -176,6 +176,7 @@ class DecoderEngine:
         *,
         max_inflight: int = 4,
         prefetch: bool = True,
+        write_behind: int = 8,
         max_call_text_bytes: int = 64 << 20,
         progress_tokens: int = 2048,
         source: str = "",
@@ -187,6 +188,7 @@ class DecoderEngine:
         self.retriever = retriever
         self.memory = memory
         self.max_call_text_bytes = max_call_text_bytes
+        self.write_behind = write_behind  # chunks a call's background writer may hold (0: none)
         self.progress_tokens = progress_tokens
         self.source = source
         self.windows = WindowCache(window_cache_sessions)
@@ -328,6 +330,7 @@ class DecoderEngine:
             alive=call.alive,
             executor=self._prefetch_pool if self._prefetch else None,
             keep_recent=keep_recent,
+            write_behind=self.write_behind,
         )
 
     def _spec(self, session_id: str, call: Call) -> SessionSpec:
@@ -394,6 +397,8 @@ class DecoderEngine:
     def _keep(self, session_id: str, reader: Reader) -> None:
         """After a call that stored its text: keep its local state for the session's next call."""
         reader.flush(keep_window=True)
+        if isinstance(reader.memory, SessionPort):
+            reader.memory.flush()  # every chunk is stored (acknowledged) before the call reports success
         reader.cancel_prefetch()  # kept without the call's port: nothing may run on it or hold its K/V
         reader.memory = None  # the call's port dies with the call; the next call brings its own
         if reader.next_chunk_id > 0:  # (session, 0) is a fresh session: never continue a stale state

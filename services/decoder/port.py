@@ -11,13 +11,19 @@
   A search whose answer is not used is cancelled (`PrefetchedSearch.cancel`: a queued one never starts,
   a running one's ret-mem call is cancelled), and `close` cancels those still open when the call ends.
 
+- With `write_behind` > 0 the call's appends are made by a background writer (writer.py), at most
+  that many chunks unacknowledged; a search is made only after the appends asked for before it (for a
+  search started ahead, on its own thread), so ret-mem answers as it would without the writer. `flush`
+  waits for them all (the caller reports success only after it); `close` stops the writer.
+
 Not handled: a chunk evicted by ret-mem during the call can still be returned from `recent`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -30,6 +36,8 @@ from memlong.memory import PendingChunks, SearchResult
 from memlong.rpc import tracing
 from memlong.rpc.channel import CallScope, Deadline
 from memlong.services.retmem.client import RetMemClient
+
+from .writer import WriteBehind
 
 
 class CallCancelled(Exception):
@@ -49,6 +57,7 @@ class SessionPort:
         alive: Callable[[], bool],
         executor: Executor | None,
         keep_recent: bool = True,
+        write_behind: int = 0,
     ) -> None:
         self.client = client
         self.session_id = session_id
@@ -58,6 +67,12 @@ class SessionPort:
         self.executor = executor
         self.keep_recent = keep_recent
         self._recent = PendingChunks()  # this call's own chunks, merged into every search
+        # appends stored in the background (commit only): its unacknowledged chunks are merged too
+        self._writer = (
+            WriteBehind(self._append_now, write_behind, deadline.remaining)
+            if commit and write_behind
+            else None
+        )
         self._ahead: set[PrefetchedSearch] = set()  # searches started ahead, neither read nor cancelled
         self.retrieved_ids: list[int] = []
         if executor is None:  # nothing runs in the background: the chunk loop retrieves at each boundary
@@ -94,12 +109,27 @@ class SessionPort:
     ) -> int:
         if self.keep_recent:
             self._recent.add(ids, embeddings, records, lengths)
+        if self._writer is not None:
+            self._check()
+            with _in_time():
+                self._writer.put(ids, embeddings, records, lengths)
+            return len(ids)
         if self.commit:
-            return int(self._remote(self.client.append, ids, embeddings, records, lengths))
+            return self._append_now(ids, embeddings, records, lengths)
         self._check()
         return len(ids)
 
+    def _append_now(self, ids, embeddings, records, lengths) -> int:
+        return int(self._remote(self.client.append, ids, embeddings, records, lengths))
+
+    def flush(self) -> None:
+        """Every chunk appended so far is stored (acknowledged by ret-mem): call before reporting success."""
+        if self._writer is not None:
+            with _in_time():
+                self._writer.flush()
+
     def search(self, queries: np.ndarray, top_k: int) -> SearchResult:
+        self.flush()  # ret-mem answers after the appends made before the search, as without the writer
         remote = self._remote(self.client.search, queries, top_k)
         return self._note(self._recent.merge(queries, remote, top_k))
 
@@ -107,8 +137,12 @@ class SessionPort:
         self, make_queries: Callable[[], np.ndarray], top_k: int, then: Callable[[SearchResult], Any]
     ) -> PrefetchedSearch:
         recent = self._recent.copy()  # the chunks appended so far: this search's memory
+        mark = self._writer.mark() if self._writer is not None else 0  # and ret-mem has them first
 
         def run(calls: CallScope) -> tuple[SearchResult, Any]:
+            if self._writer is not None:
+                with _in_time():
+                    self._writer.wait_for(mark)
             queries = make_queries()
             _check_wanted(calls)
             remote = self._remote(self.client.search, queries, top_k, calls=calls)
@@ -121,13 +155,25 @@ class SessionPort:
         return search
 
     def close(self) -> None:
-        """The call is over: cancel the searches started ahead that nobody will read."""
+        """The call is over: cancel the searches started ahead that nobody will read, and stop the writer
+        (what it had not sent is dropped; the Append in flight ends first)."""
         for search in list(self._ahead):
             search.cancel()
+        if self._writer is not None:
+            self._writer.close()
 
     def _note(self, result: SearchResult) -> SearchResult:
         self.retrieved_ids.extend(int(i) for i in result.ids.ravel() if i >= 0)
         return result
+
+
+@contextlib.contextmanager
+def _in_time() -> Iterator[None]:
+    """The writer's wait for the call's deadline, as the call's end."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise CallCancelled(str(exc)) from exc
 
 
 def _check_wanted(calls: CallScope) -> None:

@@ -229,6 +229,7 @@ class DecoderServer(ServiceProcess):
             client,
             max_inflight=config.max_inflight,
             prefetch=config.prefetch,
+            write_behind=config.write_behind_chunks,
             max_call_text_bytes=config.max_call_text_bytes,
             progress_tokens=config.ingest_progress_tokens,
             source=source,

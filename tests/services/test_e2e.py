@@ -271,6 +271,31 @@ def test_prefetch_gives_the_same_logprobs_as_retrieval_at_the_boundary(stack):
     assert without.memory.prefetched_retrievals == 0 and without.memory.retrieval_hidden_s == 0
 
 
+def test_write_behind_appends_leave_the_same_memory_as_appends_made_in_line(stack):
+    """The same long text (past the tiny memory: evictions by retrieval counts happen) ingested with
+    appends made before the model reads on and with the writer making them behind it: the same chunks
+    stay in ret-mem, and a score over each session reads the same memory, bit for bit."""
+    client, engine = stack.client(), stack.decoder.engine
+    text, passage = " ".join(["alpha beta gamma delta epsilon zeta eta theta"] * 40), _text(40, seed=12)
+    sessions = {}
+    for write_behind in (0, 8):
+        engine.write_behind = write_behind
+        try:
+            sid = client.create_session().session_id
+            client.append(sid, text)
+        finally:
+            engine.write_behind = 8
+        sessions[write_behind] = sid
+    info = {w: stack.retmem.shard.info(sid) for w, sid in sessions.items()}
+    assert info[0].stats["evicted_chunks"] > 0
+    assert info[0].stats == info[8].stats  # the same appends, searches and evictions
+    kept = {w: stack.retmem.shard.bank.get(sid).ids().tolist() for w, sid in sessions.items()}
+    assert kept[0] == kept[8]
+    scores = {w: client.score(sid, passage, return_logprobs=True) for w, sid in sessions.items()}
+    assert list(scores[0].memory.retrieved_ids) == list(scores[8].memory.retrieved_ids)
+    np.testing.assert_array_equal(np.array(scores[0].logprobs), np.array(scores[8].logprobs))
+
+
 def test_reads_ask_ret_mem_for_no_session_info_and_a_deleted_session_is_refused(stack):
     from memlong.errors import AlreadyExists, NotFound
     from memlong.rpc.channel import Deadline

@@ -90,6 +90,24 @@ def _full_answer(stack: Stack, seq: list[int], digits: int) -> str:
     return stack.tokenizer.decode(out[0, len(seq) :])
 
 
+def passkey_layout(
+    stack: Stack, book: list[int], settings: PasskeySettings, length: int
+) -> tuple[list[int], int, list[tuple[str, str]], list[int]]:
+    """The trials of one length: (haystack tokens, haystack tokens used, (key, needle text) per trial,
+    needle depth in tokens per trial, ascending). Trial i reads needle i + hay[depth_i:n_hay] + the
+    question, after hay[:depth_i]: `length` tokens in all."""
+    c, w = stack.model.config.chunk, stack.model.config.local_window
+    rng = random.Random(f"{settings.seed}:{length}")
+    offset = rng.randrange(0, len(book) - length)
+    hay = book[offset : offset + length]
+    needles = [passkey_needle(rng, settings.digits) for _ in range(settings.trials)]
+    n_needle = max(len(stack.encode(text)) for _, text in needles)
+    n_hay = length - n_needle - len(stack.encode(PASSKEY_QUESTION))
+    last_depth = (n_hay - w - c) // c  # in chunks: the needle must end before the last local window
+    depths = sorted(rng.randrange(0, last_depth + 1) * c for _ in range(settings.trials))
+    return hay, n_hay, needles, depths
+
+
 def run_passkey(
     stack: Stack, settings: PasskeySettings, on_length: Callable[[list[dict]], None] | None = None
 ) -> list[dict]:
@@ -101,19 +119,12 @@ def run_passkey(
     overrides = {name: dict(items) for name, items in settings.variants}
     records: list[dict] = []
     for length in settings.lengths:
-        rng = random.Random(f"{settings.seed}:{length}")
-        offset = rng.randrange(0, len(book) - length)
-        hay = book[offset : offset + length]
-        needles = [passkey_needle(rng, settings.digits) for _ in range(settings.trials)]
-        n_needle = max(len(stack.encode(text)) for _, text in needles)
-        n_hay = length - n_needle - len(question)  # needle + haystack + question = `length` tokens
-        last_depth = (n_hay - w - c) // c  # in chunks: the needle must end before the last local window
-        depths = sorted(rng.randrange(0, last_depth + 1) * c for _ in range(settings.trials))
+        hay, n_hay, needles, depths = passkey_layout(stack, book, settings, length)
+        trials = list(zip(needles, depths, strict=True))
         methods = [m for m in settings.methods if m != "full" or length <= settings.full_max]
         methods += list(overrides)
         correct = dict.fromkeys(methods, 0)
         found = dict.fromkeys(methods, 0)
-        trials = list(zip(needles, depths, strict=True))
         for method in methods:
             settings_for = {**LAYOUT_METHODS.get(method, {}), **overrides.get(method, {})}
             with stack.model.configured(**settings_for):

@@ -189,6 +189,7 @@ def _record(
         "top_k": cfg.top_k if memory else 0,
         "chunk": cfg.chunk,
         "mem_position": cfg.mem_position if memory else "none",
+        "kv_codec": cfg.kv_codec if memory else "none",
         "query": ("question text" if cfg.retrieval == "text" else f"question {cfg.retrieval_label(n_layers)}")
         if memory
         else "none",
@@ -209,6 +210,7 @@ PASSKEY_COLUMNS = [
     "top_k",
     "query",
     "mem_position",
+    "kv_codec",
 ]
 
 

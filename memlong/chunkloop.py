@@ -353,12 +353,12 @@ class Reader:
         """Retrieve memory for the tokens about to be read with `tokens` (a given prompt) as the query.
 
         Used by `read_prompt`: the prompt is given and only what follows is predicted, so querying with
-        it is no look-ahead. Scoring never seeds. Mid-chunk the retrieval runs now and serves the rest of
+        it is no look-ahead. The text query is its last `prompt_query_tokens` (0: its last chunk). Scoring never seeds. Mid-chunk the retrieval runs now and serves the rest of
         the chunk; at a boundary the boundary's own retrieval uses it. The last `unread` of `tokens` are
         not read yet: retrieval by keys runs them once ahead, on a copy of the local state, for their
         attention queries (they stay within one chunk, so this is one block).
         """
-        query = list(tokens)[-self.cfg.chunk :]
+        query = list(tokens)[-(self.cfg.prompt_query_tokens or self.cfg.chunk) :]
         keys = None
         if self.cfg.retrieval == "keys":
             ahead = list(tokens)[len(tokens) - unread :] if unread else []

@@ -33,7 +33,14 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
         key, _, value = part.partition("=")
         if key in ("ret_attn_layers", "mem_layers", "key_layers"):
             items.append((key, tuple(int(x) for x in value.split(",") if x)))
-        elif key in ("top_k", "chunk", "local_window", "mem_layer", "key_query_tokens"):
+        elif key in (
+            "top_k",
+            "chunk",
+            "local_window",
+            "mem_layer",
+            "key_query_tokens",
+            "prompt_query_tokens",
+        ):
             items.append((key, int(value)))
         elif key == "key_query_center":
             items.append((key, float(value)))

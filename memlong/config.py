@@ -59,6 +59,10 @@ class MemLongConfig:
     # bench/results/keys_study (passkey, SmolLM2-135M): last token, half the common direction.
     key_query_tokens: int = 1
     key_query_center: float = 0.5
+    # "text": a given prompt (generation) is retrieved for with its last `prompt_query_tokens` tokens
+    # (0: its last chunk). Shorter spans keep the question and leave out the text before it, which at
+    # long lengths matches other chunks better than the one sought (bench/results/passkey_query_study).
+    prompt_query_tokens: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
@@ -89,6 +93,10 @@ class MemLongConfig:
             raise InvalidArgument("retrieval", f"must be one of {RETRIEVAL_SOURCES}, got {self.retrieval!r}")
         if not 0 <= self.key_query_tokens <= self.chunk:
             raise InvalidArgument("key_query_tokens", f"must be in 0..chunk, got {self.key_query_tokens}")
+        if not 0 <= self.prompt_query_tokens <= self.chunk:
+            raise InvalidArgument(
+                "prompt_query_tokens", f"must be in 0..chunk, got {self.prompt_query_tokens}"
+            )
         if not 0.0 <= self.key_query_center <= 1.0:  # false for NaN too
             raise InvalidArgument("key_query_center", f"must be in [0, 1], got {self.key_query_center}")
         if self.key_layers and self.key_layers[0] < 0:

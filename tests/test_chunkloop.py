@@ -361,3 +361,18 @@ def test_sampling_draws_from_the_truncated_distribution(top_k, top_p, temperatur
     assert drawn <= allowed, f"tokens {sorted(drawn - allowed)} drawn outside top-k/top-p {sorted(allowed)}"
     se = np.sqrt(want * (1 - want) / n)
     assert np.all(np.abs(counts / n - want) <= 5 * se), (counts / n, want)
+
+
+def test_a_prompt_is_retrieved_for_with_its_last_prompt_query_tokens():
+    model = tiny_memlong(chunk=4, window=8)
+    toks, tok = _tokens(40, seed=21), TinyTokenizer()
+    prompt = toks[32:39]  # crosses the boundary at 36: the rest of the prompt reads memory it retrieved
+    for n, span in ((0, 4), (2, 2)):  # 0: the prompt's last chunk
+        retriever = RecordingRetriever()
+        reader = Reader(model, retriever, tok, tiny_memory(model, retriever))
+        with model.configured(prompt_query_tokens=n):
+            reader.ingest(toks[:32], more=True)
+            retriever.texts.clear()
+            reader.read_prompt(prompt)
+        assert tok.decode(prompt[-span:]) in retriever.texts
+        assert (tok.decode(prompt[-4:]) in retriever.texts) == (span == 4)

@@ -190,10 +190,18 @@ def _record(
         "chunk": cfg.chunk,
         "mem_position": cfg.mem_position if memory else "none",
         "kv_codec": cfg.kv_codec if memory else "none",
-        "query": ("question text" if cfg.retrieval == "text" else f"question {cfg.retrieval_label(n_layers)}")
-        if memory
-        else "none",
+        "query": _query_label(cfg, n_layers) if memory else "none",
     }
+
+
+def _query_label(cfg: MemLongConfig, n_layers: int) -> str:
+    if cfg.retrieval != "text":
+        return f"question {cfg.retrieval_label(n_layers)}"
+    return (
+        f"question text, last {cfg.prompt_query_tokens} tokens"
+        if cfg.prompt_query_tokens
+        else "question text"
+    )
 
 
 _SAME_RUN = ("book", "trials", "seed", "digits")

@@ -81,15 +81,15 @@ def _chunk(i: int):
     return np.array([i], np.int64), _emb(i)[None], _record([i]), np.ones(1, np.int32)
 
 
-def _port(store: GatedStore, limit: int, keep_recent: bool = False) -> SessionPort:
+def _port(store: GatedStore, limit: int, executor=None) -> SessionPort:
     return SessionPort(
         store,
         "s",
         Deadline.after(WAIT_S),
         commit=True,
         alive=lambda: True,
-        executor=None,
-        keep_recent=keep_recent,
+        executor=executor,
+        keep_recent=False,
         write_behind=limit,
     )
 
@@ -133,16 +133,7 @@ def test_a_search_is_made_after_the_appends_asked_for_before_it():
 def test_a_search_started_ahead_waits_on_its_own_thread_for_the_appends_before_it():
     store = GatedStore()
     with ThreadPoolExecutor(1) as pool:
-        port = SessionPort(
-            store,
-            "s",
-            Deadline.after(WAIT_S),
-            commit=True,
-            alive=lambda: True,
-            executor=pool,
-            keep_recent=False,
-            write_behind=8,
-        )
+        port = _port(store, limit=8, executor=pool)
         port.append(*_chunk(0))
         _wait_for_append(store)
         ahead = port.search_async(lambda: _emb(0)[None], 2, lambda res: res.ids[0].tolist())

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from memlong.errors import MemLongError
-from memlong.flags import add_model_args, ints, memlong_config, set_threads
+from memlong.flags import add_model_args, ints, memlong_config, names, set_threads
 from memlong.packages import ICL_DATA_DIR
 
 # Sub-command groups contributed by other modules: each exposes register(subparsers).
@@ -50,13 +50,24 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
 
 
 def _eval_stack(args: argparse.Namespace):
-    """(stack, meta) for an evaluation: threads set, model and adapter loaded, what was loaded recorded."""
+    """(stack, out, meta) for an evaluation: threads set, model and adapter loaded, the results folder
+    (--out), what was loaded recorded."""
     from memlong.eval.common import Stack
 
     set_threads(args)
     config = memlong_config(args)
     stack = Stack.load(config, args.model, args.adapter)
-    return stack, {"model": stack.source, "adapter": stack.adapter, "memlong": config.__dict__}
+    return (
+        stack,
+        Path(args.out),
+        {"model": stack.source, "adapter": stack.adapter, "memlong": config.__dict__},
+    )
+
+
+def _print_report(path: Path) -> int:
+    """Print the report an evaluation wrote; 0, the command's exit status."""
+    print(path.read_text())
+    return 0
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
@@ -67,16 +78,15 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         lengths=ints(args.lengths),
         windows=args.windows,
         score_tokens=args.score_tokens,
-        methods=tuple(m for m in args.methods.split(",") if m),
+        methods=names(args.methods),
         full_max=args.full_max,
         variants=tuple(_variant(v) for v in args.variant),
         end=args.end,
     )
-    stack, meta = _eval_stack(args)
+    stack, out, meta = _eval_stack(args)
     records, speeds = run_ppl(stack, settings)
-    write_ppl(Path(args.out), settings, records, speeds, meta)
-    print((Path(args.out) / f"ppl_{Path(settings.book).stem}.md").read_text())
-    return 0
+    write_ppl(out, settings, records, speeds, meta)
+    return _print_report(out / f"ppl_{Path(settings.book).stem}.md")
 
 
 def cmd_eval_icl(args: argparse.Namespace) -> int:
@@ -90,11 +100,9 @@ def cmd_eval_icl(args: argparse.Namespace) -> int:
         memory_demos=args.memory_demos,
         test_examples=args.test_examples,
     )
-    stack, meta = _eval_stack(args)
-    out = Path(args.out)
+    stack, out, meta = _eval_stack(args)
     run_icl(stack, settings, on_task=lambda rows: write_icl(out, settings, rows, meta))
-    print((out / "icl.md").read_text())
-    return 0
+    return _print_report(out / "icl.md")
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> int:
@@ -105,14 +113,12 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
         lengths=ints(args.lengths),
         trials=args.trials,
         seed=args.seed,
-        methods=tuple(m for m in args.methods.split(",") if m),
+        methods=names(args.methods),
         variants=tuple(_variant(v) for v in args.variant),
     )
-    stack, meta = _eval_stack(args)
-    out = Path(args.out)
+    stack, out, meta = _eval_stack(args)
     run_passkey(stack, settings, on_length=lambda rows: write_passkey(out, settings, rows, meta))
-    print((out / "passkey.md").read_text())
-    return 0
+    return _print_report(out / "passkey.md")
 
 
 def cmd_eval_chapterbreak(args: argparse.Namespace) -> int:
@@ -125,15 +131,13 @@ def cmd_eval_chapterbreak(args: argparse.Namespace) -> int:
         distractors=args.distractors,
         cases=args.cases,
         seed=args.seed,
-        methods=tuple(m for m in args.methods.split(",") if m),
+        methods=names(args.methods),
     )
-    stack, meta = _eval_stack(args)
-    out = Path(args.out)
+    stack, out, meta = _eval_stack(args)
     run_chapterbreak(
         stack, settings, on_progress=lambda rows, cases: write_chapterbreak(out, settings, rows, meta, cases)
     )
-    print((out / f"chapterbreak_{settings.book}_{settings.context}.md").read_text())
-    return 0
+    return _print_report(out / f"chapterbreak_{settings.book}_{settings.context}.md")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,11 @@ def ints(text: str) -> tuple[int, ...]:
     return tuple(int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in text.strip().split(","))
 
 
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names, empty items dropped: 'full,,sliding' -> ('full', 'sliding'); '' -> ()."""
+    return tuple(x for x in text.split(",") if x)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model flags; their defaults are MemLongConfig's (defined there once)."""
     d = MemLongConfig

@@ -67,7 +67,7 @@ class SessionPort:
         self.executor = executor
         self.keep_recent = keep_recent
         self._recent = PendingChunks()  # this call's own chunks, merged into every search
-        # appends stored in the background (commit only): its unacknowledged chunks are merged too
+        # appends made in the background (commit only); searches wait for those asked for before them
         self._writer = (
             WriteBehind(self._append_now, write_behind, deadline.remaining)
             if commit and write_behind

@@ -409,6 +409,7 @@ class Reader:
         use."""
         pre, self._prefetched = self._prefetched, None
         self._block_searched = False  # until a search below runs for this chunk
+        prompted = query_tokens is not None or self._next_query is not None
         if query_tokens is None:
             query_tokens, key_rows = self._next_query or (self._history, self._key_history)
             self._next_query = None
@@ -417,7 +418,8 @@ class Reader:
             return None
         t0 = time.perf_counter()
         in_window = self._in_window(self.position)
-        top_k = self.cfg.top_k + len(in_window)
+        wanted = self.cfg.prompt_top_k if prompted and self.cfg.prompt_top_k else self.cfg.top_k
+        top_k = wanted + len(in_window)
         # A prefetched result is used only if it answers this boundary's query against the same memory
         # (nothing stored since it was issued).
         used = pre is not None and pre[:4] == (self.position, query_tokens, self.next_chunk_id, top_k)
@@ -437,18 +439,21 @@ class Reader:
                 res = self.memory.search(_key_query(key_rows, self.cfg), top_k)
             else:
                 res = self.memory.search(self._queries.embed(self.tokenizer.decode(query_tokens)), top_k)
-            memory, n_bytes = self._memory_of(in_window)(res)
+            memory, n_bytes = self._memory_of(in_window, wanted)(res)
         self._block_searched = True
         self.stats.retrievals += 1
         self.stats.bytes_retrieved += n_bytes
         self.stats.retrieval_s += time.perf_counter() - t0
         return memory
 
-    def _memory_of(self, in_window: set[int]) -> Callable[[SearchResultLike], tuple[Memory | None, int]]:
+    def _memory_of(
+        self, in_window: set[int], top_k: int | None = None
+    ) -> Callable[[SearchResultLike], tuple[Memory | None, int]]:
         """A function of a search result: (the Memory the model reads, None if no chunk; K/V bytes
-        received). It reads no state of the reader, so a prefetch runs it in the background."""
+        received), keeping its best `top_k` (default: the setting's) chunks that are not in the window.
+        It reads no state of the reader, so a prefetch runs it in the background."""
         top_k, shape, dtype, codec = (
-            self.cfg.top_k,
+            top_k or self.cfg.top_k,
             self.model.kv_record_shape,
             self.cfg.kv_dtype,
             self.cfg.kv_codec,

@@ -40,6 +40,7 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
             "mem_layer",
             "key_query_tokens",
             "prompt_query_tokens",
+            "prompt_top_k",
         ):
             items.append((key, int(value)))
         elif key == "key_query_center":

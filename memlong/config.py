@@ -63,6 +63,9 @@ class MemLongConfig:
     # (0: its last chunk). Shorter spans keep the question and leave out the text before it, which at
     # long lengths matches other chunks better than the one sought (bench/results/passkey_query_study).
     prompt_query_tokens: int = 0
+    # Chunks read for a given prompt's retrieval (0: `top_k`). The question's own retrieval is precise,
+    # and every further chunk dilutes the one it is about (bench/results/passkey_read_study).
+    prompt_top_k: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
@@ -97,6 +100,8 @@ class MemLongConfig:
             raise InvalidArgument(
                 "prompt_query_tokens", f"must be in 0..chunk, got {self.prompt_query_tokens}"
             )
+        if self.prompt_top_k < 0:
+            raise InvalidArgument("prompt_top_k", f"must be >= 0 (0: top_k), got {self.prompt_top_k}")
         if not 0.0 <= self.key_query_center <= 1.0:  # false for NaN too
             raise InvalidArgument("key_query_center", f"must be in [0, 1], got {self.key_query_center}")
         if self.key_layers and self.key_layers[0] < 0:

@@ -376,3 +376,33 @@ def test_a_prompt_is_retrieved_for_with_its_last_prompt_query_tokens():
             reader.read_prompt(prompt)
         assert tok.decode(prompt[-span:]) in retriever.texts
         assert (tok.decode(prompt[-4:]) in retriever.texts) == (span == 4)
+
+
+@pytest.mark.parametrize("prompt_top_k", [0, 1])
+def test_a_prompts_retrieval_reads_its_best_prompt_top_k_chunks(prompt_top_k):
+    """The retrieval a prompt seeds reads its best `prompt_top_k` chunks (0: top_k), and only it: the
+    boundaries before the prompt and after it read top_k."""
+    model = tiny_memlong(chunk=4, window=8, top_k=3)
+    toks, tok = _tokens(48, seed=22), TinyTokenizer()
+    retriever = RecordingRetriever()
+    memory = tiny_memory(model, retriever)
+    searches = []  # top_k asked for, per search
+
+    class Spy:
+        def append(self, *args):
+            return memory.append(*args)
+
+        def search(self, queries, top_k):
+            searches.append(top_k)
+            return memory.search(queries, top_k)
+
+    reader = Reader(model, retriever, tok, Spy())
+    with model.configured(prompt_top_k=prompt_top_k):
+        reader.ingest(toks[:32])
+        assert reader._block_memory.k.shape[3] == 3 * 4
+        n_before = len(searches)
+        reader.read_prompt(toks[32:39])  # the prompt's retrieval serves 36..39
+        assert searches[n_before:] == [3, prompt_top_k or 3]
+        assert reader._block_memory.k.shape[3] == (prompt_top_k or 3) * 4
+        list(reader.generate([], SamplingParams(max_new_tokens=3)))  # crosses 40: a plain boundary again
+        assert searches[-1] == 3 and reader._block_memory.k.shape[3] == 3 * 4

@@ -125,6 +125,7 @@ def run_passkey(
         methods += list(overrides)
         correct = dict.fromkeys(methods, 0)
         found = dict.fromkeys(methods, 0)
+        detail: dict[str, list[dict]] = {m: [] for m in methods}
         for method in methods:
             settings_for = {**LAYOUT_METHODS.get(method, {}), **overrides.get(method, {})}
             with stack.model.configured(**settings_for):
@@ -134,7 +135,9 @@ def run_passkey(
                 for (key, text), depth in bar:
                     seq = stack.encode(text) + hay[depth:n_hay] + question
                     if method == "full":
-                        correct["full"] += _is_correct(_full_answer(stack, seq, settings.digits), key)
+                        answer = _full_answer(stack, seq, settings.digits)
+                        correct["full"] += _is_correct(answer, key)
+                        detail["full"].append({"depth": depth, "key": key, "answer": answer})
                         continue
                     base.ingest(hay[done:depth])
                     done = depth
@@ -143,10 +146,15 @@ def run_passkey(
                     split = (len(seq) - len(question) - w) // c * c  # the tail starts on a chunk boundary
                     trial.ingest(seq[:split])
                     trial.read_prompt(seq[split:])  # the last block reads memory found by the question
-                    found[method] += memory is not None and depth // c in memory.last
+                    hit = memory is not None and depth // c in memory.last
+                    found[method] += hit
                     params = SamplingParams(max_new_tokens=settings.digits + 3)
                     answer = stack.tokenizer.decode(list(trial.generate([], params)))
                     correct[method] += _is_correct(answer, key)
+                    row = {"depth": depth, "key": key, "answer": answer}
+                    if memory is not None:
+                        row["needle_retrieved"] = hit
+                    detail[method].append(row)
                     bar.set_postfix(correct=correct[method], needle_retrieved=found[method])
         for method in methods:
             records.append(
@@ -156,6 +164,7 @@ def run_passkey(
                     settings,
                     correct[method],
                     found[method],
+                    detail[method],
                     dataclasses.replace(
                         cfg, **{**LAYOUT_METHODS.get(method, {}), **overrides.get(method, {})}
                     ),
@@ -173,6 +182,7 @@ def _record(
     settings: PasskeySettings,
     correct: int,
     found: int,
+    detail: list[dict],
     cfg: MemLongConfig,
     n_layers: int,
 ) -> dict:
@@ -191,6 +201,9 @@ def _record(
         "mem_position": cfg.mem_position if memory else "none",
         "kv_codec": cfg.kv_codec if memory else "none",
         "query": _query_label(cfg, n_layers) if memory else "none",
+        # Per trial, in order of depth: needle depth (tokens), key, the model's answer, and whether the
+        # needle's chunk was retrieved for it.
+        "per_trial": detail,
     }
 
 

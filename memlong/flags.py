@@ -70,6 +70,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="retrieval by keys: comma-separated layers (default: the two stored layers at 40%% depth)",
     )
     g.add_argument(
+        "--prompt-query-tokens",
+        type=int,
+        default=d.prompt_query_tokens,
+        help="a prompt's retrieval queries with its last N tokens (0: its last chunk)",
+    )
+    g.add_argument(
+        "--prompt-top-k",
+        type=int,
+        default=d.prompt_top_k,
+        help="chunks a prompt's own retrieval reads (0: --top-k)",
+    )
+    g.add_argument(
         "--kv-codec",
         choices=KV_CODECS,
         default=d.kv_codec,
@@ -94,6 +106,8 @@ def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer") 
         mem_position=args.mem_position,
         retrieval=args.retrieval,
         kv_codec=getattr(args, "kv_codec", "none"),
+        prompt_query_tokens=args.prompt_query_tokens,
+        prompt_top_k=args.prompt_top_k,
         **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
     )
 

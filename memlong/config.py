@@ -63,8 +63,8 @@ class MemLongConfig:
     # (0: its last chunk). Shorter spans keep the question and leave out the text before it, which at
     # long lengths matches other chunks better than the one sought (bench/results/passkey_query_study).
     prompt_query_tokens: int = 0
-    # Chunks read for a given prompt's retrieval (0: `top_k`). The question's own retrieval is precise,
-    # and every further chunk dilutes the one it is about (bench/results/passkey_read_study).
+    # Chunks read for a given prompt's retrieval (0: `top_k`). Passkey at 16k answers the same with 1, 2,
+    # 4 or 8 once the needle's chunk is among them (bench/results/passkey_read_study).
     prompt_top_k: int = 0
 
     def __post_init__(self) -> None:

@@ -17,16 +17,12 @@ lengths are kept.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from memlong.data import PASSKEY_QUESTION
-from memlong.eval.common import Stack, machine_info, markdown_table, write_json
-from memlong.eval.passkey import PasskeySettings, _full_answer, _is_correct, passkey_layout
-from memlong.model import MemLongConfig
+from memlong.eval.common import machine_info, markdown_table, write_json
+from memlong.eval.passkey import _full_answer, _is_correct, passkey_layout, study_setup
 
 OUT = Path(__file__).parent / "results"
 
@@ -41,22 +37,12 @@ def contexts(seq: list[int], hay: list[int], question: list[int], c: int, w: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--book", default="kjv")
-    ap.add_argument("--lengths", default="16384,65536")
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    stack = Stack.load(MemLongConfig())
+    args, settings, stack = study_setup(__doc__.splitlines()[0], "16384,65536", OUT)
     cfg = stack.model.config
-    settings = PasskeySettings(book=args.book, trials=args.trials, seed=args.seed)
     book = stack.encode_book(args.book)
     question = stack.encode(PASSKEY_QUESTION)
     rows, trials = [], {}
-    for length in (int(x) for x in args.lengths.split(",")):
+    for length in settings.lengths:
         hay, n_hay, needles, depths = passkey_layout(stack, book, settings, length)
         correct: dict[str, int] = {}
         per_trial = []
@@ -76,7 +62,7 @@ def main() -> None:
             {"context_tokens": length, "context": name, "trials": args.trials, "correct": n}
             for name, n in correct.items()
         ]
-    out = Path(args.out)
+    out = args.out
     settings_out = {"book": args.book, "trials": args.trials, "seed": args.seed, "chunk": cfg.chunk}
     settings_out |= {"local_window": cfg.local_window, "sink_tokens": cfg.sink_tokens}
     path = out / "passkey_oracle.json"

@@ -16,7 +16,6 @@ Top-8 is what the evaluation retrieves. Writes bench/results/passkey_query_study
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -25,8 +24,7 @@ import torch
 
 from memlong.data import PASSKEY_QUESTION
 from memlong.eval.common import Stack, machine_info, markdown_table, write_json
-from memlong.eval.passkey import PasskeySettings, passkey_layout
-from memlong.model import MemLongConfig
+from memlong.eval.passkey import PasskeySettings, passkey_layout, study_setup
 
 OUT = Path(__file__).parent / "results"
 TOP_K = 8
@@ -84,21 +82,10 @@ def study(stack: Stack, settings: PasskeySettings, length: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--book", default="kjv")
-    ap.add_argument("--lengths", default="16384,32768,65536,131072")
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    lengths = tuple(int(x) for x in args.lengths.split(","))
-    settings = PasskeySettings(book=args.book, lengths=lengths, trials=args.trials, seed=args.seed)
-    stack = Stack.load(MemLongConfig())
+    args, settings, stack = study_setup(__doc__.split("\n\n")[0], "16384,32768,65536,131072", OUT)
     t0 = time.perf_counter()
     results = []
-    for length in lengths:
+    for length in settings.lengths:
         results.append(study(stack, settings, length))
         print(f"{length}: {time.perf_counter() - t0:.0f} s", flush=True)
     rows = [

@@ -15,20 +15,16 @@ Writes bench/results/passkey_read_study.{json,md} (rows of earlier runs at other
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from memlong.chunkloop import SamplingParams
 from memlong.data import PASSKEY_QUESTION
 from memlong.eval.common import Stack, machine_info, markdown_table, write_json
-from memlong.eval.passkey import PasskeySettings, _copy_memory, _is_correct, passkey_layout
+from memlong.eval.passkey import PasskeySettings, _copy_memory, _is_correct, passkey_layout, study_setup
 from memlong.memory import SessionMemory
-from memlong.model import MemLongConfig
 
 OUT = Path(__file__).parent / "results"
 # name -> settings while reading the last window and the question (ingest used the defaults)
@@ -132,26 +128,13 @@ def summarise(length: int, trials: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--book", default="kjv")
-    ap.add_argument("--lengths", default="16384")
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from memlong.memory import set_faiss_threads
-
-    set_faiss_threads(args.threads)
-    stack = Stack.load(MemLongConfig())
-    settings = PasskeySettings(book=args.book, trials=args.trials, seed=args.seed)
-    out = Path(args.out)
+    args, settings, stack = study_setup(__doc__.splitlines()[0], "16384", OUT)
+    out = args.out
     path = out / "passkey_read_study.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     same = old.get("settings", {}) == {"book": args.book, "trials": args.trials, "seed": args.seed}
     by_length = {int(k): v for k, v in old.get("trials", {}).items()} if same else {}
-    for length in (int(x) for x in args.lengths.split(",")):
+    for length in settings.lengths:
         by_length[length] = study(stack, settings, length)
         rows = [r for n in sorted(by_length) for r in summarise(n, by_length[n])]
         cfg = stack.model.config

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from passkey_study import study_setup
+
 from memlong.data import PASSKEY_QUESTION
 from memlong.eval.common import machine_info, markdown_table, write_json
-from memlong.eval.passkey import _full_answer, _is_correct, passkey_layout, study_setup
+from memlong.eval.passkey import _full_answer, _is_correct, passkey_layout
 
 OUT = Path(__file__).parent / "results"
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from passkey_study import study_setup
 
 from memlong.data import PASSKEY_QUESTION
 from memlong.eval.common import Stack, machine_info, markdown_table, write_json
-from memlong.eval.passkey import PasskeySettings, passkey_layout, study_setup
+from memlong.eval.passkey import PasskeySettings, passkey_layout
 
 OUT = Path(__file__).parent / "results"
 TOP_K = 8

@@ -20,11 +20,12 @@ import statistics
 import time
 from pathlib import Path
 
+from passkey_study import study_setup
+
 from memlong.chunkloop import SamplingParams
 from memlong.data import PASSKEY_QUESTION
 from memlong.eval.common import Stack, machine_info, markdown_table, write_json
-from memlong.eval.passkey import PasskeySettings, _copy_memory, _is_correct, passkey_layout, study_setup
-from memlong.memory import SessionMemory
+from memlong.eval.passkey import PasskeySettings, _copy_memory, _is_correct, _Recording, passkey_layout
 
 OUT = Path(__file__).parent / "results"
 # name -> settings while reading the last window and the question (ingest used the defaults)
@@ -38,24 +39,8 @@ READINGS: dict[str, dict] = {
 }
 
 
-class _Ranked:
-    """A memory that remembers the ids its last search returned, best score first."""
-
-    def __init__(self, memory: SessionMemory) -> None:
-        self.memory, self.last = memory, []
-
-    def append(self, *args) -> int:
-        return self.memory.append(*args)
-
-    def search(self, queries, top_k):
-        res = self.memory.search(queries, top_k)
-        order = sorted(range(res.ids.shape[1]), key=lambda j: -float(res.scores[0, j]))  # rows are by id
-        self.last = [int(res.ids[0, j]) for j in order if res.ids[0, j] >= 0]
-        return res
-
-
 def _answer(stack: Stack, trial, tail: list[int], key: str, digits: int, needle: int) -> dict:
-    memory = None if trial.memory is None else _Ranked(_copy_memory(trial.memory.memory))
+    memory = None if trial.memory is None else _Recording(_copy_memory(trial.memory.memory))
     reader = trial.fork(memory, writable=True)
     reader.read_prompt(tail)
     retrieved = list(memory.last) if memory is not None else []
@@ -86,7 +71,7 @@ def study(stack: Stack, settings: PasskeySettings, length: int) -> list[dict]:
         seq = stack.encode(text) + hay[depth:n_hay] + question
         base.ingest(hay[done:depth])
         done = depth
-        trial = base.fork(_Ranked(_copy_memory(base.memory)), writable=True)
+        trial = base.fork(_Recording(_copy_memory(base.memory)), writable=True)
         split = (len(seq) - len(question) - w) // c * c  # as run_passkey
         trial.ingest(seq[:split])
         tail = seq[split:]

@@ -14,7 +14,6 @@ the chunks retrieved while answering.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
 import re
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -62,17 +62,18 @@ LAYOUT_METHODS = {
 
 
 class _Recording:
-    """A memory that remembers the ids its last search returned."""
+    """A memory that remembers the ids its last search returned, best score first."""
 
     def __init__(self, memory: SessionMemory) -> None:
-        self.memory, self.last = memory, set()
+        self.memory, self.last = memory, []
 
     def append(self, *args) -> int:
         return self.memory.append(*args)
 
     def search(self, queries, top_k):
         res = self.memory.search(queries, top_k)
-        self.last = {int(i) for i in res.ids.ravel() if i >= 0}
+        order = np.argsort(-res.scores[0], kind="stable")  # the rows are in id order
+        self.last = [int(i) for i in res.ids[0][order] if i >= 0]
         return res
 
 
@@ -258,26 +259,3 @@ def write_passkey(out_dir: Path, settings: PasskeySettings, records: list[dict],
     }
     write_json(out_dir / "passkey_meta.json", {**meta, **extra})
     (out_dir / "passkey.md").write_text(markdown_table(rows, PASSKEY_COLUMNS))
-
-
-def study_setup(
-    description: str, lengths: str, out: Path
-) -> tuple[argparse.Namespace, PasskeySettings, Stack]:
-    """The command line every passkey study under bench/ shares: --book, --lengths, --trials, --seed,
-    --threads (torch and FAISS) and --out (a Path); the trials' settings (those of `memlong eval
-    passkey`) and the loaded stack with the served MemLong settings."""
-    from memlong.memory import set_faiss_threads
-
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--book", default="kjv")
-    ap.add_argument("--lengths", default=lengths)
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=out)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    set_faiss_threads(args.threads)
-    lengths_t = tuple(int(x) for x in args.lengths.split(","))
-    settings = PasskeySettings(book=args.book, lengths=lengths_t, trials=args.trials, seed=args.seed)
-    return args, settings, Stack.load(MemLongConfig())

@@ -15,6 +15,7 @@ Writes bench/results/passkey_read_study.{json,md} (rows of earlier runs at other
 
 from __future__ import annotations
 
+import fcntl
 import json
 import statistics
 import time
@@ -36,6 +37,8 @@ READINGS: dict[str, dict] = {
     "q32 p4": {"prompt_query_tokens": 32, "prompt_top_k": 4},
     "q32 p2": {"prompt_query_tokens": 32, "prompt_top_k": 2},
     "q32 p1": {"prompt_query_tokens": 32, "prompt_top_k": 1},
+    "window": {"prompt_window": True},
+    "window q32": {"prompt_window": True, "prompt_query_tokens": 32},
 }
 
 
@@ -57,7 +60,9 @@ def _answer(stack: Stack, trial, tail: list[int], key: str, digits: int, needle:
     }
 
 
-def study(stack: Stack, settings: PasskeySettings, length: int) -> list[dict]:
+def study(
+    stack: Stack, settings: PasskeySettings, length: int, readings: list[str], only: range
+) -> list[dict]:
     cfg = stack.model.config
     c, w = cfg.chunk, cfg.local_window
     book = stack.encode_book(settings.book)
@@ -67,6 +72,8 @@ def study(stack: Stack, settings: PasskeySettings, length: int) -> list[dict]:
     done = 0
     trials: list[dict] = []
     for i, ((key, text), depth) in enumerate(zip(needles, depths, strict=True)):
+        if i not in only:
+            continue
         t0 = time.perf_counter()
         seq = stack.encode(text) + hay[depth:n_hay] + question
         base.ingest(hay[done:depth])
@@ -75,9 +82,9 @@ def study(stack: Stack, settings: PasskeySettings, length: int) -> list[dict]:
         split = (len(seq) - len(question) - w) // c * c  # as run_passkey
         trial.ingest(seq[:split])
         tail = seq[split:]
-        row = {"depth": depth, "key": key, "readings": {}}
-        for name, overrides in READINGS.items():
-            with stack.model.configured(**overrides):
+        row = {"trial": i, "depth": depth, "key": key, "readings": {}}
+        for name in readings:
+            with stack.model.configured(**READINGS[name]):
                 row["readings"][name] = _answer(stack, trial, tail, key, settings.digits, depth // c)
         no_memory = trial.fork(None)
         row["readings"]["sliding"] = _answer(stack, no_memory, tail, key, settings.digits, depth // c)
@@ -96,8 +103,9 @@ def study(stack: Stack, settings: PasskeySettings, length: int) -> list[dict]:
 
 def summarise(length: int, trials: list[dict]) -> list[dict]:
     rows = []
-    for name in trials[0]["readings"]:
-        rs = [t["readings"][name] for t in trials]
+    names = list(READINGS) + ["sliding"]
+    for name in [n for n in names if any(n in t["readings"] for t in trials)]:
+        rs = [t["readings"][name] for t in trials if name in t["readings"]]
         rows.append(
             {
                 "context_tokens": length,
@@ -112,50 +120,78 @@ def summarise(length: int, trials: list[dict]) -> list[dict]:
     return rows
 
 
+def _add_args(ap) -> None:
+    ap.add_argument("--readings", default=",".join(READINGS), help=f"comma-separated, of {list(READINGS)}")
+    ap.add_argument("--only", default="", help="trial indices i:j (default: all)")
+
+
+def _merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Trials of one length: a new trial's readings join (or replace) those of the same trial."""
+    by_trial = {(t["depth"], t["key"]): t for t in old}
+    for t in new:
+        kept = by_trial.get((t["depth"], t["key"]), {"readings": {}})
+        by_trial[(t["depth"], t["key"])] = {**kept, **t, "readings": {**kept["readings"], **t["readings"]}}
+    return sorted(by_trial.values(), key=lambda t: (t["depth"], t["key"]))
+
+
 def main() -> None:
-    args, settings, stack = study_setup(__doc__.splitlines()[0], "16384", OUT)
+    args, settings, stack = study_setup(__doc__.splitlines()[0], "16384", OUT, _add_args)
+    readings = [r for r in args.readings.split(",") if r]
+    if unknown := set(readings) - set(READINGS):
+        raise SystemExit(f"unknown readings {sorted(unknown)}; known: {list(READINGS)}")
+    lo, _, hi = args.only.partition(":")
+    only = range(int(lo or 0), int(hi or args.trials))
     out = args.out
     path = out / "passkey_read_study.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    same = old.get("settings", {}) == {"book": args.book, "trials": args.trials, "seed": args.seed}
-    by_length = {int(k): v for k, v in old.get("trials", {}).items()} if same else {}
     for length in settings.lengths:
-        by_length[length] = study(stack, settings, length)
-        rows = [r for n in sorted(by_length) for r in summarise(n, by_length[n])]
-        cfg = stack.model.config
-        write_json(
-            path,
-            {
-                "settings": {"book": args.book, "trials": args.trials, "seed": args.seed},
-                "served": {
-                    k: getattr(cfg, k)
-                    for k in ("layout", "chunk", "top_k", "local_window", "sink_tokens", "mem_position")
-                },
-                "machine": machine_info(),
-                "rows": rows,
-                "trials": {str(n): t for n, t in sorted(by_length.items())},
+        trials = study(stack, settings, length, readings, only)
+        # Several runs (other trials, other readings) may share the file: merge under a lock.
+        with open(out / ".passkey_read_study.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            same = old.get("settings", {}) == {"book": args.book, "trials": args.trials, "seed": args.seed}
+            by_length = {int(k): v for k, v in old.get("trials", {}).items()} if same else {}
+            by_length[length] = _merge(by_length.get(length, []), trials)
+            _write(path, out, args, stack, by_length)
+
+
+def _write(path: Path, out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> None:
+    rows = [r for n in sorted(by_length) for r in summarise(n, by_length[n])]
+    cfg = stack.model.config
+    write_json(
+        path,
+        {
+            "settings": {"book": args.book, "trials": args.trials, "seed": args.seed},
+            "served": {
+                k: getattr(cfg, k)
+                for k in ("layout", "chunk", "top_k", "local_window", "sink_tokens", "mem_position")
             },
-        )
-        cols = [
-            "context_tokens",
-            "reading",
-            "trials",
-            "correct",
-            "needle_retrieved",
-            "mean_key_logp",
-            "mean_first_digit_logp",
-        ]
-        head = (
-            "Passkey answered under several readings of the question, each trial ingested once with the "
-            f"served settings ({cfg.layout}, chunk {cfg.chunk}, top-{cfg.top_k}, window {cfg.local_window}, "
-            f"{cfg.sink_tokens} sinks, memory keys at '{cfg.mem_position}'); book {args.book}, seed "
-            f"{args.seed}, the trials of `memlong eval passkey`. `q32`: the question's retrieval queries with "
-            "the prompt's last 32 tokens (`prompt_query_tokens`); `pN`: it reads its best N chunks "
-            "(`prompt_top_k`; the window before the question reads top-8 as served). `needle_retrieved`: the "
-            "needle's chunk among the question's chunks; log-probs of the key given the prompt (teacher "
-            "forced). `python bench/passkey_read_study.py`\n\n"
-        )
-        (out / "passkey_read_study.md").write_text(head + markdown_table(rows, cols))
+            "machine": machine_info(),
+            "rows": rows,
+            "trials": {str(n): t for n, t in sorted(by_length.items())},
+        },
+    )
+    cols = [
+        "context_tokens",
+        "reading",
+        "trials",
+        "correct",
+        "needle_retrieved",
+        "mean_key_logp",
+        "mean_first_digit_logp",
+    ]
+    head = (
+        "Passkey answered under several readings of the question, each trial ingested once with the "
+        f"served settings ({cfg.layout}, chunk {cfg.chunk}, top-{cfg.top_k}, window {cfg.local_window}, "
+        f"{cfg.sink_tokens} sinks, memory keys at '{cfg.mem_position}'); book {args.book}, seed "
+        f"{args.seed}, the trials of `memlong eval passkey`. `q32`: the question's retrieval queries with "
+        "the prompt's last 32 tokens (`prompt_query_tokens`); `pN`: it reads its best N chunks "
+        "(`prompt_top_k`; the window before the question reads top-8 as served); `window`: the prompt's "
+        "chunks in its last window retrieve with the question too (`prompt_window`). `needle_retrieved`: the "
+        "needle's chunk among the question's chunks; log-probs of the key given the prompt (teacher "
+        "forced). `python bench/passkey_read_study.py`\n\n"
+    )
+    (out / "passkey_read_study.md").write_text(head + markdown_table(rows, cols))
 
 
 if __name__ == "__main__":

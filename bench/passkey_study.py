@@ -6,6 +6,7 @@ it as `from passkey_study import study_setup`: a script's own folder is first on
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,11 +19,17 @@ from memlong.model import MemLongConfig
 
 
 def study_setup(
-    description: str, lengths: str, out: Path
+    description: str,
+    lengths: str,
+    out: Path,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[argparse.Namespace, PasskeySettings, Stack]:
-    """Parse --book, --lengths, --trials, --seed, --threads (torch and FAISS) and --out (a Path); return
-    them, the trials' settings and the stack loaded with the served MemLong settings."""
+    """Parse --book, --lengths, --trials, --seed, --threads (torch and FAISS), --out (a Path) and what
+    `add_args` adds; return them, the trials' settings and the stack loaded with the served MemLong
+    settings."""
     ap = argparse.ArgumentParser(description=description)
+    if add_args is not None:
+        add_args(ap)
     ap.add_argument("--book", default="kjv")
     ap.add_argument("--lengths", default=lengths)
     ap.add_argument("--trials", type=int, default=10)

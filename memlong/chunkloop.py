@@ -245,6 +245,7 @@ class Reader:
         self._key_history: torch.Tensor | None = None  # (<= chunk, key_dim) their queries ("keys")
         # A given prompt (its tokens and, retrieving by keys, their queries): the next boundary's query.
         self._next_query: tuple[list[int], torch.Tensor | None] | None = None
+        self._prompt_query: tuple[list[int], torch.Tensor | None] | None = None  # sticky (`seed_query`)
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
         self._block_searched = False  # a memory search ran for the current chunk
@@ -349,28 +350,35 @@ class Reader:
         if pre is not None:
             pre[4].cancel()
 
-    def seed_query(self, tokens: Sequence[int], unread: int = 0) -> None:
+    def seed_query(self, tokens: Sequence[int], unread: int = 0, sticky: bool = False) -> None:
         """Retrieve memory for the tokens about to be read with `tokens` (a given prompt) as the query.
 
         Used by `read_prompt`: the prompt is given and only what follows is predicted, so querying with
-        it is no look-ahead. The text query is its last `prompt_query_tokens` (0: its last chunk). Scoring never seeds. Mid-chunk the retrieval runs now and serves the rest of
-        the chunk; at a boundary the boundary's own retrieval uses it. The last `unread` of `tokens` are
-        not read yet: retrieval by keys runs them once ahead, on a copy of the local state, for their
-        attention queries (they stay within one chunk, so this is one block).
+        it is no look-ahead. The text query is its last `prompt_query_tokens` (0: its last chunk).
+        Scoring never seeds. Mid-chunk the retrieval runs now and serves the rest of the chunk; at a
+        boundary the boundary's own retrieval uses it; sticky=True: every boundary's retrieval uses it
+        until `unseed`. The last `unread` of `tokens` are not read yet: retrieval by keys runs their
+        last chunk's worth once ahead, on a copy of the local state, for their attention queries.
         """
         query = list(tokens)[-(self.cfg.prompt_query_tokens or self.cfg.chunk) :]
         keys = None
         if self.cfg.retrieval == "keys":
-            ahead = list(tokens)[len(tokens) - unread :] if unread else []
+            ahead = list(tokens)[len(tokens) - min(unread, self.cfg.chunk) :] if unread else []
             keys = self._key_history
             if ahead:
                 memory = self._block_memory if self.position % self.cfg.chunk else None
                 out = self.model.forward_block(torch.tensor([ahead]), self.stream.clone(), memory=memory)
                 keys = _last_rows(keys, out.queries[0], self.cfg.chunk)
+        if sticky:
+            self._prompt_query = (query, keys)
         if self.position % self.cfg.chunk:
             self._block_memory = self._retrieve(query, keys)
-        else:
+        elif not sticky:
             self._next_query = (query, keys)
+
+    def unseed(self) -> None:
+        """End a sticky `seed_query`: later boundaries query with the text before them again."""
+        self._prompt_query = None
 
     def _prefetch(self, position: int, query_tokens: list[int]) -> None:
         """Start the retrieval for the boundary at `position` in the background, before the block that
@@ -409,9 +417,11 @@ class Reader:
         use."""
         pre, self._prefetched = self._prefetched, None
         self._block_searched = False  # until a search below runs for this chunk
-        prompted = query_tokens is not None or self._next_query is not None
+        prompted = query_tokens is not None or self._next_query or self._prompt_query
         if query_tokens is None:
-            query_tokens, key_rows = self._next_query or (self._history, self._key_history)
+            query_tokens, key_rows = (
+                self._next_query or self._prompt_query or (self._history, self._key_history)
+            )
             self._next_query = None
         query_tokens = list(query_tokens)
         if self.memory is None or not query_tokens or self._pend_start == 0 and self.next_chunk_id == 0:
@@ -546,7 +556,7 @@ class Reader:
         if self.position % c == 0:
             self._block_memory = self._retrieve()
         end = self.position + len(block)
-        if ahead and self.memory is not None and end % c == 0:
+        if ahead and self.memory is not None and end % c == 0 and self._prompt_query is None:
             self._prefetch(end, (self._history + block)[-c:])
         self.stats.blocks_searched += self._block_searched
         self.stats.blocks_with_memory += self._block_memory is not None
@@ -564,14 +574,21 @@ class Reader:
         """Score a prompt whose continuation is predicted next; (n,) log-probs as `score`.
 
         The prompt is read as text up to its last chunk boundary; the rest of it, and what follows,
-        read memory retrieved with the prompt's own last `chunk` tokens (the question, say). The
-        prompt is given, so querying with it is no look-ahead; only what follows it is predicted.
+        read memory retrieved with the prompt's own last `chunk` tokens (the question, say). With
+        `prompt_window`, so do its chunks inside the last `local_window` tokens. The prompt is given,
+        so querying with it is no look-ahead; only what follows it is predicted.
         """
-        c = self.cfg.chunk
-        cut = max(0, (self.position + len(prompt) - 1) // c * c - self.position)  # last boundary inside
+        c, start = self.cfg.chunk, self.position
+        cut = max(0, (start + len(prompt) - 1) // c * c - start)  # last boundary inside
+        if self.cfg.prompt_window:  # the first boundary inside the window at the prompt's end, or 0
+            edge = start + len(prompt) - self.cfg.local_window
+            cut = min(cut, max(0, -(-edge // c) * c - start))
         head = self.score(prompt[:cut]) if cut else torch.zeros(0)
-        self.seed_query(prompt, unread=len(prompt) - cut)
-        return torch.cat([head, self.score(prompt[cut:])])
+        self.seed_query(prompt, unread=len(prompt) - cut, sticky=self.cfg.prompt_window)
+        try:
+            return torch.cat([head, self.score(prompt[cut:])])
+        finally:
+            self.unseed()
 
     @torch.no_grad()
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:

@@ -45,6 +45,8 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
             items.append((key, int(value)))
         elif key == "key_query_center":
             items.append((key, float(value)))
+        elif key == "prompt_window":
+            items.append((key, value.lower() in ("1", "true", "yes")))
         else:
             items.append((key, value))
     return name, tuple(items)

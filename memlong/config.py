@@ -66,6 +66,11 @@ class MemLongConfig:
     # Chunks read for a given prompt's retrieval (0: `top_k`). Passkey at 16k answers the same with 1, 2,
     # 4 or 8 once the needle's chunk is among them (bench/results/passkey_read_study).
     prompt_top_k: int = 0
+    # A given prompt's chunks within the last `local_window` tokens of its end (the window its
+    # continuation reads) read memory retrieved with the prompt's query too, not with the chunk before
+    # each of them: the text just before the question then sees what the question is about. False: only
+    # the prompt's last partial chunk reads it.
+    prompt_window: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))

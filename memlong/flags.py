@@ -82,6 +82,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="chunks a prompt's own retrieval reads (0: --top-k)",
     )
     g.add_argument(
+        "--prompt-window",
+        action=argparse.BooleanOptionalAction,
+        default=d.prompt_window,
+        help="a prompt's chunks inside the window its continuation reads retrieve with the prompt's query too",
+    )
+    g.add_argument(
         "--kv-codec",
         choices=KV_CODECS,
         default=d.kv_codec,
@@ -108,6 +114,7 @@ def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer") 
         kv_codec=getattr(args, "kv_codec", "none"),
         prompt_query_tokens=args.prompt_query_tokens,
         prompt_top_k=args.prompt_top_k,
+        prompt_window=getattr(args, "prompt_window", False),
         **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
     )
 

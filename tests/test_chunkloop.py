@@ -406,3 +406,44 @@ def test_a_prompts_retrieval_reads_its_best_prompt_top_k_chunks(prompt_top_k):
         assert reader._block_memory.k.shape[3] == (prompt_top_k or 3) * 4
         list(reader.generate([], SamplingParams(max_new_tokens=3)))  # crosses 40: a plain boundary again
         assert searches[-1] == 3 and reader._block_memory.k.shape[3] == 3 * 4
+
+
+@pytest.mark.parametrize("prompt_window", [False, True])
+def test_a_prompts_chunks_in_the_last_window_retrieve_with_its_query_under_prompt_window(prompt_window):
+    """`prompt_window`: every boundary of a given prompt inside the last `local_window` tokens of its end
+    queries with the prompt's last chunk; earlier ones, and those after the prompt, with the chunk before
+    them. Without it only the prompt's last boundary does."""
+    model = tiny_memlong(chunk=4, window=8)
+    toks, tok = _tokens(48, seed=23), TinyTokenizer()
+    retriever = RecordingRetriever()
+    memory = tiny_memory(model, retriever)
+    reader = Reader(model, retriever, tok, None)
+    queries: list[tuple[int, np.ndarray]] = []  # (reader position, query) per search
+
+    class Spy:
+        def append(self, *args):
+            return memory.append(*args)
+
+        def search(self, q, top_k):
+            queries.append((reader.position, q))
+            return memory.search(q, top_k)
+
+    reader.memory = Spy()
+    with model.configured(prompt_window=prompt_window):
+        reader.ingest(toks[:16])
+        queries.clear()
+        prompt = toks[16:35]  # ends at 35: the window it leaves is 27..35, its boundaries 28 and 32
+        reader.read_prompt(prompt)
+        list(reader.generate([], SamplingParams(max_new_tokens=3)))  # crosses 36: a plain boundary
+    seeded = {28, 32} if prompt_window else {32}
+    assert [p for p, _ in queries] == [16, 20, 24, 28, 32, 36]
+    asked = reader._queries.embed(tok.decode(prompt[-4:]))
+    for position, q in queries:
+        if position in seeded:
+            assert np.array_equal(q, asked), position
+        elif position < 35:
+            assert np.array_equal(q, reader._queries.embed(tok.decode(toks[position - 4 : position]))), (
+                position
+            )
+        else:  # after the prompt: the chunk before 36, which ends in the generated token
+            assert not np.array_equal(q, asked)

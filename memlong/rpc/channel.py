@@ -81,6 +81,9 @@ class ChannelOptions:
             ("grpc.initial_reconnect_backoff_ms", self.initial_reconnect_backoff_ms),
             ("grpc.min_reconnect_backoff_ms", self.initial_reconnect_backoff_ms),
             ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
+            # Subchannels (connections and their reconnect backoff) belong to this channel, not to a
+            # process-wide pool: a new channel (`forget_channels`) starts with a fresh connection.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
 
 
@@ -117,6 +120,17 @@ def _new_channel(target: str, options: ChannelOptions) -> grpc.Channel:
         tracing.ensure_telemetry()
         channel = grpc.intercept_channel(channel, tracing.ClientTelemetry())
     return channel
+
+
+def forget_channels(targets: Sequence[str]) -> None:
+    """Drop the cached channels to `targets` from the cache without closing them: a server has just
+    started listening there in this process, so they were connected to an earlier one, and a channel
+    still in its reconnect backoff fails calls fast ("connection refused") for up to
+    `max_reconnect_backoff_ms` after the new server is up. The next `get_channel` builds a fresh one;
+    callers that hold an old one keep it until they let go (it reconnects after its backoff)."""
+    with _lock:
+        for key in [k for k in _channels if k[0] in targets]:
+            del _channels[key]
 
 
 def close_channels(targets: Sequence[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from memlong.rpc import internal, tracing
-from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
+from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, forget_channels
 from memlong.rpc.status import RequestDecoding
 from memlong.rpc.tls import TlsConfig, internal_tls, process_tls
 
@@ -243,6 +243,7 @@ class ServiceProcess:
         options = replace(options, interceptors=(*options.interceptors, RequestDecoding()))
         address = self.config.host if _is_unix(self.config.host) else f"{self.config.host}:{self.config.port}"
         self.server, self.port = create_server(address, [self._service()], options, self.health)
+        forget_channels([self.address()])  # channels cached for an earlier server at this address
         return self.port
 
     def set_serving(self, serving: bool) -> None:

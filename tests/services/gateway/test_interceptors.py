@@ -61,7 +61,9 @@ def _one(channel, request: bytes, key: str | None = KEY, timeout: float = 10.0) 
 
 def test_a_keyed_call_sees_its_tenant_and_its_deadline_capped(channel):
     tenant, remaining = _one(channel, b"ok", timeout=10.0).decode().split()
-    assert tenant == "tenant-a" and 0 < float(remaining) <= 10.0
+    # 10 s asked, under the 30 s cap; the server may see a little more (grpc-timeout is rounded up on
+    # the wire), never the cap.
+    assert tenant == "tenant-a" and 0 < float(remaining) <= 10.5
     many = channel.unary_stream(f"/{SERVICE}/Many")
     replies = list(many(b"ok", timeout=120.0, metadata=(("authorization", f"Bearer {KEY}"),)))
     assert [r.split()[0] for r in replies] == [b"tenant-a", b"tenant-a"]

@@ -469,3 +469,26 @@ def test_reflection_answers_v1_and_v1alpha(server, package: str) -> None:
     files = described.file_descriptor_response.file_descriptor_proto
     assert any(b"memlong/api/retmem/v1/retmem.proto" in f for f in files)
     channel.close()
+
+
+def test_a_server_started_where_an_earlier_one_stopped_answers_the_first_call(tmp_path: Path) -> None:
+    """A cached channel to a stopped server sits in reconnect backoff, failing calls fast; a new server
+    at the same address in this process drops it from the cache, so the first call (not retried:
+    CreateSession is not idempotent) reaches the new server."""
+    first = RetMemServer(RetMemConfig(data_dir=tmp_path / "a", shards=("s0",)))
+    first.start()
+    port = first.port
+    client = RetMemClient({"s0": first.address()})
+    client.create_session("before", tiny_spec())
+    first.stop(grace_s=0)
+    for i in range(8):  # failures push the channel's reconnect backoff to its maximum (1 s)
+        with pytest.raises(errors.Unavailable):
+            client.create_session(f"down-{i}", tiny_spec())
+        threading.Event().wait(0.2)
+    second = RetMemServer(RetMemConfig(data_dir=tmp_path / "b", shards=("s0",), port=port))
+    second.start()
+    try:
+        client.create_session("after", tiny_spec())
+        assert client.info("after").shard == "s0"
+    finally:
+        second.stop(grace_s=0)

@@ -243,9 +243,9 @@ class Reader:
         self._pend_v: list[torch.Tensor] = []
         self._history: list[int] = []  # the last `chunk` tokens read: the retrieval query's text
         self._key_history: torch.Tensor | None = None  # (<= chunk, key_dim) their queries ("keys")
-        # A given prompt (its tokens and, retrieving by keys, their queries): the next boundary's query.
-        self._next_query: tuple[list[int], torch.Tensor | None] | None = None
-        self._prompt_query: tuple[list[int], torch.Tensor | None] | None = None  # sticky (`seed_query`)
+        # A given prompt's query (`seed_query`): (text, attention queries, first position it no longer
+        # serves): every boundary before that position reads what it retrieves.
+        self._seed: tuple[list[int], torch.Tensor | None, int] | None = None
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
         self._block_searched = False  # a memory search ran for the current chunk
@@ -269,6 +269,7 @@ class Reader:
         other._history = list(self._history)
         other._key_history = self._key_history
         other._last_logp = self._last_logp
+        other._seed = self._seed
         if memory is not None:  # mid-chunk, the rest of the chunk reads what its boundary retrieved
             other._block_memory, other._block_searched = self._block_memory, self._block_searched
         return other
@@ -350,15 +351,17 @@ class Reader:
         if pre is not None:
             pre[4].cancel()
 
-    def seed_query(self, tokens: Sequence[int], unread: int = 0, sticky: bool = False) -> None:
+    def seed_query(self, tokens: Sequence[int], unread: int = 0) -> None:
         """Retrieve memory for the tokens about to be read with `tokens` (a given prompt) as the query.
 
         Used by `read_prompt`: the prompt is given and only what follows is predicted, so querying with
         it is no look-ahead. The text query is its last `prompt_query_tokens` (0: its last chunk).
-        Scoring never seeds. Mid-chunk the retrieval runs now and serves the rest of the chunk; at a
-        boundary the boundary's own retrieval uses it; sticky=True: every boundary's retrieval uses it
-        until `unseed`. The last `unread` of `tokens` are not read yet: retrieval by keys runs their
-        last chunk's worth once ahead, on a copy of the local state, for their attention queries.
+        Scoring never seeds. Mid-chunk the retrieval runs now and serves the rest of the chunk; every
+        boundary from here until the chunk before it holds none of the prompt (the prompt's last
+        `unread` tokens, and what follows them for up to a chunk) retrieves with it too, so the answer
+        reads what the question found even when the prompt ends on a boundary. Retrieval by keys runs
+        the last chunk's worth of the unread tokens once ahead, on a copy of the local state, for their
+        attention queries.
         """
         query = list(tokens)[-(self.cfg.prompt_query_tokens or self.cfg.chunk) :]
         keys = None
@@ -369,16 +372,9 @@ class Reader:
                 memory = self._block_memory if self.position % self.cfg.chunk else None
                 out = self.model.forward_block(torch.tensor([ahead]), self.stream.clone(), memory=memory)
                 keys = _last_rows(keys, out.queries[0], self.cfg.chunk)
-        if sticky:
-            self._prompt_query = (query, keys)
+        self._seed = (query, keys, self.position + unread + self.cfg.chunk)
         if self.position % self.cfg.chunk:
             self._block_memory = self._retrieve(query, keys)
-        elif not sticky:
-            self._next_query = (query, keys)
-
-    def unseed(self) -> None:
-        """End a sticky `seed_query`: later boundaries query with the text before them again."""
-        self._prompt_query = None
 
     def _prefetch(self, position: int, query_tokens: list[int]) -> None:
         """Start the retrieval for the boundary at `position` in the background, before the block that
@@ -417,12 +413,11 @@ class Reader:
         use."""
         pre, self._prefetched = self._prefetched, None
         self._block_searched = False  # until a search below runs for this chunk
-        prompted = query_tokens is not None or self._next_query or self._prompt_query
+        if self._seed is not None and self.position >= self._seed[2]:
+            self._seed = None  # the chunk before this boundary holds none of the prompt
+        prompted = query_tokens is not None or self._seed is not None
         if query_tokens is None:
-            query_tokens, key_rows = (
-                self._next_query or self._prompt_query or (self._history, self._key_history)
-            )
-            self._next_query = None
+            query_tokens, key_rows = self._seed[:2] if self._seed else (self._history, self._key_history)
         query_tokens = list(query_tokens)
         if self.memory is None or not query_tokens or self._pend_start == 0 and self.next_chunk_id == 0:
             return None
@@ -556,7 +551,12 @@ class Reader:
         if self.position % c == 0:
             self._block_memory = self._retrieve()
         end = self.position + len(block)
-        if ahead and self.memory is not None and end % c == 0 and self._prompt_query is None:
+        if (
+            ahead
+            and self.memory is not None
+            and end % c == 0
+            and (self._seed is None or end >= self._seed[2])
+        ):
             self._prefetch(end, (self._history + block)[-c:])
         self.stats.blocks_searched += self._block_searched
         self.stats.blocks_with_memory += self._block_memory is not None
@@ -584,11 +584,8 @@ class Reader:
             edge = start + len(prompt) - self.cfg.local_window
             cut = min(cut, max(0, -(-edge // c) * c - start))
         head = self.score(prompt[:cut]) if cut else torch.zeros(0)
-        self.seed_query(prompt, unread=len(prompt) - cut, sticky=self.cfg.prompt_window)
-        try:
-            return torch.cat([head, self.score(prompt[cut:])])
-        finally:
-            self.unseed()
+        self.seed_query(prompt, unread=len(prompt) - cut)
+        return torch.cat([head, self.score(prompt[cut:])])
 
     @torch.no_grad()
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:

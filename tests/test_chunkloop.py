@@ -404,15 +404,18 @@ def test_a_prompts_retrieval_reads_its_best_prompt_top_k_chunks(prompt_top_k):
         reader.read_prompt(toks[32:39])  # the prompt's retrieval serves 36..39
         assert searches[n_before:] == [3, prompt_top_k or 3]
         assert reader._block_memory.k.shape[3] == (prompt_top_k or 3) * 4
-        list(reader.generate([], SamplingParams(max_new_tokens=3)))  # crosses 40: a plain boundary again
+        list(reader.generate([], SamplingParams(max_new_tokens=3)))  # 40: the chunk before it holds prompt
+        assert searches[-1] == (prompt_top_k or 3)
+        list(reader.generate([], SamplingParams(max_new_tokens=4)))  # crosses 44: a plain boundary again
         assert searches[-1] == 3 and reader._block_memory.k.shape[3] == 3 * 4
 
 
 @pytest.mark.parametrize("prompt_window", [False, True])
 def test_a_prompts_chunks_in_the_last_window_retrieve_with_its_query_under_prompt_window(prompt_window):
     """`prompt_window`: every boundary of a given prompt inside the last `local_window` tokens of its end
-    queries with the prompt's last chunk; earlier ones, and those after the prompt, with the chunk before
-    them. Without it only the prompt's last boundary does."""
+    queries with the prompt's last chunk; earlier ones with the chunk before them. Without it only the
+    prompt's last boundary does. Either way so does the first boundary after the prompt (the chunk before
+    it holds the prompt's end), and not the next."""
     model = tiny_memlong(chunk=4, window=8)
     toks, tok = _tokens(48, seed=23), TinyTokenizer()
     retriever = RecordingRetriever()
@@ -434,9 +437,10 @@ def test_a_prompts_chunks_in_the_last_window_retrieve_with_its_query_under_promp
         queries.clear()
         prompt = toks[16:35]  # ends at 35: the window it leaves is 27..35, its boundaries 28 and 32
         reader.read_prompt(prompt)
-        list(reader.generate([], SamplingParams(max_new_tokens=3)))  # crosses 36: a plain boundary
-    seeded = {28, 32} if prompt_window else {32}
-    assert [p for p, _ in queries] == [16, 20, 24, 28, 32, 36]
+        list(reader.generate([], SamplingParams(max_new_tokens=7)))  # crosses 36 and 40
+    # 36: the chunk before it still holds the prompt's end, so the answer reads what the question found
+    seeded = {28, 32, 36} if prompt_window else {32, 36}
+    assert [p for p, _ in queries] == [16, 20, 24, 28, 32, 36, 40]
     asked = reader._queries.embed(tok.decode(prompt[-4:]))
     for position, q in queries:
         if position in seeded:
@@ -445,5 +449,5 @@ def test_a_prompts_chunks_in_the_last_window_retrieve_with_its_query_under_promp
             assert np.array_equal(q, reader._queries.embed(tok.decode(toks[position - 4 : position]))), (
                 position
             )
-        else:  # after the prompt: the chunk before 36, which ends in the generated token
+        else:  # 40: the chunk before it is all generated tokens
             assert not np.array_equal(q, asked)

@@ -61,7 +61,9 @@ class MemLongConfig:
     key_query_center: float = 0.5
     # "text": a given prompt (generation) is retrieved for with its last `prompt_query_tokens` tokens
     # (0: its last chunk). Shorter spans keep the question and leave out the text before it, which at
-    # long lengths matches other chunks better than the one sought (bench/results/passkey_query_study).
+    # long lengths matches other chunks better than the one sought (bench/results/passkey_query_study),
+    # but at 64k the last 32 tokens' other chunks steer the answer away from the key more often than the
+    # last chunk's misses do (bench/results/passkey_read_study): 0.
     prompt_query_tokens: int = 0
     # Chunks read for a given prompt's retrieval (0: `top_k`). Passkey at 16k answers the same with 1, 2,
     # 4 or 8 once the needle's chunk is among them (bench/results/passkey_read_study).
@@ -69,7 +71,8 @@ class MemLongConfig:
     # A given prompt's chunks within the last `local_window` tokens of its end (the window its
     # continuation reads) read memory retrieved with the prompt's query too, not with the chunk before
     # each of them: the text just before the question then sees what the question is about. False: only
-    # the prompt's last partial chunk reads it.
+    # the prompt's last partial chunk reads it. Passkey at 16k answers the same either way
+    # (bench/results/passkey_read_study): False.
     prompt_window: bool = False
 
     def __post_init__(self) -> None:

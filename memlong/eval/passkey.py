@@ -6,7 +6,8 @@ see it). Each reading method has its own base reader (with per-layer memory what
 on what it retrieved, so methods share nothing); trials are read in order of depth, the base ingesting
 the haystack up to each depth once; each trial forks it (local state and a copy of memory), ingests the
 needle and the rest, then reads the last local window plus the question with every layer and generates
-greedily, retrieving once with the question's own text (it is given: no look-ahead). `sliding` reads with
+greedily; the question's last chunk and the answer read what a retrieval with the question's own text
+found (it is given: no look-ahead). `sliding` reads with
 no memory at all. `full` (up to the model's native positions) reads the whole sequence with plain full
 attention: the model's own ceiling on the format. Beside accuracy, how often the needle's chunk was among
 the chunks retrieved while answering.

@@ -152,14 +152,14 @@ def main() -> None:
             same = old.get("settings", {}) == {"book": args.book, "trials": args.trials, "seed": args.seed}
             by_length = {int(k): v for k, v in old.get("trials", {}).items()} if same else {}
             by_length[length] = _merge(by_length.get(length, []), trials)
-            _write(path, out, args, stack, by_length)
+            _write(out, args, stack, by_length)
 
 
-def _write(path: Path, out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> None:
+def _write(out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> None:
     rows = [r for n in sorted(by_length) for r in summarise(n, by_length[n])]
     cfg = stack.model.config
     write_json(
-        path,
+        out / "passkey_read_study.json",
         {
             "settings": {"book": args.book, "trials": args.trials, "seed": args.seed},
             "served": {

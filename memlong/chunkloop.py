@@ -376,6 +376,10 @@ class Reader:
         if self.position % self.cfg.chunk:
             self._block_memory = self._retrieve(query, keys)
 
+    def _seeded_at(self, position: int) -> bool:
+        """Whether the boundary at `position` retrieves with a given prompt's query (`seed_query`)."""
+        return self._seed is not None and position < self._seed[2]
+
     def _prefetch(self, position: int, query_tokens: list[int]) -> None:
         """Start the retrieval for the boundary at `position` in the background, before the block that
         ends there is computed. `query_tokens` is that block's own text: known (the text is given) and
@@ -413,7 +417,7 @@ class Reader:
         use."""
         pre, self._prefetched = self._prefetched, None
         self._block_searched = False  # until a search below runs for this chunk
-        if self._seed is not None and self.position >= self._seed[2]:
+        if not self._seeded_at(self.position):
             self._seed = None  # the chunk before this boundary holds none of the prompt
         prompted = query_tokens is not None or self._seed is not None
         if query_tokens is None:
@@ -551,12 +555,7 @@ class Reader:
         if self.position % c == 0:
             self._block_memory = self._retrieve()
         end = self.position + len(block)
-        if (
-            ahead
-            and self.memory is not None
-            and end % c == 0
-            and (self._seed is None or end >= self._seed[2])
-        ):
+        if ahead and self.memory is not None and end % c == 0 and not self._seeded_at(end):
             self._prefetch(end, (self._history + block)[-c:])
         self.stats.blocks_searched += self._block_searched
         self.stats.blocks_with_memory += self._block_memory is not None

@@ -114,7 +114,7 @@ def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer") 
         kv_codec=getattr(args, "kv_codec", "none"),
         prompt_query_tokens=args.prompt_query_tokens,
         prompt_top_k=args.prompt_top_k,
-        prompt_window=getattr(args, "prompt_window", False),
+        prompt_window=args.prompt_window,
         **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
     )
 

@@ -177,7 +177,13 @@ class _TooLarge(StarletteHTTPException):
 class BodyLimit:
     """ASGI middleware: 413 for a JSON body over `max_bytes`, by its Content-Length or, when it has none,
     as soon as more arrives (the body is never held whole). Uploads stream to the gateway, whose
-    limit on an append holds there."""
+    limit on an append holds there.
+
+    Before a 413 the rest of the body is read and dropped, up to `DRAIN_BYTES` past the limit: a server
+    that closes while the client still sends makes the client's kernel reset the connection, and a reset
+    discards the 413 the client had not read yet. A body longer than that is cut off."""
+
+    DRAIN_BYTES = 1 << 20
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -188,6 +194,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            if int(length) <= self.max_bytes + self.DRAIN_BYTES:
+                await self._drain(receive, {"more_body": True}, 0)
             err = ApiError(413, f"request body over {self.max_bytes} bytes", code="too_large")
             return await error_response(err)(scope, receive, send)
         seen = 0
@@ -197,10 +205,18 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
+                await self._drain(receive, message, seen)
                 raise _TooLarge()  # an HTTPException: FastAPI passes it to the handler below
             return message
 
         await self.app(scope, limited, send)
+
+    async def _drain(self, receive: Any, message: Any, seen: int) -> None:
+        """Read and drop the body after `message` (`seen` bytes so far) until it ends, the client leaves,
+        or `DRAIN_BYTES` past the limit."""
+        while message.get("more_body") and seen <= self.max_bytes + self.DRAIN_BYTES:
+            message = await receive()
+            seen += len(message.get("body", b""))
 
 
 def _renamed(err: ApiError, old: str, new: str) -> ApiError:

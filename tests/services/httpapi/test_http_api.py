@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import ssl
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +44,13 @@ def template() -> ChatTemplate:
 
 def serve_http(stack: Stack, template: ChatTemplate | None, **kw) -> HttpServer:
     server = HttpServer(HttpConfig(gateway=stack.gateway.address(), **kw), template)
+    server.start()
+    return server
+
+
+def serve_http_alone(template: ChatTemplate | None, **kw) -> HttpServer:
+    """A front whose gateway is nowhere (a closed port): for what the front answers by itself."""
+    server = HttpServer(HttpConfig(gateway="127.0.0.1:9", **kw), template)
     server.start()
     return server
 
@@ -472,3 +481,40 @@ def test_the_http_port_serves_tls_under_the_public_policy(tmp_path: Path, templa
     finally:
         http.stop(0)
         stack.stop()
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_an_over_limit_body_still_arriving_gets_its_413_not_a_reset(template, framing: str) -> None:
+    """The client is still sending when the front decides 413 on a request that asks to close after it
+    (urllib's always do): the front reads the rest before it answers and closes, so the client reads the
+    413 (a close while data arrives resets the connection, and a reset throws away the answer the client
+    has not read yet). Chunked: decided on the first piece over the limit; sized: on the header."""
+    http = serve_http_alone(template, max_body_bytes=1000)  # a 413 never reaches the gateway
+    pieces = [b"z" * 1500] * 5
+    if framing == "chunked":
+        head, frame, end = (
+            b"Transfer-Encoding: chunked",
+            (lambda p: b"%x\r\n%s\r\n" % (len(p), p)),
+            b"0\r\n\r\n",
+        )
+    else:
+        head, frame, end = b"Content-Length: %d" % sum(map(len, pieces)), (lambda p: p), b""
+    try:
+        host, port = http.url().removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a\r\n"
+                b"Content-Type: application/json\r\nConnection: close\r\n%s\r\n\r\n" % head
+            )
+            s.sendall(frame(pieces[0]))  # the front has decided by now
+            time.sleep(0.5)  # ... and, without reading on, would have answered and closed by now
+            for p in pieces[1:]:
+                s.sendall(frame(p))
+                time.sleep(0.05)
+            s.sendall(end)
+            answer = b""
+            while b"too_large" not in answer and (part := s.recv(65536)):
+                answer += part
+        assert answer.startswith(b"HTTP/1.1 413") and b"too_large" in answer
+    finally:
+        http.stop(0)

@@ -24,7 +24,8 @@ import openai  # noqa: E402
 from ray import serve  # noqa: E402
 
 from memlong.client import Client  # noqa: E402
-from memlong.deploy.ray_app.cli import PROXY_READY_ENV  # noqa: E402
+from memlong.deploy.ray_app import cli as ray_cli  # noqa: E402
+from memlong.deploy.ray_app.cli import NODE_STARTUP_TIMEOUT, PROXY_READY_ENV  # noqa: E402
 from memlong.errors import Unavailable  # noqa: E402
 from memlong.rpc.channel import close_channels  # noqa: E402
 from memlong.services.httpapi.config import DEFAULT_MODEL_ID  # noqa: E402
@@ -72,7 +73,7 @@ def ray_instance() -> Iterator[None]:
             )
             break
         except Exception as err:  # Ray waits a fixed 30 s for its raylet: a busy 2-core CI can miss it
-            if attempt == 2 or "timed out during startup" not in str(err):
+            if attempt == 2 or NODE_STARTUP_TIMEOUT not in str(err):
                 raise
             ray.shutdown()
     # Loopback only: the GCS and every node (so every raylet and worker) on 127.0.0.1.
@@ -81,6 +82,32 @@ def ray_instance() -> Iterator[None]:
     yield
     serve.shutdown()
     ray.shutdown()
+
+
+def test_ray_up_starts_its_head_once_more_after_rays_node_startup_timeout(monkeypatch) -> None:
+    """`ray start --head` that times out waiting for its raylet is stopped and started once more; a
+    second timeout, or any other failure, is an error that carries what Ray said."""
+    calls: list[str] = []
+
+    def fake_run(cmd, **_kw):
+        calls.append(cmd[1])
+        said = outcomes.pop(0) if cmd[1] == "start" else ""
+        return subprocess.CompletedProcess(cmd, 0 if said == "ok" else 1, stdout="", stderr=said)
+
+    monkeypatch.setattr(ray_cli.subprocess, "run", fake_run)
+    outcomes = [f"Exception: The current node {NODE_STARTUP_TIMEOUT}.", "ok"]
+    ray_cli._start_head(2)
+    assert calls == ["start", "stop", "start"]
+    calls.clear()
+    outcomes = [NODE_STARTUP_TIMEOUT, NODE_STARTUP_TIMEOUT]
+    with pytest.raises(RuntimeError, match=NODE_STARTUP_TIMEOUT):
+        ray_cli._start_head(2)
+    assert calls == ["start", "stop", "start"]
+    calls.clear()
+    outcomes = ["port 6379 already in use"]
+    with pytest.raises(RuntimeError, match="already in use"):
+        ray_cli._start_head(2)
+    assert calls == ["start"]
 
 
 def replica_actor(deployment: str):

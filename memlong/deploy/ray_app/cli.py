@@ -108,21 +108,35 @@ def _connect(address: str, num_cpus: int | None = None) -> None:
     except ConnectionError:
         if address != "auto" or num_cpus is None:
             raise
-    subprocess.run(
-        [
-            _ray_cli(),
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--num-cpus={num_cpus}",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    _start_head(num_cpus)
     ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
+
+
+# What Ray says when its raylet does not register within the 30 s it waits (a constant in
+# ray/_private/node.py); a busy small machine can miss it, and a second start then succeeds.
+NODE_STARTUP_TIMEOUT = "timed out during startup"
+
+
+def _start_head(num_cpus: int) -> None:
+    """`ray start --head` on 127.0.0.1; after Ray's node start-up timeout, `ray stop` and once more."""
+    start = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    for attempt in (1, 2):
+        done = subprocess.run(start, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            return
+        said = done.stdout + done.stderr
+        if attempt == 2 or NODE_STARTUP_TIMEOUT not in said:
+            raise RuntimeError(f"ray start --head failed (exit {done.returncode}):\n{said.strip()}")
+        log.warning("Ray's node start-up timed out; stopping what started and starting once more")
+        subprocess.run([_ray_cli(), "stop"], check=False, capture_output=True, timeout=300)
 
 
 def config_from_args(args: argparse.Namespace) -> RayAppConfig:

@@ -19,6 +19,7 @@ import fcntl
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from passkey_study import study_setup
@@ -39,6 +40,15 @@ READINGS: dict[str, dict] = {
     "q32 p1": {"prompt_query_tokens": 32, "prompt_top_k": 1},
     "window": {"prompt_window": True},
     "window q32": {"prompt_window": True, "prompt_query_tokens": 32},
+    "q32 pfx": {"prompt_query_tokens": 32, "mem_position": "prefix"},
+    "q32 p1 pfx": {"prompt_query_tokens": 32, "prompt_top_k": 1, "mem_position": "prefix"},
+    "window q32 p1": {"prompt_window": True, "prompt_query_tokens": 32, "prompt_top_k": 1},
+    "window q32 p1 pfx": {
+        "prompt_window": True,
+        "prompt_query_tokens": 32,
+        "prompt_top_k": 1,
+        "mem_position": "prefix",
+    },
 }
 
 
@@ -61,8 +71,14 @@ def _answer(stack: Stack, trial, tail: list[int], key: str, digits: int, needle:
 
 
 def study(
-    stack: Stack, settings: PasskeySettings, length: int, readings: list[str], only: range
-) -> list[dict]:
+    stack: Stack,
+    settings: PasskeySettings,
+    length: int,
+    readings: list[str],
+    only: range,
+    keep: Callable[[dict], None],
+) -> None:
+    """Each trial in `only` at `length`, answered under `readings`; `keep` gets each trial as it ends."""
     cfg = stack.model.config
     c, w = cfg.chunk, cfg.local_window
     book = stack.encode_book(settings.book)
@@ -70,7 +86,6 @@ def study(
     hay, n_hay, needles, depths = passkey_layout(stack, book, settings, length)
     base = stack.reader(with_memory=True)
     done = 0
-    trials: list[dict] = []
     for i, ((key, text), depth) in enumerate(zip(needles, depths, strict=True)):
         if i not in only:
             continue
@@ -88,7 +103,7 @@ def study(
                 row["readings"][name] = _answer(stack, trial, tail, key, settings.digits, depth // c)
         no_memory = trial.fork(None)
         row["readings"]["sliding"] = _answer(stack, no_memory, tail, key, settings.digits, depth // c)
-        trials.append(row)
+        keep(row)
         print(
             f"{length} trial {i}: depth {depth} key {key} "
             + "; ".join(
@@ -98,7 +113,6 @@ def study(
             + f" ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-    return trials
 
 
 def summarise(length: int, trials: list[dict]) -> list[dict]:
@@ -142,17 +156,25 @@ def main() -> None:
     lo, _, hi = args.only.partition(":")
     only = range(int(lo or 0), int(hi or args.trials))
     out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "passkey_read_study.json"
     for length in settings.lengths:
-        trials = study(stack, settings, length, readings, only)
-        # Several runs (other trials, other readings) may share the file: merge under a lock.
-        with open(out / ".passkey_read_study.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            old = json.loads(path.read_text()) if path.is_file() else {}
-            same = old.get("settings", {}) == {"book": args.book, "trials": args.trials, "seed": args.seed}
-            by_length = {int(k): v for k, v in old.get("trials", {}).items()} if same else {}
-            by_length[length] = _merge(by_length.get(length, []), trials)
-            _write(out, args, stack, by_length)
+        # Several runs (other trials, other readings) may share the file: each trial merges under a lock
+        # as it ends, so a run stopped early keeps the trials it finished.
+        def keep(row: dict, length: int = length) -> None:
+            with open(out / ".passkey_read_study.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                old = json.loads(path.read_text()) if path.is_file() else {}
+                same = old.get("settings", {}) == {
+                    "book": args.book,
+                    "trials": args.trials,
+                    "seed": args.seed,
+                }
+                by_length = {int(k): v for k, v in old.get("trials", {}).items()} if same else {}
+                by_length[length] = _merge(by_length.get(length, []), [row])
+                _write(out, args, stack, by_length)
+
+        study(stack, settings, length, readings, only, keep)
 
 
 def _write(out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> None:
@@ -187,7 +209,9 @@ def _write(out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> N
         f"{args.seed}, the trials of `memlong eval passkey`. `q32`: the question's retrieval queries with "
         "the prompt's last 32 tokens (`prompt_query_tokens`); `pN`: it reads its best N chunks "
         "(`prompt_top_k`; the window before the question reads top-8 as served); `window`: the prompt's "
-        "chunks in its last window retrieve with the question too (`prompt_window`). `needle_retrieved`: the "
+        "chunks in its last window retrieve with the question too (`prompt_window`); `pfx`: the retrieved chunks "
+        "read as the text just before the window (`mem_position` 'prefix') while the tail is read. "
+        "`needle_retrieved`: the "
         "needle's chunk among the question's chunks; log-probs of the key given the prompt (teacher "
         "forced). `python bench/passkey_read_study.py`\n\n"
     )

@@ -165,16 +165,17 @@ def main() -> None:
             with open(out / ".passkey_read_study.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 old = json.loads(path.read_text()) if path.is_file() else {}
-                same = old.get("settings", {}) == {
-                    "book": args.book,
-                    "trials": args.trials,
-                    "seed": args.seed,
-                }
+                same = old.get("settings", {}) == _settings(args)
                 by_length = {int(k): v for k, v in old.get("trials", {}).items()} if same else {}
                 by_length[length] = _merge(by_length.get(length, []), [row])
                 _write(out, args, stack, by_length)
 
         study(stack, settings, length, readings, only, keep)
+
+
+def _settings(args) -> dict:
+    """What must match for a run's trials to merge with those already in the results."""
+    return {"book": args.book, "trials": args.trials, "seed": args.seed}
 
 
 def _write(out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> None:
@@ -183,7 +184,7 @@ def _write(out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> N
     write_json(
         out / "passkey_read_study.json",
         {
-            "settings": {"book": args.book, "trials": args.trials, "seed": args.seed},
+            "settings": _settings(args),
             "served": {
                 k: getattr(cfg, k)
                 for k in ("layout", "chunk", "top_k", "local_window", "sink_tokens", "mem_position")

@@ -195,7 +195,7 @@ class BodyLimit:
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             if int(length) <= self.max_bytes + self.DRAIN_BYTES:
-                await self._drain(receive, {"more_body": True}, 0)
+                await self._drain(receive, 0)
             err = ApiError(413, f"request body over {self.max_bytes} bytes", code="too_large")
             return await error_response(err)(scope, receive, send)
         seen = 0
@@ -205,18 +205,21 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                await self._drain(receive, message, seen)
+                if message.get("more_body"):
+                    await self._drain(receive, seen)
                 raise _TooLarge()  # an HTTPException: FastAPI passes it to the handler below
             return message
 
         await self.app(scope, limited, send)
 
-    async def _drain(self, receive: Any, message: Any, seen: int) -> None:
-        """Read and drop the body after `message` (`seen` bytes so far) until it ends, the client leaves,
-        or `DRAIN_BYTES` past the limit."""
-        while message.get("more_body") and seen <= self.max_bytes + self.DRAIN_BYTES:
+    async def _drain(self, receive: Any, seen: int) -> None:
+        """Read and drop the rest of a body still arriving (`seen` bytes of it so far) until it ends, the
+        client leaves, or `DRAIN_BYTES` past the limit."""
+        while seen <= self.max_bytes + self.DRAIN_BYTES:
             message = await receive()
             seen += len(message.get("body", b""))
+            if not message.get("more_body"):  # its end, or http.disconnect
+                return
 
 
 def _renamed(err: ApiError, old: str, new: str) -> ApiError:

@@ -49,6 +49,14 @@ READINGS: dict[str, dict] = {
         "prompt_top_k": 1,
         "mem_position": "prefix",
     },
+    "window q32 p1 ins": {
+        "prompt_window": True,
+        "prompt_query_tokens": 32,
+        "prompt_top_k": 1,
+        "prompt_insert": True,
+    },
+    "window q32 ins": {"prompt_window": True, "prompt_query_tokens": 32, "prompt_insert": True},
+    "window ins": {"prompt_window": True, "prompt_insert": True},
 }
 
 

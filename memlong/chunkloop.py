@@ -30,7 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -246,6 +246,7 @@ class Reader:
         # A given prompt's query (`seed_query`): (text, attention queries, first position it no longer
         # serves): every boundary before that position reads what it retrieves.
         self._seed: tuple[list[int], torch.Tensor | None, int] | None = None
+        self._anchor: int | None = None  # where a given prompt's retrieval first read (prompt_insert)
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
         self._block_searched = False  # a memory search ran for the current chunk
@@ -270,6 +271,7 @@ class Reader:
         other._key_history = self._key_history
         other._last_logp = self._last_logp
         other._seed = self._seed
+        other._anchor = self._anchor
         if memory is not None:  # mid-chunk, the rest of the chunk reads what its boundary retrieved
             other._block_memory, other._block_searched = self._block_memory, self._block_searched
         return other
@@ -373,6 +375,7 @@ class Reader:
                 out = self.model.forward_block(torch.tensor([ahead]), self.stream.clone(), memory=memory)
                 keys = _last_rows(keys, out.queries[0], self.cfg.chunk)
         self._seed = (query, keys, self.position + unread + self.cfg.chunk)
+        self._anchor = None  # this prompt's chunks are inserted where it first reads them
         if self.position % self.cfg.chunk:
             self._block_memory = self._retrieve(query, keys)
 
@@ -449,6 +452,12 @@ class Reader:
             else:
                 res = self.memory.search(self._queries.embed(self.tokenizer.decode(query_tokens)), top_k)
             memory, n_bytes = self._memory_of(in_window, wanted)(res)
+        if not prompted:
+            self._anchor = None
+        elif self._anchor is None:
+            self._anchor = self.position
+        if memory is not None and prompted and self.cfg.prompt_insert:
+            memory = replace(memory, anchor=self._anchor)
         self._block_searched = True
         self.stats.retrievals += 1
         self.stats.bytes_retrieved += n_bytes
@@ -517,7 +526,8 @@ class Reader:
                 self.position += step
                 self._absorb(block, out)
             else:  # the paper layout's next block reads no memory: nothing to fetch ahead for it
-                self._forward(block, ahead=(i + step < len(tokens) or more) and not paper)
+                read = self.cfg.ingest_memory
+                self._forward(block, ahead=(i + step < len(tokens) or more) and not paper and read, read=read)
         self._last_logp = None  # the LM head did not run: the next token cannot be scored
         self.stats.tokens_ingested += len(tokens)
         self.stats.compute_s += time.perf_counter() - t0
@@ -547,12 +557,14 @@ class Reader:
         self.stats.compute_s += time.perf_counter() - t0
         return torch.cat(out) if out else torch.zeros(0)
 
-    def _forward(self, block: list[int], ahead: bool = False) -> torch.Tensor:
+    def _forward(self, block: list[int], ahead: bool = False, read: bool = True) -> torch.Tensor:
         """Read a block with every layer (retrieving at a chunk boundary); (s, hidden) final states.
         ahead=True: more known text follows, so the retrieval for a boundary at the block's end starts
-        now, in the background."""
+        now, in the background. read=False: the block reads no memory (nor does the rest of its chunk)."""
         c = self.cfg.chunk
-        if self.position % c == 0:
+        if not read:
+            self._block_memory = None
+        elif self.position % c == 0:
             self._block_memory = self._retrieve()
         end = self.position + len(block)
         if ahead and self.memory is not None and end % c == 0 and not self._seeded_at(end):

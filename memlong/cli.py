@@ -45,7 +45,7 @@ def _variant(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
             items.append((key, int(value)))
         elif key == "key_query_center":
             items.append((key, float(value)))
-        elif key == "prompt_window":
+        elif key in ("prompt_window", "prompt_insert", "ingest_memory"):
             items.append((key, value.lower() in ("1", "true", "yes")))
         else:
             items.append((key, value))

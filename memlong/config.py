@@ -74,6 +74,20 @@ class MemLongConfig:
     # the prompt's last partial chunk reads it. Passkey at 16k answers the same either way
     # (bench/results/passkey_read_study): False.
     prompt_window: bool = False
+    # A given prompt's retrieved chunks read as text inserted right before where the prompt starts
+    # reading them (model.Memory.anchor): each query sees them at their distance from there, in their
+    # own order, and the local text before them moved back by their length. False: at `mem_position`.
+    # Full attention over the needle's chunk so placed answers the 64k passkey 9/10, over it sharing
+    # the window's positions 6/10 (bench/results/passkey_oracle, `warm near ctx`, `warm near overlap`),
+    # but the reader answers worse with it than at position 0 (trials 0-2: mean log p(key) -2.32 against
+    # -2.01, bench/results/passkey_read_study): False.
+    prompt_insert: bool = False
+    # Ingest reads memory as scoring does, so ingesting a text then scoring more equals scoring it all
+    # (every chunk's K/V are then computed with the chunks its predecessor retrieved). False: ingest reads
+    # only its local window, stores what it computes there and retrieves nothing; scoring and generation
+    # still read memory. Stored chunks then hold only their own text: passkey 16k 7/10 against 6/10,
+    # KJV perplexity +0.7 % at 8k and 32k (bench/results/noingest, bench/results/passkey_ingest_study).
+    ingest_memory: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))

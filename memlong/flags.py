@@ -88,6 +88,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="a prompt's chunks inside the window its continuation reads retrieve with the prompt's query too",
     )
     g.add_argument(
+        "--prompt-insert",
+        action=argparse.BooleanOptionalAction,
+        default=d.prompt_insert,
+        help="a prompt's retrieved chunks read as text inserted before where it first reads them",
+    )
+    g.add_argument(
+        "--ingest-memory",
+        action=argparse.BooleanOptionalAction,
+        default=d.ingest_memory,
+        help="ingest reads memory as scoring does (--no-ingest-memory: its local window only)",
+    )
+    g.add_argument(
         "--kv-codec",
         choices=KV_CODECS,
         default=d.kv_codec,
@@ -115,6 +127,8 @@ def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer") 
         prompt_query_tokens=args.prompt_query_tokens,
         prompt_top_k=args.prompt_top_k,
         prompt_window=args.prompt_window,
+        prompt_insert=args.prompt_insert,
+        ingest_memory=args.ingest_memory,
         **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
     )
 

@@ -61,6 +61,10 @@ class Memory:
     k: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor
+    # Set for chunks a given prompt retrieved, read as text inserted right before stream index `anchor`
+    # (config.prompt_insert): memory token j of M at stream index anchor-M+j, and every local key before
+    # `anchor` (sinks too) moved back M positions to make room. None: memory at mem_position.
+    anchor: int | None = None
 
 
 @dataclass
@@ -110,9 +114,11 @@ class _Forward:
     store_index: dict[int, int]  # storing layer -> its slice of the block's K/V output
     memory: Memory | None
     mem_k: torch.Tensor | None  # (B, L_mem, Hkv, M, D) memory keys as attended (rotated only in "prefix")
-    cos: torch.Tensor  # (B, P+S+1, D): rotary table for positions 0..P+S
+    cos: torch.Tensor  # (B, P+S+1-lo, D): rotary table for positions lo..P+S
     sin: torch.Tensor
     frame: int  # P: the block's first token sits at position P+1
+    lo: int = 0  # the table's first position (below 0 only while memory is inserted)
+    insert: tuple[int, int] | None = None  # (anchor, M) of inserted memory (Memory.anchor)
     k_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, S, Hkv*D) from k_proj
     mem_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slice -> (k_pre, v)
     query_layers: tuple[int, ...] = ()  # layers whose queries retrieval by keys uses
@@ -167,15 +173,18 @@ def memlong_attention(
     # The window ends at the block: cache keys at P-n+1..P, the block at P+1..P+S.
     p = fwd.frame
     first = p - n + 1
-    if cache.k_rot is not None and cache.k_rot_pos == first and cache.k_rot.shape[2] == n:
-        _, k_blk = apply_rotary_pos_emb(
-            k_new, k_new, fwd.cos[:, p + 1 : p + s + 1], fwd.sin[:, p + 1 : p + s + 1]
-        )
+    reads = fwd.memory is not None and layer in fwd.read_index
+    insert = fwd.insert if reads else None
+    if insert is not None:  # keys before the anchor sit M positions further back
+        anchor, m = insert
+        pos = torch.arange(first, p + s + 1, device=query.device)
+        pos = pos - m * (torch.arange(cache.seen - n, cache.seen + s, device=query.device) < anchor)
+        k_rot = _rotate(k_loc, fwd, pos)
+    elif cache.k_rot is not None and cache.k_rot_pos == first and cache.k_rot.shape[2] == n:
+        k_blk = _rotate(k_new, fwd, range(p + 1, p + s + 1))
         k_rot = torch.cat([cache.k_rot, k_blk], dim=2)  # the same values as rotating k_loc whole
     else:
-        _, k_rot = apply_rotary_pos_emb(
-            k_loc, k_loc, fwd.cos[:, first : p + s + 1], fwd.sin[:, first : p + s + 1]
-        )
+        k_rot = _rotate(k_loc, fwd, range(first, p + s + 1))
 
     mask = _local_mask(n, s, fwd.window, query.device)[None, None].expand(b, 1, s, n + s)  # (B, 1, S, n+S)
     keys, values = k_rot, v_loc
@@ -187,14 +196,13 @@ def memlong_attention(
     if cache.sinks:
         # Sinks sit at positions 1..n_sink, right before the oldest possible window position.
         ns = cache.sinks
-        _, sink_rot = apply_rotary_pos_emb(
-            cache.sink_k, cache.sink_k, fwd.cos[:, 1 : ns + 1], fwd.sin[:, 1 : ns + 1]
-        )
+        back = insert[1] if insert is not None else 0
+        sink_rot = _rotate(cache.sink_k, fwd, range(1 - back, ns + 1 - back))
         keys = torch.cat([sink_rot, keys], dim=2)
         values = torch.cat([cache.sink_v, values], dim=2)
         sink_mask = _sink_mask(ns, cache.seen, s, fwd.window, query.device)[None, None].expand(b, 1, s, ns)
         mask = torch.cat([sink_mask, mask], dim=-1)
-    if fwd.memory is not None and layer in fwd.read_index:
+    if reads:
         mem, i = fwd.memory, fwd.read_index[layer]
         # "zero": memory keys are not rotated (position 0, about one window before the local text).
         keys = torch.cat([fwd.mem_k[:, i].to(query.dtype), keys], dim=2)
@@ -214,7 +222,7 @@ def memlong_attention(
 
     keep = fwd.window
     cache.k, cache.v = k_loc[:, :, -keep:], v_loc[:, :, -keep:]
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or insert is not None:
         cache.k_rot = None
     else:
         cache.k_rot, cache.k_rot_pos = k_rot[:, :, -keep:], first + max(0, n + s - keep)
@@ -223,6 +231,16 @@ def memlong_attention(
 
 
 AttentionInterface.register(ATTN_NAME, memlong_attention)
+
+
+def _rotate(k: torch.Tensor, fwd: _Forward, positions: torch.Tensor | range) -> torch.Tensor:
+    """Keys (B, H, n, D) before RoPE, rotated to `positions` (n of them) of the block's rotary table."""
+    if isinstance(positions, range):  # a slice of the table: no gather
+        at = slice(positions.start - fwd.lo, positions.stop - fwd.lo)
+    else:
+        at = positions - fwd.lo
+    _, out = apply_rotary_pos_emb(k, k, fwd.cos[:, at], fwd.sin[:, at])
+    return out
 
 
 def _group_queries(query: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -375,17 +393,25 @@ class MemLongModel(torch.nn.Module):
         # Distances to sinks and memory thus depend only on t, never on how the text was cut into
         # blocks, as long as blocks do not cross chunk boundaries (the Reader's blocks never do).
         frame = cfg.sink_tokens + cfg.local_window + stream.tokens_seen % cfg.chunk
-        positions = torch.arange(0, frame + s + 1, device=input_ids.device)[None].expand(b, frame + s + 1)
-        cos, sin = self.base.rotary_emb(hidden, positions)  # (B, P+S+1, D)
-        mem_k = None if memory is None else memory.k
-        if memory is not None and cfg.mem_position == "prefix":
+        # Memory keys rotated to positions mem_at.. ("prefix", or inserted), else unrotated ("zero").
+        insert, mem_at = None, None
+        if memory is not None and memory.anchor is not None:
+            # Inserted memory: token j at stream index anchor-M+j, i.e. position P+1-(t-anchor)-M+j for
+            # a block starting at stream index t; older local keys move back M (see Memory.anchor).
+            insert = (memory.anchor, memory.k.shape[3])
+            mem_at = frame + 1 - (stream.tokens_seen - memory.anchor) - insert[1]
+        elif memory is not None and cfg.mem_position == "prefix":
             # Retrieved chunks read as the text right before the window: positions 1-M..0. The local
             # positions stay 1..P+S, so layers below the memory layer compute bit-identical results.
-            m = memory.k.shape[3]
-            mem_pos = torch.arange(1 - m, 1, device=input_ids.device)[None].expand(b, m)
-            mcos, msin = self.base.rotary_emb(hidden, mem_pos)
+            mem_at = 1 - memory.k.shape[3]
+        lo = 0 if mem_at is None else min(0, mem_at, 1 - memory.k.shape[3])
+        positions = torch.arange(lo, frame + s + 1, device=input_ids.device)[None].expand(b, -1)
+        cos, sin = self.base.rotary_emb(hidden, positions)  # (B, P+S+1-lo, D)
+        mem_k = None if memory is None else memory.k
+        if mem_at is not None:
+            at = slice(mem_at - lo, mem_at - lo + memory.k.shape[3])
             flat = mem_k.flatten(1, 2)  # (B, L_mem*Hkv, M, D)
-            _, flat = apply_rotary_pos_emb(flat, flat, mcos, msin)
+            _, flat = apply_rotary_pos_emb(flat, flat, cos[:, at], sin[:, at])
             mem_k = flat.view_as(mem_k)
         if not lower_only:
             for cache in stream.caches:
@@ -404,6 +430,8 @@ class MemLongModel(torch.nn.Module):
             cos=cos,
             sin=sin,
             frame=frame,
+            lo=lo,
+            insert=insert,
             query_layers=cfg.key_layers_of(self.n_layers) if cfg.retrieval == "keys" else (),
         )
         q_pos = (cos[:, -s:], sin[:, -s:])  # queries are the block: positions P+1..P+S

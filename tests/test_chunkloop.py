@@ -451,3 +451,79 @@ def test_a_prompts_chunks_in_the_last_window_retrieve_with_its_query_under_promp
             )
         else:  # 40: the chunk before it is all generated tokens
             assert not np.array_equal(q, asked)
+
+
+@pytest.mark.parametrize("prompt_window", [False, True])
+def test_prompt_insert_reads_a_prompts_chunks_as_text_before_where_it_first_reads_them(prompt_window):
+    """`prompt_insert`: every block that reads what a given prompt retrieved gets it inserted before the
+    position of the prompt's first such boundary (the window's first with `prompt_window`, else the
+    prompt's last); blocks reading memory retrieved by the chunk before them get it at its usual place."""
+    model = tiny_memlong(chunk=4, window=8)
+    toks, tok = _tokens(48, seed=24), TinyTokenizer()
+    retriever = RecordingRetriever()
+    reader = Reader(model, retriever, tok, tiny_memory(model, retriever))
+    anchors: list[tuple[int, int | None]] = []  # (block start, anchor of the memory it read)
+    forward = model.forward_block
+
+    def spy(ids, stream, memory=None, **kw):
+        if stream is reader.stream and memory is not None:
+            anchors.append((stream.tokens_seen, memory.anchor))
+        return forward(ids, stream, memory, **kw)
+
+    model.forward_block = spy
+    with model.configured(prompt_window=prompt_window, prompt_insert=True):
+        reader.ingest(toks[:16])
+        anchors.clear()
+        reader.read_prompt(toks[16:35])  # boundaries 28 and 32 lie in the window it leaves (27..35)
+        list(reader.generate([], SamplingParams(max_new_tokens=7)))  # 36 still reads it; 40 does not
+    first = 28 if prompt_window else 32
+    for start, anchor in anchors:
+        assert anchor == (first if first <= start < 40 else None), (start, anchor)
+    assert {start for start, anchor in anchors if anchor is not None} >= {first, 32, 36}
+    with model.configured(prompt_window=prompt_window):  # off: never inserted
+        anchors.clear()
+        reader.read_prompt(toks[42:47])
+        assert anchors and all(anchor is None for _, anchor in anchors)
+
+
+def test_an_ingest_without_memory_searches_nothing_and_stores_what_its_window_computes():
+    """`ingest_memory=False`: ingest reads its local window only (no search, no memory in any block) and
+    stores the K/V that window computes; scoring afterwards still retrieves."""
+    from memlong.chunkloop import records_to_kv
+
+    model = tiny_memlong(chunk=4, window=8)
+    toks, tok = _tokens(40, seed=25), TinyTokenizer()
+    retriever = RecordingRetriever()
+    memory = tiny_memory(model, retriever)
+    searches, read = [], []
+
+    class Spy:
+        def append(self, *args):
+            return memory.append(*args)
+
+        def search(self, queries, top_k):
+            searches.append(top_k)
+            return memory.search(queries, top_k)
+
+    forward = model.forward_block
+
+    def spy(ids, stream, memory=None, **kw):
+        read.append(memory is not None)
+        return forward(ids, stream, memory, **kw)
+
+    with model.configured(ingest_memory=False):
+        reader = Reader(model, retriever, tok, Spy())
+        model.forward_block = spy
+        reader.ingest(toks[:32])
+        assert searches == [] and not any(read) and reader.next_chunk_id == 6  # 0..23 left the window
+        reader.score(toks[32:40])
+        assert searches and read[-1]
+        model.forward_block = forward
+        stream, want = model.new_stream(), []
+        for t in range(0, 24, 4):  # the same text read with no memory, block by block
+            want.append(model.forward_block(torch.tensor([toks[t : t + 4]]), stream).mem_k[0])
+        records, _ = memory.fetch(list(range(6)))
+        cfg = model.config
+        got = records_to_kv(records, model.kv_record_shape, cfg.kv_dtype, cfg.kv_codec)
+        got = got.reshape(6, -1, *model.kv_record_shape[-4:])[:, :, 0].float()  # (6, L_mem, Hkv, c, D) K
+    torch.testing.assert_close(got, torch.stack(want).to(got.dtype).float(), atol=0, rtol=0)

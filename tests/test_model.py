@@ -20,7 +20,9 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
 
     Query t sits at position n_sink + window + (t mod chunk) + 1 and sees: the window keys u in
     [t-window, t] at their true distance behind it; sinks j < n_sink that left its window, at position
-    j+1; memory (reading layers) unrotated, at position 0, or at 1-M..0 ("prefix"). One softmax.
+    j+1; memory (reading layers) unrotated, at position 0, or at 1-M..0 ("prefix"); memory inserted
+    before stream index `anchor` (read from there on) at stream indices anchor-M.., with every local key
+    and sink before the anchor M positions further back. One softmax.
     """
     base, cfg = model.base, model.config
     b, length = ids.shape
@@ -43,13 +45,20 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
             p_t = n_sink + window + t % c + 1
             local = torch.arange(max(0, t - window), t + 1)
             sinks = torch.arange(min(n_sink, max(0, t - window)))
-            keys = [rope(k[:, :, sinks], sinks + 1), rope(k[:, :, local], p_t - (t - local))]
+            read = cfg.read_index(len(base.layers))
+            reads = mem is not None and li in read and (mem.anchor is None or t >= mem.anchor)
+            # inserted memory: M slots at stream index anchor-M.., local keys before the anchor M back
+            back = mem.k.shape[3] if reads and mem.anchor is not None else 0
+            pos = p_t - (t - local) - back * (local < (mem.anchor if back else 0))
+            keys = [rope(k[:, :, sinks], sinks + 1 - back), rope(k[:, :, local], pos)]
             vals = [v[:, :, sinks], v[:, :, local]]
             valid = [torch.ones(b, len(sinks) + len(local), dtype=torch.bool)]
-            read = cfg.read_index(len(base.layers))
-            if mem is not None and li in read:
+            if reads:
                 mk = mem.k[:, read[li]]
-                if cfg.mem_position == "prefix":  # the retrieved chunks read as the text before the window
+                if mem.anchor is not None:
+                    slots = torch.arange(mem.anchor - back, mem.anchor)
+                    mk = rope(mk, p_t - (t - slots))
+                elif cfg.mem_position == "prefix":  # the retrieved chunks read as the text before the window
                     mk = rope(mk, torch.arange(1 - mk.shape[2], 1))
                 keys.insert(0, mk)
                 vals.insert(0, mem.v[:, read[li]])
@@ -143,6 +152,58 @@ def test_memory_attention_equals_naive_reference_gqa(layout, position):
         )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (got - without).abs().max() > 1e-3  # memory really changes the output
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "paper"])
+def test_inserted_memory_equals_naive_reference(layout):
+    model = tiny_memlong(window=6, n_heads=4, n_kv_heads=2, sink_tokens=2, chunk=4, layout=layout)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 97, (2, 16), generator=g)
+    m, n_mem = 8, len(model.memory_layers)
+    mem = Memory(
+        k=torch.randn(2, n_mem, 2, m, 8, generator=g),
+        v=torch.randn(2, n_mem, 2, m, 8, generator=g),
+        mask=torch.tensor([[True] * m, [True] * 5 + [False] * 3])[:, None, :],
+        anchor=10,  # mid-chunk, as a prompt seeded mid-chunk is
+    )
+    with torch.no_grad():
+        want = naive_forward(model, ids, window=6, mem=mem)
+        stream, parts = model.new_stream(), []
+        for t, step in [(0, 4), (4, 4), (8, 2), (10, 2), (12, 4)]:
+            block = ids[:, t : t + step]
+            read = mem if t >= mem.anchor else None
+            parts.append(model.logits(model.forward_block(block, stream, memory=read).hidden))
+    torch.testing.assert_close(torch.cat(parts, dim=1), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_inserted_memory_reads_as_the_text_it_was_computed_in(sinks):
+    # A text's first chunks, stored by one reader and inserted before a fresh reader's first token, give
+    # that reader the logits the first reader had for the rest of the text (all inside one window).
+    model = tiny_memlong(window=32, sink_tokens=sinks, chunk=4)
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        first, ks, vs, want = model.new_stream(), [], [], []
+        for t in range(0, 16, 4):
+            out = model.forward_block(ids[:, t : t + 4], first)
+            ks.append(out.mem_k)
+            vs.append(out.mem_v)
+            want.append(model.logits(out.hidden))
+        mem = Memory(
+            k=torch.cat(ks[:2], 3), v=torch.cat(vs[:2], 3), mask=torch.ones(1, 1, 8, dtype=torch.bool)
+        )
+        fresh = model.new_stream()
+        got = [
+            model.logits(
+                model.forward_block(
+                    ids[:, t : t + 4], fresh, memory=dataclasses.replace(mem, anchor=0)
+                ).hidden
+            )
+            for t in (8, 12)
+        ]
+        zero = model.logits(model.forward_block(ids[:, 8:12], model.new_stream(), memory=mem).hidden)
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want[2:], 1), atol=1e-5, rtol=0)
+    assert (zero - want[2]).abs().max() > 1e-3  # at position 0 the same memory reads otherwise
 
 
 def test_memory_keys_are_the_memory_layer_k_before_rope():

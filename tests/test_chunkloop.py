@@ -363,6 +363,20 @@ def test_sampling_draws_from_the_truncated_distribution(top_k, top_p, temperatur
     assert np.all(np.abs(counts / n - want) <= 5 * se), (counts / n, want)
 
 
+class SearchSpy:
+    """A memory that records the top_k of every search it answers."""
+
+    def __init__(self, memory) -> None:
+        self.memory, self.searches = memory, []
+
+    def append(self, *args):
+        return self.memory.append(*args)
+
+    def search(self, queries, top_k):
+        self.searches.append(top_k)
+        return self.memory.search(queries, top_k)
+
+
 def test_a_prompt_is_retrieved_for_with_its_last_prompt_query_tokens():
     model = tiny_memlong(chunk=4, window=8)
     toks, tok = _tokens(40, seed=21), TinyTokenizer()
@@ -386,17 +400,9 @@ def test_a_prompts_retrieval_reads_its_best_prompt_top_k_chunks(prompt_top_k):
     toks, tok = _tokens(48, seed=22), TinyTokenizer()
     retriever = RecordingRetriever()
     memory = tiny_memory(model, retriever)
-    searches = []  # top_k asked for, per search
-
-    class Spy:
-        def append(self, *args):
-            return memory.append(*args)
-
-        def search(self, queries, top_k):
-            searches.append(top_k)
-            return memory.search(queries, top_k)
-
-    reader = Reader(model, retriever, tok, Spy())
+    spy = SearchSpy(memory)
+    searches = spy.searches  # top_k asked for, per search
+    reader = Reader(model, retriever, tok, spy)
     with model.configured(prompt_top_k=prompt_top_k):
         reader.ingest(toks[:32])
         assert reader._block_memory.k.shape[3] == 3 * 4
@@ -495,25 +501,17 @@ def test_an_ingest_without_memory_searches_nothing_and_stores_what_its_window_co
     toks, tok = _tokens(40, seed=25), TinyTokenizer()
     retriever = RecordingRetriever()
     memory = tiny_memory(model, retriever)
-    searches, read = [], []
-
-    class Spy:
-        def append(self, *args):
-            return memory.append(*args)
-
-        def search(self, queries, top_k):
-            searches.append(top_k)
-            return memory.search(queries, top_k)
-
+    spy, read = SearchSpy(memory), []
+    searches = spy.searches
     forward = model.forward_block
 
-    def spy(ids, stream, memory=None, **kw):
+    def block_spy(ids, stream, memory=None, **kw):
         read.append(memory is not None)
         return forward(ids, stream, memory, **kw)
 
     with model.configured(ingest_memory=False):
-        reader = Reader(model, retriever, tok, Spy())
-        model.forward_block = spy
+        reader = Reader(model, retriever, tok, spy)
+        model.forward_block = block_spy
         reader.ingest(toks[:32])
         assert searches == [] and not any(read) and reader.next_chunk_id == 6  # 0..23 left the window
         reader.score(toks[32:40])

@@ -71,6 +71,7 @@ def main() -> None:
                 for part, read in zip(parts, reads, strict=True):
                     with stack.model.configured(ingest_memory=read):
                         reader.ingest(part, more=True)
+                reader.cancel_prefetch()  # the fork reads the boundary itself
                 with stack.model.configured(**READINGS[args.reading]):
                     memory = _Recording(_copy_memory(reader.memory))
                     answering = reader.fork(memory, writable=True)

@@ -247,6 +247,7 @@ class Reader:
         # serves): every boundary before that position reads what it retrieves.
         self._seed: tuple[list[int], torch.Tensor | None, int] | None = None
         self._anchor: int | None = None  # where a given prompt's retrieval first read (prompt_insert)
+        self._unread_chunk = False  # an ingest without memory ended inside the current chunk
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
         self._block_searched = False  # a memory search ran for the current chunk
@@ -272,6 +273,7 @@ class Reader:
         other._last_logp = self._last_logp
         other._seed = self._seed
         other._anchor = self._anchor
+        other._unread_chunk = self._unread_chunk
         if memory is not None:  # mid-chunk, the rest of the chunk reads what its boundary retrieved
             other._block_memory, other._block_searched = self._block_memory, self._block_searched
         return other
@@ -454,7 +456,7 @@ class Reader:
             memory, n_bytes = self._memory_of(in_window, wanted)(res)
         if not prompted:
             self._anchor = None
-        elif self._anchor is None:
+        elif self._anchor is None and memory is not None:
             self._anchor = self.position
         if memory is not None and prompted and self.cfg.prompt_insert:
             memory = replace(memory, anchor=self._anchor)
@@ -563,9 +565,11 @@ class Reader:
         now, in the background. read=False: the block reads no memory (nor does the rest of its chunk)."""
         c = self.cfg.chunk
         if not read:
-            self._block_memory = None
-        elif self.position % c == 0:
+            self._block_memory, self._block_searched = None, False
+            self._unread_chunk = (self.position + len(block)) % c != 0  # ends inside a chunk
+        elif self.position % c == 0 or self._unread_chunk:  # (the rest of a chunk an ingest left unread)
             self._block_memory = self._retrieve()
+            self._unread_chunk = False
         end = self.position + len(block)
         if ahead and self.memory is not None and end % c == 0 and not self._seeded_at(end):
             self._prefetch(end, (self._history + block)[-c:])

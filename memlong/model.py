@@ -196,8 +196,11 @@ def memlong_attention(
     if cache.sinks:
         # Sinks sit at positions 1..n_sink, right before the oldest possible window position.
         ns = cache.sinks
-        back = insert[1] if insert is not None else 0
-        sink_rot = _rotate(cache.sink_k, fwd, range(1 - back, ns + 1 - back))
+        at = range(1, ns + 1)
+        if insert is not None:  # sinks read before the anchor move back with the local keys
+            at = torch.arange(1, ns + 1, device=query.device)
+            at = at - insert[1] * (torch.arange(ns, device=query.device) < insert[0])
+        sink_rot = _rotate(cache.sink_k, fwd, at)
         keys = torch.cat([sink_rot, keys], dim=2)
         values = torch.cat([cache.sink_v, values], dim=2)
         sink_mask = _sink_mask(ns, cache.seen, s, fwd.window, query.device)[None, None].expand(b, 1, s, ns)

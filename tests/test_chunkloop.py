@@ -525,3 +525,11 @@ def test_an_ingest_without_memory_searches_nothing_and_stores_what_its_window_co
         got = records_to_kv(records, model.kv_record_shape, cfg.kv_dtype, cfg.kv_codec)
         got = got.reshape(6, -1, *model.kv_record_shape[-4:])[:, :, 0].float()  # (6, L_mem, Hkv, c, D) K
     torch.testing.assert_close(got, torch.stack(want).to(got.dtype).float(), atol=0, rtol=0)
+    # An ingest that ends inside a chunk leaves its rest unread: scoring there retrieves at once.
+    with model.configured(ingest_memory=False):
+        reader = Reader(model, retriever, tok, SearchSpy(memory))
+        reader.ingest(toks[:30])
+        model.forward_block, read[:] = block_spy, []
+        reader.score(toks[30:36])
+        model.forward_block = forward
+    assert read == [True, True]  # 30..31 and 32..35

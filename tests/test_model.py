@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -50,7 +51,8 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
             # inserted memory: M slots at stream index anchor-M.., local keys before the anchor M back
             back = mem.k.shape[3] if reads and mem.anchor is not None else 0
             pos = p_t - (t - local) - back * (local < (mem.anchor if back else 0))
-            keys = [rope(k[:, :, sinks], sinks + 1 - back), rope(k[:, :, local], pos)]
+            sink_pos = sinks + 1 - back * (sinks < (mem.anchor if back else 0))
+            keys = [rope(k[:, :, sinks], sink_pos), rope(k[:, :, local], pos)]
             vals = [v[:, :, sinks], v[:, :, local]]
             valid = [torch.ones(b, len(sinks) + len(local), dtype=torch.bool)]
             if reads:
@@ -154,8 +156,9 @@ def test_memory_attention_equals_naive_reference_gqa(layout, position):
     assert (got - without).abs().max() > 1e-3  # memory really changes the output
 
 
+@pytest.mark.parametrize("anchor", [10, 1])  # mid-chunk, as a prompt seeded mid-chunk is; between sinks
 @pytest.mark.parametrize("layout", ["per_layer", "paper"])
-def test_inserted_memory_equals_naive_reference(layout):
+def test_inserted_memory_equals_naive_reference(layout, anchor):
     model = tiny_memlong(window=6, n_heads=4, n_kv_heads=2, sink_tokens=2, chunk=4, layout=layout)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 97, (2, 16), generator=g)
@@ -164,13 +167,14 @@ def test_inserted_memory_equals_naive_reference(layout):
         k=torch.randn(2, n_mem, 2, m, 8, generator=g),
         v=torch.randn(2, n_mem, 2, m, 8, generator=g),
         mask=torch.tensor([[True] * m, [True] * 5 + [False] * 3])[:, None, :],
-        anchor=10,  # mid-chunk, as a prompt seeded mid-chunk is
+        anchor=anchor,
     )
     with torch.no_grad():
         want = naive_forward(model, ids, window=6, mem=mem)
         stream, parts = model.new_stream(), []
-        for t, step in [(0, 4), (4, 4), (8, 2), (10, 2), (12, 4)]:
-            block = ids[:, t : t + step]
+        cuts = sorted({0, 4, 8, 12, 16, anchor})
+        for t, end in itertools.pairwise(cuts):
+            block = ids[:, t:end]
             read = mem if t >= mem.anchor else None
             parts.append(model.logits(model.forward_block(block, stream, memory=read).hidden))
     torch.testing.assert_close(torch.cat(parts, dim=1), want, atol=1e-5, rtol=0)

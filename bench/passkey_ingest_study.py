@@ -21,13 +21,12 @@ import statistics
 import time
 from pathlib import Path
 
-from passkey_read_study import READINGS
+from passkey_read_study import READINGS, _answer
 from passkey_study import study_setup
 
-from memlong.chunkloop import SamplingParams
 from memlong.data import PASSKEY_QUESTION
 from memlong.eval.common import machine_info, markdown_table, write_json
-from memlong.eval.passkey import _copy_memory, _is_correct, _Recording, passkey_layout
+from memlong.eval.passkey import _copy_memory, _Recording, passkey_layout
 
 OUT = Path(__file__).parent / "results"
 # ingest -> whether each part (text before the needle, the needle's chunk, the rest) reads memory
@@ -72,21 +71,11 @@ def main() -> None:
                     with stack.model.configured(ingest_memory=read):
                         reader.ingest(part, more=True)
                 reader.cancel_prefetch()  # the fork reads the boundary itself
-                with stack.model.configured(**READINGS[args.reading]):
-                    memory = _Recording(_copy_memory(reader.memory))
-                    answering = reader.fork(memory, writable=True)
-                    answering.read_prompt(seq[split:])
-                    needle_rank = memory.last.index(depth // c) + 1 if depth // c in memory.last else None
-                    logp = answering.fork(answering.memory).score(stack.encode(" " + key))
-                    answer = stack.tokenizer.decode(
-                        list(answering.generate([], SamplingParams(max_new_tokens=settings.digits + 3)))
+                trial = reader.fork(_Recording(_copy_memory(reader.memory)), writable=True)
+                with stack.model.configured(**READINGS[args.reading]):  # answered as the read study does
+                    row["ingests"][name] = _answer(
+                        stack, trial, seq[split:], key, settings.digits, depth // c
                     )
-                row["ingests"][name] = {
-                    "answer": answer,
-                    "correct": _is_correct(answer, key),
-                    "needle_rank": needle_rank,
-                    "key_logp": float(logp.sum()),
-                }
             print(
                 f"{length} trial {i}: depth {depth} key {key} "
                 + "; ".join(f"{n}: {r['answer']!r} lp {r['key_logp']:.2f}" for n, r in row["ingests"].items())

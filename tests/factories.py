@@ -77,3 +77,18 @@ def tiny_memory(model: MemLongModel, retriever, memory_chunks: int = 64):
     return SessionMemory(
         MemoryConfig(dim=model.retrieval_dim(retriever.dim), record_bytes=rec, memory_size=memory_chunks)
     )
+
+
+class SearchSpy:
+    """A memory that records every search it answers: the query vectors and the top_k asked for."""
+
+    def __init__(self, memory) -> None:
+        self.memory, self.queries, self.searches = memory, [], []
+
+    def append(self, *args):
+        return self.memory.append(*args)
+
+    def search(self, queries, top_k):
+        self.queries.append(np.array(queries))
+        self.searches.append(top_k)
+        return self.memory.search(queries, top_k)

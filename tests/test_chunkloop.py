@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memlong.chunkloop import Reader, SamplingParams, records_to_kv
-from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong, tiny_memory
+from tests.factories import RecordingRetriever, SearchSpy, TinyTokenizer, tiny_memlong, tiny_memory
 from tests.test_model import naive_forward
 
 
@@ -361,20 +361,6 @@ def test_sampling_draws_from_the_truncated_distribution(top_k, top_p, temperatur
     assert drawn <= allowed, f"tokens {sorted(drawn - allowed)} drawn outside top-k/top-p {sorted(allowed)}"
     se = np.sqrt(want * (1 - want) / n)
     assert np.all(np.abs(counts / n - want) <= 5 * se), (counts / n, want)
-
-
-class SearchSpy:
-    """A memory that records the top_k of every search it answers."""
-
-    def __init__(self, memory) -> None:
-        self.memory, self.searches = memory, []
-
-    def append(self, *args):
-        return self.memory.append(*args)
-
-    def search(self, queries, top_k):
-        self.searches.append(top_k)
-        return self.memory.search(queries, top_k)
 
 
 def test_a_prompt_is_retrieved_for_with_its_last_prompt_query_tokens():

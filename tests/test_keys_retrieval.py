@@ -15,30 +15,16 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from memlong.chunkloop import Reader, records_to_kv
 from memlong.errors import InvalidArgument
-from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong, tiny_memory
+from tests.factories import RecordingRetriever, SearchSpy, TinyTokenizer, tiny_memlong, tiny_memory
 
 
 def _tokens(n, seed=0):
     return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-class _Tap:
-    """Records the query vectors of every search."""
-
-    def __init__(self, memory) -> None:
-        self.memory, self.queries = memory, []
-
-    def append(self, *args):
-        return self.memory.append(*args)
-
-    def search(self, queries, top_k):
-        self.queries.append(np.array(queries))
-        return self.memory.search(queries, top_k)
-
-
 def _keys_reader(model):
     retriever = RecordingRetriever()
-    tap = _Tap(tiny_memory(model, retriever))
+    tap = SearchSpy(tiny_memory(model, retriever))
     return Reader(model, retriever, TinyTokenizer(), tap), tap, retriever
 
 

@@ -56,6 +56,11 @@ READINGS: dict[str, dict] = {
         "prompt_insert": True,
     },
     "window q32 ins": {"prompt_window": True, "prompt_query_tokens": 32, "prompt_insert": True},
+    # the side reader (config.reader): meant for an ingest without memory (--no-ingest-memory), which is
+    # what a side reader's own ingest stores
+    "side": {"reader": "side"},
+    "side q32": {"reader": "side", "prompt_query_tokens": 32},
+    "side q32 p1": {"reader": "side", "prompt_query_tokens": 32, "prompt_top_k": 1},
     "window ins": {"prompt_window": True, "prompt_insert": True},
 }
 
@@ -85,8 +90,10 @@ def study(
     readings: list[str],
     only: range,
     keep: Callable[[dict], None],
+    ingest: dict | None = None,
 ) -> None:
-    """Each trial in `only` at `length`, answered under `readings`; `keep` gets each trial as it ends."""
+    """Each trial in `only` at `length`, ingested under the settings `ingest` (default: the served ones)
+    and answered under `readings`; `keep` gets each trial as it ends."""
     cfg = stack.model.config
     c, w = cfg.chunk, cfg.local_window
     book = stack.encode_book(settings.book)
@@ -99,11 +106,12 @@ def study(
             continue
         t0 = time.perf_counter()
         seq = stack.encode(text) + hay[depth:n_hay] + question
-        base.ingest(hay[done:depth])
-        done = depth
-        trial = base.fork(_Recording(_copy_memory(base.memory)), writable=True)
-        split = (len(seq) - len(question) - w) // c * c  # as run_passkey
-        trial.ingest(seq[:split])
+        with stack.model.configured(**(ingest or {})):
+            base.ingest(hay[done:depth])
+            done = depth
+            trial = base.fork(_Recording(_copy_memory(base.memory)), writable=True)
+            split = (len(seq) - len(question) - w) // c * c  # as run_passkey
+            trial.ingest(seq[:split])
         tail = seq[split:]
         row = {"trial": i, "depth": depth, "key": key, "readings": {}}
         for name in readings:
@@ -145,6 +153,12 @@ def summarise(length: int, trials: list[dict]) -> list[dict]:
 def _add_args(ap) -> None:
     ap.add_argument("--readings", default=",".join(READINGS), help=f"comma-separated, of {list(READINGS)}")
     ap.add_argument("--only", default="", help="trial indices i:j (default: all)")
+    ap.add_argument(
+        "--no-ingest-memory",
+        dest="ingest_memory",
+        action="store_false",
+        help="ingest without reading memory (config.ingest_memory=False), as the side reader does",
+    )
 
 
 def _merge(old: list[dict], new: list[dict]) -> list[dict]:
@@ -178,12 +192,13 @@ def main() -> None:
                 by_length[length] = _merge(by_length.get(length, []), [row])
                 _write(out, args, stack, by_length)
 
-        study(stack, settings, length, readings, only, keep)
+        study(stack, settings, length, readings, only, keep, {"ingest_memory": args.ingest_memory})
 
 
 def _settings(args) -> dict:
     """What must match for a run's trials to merge with those already in the results."""
-    return {"book": args.book, "trials": args.trials, "seed": args.seed}
+    kept = {"book": args.book, "trials": args.trials, "seed": args.seed}
+    return kept if args.ingest_memory else {**kept, "ingest_memory": False}
 
 
 def _write(out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> None:
@@ -213,13 +228,16 @@ def _write(out: Path, args, stack: Stack, by_length: dict[int, list[dict]]) -> N
     ]
     head = (
         "Passkey answered under several readings of the question, each trial ingested once with the "
-        f"served settings ({cfg.layout}, chunk {cfg.chunk}, top-{cfg.top_k}, window {cfg.local_window}, "
+        "served settings"
+        + ("" if args.ingest_memory else ", except that the ingest reads no memory (`--no-ingest-memory`)")
+        + f" ({cfg.layout}, chunk {cfg.chunk}, top-{cfg.top_k}, window {cfg.local_window}, "
         f"{cfg.sink_tokens} sinks, memory keys at '{cfg.mem_position}'); book {args.book}, seed "
         f"{args.seed}, the trials of `memlong eval passkey`. `q32`: the question's retrieval queries with "
         "the prompt's last 32 tokens (`prompt_query_tokens`); `pN`: it reads its best N chunks "
         "(`prompt_top_k`; the window before the question reads top-8 as served); `window`: the prompt's "
         "chunks in its last window retrieve with the question too (`prompt_window`); `pfx`: the retrieved chunks "
-        "read as the text just before the window (`mem_position` 'prefix') while the tail is read. "
+        "read as the text just before the window (`mem_position` 'prefix') while the tail is read; "
+        "`side`: the side reader (`reader` 'side': a second pass reads memory, the text's pass does not). "
         "`needle_retrieved`: the "
         "needle's chunk among the question's chunks; log-probs of the key given the prompt (teacher "
         "forced). `python bench/passkey_read_study.py`\n\n"

@@ -248,6 +248,9 @@ class Reader:
         self._seed: tuple[list[int], torch.Tensor | None, int] | None = None
         self._anchor: int | None = None  # where a given prompt's retrieval first read (prompt_insert)
         self._unread_chunk = False  # an ingest without memory ended inside the current chunk
+        # The text (and attention queries) before the current chunk's boundary: what the chunk retrieves
+        # with, should it start reading mid-chunk (after an ingest without memory).
+        self._chunk_query: tuple[list[int], torch.Tensor | None] = ([], None)
         self._last_logp: torch.Tensor | None = None  # (V,) log-probs of the next token
         self._block_memory: Memory | None = None  # retrieved at the last chunk boundary
         self._block_searched = False  # a memory search ran for the current chunk
@@ -274,6 +277,7 @@ class Reader:
         other._seed = self._seed
         other._anchor = self._anchor
         other._unread_chunk = self._unread_chunk
+        other._chunk_query = self._chunk_query
         if memory is not None:  # mid-chunk, the rest of the chunk reads what its boundary retrieved
             other._block_memory, other._block_searched = self._block_memory, self._block_searched
         return other
@@ -426,7 +430,7 @@ class Reader:
             self._seed = None  # the chunk before this boundary holds none of the prompt
         prompted = query_tokens is not None or self._seed is not None
         if query_tokens is None:
-            query_tokens, key_rows = self._seed[:2] if self._seed else (self._history, self._key_history)
+            query_tokens, key_rows = self._seed[:2] if self._seed else self._chunk_query
         query_tokens = list(query_tokens)
         if self.memory is None or not query_tokens or self._pend_start == 0 and self.next_chunk_id == 0:
             return None
@@ -528,7 +532,7 @@ class Reader:
                 self.position += step
                 self._absorb(block, out)
             else:  # the paper layout's next block reads no memory: nothing to fetch ahead for it
-                read = self.cfg.ingest_memory
+                read = self.cfg.ingest_memory and self.cfg.reader == "stream"  # (side: nothing to read for)
                 self._forward(block, ahead=(i + step < len(tokens) or more) and not paper and read, read=read)
         self._last_logp = None  # the LM head did not run: the next token cannot be scored
         self.stats.tokens_ingested += len(tokens)
@@ -564,6 +568,8 @@ class Reader:
         ahead=True: more known text follows, so the retrieval for a boundary at the block's end starts
         now, in the background. read=False: the block reads no memory (nor does the rest of its chunk)."""
         c = self.cfg.chunk
+        if self.position % c == 0:
+            self._chunk_query = (list(self._history), self._key_history)
         if not read:
             self._block_memory, self._block_searched = None, False
             self._unread_chunk = (self.position + len(block)) % c != 0  # ends inside a chunk

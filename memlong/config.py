@@ -10,6 +10,7 @@ from memlong.errors import InvalidArgument, check_positive
 
 LAYOUTS = ("per_layer", "paper")
 RETRIEVAL_SOURCES = ("text", "keys")
+READERS = ("stream", "side")
 
 
 def retrieval_source(layout_tag: str) -> str:
@@ -88,6 +89,13 @@ class MemLongConfig:
     # still read memory. Stored chunks then hold only their own text: passkey 16k 7/10 against 6/10,
     # KJV perplexity +0.7 % at 8k and 32k (bench/results/noingest, bench/results/passkey_ingest_study).
     ingest_memory: bool = True
+    # Who reads memory. "stream": the text's own pass (every layer's window K/V, and so the chunks stored,
+    # carry what it read). "side" (LongMem's decoupling, training-free): the text is read once without
+    # memory (a plain sliding-window pass: its K/V fill the window and memory), and a second pass on the
+    # same weights reads memory for the tokens' own outputs, its queries attending to memory and that
+    # pass's window K/V in one softmax. Ingest then runs the first pass only and retrieves nothing, and
+    # ingesting a text then scoring more equals scoring it all. Per-layer layout only.
+    reader: str = "stream"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ret_attn_layers", tuple(sorted(int(i) for i in self.ret_attn_layers)))
@@ -130,6 +138,12 @@ class MemLongConfig:
             raise InvalidArgument("key_layers", "layer indices must be >= 0")
         if self.kv_dtype not in KV_DTYPES:
             raise InvalidArgument("kv_dtype", f"unsupported {self.kv_dtype!r}")
+        if self.reader not in READERS:
+            raise InvalidArgument("reader", f"must be one of {READERS}, got {self.reader!r}")
+        if self.reader == "side" and self.layout != "per_layer":
+            raise InvalidArgument("reader", "the side reader reads per-layer memory (layout per_layer)")
+        if self.reader == "side" and self.prompt_insert:
+            raise InvalidArgument("prompt_insert", "the side reader reads memory at mem_position only")
         if self.kv_codec not in KV_CODECS:
             raise InvalidArgument("kv_codec", f"must be one of {KV_CODECS}, got {self.kv_codec!r}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from memlong.config import MemLongConfig
+from memlong.config import READERS, MemLongConfig
 from memlong.dtypes import KV_CODECS
 
 
@@ -100,6 +100,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="ingest reads memory as scoring does (--no-ingest-memory: its local window only)",
     )
     g.add_argument(
+        "--reader",
+        choices=READERS,
+        default=None,
+        help="who reads memory: stream (the text's own pass) or side (a second pass; the text's K/V and "
+        f"memory stay memory-free). Default: {d.reader} (per-layer layout), stream (paper layout)",
+    )
+    g.add_argument(
         "--kv-codec",
         choices=KV_CODECS,
         default=d.kv_codec,
@@ -129,6 +136,7 @@ def memlong_config(args: argparse.Namespace, default_layout: str = "per_layer") 
         prompt_window=args.prompt_window,
         prompt_insert=args.prompt_insert,
         ingest_memory=args.ingest_memory,
+        reader=args.reader or (MemLongConfig.reader if layout == "per_layer" else "stream"),
         **({"key_layers": tuple(int(x) for x in args.key_layers.split(",") if x)} if args.key_layers else {}),
     )
 

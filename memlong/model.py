@@ -25,6 +25,14 @@ its own K/V and reads them back. "paper": every retrieval layer reuses the memor
 count, GQA) with its own Q and O projections (needs stage-2 training). Memory K/V travel as
 (B, L_mem, Hkv, M, D), one slice per stored layer; `read_index` says which slice a layer reads.
 
+Two memory readers (config.reader). "stream": the pass over the text reads memory, so its window K/V
+and the chunks it stores carry what it read. "side" (LongMem's split of a memory encoder from a reader,
+here on the same weights, training-free): the text's pass reads no memory, so its window K/V and the
+stored chunks are a plain sliding-window model's; when a block has memory, a second pass from the same
+block input gives the outputs, each layer's queries attending to memory and the first pass's keys and
+values in one softmax (`_side_pass`). Memory then never feeds memory, and where a text is cut into calls
+cannot change what is read.
+
 Sinks. A layer that skipped tokens (the upper layers during a paper-layout lower-only ingest) drops its
 now-stale window when it next runs, but keeps the sinks it recorded from the text's true first tokens;
 that is why the Reader runs the text's first chunk through every layer (a layer that first ran
@@ -123,6 +131,10 @@ class _Forward:
     mem_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slice -> (k_pre, v)
     query_layers: tuple[int, ...] = ()  # layers whose queries retrieval by keys uses
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Hkv, S, D)
+    # config.reader == "side": the first pass records each layer's rotated keys, values and mask
+    # (without memory); the side pass attends to them (and memory) instead of its own.
+    record: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    side: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 _CURRENT: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("memlong_forward", default=None)
@@ -164,6 +176,10 @@ def memlong_attention(
     n = cache.length
 
     k_new = fwd.k_pre.pop(layer).view(b, s, n_kv, d).transpose(1, 2)  # (B, Hkv, S, D), before RoPE
+    reads = fwd.memory is not None and layer in fwd.read_index
+    if fwd.side is not None:  # the side pass: this layer's queries, the first pass's keys and values
+        keys, values, mask = fwd.side[layer]
+        return _attend(module, query, keys, values, mask, fwd, layer if reads else None, scaling, dropout)
     if layer in fwd.query_layers:  # as rotated when they attend memory, averaged over each KV group
         fwd.queries[layer] = _group_queries(query, n_kv)
     if layer in fwd.store_index:
@@ -173,7 +189,6 @@ def memlong_attention(
     # The window ends at the block: cache keys at P-n+1..P, the block at P+1..P+S.
     p = fwd.frame
     first = p - n + 1
-    reads = fwd.memory is not None and layer in fwd.read_index
     insert = fwd.insert if reads else None
     if insert is not None:  # keys before the anchor sit M positions further back
         anchor, m = insert
@@ -205,23 +220,8 @@ def memlong_attention(
         values = torch.cat([cache.sink_v, values], dim=2)
         sink_mask = _sink_mask(ns, cache.seen, s, fwd.window, query.device)[None, None].expand(b, 1, s, ns)
         mask = torch.cat([sink_mask, mask], dim=-1)
-    if reads:
-        mem, i = fwd.memory, fwd.read_index[layer]
-        # "zero": memory keys are not rotated (position 0, about one window before the local text).
-        keys = torch.cat([fwd.mem_k[:, i].to(query.dtype), keys], dim=2)
-        values = torch.cat([mem.v[:, i].to(query.dtype), values], dim=2)
-        mem_mask = mem.mask[:, None].expand(b, 1, s, mem.k.shape[3])
-        mask = torch.cat([mem_mask, mask], dim=-1)  # (B, 1, S, M+sinks+n+S)
-
-    out = F.scaled_dot_product_attention(  # GQA: keys and values stay at the KV-head count
-        query,
-        keys,
-        values,
-        attn_mask=mask,
-        dropout_p=dropout if module.training else 0.0,
-        scale=scaling,
-        enable_gqa=n_heads != n_kv,
-    )  # (B, H, S, D)
+    if fwd.record is not None:  # the first pass of a side read: what the side pass attends besides memory
+        fwd.record[layer] = (keys, values, mask)
 
     keep = fwd.window
     cache.k, cache.v = k_loc[:, :, -keep:], v_loc[:, :, -keep:]
@@ -230,6 +230,39 @@ def memlong_attention(
     else:
         cache.k_rot, cache.k_rot_pos = k_rot[:, :, -keep:], first + max(0, n + s - keep)
     cache.seen += s
+    return _attend(module, query, keys, values, mask, fwd, layer if reads else None, scaling, dropout)
+
+
+def _attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    fwd: _Forward,
+    reading: int | None,
+    scaling: float | None,
+    dropout: float,
+) -> tuple[torch.Tensor, None]:
+    """One softmax over [memory (when `reading` is a reading layer) ; keys]. query (B, H, S, D), keys
+    and values (B, Hkv, K, D) rotated, mask (B, 1, S, K); returns (B, S, H, D)."""
+    b, n_heads, s, _ = query.shape
+    if reading is not None:
+        mem, i = fwd.memory, fwd.read_index[reading]
+        # "zero": memory keys are not rotated (position 0, about one window before the local text).
+        keys = torch.cat([fwd.mem_k[:, i].to(query.dtype), keys], dim=2)
+        values = torch.cat([mem.v[:, i].to(query.dtype), values], dim=2)
+        mem_mask = mem.mask[:, None].expand(b, 1, s, mem.k.shape[3])
+        mask = torch.cat([mem_mask, mask], dim=-1)  # (B, 1, S, M+sinks+n+S)
+    out = F.scaled_dot_product_attention(  # GQA: keys and values stay at the KV-head count
+        query,
+        keys,
+        values,
+        attn_mask=mask,
+        dropout_p=dropout if module.training else 0.0,
+        scale=scaling,
+        enable_gqa=n_heads != values.shape[1],
+    )  # (B, H, S, D)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -410,37 +443,46 @@ class MemLongModel(torch.nn.Module):
         lo = 0 if mem_at is None else min(0, mem_at, 1 - memory.k.shape[3])
         positions = torch.arange(lo, frame + s + 1, device=input_ids.device)[None].expand(b, -1)
         cos, sin = self.base.rotary_emb(hidden, positions)  # (B, P+S+1-lo, D)
-        mem_k = None if memory is None else memory.k
+        read_k = None if memory is None else memory.k
         if mem_at is not None:
             at = slice(mem_at - lo, mem_at - lo + memory.k.shape[3])
-            flat = mem_k.flatten(1, 2)  # (B, L_mem*Hkv, M, D)
+            flat = read_k.flatten(1, 2)  # (B, L_mem*Hkv, M, D)
             _, flat = apply_rotary_pos_emb(flat, flat, cos[:, at], sin[:, at])
-            mem_k = flat.view_as(mem_k)
+            read_k = flat.view_as(read_k)
         if not lower_only:
             for cache in stream.caches:
                 if cache.seen != stream.tokens_seen:  # skipped tokens: its window is stale, its sinks true
                     cache.k = cache.v = cache.k_rot = None
                     cache.seen = stream.tokens_seen
         stored = self.memory_layers
+        read_index = cfg.read_index(self.n_layers)
+        # The side reader: this pass reads no memory; a second one below reads it (config.reader).
+        side = memory is not None and cfg.reader == "side" and not lower_only
         fwd = _Forward(
             stream=stream,
             window=cfg.local_window,
             n_sink=cfg.sink_tokens,
-            read_index=cfg.read_index(self.n_layers),
+            read_index=read_index,
             store_index={layer: i for i, layer in enumerate(stored)},
-            memory=memory,
-            mem_k=mem_k,
+            memory=None if side else memory,
+            mem_k=None if side else read_k,
             cos=cos,
             sin=sin,
             frame=frame,
             lo=lo,
             insert=insert,
             query_layers=cfg.key_layers_of(self.n_layers) if cfg.retrieval == "keys" else (),
+            record={} if side else None,
         )
         q_pos = (cos[:, -s:], sin[:, -s:])  # queries are the block: positions P+1..P+S
+        # Below the lowest reading layer the side pass would repeat the first one: it starts there.
+        side_from = max(first_layer, min(read_index)) if side else top
+        side_hidden = hidden
         token = _CURRENT.set(fwd)
         try:
-            for layer in self.base.layers[first_layer:top]:
+            for i, layer in enumerate(self.base.layers[first_layer:top], start=first_layer):
+                if i == side_from:
+                    side_hidden = hidden
                 hidden = layer(hidden, attention_mask=None, position_embeddings=q_pos)
             if lower_only:
                 mem_layer = self.base.layers[cfg.mem_layer]
@@ -458,6 +500,8 @@ class MemLongModel(torch.nn.Module):
             else:
                 mem_k = torch.stack([fwd.mem_kv[i][0] for i in range(len(stored))], dim=1)
                 mem_v = torch.stack([fwd.mem_kv[i][1] for i in range(len(stored))], dim=1)
+                if side:
+                    hidden = self._side_pass(side_hidden, side_from, fwd, memory, read_k, q_pos)
                 out = self.base.norm(hidden)
         finally:
             _CURRENT.reset(token)
@@ -466,6 +510,37 @@ class MemLongModel(torch.nn.Module):
         if fwd.query_layers:  # (B, S, L_key * Hkv * D), key layers in order
             queries = torch.cat([fwd.queries[i].permute(0, 2, 1, 3).flatten(2) for i in fwd.query_layers], -1)
         return BlockOutput(hidden=out, mem_k=mem_k, mem_v=mem_v, queries=queries)
+
+    def _side_pass(
+        self,
+        hidden: torch.Tensor,
+        first: int,
+        fwd: _Forward,
+        memory: Memory,
+        mem_k: torch.Tensor,
+        q_pos: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """The side reader's pass over layers `first`.. from `hidden`, the first pass's states entering
+        layer `first`: each layer's queries attend to memory and to the keys and values the first pass
+        recorded there. Caches and stored K/V are the first pass's; this pass changes neither."""
+        side = dataclasses.replace(
+            fwd,
+            memory=memory,
+            mem_k=mem_k,
+            side=fwd.record,
+            record=None,
+            k_pre={},
+            mem_kv={},
+            queries={},
+            query_layers=(),
+        )
+        token = _CURRENT.set(side)
+        try:
+            for layer in self.base.layers[first:]:
+                hidden = layer(hidden, attention_mask=None, position_embeddings=q_pos)
+        finally:
+            _CURRENT.reset(token)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -155,18 +156,24 @@ def _continued_reads_as_one_pass(model, toks, split: int, first_call):
     return two, one
 
 
-def test_ingest_then_score_equals_one_pass_of_score_at_every_layer():
-    # Per-layer memory: upper layers read memory, so what they store depends on retrieval; ingest reads
-    # exactly as scoring does (without the LM head), so the two paths agree at every layer.
+@pytest.mark.parametrize("split", [48, 50])  # on a chunk boundary, inside a chunk
+@pytest.mark.parametrize("reader", ["stream", "side"])
+def test_ingest_then_score_equals_one_pass_of_score_at_every_layer(reader, split):
+    # "stream": upper layers read memory, so what they store depends on retrieval; ingest reads exactly
+    # as scoring does (without the LM head). "side": ingest runs only the memory-free pass that scoring
+    # stores and keeps too, and retrieves nothing; scoring that resumes inside a chunk retrieves with the
+    # text before its boundary, as one pass did there. Either way the two paths agree at every layer.
     model = tiny_memlong(chunk=4, window=8)
+    model.config = dataclasses.replace(model.config, reader=reader)
     toks = _tokens(72, seed=7)
 
     def ingest(reader, first):
         reader.ingest(first)
         _assert_same_caches(reader, _scored(model, first), range(4))
 
-    two, one = _continued_reads_as_one_pass(model, toks, 48, ingest)
+    two, one = _continued_reads_as_one_pass(model, toks, split, ingest)
     assert one.stats.retrievals > 10
+    assert (two.stats.retrievals < one.stats.retrievals) == (reader == "side")
     ids = one.memory.ids()
     assert (two.memory.ids() == ids).all()
     torch.testing.assert_close(

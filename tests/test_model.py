@@ -16,7 +16,9 @@ from memlong.model import MemLongConfig, MemLongModel, Memory
 from tests.factories import tiny_llama, tiny_memlong
 
 
-def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memory | None) -> torch.Tensor:
+def naive_forward(
+    model: MemLongModel, ids: torch.Tensor, window: int, mem: Memory | None, side: bool = False
+) -> torch.Tensor:
     """Logits by explicit math, one query at a time.
 
     Query t sits at position n_sink + window + (t mod chunk) + 1 and sees: the window keys u in
@@ -24,6 +26,8 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
     j+1; memory (reading layers) unrotated, at position 0, or at 1-M..0 ("prefix"); memory inserted
     before stream index `anchor` (read from there on) at stream indices anchor-M.., with every local key
     and sink before the anchor M positions further back. One softmax.
+    side=True (the side reader): a memory-free pass supplies every layer's keys and values; a second
+    residual stream's queries attend to them and memory, and its states give the logits.
     """
     base, cfg = model.base, model.config
     b, length = ids.shape
@@ -34,12 +38,7 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
         cos, sin = base.rotary_emb(x, pos[None].expand(b, -1))
         return apply_rotary_pos_emb(v, v, cos, sin)[0]
 
-    for li, layer in enumerate(base.layers):
-        att = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = att.q_proj(h).view(b, length, -1, hd).transpose(1, 2)  # (B, H, L, D) before RoPE
-        k = att.k_proj(h).view(b, length, -1, hd).transpose(1, 2)
-        v = att.v_proj(h).view(b, length, -1, hd).transpose(1, 2)
+    def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem: Memory | None):
         g = q.shape[1] // k.shape[1]
         outs = []
         for t in range(length):
@@ -71,10 +70,24 @@ def naive_forward(model: MemLongModel, ids: torch.Tensor, window: int, mem: Memo
             scores = (qt @ kk.transpose(-1, -2)) / math.sqrt(hd)  # (B, H, 1, keys)
             scores = scores.masked_fill(~torch.cat(valid, 1)[:, None, None], float("-inf"))
             outs.append(torch.softmax(scores, -1) @ vv)  # (B, H, 1, D)
-        o = torch.cat(outs, 2)
-        x = x + att.o_proj(o.transpose(1, 2).reshape(b, length, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.hf.lm_head(base.norm(x))
+        return torch.cat(outs, 2).transpose(1, 2).reshape(b, length, -1)
+
+    def project(proj: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:  # (B, heads, L, D) before RoPE
+        return proj(h).view(b, length, -1, hd).transpose(1, 2)
+
+    def mlp(layer, x: torch.Tensor) -> torch.Tensor:
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    xs = x  # the side stream
+    for li, layer in enumerate(base.layers):
+        att = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = project(att.q_proj, h), project(att.k_proj, h), project(att.v_proj, h)
+        if side:
+            qs = project(att.q_proj, layer.input_layernorm(xs))
+            xs = mlp(layer, xs + att.o_proj(attend(li, qs, k, v, mem)))
+        x = mlp(layer, x + att.o_proj(attend(li, q, k, v, None if side else mem)))
+    return model.hf.lm_head(base.norm(xs if side else x))
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
@@ -154,6 +167,38 @@ def test_memory_attention_equals_naive_reference_gqa(layout, position):
         )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (got - without).abs().max() > 1e-3  # memory really changes the output
+
+
+@pytest.mark.parametrize("position", ["zero", "prefix"])
+def test_side_reader_equals_naive_reference(position):
+    # A memory-free pass supplies keys, values, the caches and the stored K/V; a second pass's queries
+    # read them and memory. Blocks 3 + 1 + 4 + 4: mid-chunk cuts too.
+    model = tiny_memlong(window=6, n_heads=4, n_kv_heads=2, sink_tokens=2, chunk=4)
+    model.config = dataclasses.replace(model.config, mem_position=position, reader="side")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (2, 12), generator=g)
+    m, n_mem = 10, len(model.memory_layers)
+    mem = Memory(
+        k=torch.randn(2, n_mem, 2, m, 8, generator=g),
+        v=torch.randn(2, n_mem, 2, m, 8, generator=g),
+        mask=torch.tensor([[True] * m, [True] * 6 + [False] * 4])[:, None, :],
+    )
+    with torch.no_grad():
+        want = naive_forward(model, ids, window=6, mem=mem, side=True)
+        plain = naive_forward(model, ids, window=6, mem=None)
+        with_mem, no_mem, parts, stored, free = model.new_stream(), model.new_stream(), [], [], []
+        for t, end in itertools.pairwise([0, 3, 4, 8, 12]):
+            out = model.forward_block(ids[:, t:end], with_mem, memory=mem)
+            parts.append(model.logits(out.hidden))
+            stored.append(out.mem_k)
+            free.append(model.forward_block(ids[:, t:end], no_mem).mem_k)
+    torch.testing.assert_close(torch.cat(parts, dim=1), want, atol=1e-5, rtol=0)
+    assert (want - plain).abs().max() > 1e-3  # memory really changes the output
+    # what it stores and keeps in its window is the memory-free pass's, bit for bit
+    torch.testing.assert_close(torch.cat(stored, 3), torch.cat(free, 3), atol=0, rtol=0)
+    for a, b in zip(with_mem.caches, no_mem.caches, strict=True):
+        torch.testing.assert_close(a.k, b.k, atol=0, rtol=0)
+        torch.testing.assert_close(a.sink_v, b.sink_v, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("anchor", [10, 1])  # mid-chunk, as a prompt seeded mid-chunk is; between sinks
@@ -264,5 +309,11 @@ def test_config_rejects_bad_settings():
         MemLongModel(tiny_llama(), MemLongConfig(layout="paper", mem_layer=1, ret_attn_layers=(9,)))
     with pytest.raises(InvalidArgument, match="layout"):
         MemLongConfig(layout="cross")
+    with pytest.raises(InvalidArgument, match="reader"):
+        MemLongConfig(reader="both")
+    with pytest.raises(InvalidArgument, match="reader"):
+        MemLongConfig(layout="paper", reader="side")
+    with pytest.raises(InvalidArgument, match="prompt_insert"):
+        MemLongConfig(reader="side", prompt_insert=True)
     with pytest.raises(InvalidArgument, match="mem_layers"):
         MemLongModel(tiny_llama(), MemLongConfig(mem_layers=(0, 7)))

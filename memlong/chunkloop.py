@@ -384,6 +384,7 @@ class Reader:
         self._anchor = None  # this prompt's chunks are inserted where it first reads them
         if self.position % self.cfg.chunk:
             self._block_memory = self._retrieve(query, keys)
+            self._unread_chunk = False  # (an ingest without memory may have left the chunk unread)
 
     def _seeded_at(self, position: int) -> bool:
         """Whether the boundary at `position` retrieves with a given prompt's query (`seed_query`)."""

@@ -218,6 +218,23 @@ class MemLongConfig:
         layers = self.key_layers_of(n_layers) if n_layers else self.key_layers
         return "keys:" + (",".join(map(str, layers)) or "default")
 
+    def reading_label(self) -> str:
+        """Who reads memory, for result tables: "side", "stream", or "stream, ingest without memory"."""
+        if self.reader == "side" or self.ingest_memory:
+            return self.reader
+        return "stream, ingest without memory"
+
+    def prompt_label(self) -> str:
+        """How a given prompt retrieves, for result tables: its query span, chunks read, window."""
+        parts = [f"last {self.prompt_query_tokens}" if self.prompt_query_tokens else "last chunk"]
+        if self.prompt_top_k:
+            parts.append(f"top-{self.prompt_top_k}")
+        if self.prompt_window:
+            parts.append("window")
+        if self.prompt_insert:
+            parts.append("inserted")
+        return ", ".join(parts)
+
     def describe(self) -> str:
         """One line for logs and reports: the layout and the reading settings."""
         if self.layout == "paper":
@@ -229,7 +246,7 @@ class MemLongConfig:
         return (
             f"{where}; chunk {self.chunk}, top-k {self.top_k}, local window {self.local_window}, "
             f"{self.sink_tokens} sinks, memory keys at '{self.mem_position}', query '{self.query}', "
-            f"retrieval by {self.retrieval_label()}"
+            f"retrieval by {self.retrieval_label()}" + f", {self.reading_label()} reader"
         )
 
     @property

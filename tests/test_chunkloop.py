@@ -526,3 +526,10 @@ def test_an_ingest_without_memory_searches_nothing_and_stores_what_its_window_co
         reader.score(toks[30:36])
         model.forward_block = forward
     assert read == [True, True]  # 30..31 and 32..35
+    # A prompt read there retrieves once, with its own query, for the rest of the chunk.
+    with model.configured(ingest_memory=False):
+        spy = SearchSpy(memory)
+        reader = Reader(model, retriever, tok, spy)
+        reader.ingest(toks[:30])
+        reader.read_prompt(toks[30:31])
+    assert len(spy.searches) == 1 and reader.stats.retrievals == 1

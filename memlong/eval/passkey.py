@@ -58,7 +58,7 @@ _METHOD_ORDER = {"full": 0, "sliding": 1, "per_layer": 2, "paper": 3}
 LAYOUT_METHODS = {
     "sliding": {"layout": "per_layer"},
     "per_layer": {"layout": "per_layer"},
-    "paper": {"layout": "paper"},
+    "paper": {"layout": "paper", "reader": "stream"},
 }
 
 
@@ -204,6 +204,8 @@ def _record(
         "mem_position": cfg.mem_position if memory else "none",
         "kv_codec": cfg.kv_codec if memory else "none",
         "query": _query_label(cfg, n_layers) if memory else "none",
+        "prompt": cfg.prompt_label() if memory else "none",
+        "reader": cfg.reading_label() if memory else "none",
         # Per trial, in order of depth: needle depth (tokens), key, the model's answer, and whether the
         # needle's chunk was retrieved for it.
         "per_trial": detail,
@@ -235,6 +237,8 @@ PASSKEY_COLUMNS = [
     "query",
     "mem_position",
     "kv_codec",
+    "prompt",
+    "reader",
 ]
 
 

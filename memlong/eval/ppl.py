@@ -38,7 +38,7 @@ from memlong.eval.common import (
 )
 
 METHODS = ("full", "sliding", "per_layer", "paper")
-LAYOUT_METHODS = {"per_layer": {"layout": "per_layer"}, "paper": {"layout": "paper"}}
+LAYOUT_METHODS = {"per_layer": {"layout": "per_layer"}, "paper": {"layout": "paper", "reader": "stream"}}
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,7 @@ def _record(
         "memory_layers": _memory_layers(cfg) if memory else "",
         "sink_tokens": cfg.sink_tokens,
         "mem_position": cfg.mem_position if memory else "none",
+        "reader": cfg.reading_label() if memory else "none",
         "ppl": math.exp(sum(values) / len(values)),
     }
 
@@ -233,6 +234,7 @@ PPL_COLUMNS = [
     "memory_layers",
     "sink_tokens",
     "mem_position",
+    "reader",
     "ppl",
 ]
 

@@ -63,18 +63,20 @@ class MemLongConfig:
     # "text": a given prompt (generation) is retrieved for with its last `prompt_query_tokens` tokens
     # (0: its last chunk). Shorter spans keep the question and leave out the text before it, which at
     # long lengths matches other chunks better than the one sought (bench/results/passkey_query_study),
-    # but at 64k the last 32 tokens' other chunks steer the answer away from the key more often than the
-    # last chunk's misses do (bench/results/passkey_read_study): 0.
-    prompt_query_tokens: int = 0
+    # With the served ingest, at 64k the last 32 tokens' other chunks steered the answer away from the key
+    # (bench/results/passkey_read_study); with an ingest that reads no memory, the last 32 tokens reading
+    # the best chunk in the whole last window answer it (bench/results/noingest_study): 32.
+    prompt_query_tokens: int = 32
     # Chunks read for a given prompt's retrieval (0: `top_k`). Passkey at 16k answers the same with 1, 2,
-    # 4 or 8 once the needle's chunk is among them (bench/results/passkey_read_study).
-    prompt_top_k: int = 0
+    # 4 or 8 once the needle's chunk is among them (bench/results/passkey_read_study); 1 with the rest of
+    # the defaults (bench/results/noingest_study).
+    prompt_top_k: int = 1
     # A given prompt's chunks within the last `local_window` tokens of its end (the window its
     # continuation reads) read memory retrieved with the prompt's query too, not with the chunk before
     # each of them: the text just before the question then sees what the question is about. False: only
-    # the prompt's last partial chunk reads it. Passkey at 16k answers the same either way
-    # (bench/results/passkey_read_study): False.
-    prompt_window: bool = False
+    # the prompt's last partial chunk reads it. With the served ingest, passkey at 16k answers the same
+    # either way (bench/results/passkey_read_study); with the rest of the defaults: True.
+    prompt_window: bool = True
     # A given prompt's retrieved chunks read as text inserted right before where the prompt starts
     # reading them (model.Memory.anchor): each query sees them at their distance from there, in their
     # own order, and the local text before them moved back by their length. False: at `mem_position`.
@@ -83,12 +85,14 @@ class MemLongConfig:
     # but the reader answers worse with it than at position 0 (trials 0-2: mean log p(key) -2.32 against
     # -2.01, bench/results/passkey_read_study): False.
     prompt_insert: bool = False
-    # Ingest reads memory as scoring does, so ingesting a text then scoring more equals scoring it all
-    # (every chunk's K/V are then computed with the chunks its predecessor retrieved). False: ingest reads
-    # only its local window, stores what it computes there and retrieves nothing; scoring and generation
-    # still read memory. Stored chunks then hold only their own text: passkey 16k 7/10 against 6/10,
-    # KJV perplexity +0.7 % at 8k and 32k (bench/results/noingest, bench/results/passkey_ingest_study).
-    ingest_memory: bool = True
+    # False: ingest reads only its local window (no retrieval), stores what it computes there; scoring and
+    # generation still read memory. Stored chunks then hold only their own text, not the unrelated chunks
+    # their predecessor retrieved (the cause of the 64k passkey misses: bench/results/passkey_ingest_study):
+    # with the prompt defaults above, passkey 64k 8/10 against 4/10 (bench/results/noingest_study); KJV
+    # perplexity +0.7 % at 8k and 32k (bench/results/noingest). Ingesting a text then scoring more then
+    # equals the same calls in one session, not scoring it all; True: ingest reads memory as scoring does,
+    # and it does (so does the side reader).
+    ingest_memory: bool = False
     # Who reads memory. "stream": the text's own pass (every layer's window K/V, and so the chunks stored,
     # carry what it read). "side" (LongMem's decoupling, training-free): the text is read once without
     # memory (a plain sliding-window pass: its K/V fill the window and memory), and a second pass on the
@@ -126,9 +130,10 @@ class MemLongConfig:
             raise InvalidArgument("retrieval", f"must be one of {RETRIEVAL_SOURCES}, got {self.retrieval!r}")
         if not 0 <= self.key_query_tokens <= self.chunk:
             raise InvalidArgument("key_query_tokens", f"must be in 0..chunk, got {self.key_query_tokens}")
-        if not 0 <= self.prompt_query_tokens <= self.chunk:
+        if self.prompt_query_tokens < 0:
             raise InvalidArgument(
-                "prompt_query_tokens", f"must be in 0..chunk, got {self.prompt_query_tokens}"
+                "prompt_query_tokens",
+                f"must be >= 0 (0: the prompt's last chunk), got {self.prompt_query_tokens}",
             )
         if self.prompt_top_k < 0:
             raise InvalidArgument("prompt_top_k", f"must be >= 0 (0: top_k), got {self.prompt_top_k}")

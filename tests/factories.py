@@ -27,10 +27,17 @@ def tiny_llama(n_heads: int = 4, n_kv_heads: int = 2, n_layers: int = 4, seed: i
     return model
 
 
+# The tiny model's reading: ingest reads memory and a prompt retrieves with its last chunk at top-k, so
+# the chunk loop's retrieval runs at every boundary whatever the call; tests of the served defaults (an
+# ingest that reads no memory, the prompt's last 32 tokens and best chunk) set them (`model.configured`).
+TINY_READING = {"ingest_memory": True, "prompt_query_tokens": 0, "prompt_top_k": 0, "prompt_window": False}
+
+
 def tiny_memlong(
     chunk: int = 4, window: int = 8, top_k: int = 2, sink_tokens: int = 2, layout: str = "per_layer", **kw
 ) -> MemLongModel:
     hf = tiny_llama(**{k: v for k, v in kw.items() if k in ("n_heads", "n_kv_heads", "n_layers", "seed")})
+    reading = {**TINY_READING, **{k: v for k, v in kw.items() if k in TINY_READING}}
     cfg = MemLongConfig(
         layout=layout,
         mem_layer=1,
@@ -41,6 +48,7 @@ def tiny_memlong(
         memory_size=chunk * 64,
         kv_dtype="float32",
         sink_tokens=sink_tokens,
+        **reading,
     )
     return MemLongModel(hf, cfg)
 

@@ -184,6 +184,34 @@ def test_ingest_then_score_equals_one_pass_of_score_at_every_layer(reader, split
     )
 
 
+@pytest.mark.parametrize("split", [20, 22])  # on a chunk boundary, inside a chunk
+def test_under_the_served_reading_calls_cut_anywhere_read_as_one_call(split):
+    # Served: ingest reads no memory, so ingesting a text then scoring more is not scoring it all (the
+    # test above); but however the same calls are cut, the session reads the same: logits, every layer's
+    # caches, and the memory stored.
+    model = tiny_memlong(chunk=4, window=8, ingest_memory=False)
+    toks = _tokens(72, seed=7)
+    one = _reader(model)
+    one.ingest(toks[:48])
+    lp_one = one.score(toks[48:])
+    two = _reader(model)
+    two.ingest(toks[:split])
+    two.ingest(toks[split:48])
+    lp_two = torch.cat([two.score(toks[48 : 48 + split - 8]), two.score(toks[48 + split - 8 :])])
+    assert lp_one[0].isnan() and lp_two[0].isnan()  # an ingest leaves the next token unscored
+    torch.testing.assert_close(lp_two[1:], lp_one[1:], atol=1e-5, rtol=0)
+    _assert_same_caches(two, one, range(4))
+    assert one.stats.retrievals > 3 and two.stats.retrievals == one.stats.retrievals
+    ids = one.memory.ids()
+    assert (two.memory.ids() == ids).all()
+    torch.testing.assert_close(
+        records_to_kv(two.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
+        records_to_kv(one.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
 def _scored(model, toks):
     reader = _reader(model)
     reader.score(toks)

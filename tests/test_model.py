@@ -311,6 +311,9 @@ def test_config_rejects_bad_settings():
         MemLongConfig(layout="cross")
     with pytest.raises(InvalidArgument, match="reader"):
         MemLongConfig(reader="both")
+    with pytest.raises(InvalidArgument, match="prompt_query_tokens"):
+        MemLongConfig(prompt_query_tokens=-1)
+    assert MemLongConfig(chunk=16).prompt_query_tokens == 32  # a span longer than a chunk is fine
     with pytest.raises(InvalidArgument, match="reader"):
         MemLongConfig(layout="paper", reader="side")
     with pytest.raises(InvalidArgument, match="prompt_insert"):

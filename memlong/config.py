@@ -224,14 +224,14 @@ class MemLongConfig:
         return "keys:" + (",".join(map(str, layers)) or "default")
 
     def reading_label(self) -> str:
-        """Who reads memory, for result tables: "side", "stream", or "stream, ingest without memory"."""
+        """Who reads memory, for result tables: "side", "stream", or "stream (ingest reads no memory)"."""
         if self.reader == "side" or self.ingest_memory:
             return self.reader
-        return "stream, ingest without memory"
+        return "stream (ingest reads no memory)"
 
     def prompt_label(self) -> str:
         """How a given prompt retrieves, for result tables: its query span, chunks read, window."""
-        parts = [f"last {self.prompt_query_tokens}" if self.prompt_query_tokens else "last chunk"]
+        parts = [f"last {self.prompt_query_tokens} tokens" if self.prompt_query_tokens else "last chunk"]
         if self.prompt_top_k:
             parts.append(f"top-{self.prompt_top_k}")
         if self.prompt_window:
@@ -251,7 +251,8 @@ class MemLongConfig:
         return (
             f"{where}; chunk {self.chunk}, top-k {self.top_k}, local window {self.local_window}, "
             f"{self.sink_tokens} sinks, memory keys at '{self.mem_position}', query '{self.query}', "
-            f"retrieval by {self.retrieval_label()}" + f", {self.reading_label()} reader"
+            f"retrieval by {self.retrieval_label()}; memory read by: {self.reading_label()}; a prompt "
+            f"retrieves with: {self.prompt_label()}"
         )
 
     @property

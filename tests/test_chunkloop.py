@@ -174,14 +174,7 @@ def test_ingest_then_score_equals_one_pass_of_score_at_every_layer(reader, split
     two, one = _continued_reads_as_one_pass(model, toks, split, ingest)
     assert one.stats.retrievals > 10
     assert (two.stats.retrievals < one.stats.retrievals) == (reader == "side")
-    ids = one.memory.ids()
-    assert (two.memory.ids() == ids).all()
-    torch.testing.assert_close(
-        records_to_kv(two.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
-        records_to_kv(one.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
-        atol=1e-5,
-        rtol=0,
-    )
+    _assert_same_memory(two, one, model)
 
 
 @pytest.mark.parametrize("split", [20, 22])  # on a chunk boundary, inside a chunk
@@ -202,11 +195,15 @@ def test_under_the_served_reading_calls_cut_anywhere_read_as_one_call(split):
     torch.testing.assert_close(lp_two[1:], lp_one[1:], atol=1e-5, rtol=0)
     _assert_same_caches(two, one, range(4))
     assert one.stats.retrievals > 3 and two.stats.retrievals == one.stats.retrievals
-    ids = one.memory.ids()
-    assert (two.memory.ids() == ids).all()
+    _assert_same_memory(two, one, model)
+
+
+def _assert_same_memory(a, b, model):
+    ids = b.memory.ids()
+    assert (a.memory.ids() == ids).all()
     torch.testing.assert_close(
-        records_to_kv(two.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
-        records_to_kv(one.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
+        records_to_kv(a.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
+        records_to_kv(b.memory.fetch(ids)[0], model.kv_record_shape, "float32"),
         atol=1e-5,
         rtol=0,
     )

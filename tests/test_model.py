@@ -90,6 +90,17 @@ def naive_forward(
     return model.hf.lm_head(base.norm(xs if side else x))
 
 
+def _random_memory(g: torch.Generator, n_mem: int, m: int, valid: int, anchor: int | None = None) -> Memory:
+    """Memory of m slots for a batch of 2 (2 KV heads, head dim 8): row 1 all valid, row 2 its first
+    `valid` slots (the rest padding)."""
+    return Memory(
+        k=torch.randn(2, n_mem, 2, m, 8, generator=g),
+        v=torch.randn(2, n_mem, 2, m, 8, generator=g),
+        mask=torch.tensor([[True] * m, [True] * valid + [False] * (m - valid)])[:, None, :],
+        anchor=anchor,
+    )
+
+
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
 def test_empty_memory_equals_stock_transformers(heads):
     stock = tiny_llama(n_heads=heads[0], n_kv_heads=heads[1])
@@ -146,11 +157,7 @@ def test_memory_attention_equals_naive_reference_gqa(layout, position):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 97, (2, 12), generator=g)
     m, n_mem = 10, len(model.memory_layers)  # per_layer: every layer reads its own slice
-    mem = Memory(
-        k=torch.randn(2, n_mem, 2, m, 8, generator=g),
-        v=torch.randn(2, n_mem, 2, m, 8, generator=g),
-        mask=torch.tensor([[True] * m, [True] * 6 + [False] * 4])[:, None, :],  # row 2 has 4 padding slots
-    )
+    mem = _random_memory(g, n_mem, m, valid=6)  # row 2: 4 padding slots
     with torch.no_grad():
         want = naive_forward(model, ids, window=6, mem=mem)
         with_mem, no_mem = model.new_stream(), model.new_stream()
@@ -178,11 +185,7 @@ def test_side_reader_equals_naive_reference(position):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 97, (2, 12), generator=g)
     m, n_mem = 10, len(model.memory_layers)
-    mem = Memory(
-        k=torch.randn(2, n_mem, 2, m, 8, generator=g),
-        v=torch.randn(2, n_mem, 2, m, 8, generator=g),
-        mask=torch.tensor([[True] * m, [True] * 6 + [False] * 4])[:, None, :],
-    )
+    mem = _random_memory(g, n_mem, m, valid=6)  # row 2: 4 padding slots
     with torch.no_grad():
         want = naive_forward(model, ids, window=6, mem=mem, side=True)
         plain = naive_forward(model, ids, window=6, mem=None)
@@ -208,12 +211,7 @@ def test_inserted_memory_equals_naive_reference(layout, anchor):
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 97, (2, 16), generator=g)
     m, n_mem = 8, len(model.memory_layers)
-    mem = Memory(
-        k=torch.randn(2, n_mem, 2, m, 8, generator=g),
-        v=torch.randn(2, n_mem, 2, m, 8, generator=g),
-        mask=torch.tensor([[True] * m, [True] * 5 + [False] * 3])[:, None, :],
-        anchor=anchor,
-    )
+    mem = _random_memory(g, n_mem, m, valid=5, anchor=anchor)  # row 2: 3 padding slots
     with torch.no_grad():
         want = naive_forward(model, ids, window=6, mem=mem)
         stream, parts = model.new_stream(), []

@@ -521,9 +521,11 @@ class Reader:
 
     @torch.no_grad()
     def ingest(self, tokens: Sequence[int], more: bool = False) -> None:
-        """Encode tokens into memory without the LM head: every layer, with retrieval, exactly as scoring
-        reads them (per-layer layout); layers 0..mem_layer only after the text's first chunk (paper).
-        more=True: the next call continues this text, so the retrieval after its end may start early."""
+        """Encode tokens into memory without the LM head. Per-layer layout: every layer, reading only its
+        local window (served, `ingest_memory=False`; the side reader too), or with retrieval exactly as
+        scoring reads them (`ingest_memory=True`). Paper layout: layers 0..mem_layer only after the
+        text's first chunk. more=True: the next call continues this text, so the retrieval after its end
+        may start early."""
         t0 = time.perf_counter()
         paper = self.cfg.layout == "paper"
         for i, step in self._blocks(len(tokens), self.cfg.chunk):

@@ -535,7 +535,7 @@ class Reader:
                 self.position += step
                 self._absorb(block, out)
             else:  # the paper layout's next block reads no memory: nothing to fetch ahead for it
-                read = self.cfg.ingest_memory and self.cfg.reader == "stream"  # (side: nothing to read for)
+                read = self.cfg.ingest_reads_memory
                 self._forward(block, ahead=(i + step < len(tokens) or more) and not paper and read, read=read)
         self._last_logp = None  # the LM head did not run: the next token cannot be scored
         self.stats.tokens_ingested += len(tokens)

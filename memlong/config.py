@@ -223,9 +223,15 @@ class MemLongConfig:
         layers = self.key_layers_of(n_layers) if n_layers else self.key_layers
         return "keys:" + (",".join(map(str, layers)) or "default")
 
+    @property
+    def ingest_reads_memory(self) -> bool:
+        """Whether ingest retrieves and reads memory as scoring does (the stream reader with
+        `ingest_memory`); the side reader's ingest never does: it has no outputs to read it for."""
+        return self.ingest_memory and self.reader == "stream"
+
     def reading_label(self) -> str:
         """Who reads memory, for result tables: "side", "stream", or "stream (ingest reads no memory)"."""
-        if self.reader == "side" or self.ingest_memory:
+        if self.reader == "side" or self.ingest_reads_memory:
             return self.reader
         return "stream (ingest reads no memory)"
 

@@ -81,24 +81,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=d.prompt_top_k,
         help="chunks a prompt's own retrieval reads (0: --top-k)",
     )
-    g.add_argument(
-        "--prompt-window",
-        action=argparse.BooleanOptionalAction,
-        default=d.prompt_window,
-        help="a prompt's chunks inside the window its continuation reads retrieve with the prompt's query too",
-    )
-    g.add_argument(
-        "--prompt-insert",
-        action=argparse.BooleanOptionalAction,
-        default=d.prompt_insert,
-        help="a prompt's retrieved chunks read as text inserted before where it first reads them",
-    )
-    g.add_argument(
-        "--ingest-memory",
-        action=argparse.BooleanOptionalAction,
-        default=d.ingest_memory,
-        help="ingest reads memory as scoring does (--no-ingest-memory: its local window only)",
-    )
+    for name, text in (
+        (
+            "prompt_window",
+            "a prompt's chunks inside the window its continuation reads retrieve with its query too",
+        ),
+        (
+            "prompt_insert",
+            "a prompt's retrieved chunks read as text inserted before where it first reads them",
+        ),
+        ("ingest_memory", "ingest reads memory as scoring does (--no-ingest-memory: its local window only)"),
+    ):
+        flag = "--" + name.replace("_", "-")
+        g.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(d, name), help=text)
     g.add_argument(
         "--reader",
         choices=READERS,

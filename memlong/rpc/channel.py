@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -28,6 +29,7 @@ from memlong.errors import DeadlineExceeded
 from . import internal, tracing
 from .tls import TlsConfig, internal_tls, process_tls
 
+T = TypeVar("T")
 MiB = 1 << 20
 # The message size limit both ends of every channel and server use unless configured otherwise.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -131,6 +133,32 @@ def forget_channels(targets: Sequence[str]) -> None:
     with _lock:
         for key in [k for k in _channels if k[0] in targets]:
             del _channels[key]
+
+
+_NO_CONNECTION = "failed to connect to all addresses"
+
+
+def never_sent(err: grpc.RpcError) -> bool:
+    """The call failed because no connection to the server could be made: it never left this process."""
+    return err.code() == grpc.StatusCode.UNAVAILABLE and _NO_CONNECTION in (err.details() or "").lower()
+
+
+def reconnecting(target: str, attempt: Callable[[], T]) -> T:
+    """`attempt()`, made once more on a fresh channel to `target` when no connection could be made.
+
+    A cached channel whose connect failed (its server was down) fails every call at once until its
+    reconnect backoff runs out, up to `max_reconnect_backoff_ms`, even when the server is back by then
+    (a restarted replica in another process: `forget_channels` is not called here). The failed call never
+    reached a server, so making it again is safe for any method; when the server is still down, the
+    second attempt fails as fast as the first. `attempt` must get its channel from `get_channel`.
+    """
+    try:
+        return attempt()
+    except grpc.RpcError as err:
+        if not never_sent(err):
+            raise
+    forget_channels([target])
+    return attempt()
 
 
 def close_channels(targets: Sequence[str] | None = None) -> None:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -34,7 +34,14 @@ from memlong.api.retmem.v1 import retmem_pb2_grpc as pb_grpc
 from memlong.errors import DataLoss, FailedPrecondition, InvalidArgument
 from memlong.memory import SearchResult
 from memlong.rpc import metrics
-from memlong.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, CallScope, ChannelOptions, Deadline, get_channel
+from memlong.rpc.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    CallScope,
+    ChannelOptions,
+    Deadline,
+    get_channel,
+    reconnecting,
+)
 from memlong.rpc.status import raise_for_rpc_error
 from memlong.rpc.tls import TlsConfig
 from memlong.services.common import parallel, tensor
@@ -44,6 +51,7 @@ from .routing import Ring
 from .store import SessionInfo, SessionSpec, as_records
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetMem"].full_name
 # Safe to repeat: appends are idempotent by chunk id, reads change at most retrieval counters.
@@ -147,9 +155,17 @@ class RetMemClient:
     def _timeout(self, deadline: Deadline | None) -> float:
         return self.timeout_s if deadline is None else deadline.timeout(cap_s=self.timeout_s)
 
+    def _reconnecting(self, session_id: str, attempt: Callable[[], T]) -> T:
+        """`attempt()`, once more on a fresh channel when it could not connect (`reconnecting`): a
+        restarted shard is reached as soon as it listens, not after the old channel's backoff."""
+        return reconnecting(self._target(session_id), attempt)
+
     def _call(self, session_id: str, method: str, request: Any, deadline: Deadline | None) -> Any:
         try:
-            return getattr(self._stub(session_id), method)(request, timeout=self._timeout(deadline))
+            return self._reconnecting(
+                session_id,
+                lambda: getattr(self._stub(session_id), method)(request, timeout=self._timeout(deadline)),
+            )
         except grpc.RpcError as err:
             raise_for_rpc_error(err)
 
@@ -311,7 +327,9 @@ class RetMemClient:
         ]
         body = rawwire.append_request(session_id, chunks)
         try:
-            reply = self._raw(session_id).Append(body, timeout=self._timeout(deadline))
+            reply = self._reconnecting(
+                session_id, lambda: self._raw(session_id).Append(body, timeout=self._timeout(deadline))
+            )
         except grpc.RpcError as err:
             raise_for_rpc_error(err)
         self._count(GRPC, "Append", "sent", records.nbytes)
@@ -329,7 +347,9 @@ class RetMemClient:
                 chunk = self._chunk(spec, ids[i], embeddings[i], records[i], lengths[i])
                 chunk.kv_region.CopyFrom(lease.region(i * rb, rb))
                 req.chunks.append(chunk)
-            reply = self._stub(session_id).Append(req, timeout=self._timeout(deadline))
+            reply = self._reconnecting(
+                session_id, lambda: self._stub(session_id).Append(req, timeout=self._timeout(deadline))
+            )
         except grpc.RpcError as err:
             lease.discard()  # the server may still read it: never reuse
             raise_for_rpc_error(err)
@@ -368,29 +388,34 @@ class RetMemClient:
                     raise
             except _NoSegment:
                 pass  # this call over gRPC
-        out = _Rows(spec, q, k)
-        timeout = self._timeout(deadline)
-        stub = self._raw(session_id)
         rb = spec.record_bytes
-        try:
-            if q * k * rb <= self.stream_above and q * (k * (rb + 32) + 64) <= self.max_message_bytes:
+        unary = q * k * rb <= self.stream_above and q * (k * (rb + 32) + 64) <= self.max_message_bytes
+        if not unary:
+            req.max_records_per_message = max(1, min(self.piece_bytes, self.max_message_bytes // 2) // rb)
+
+        def rows() -> _Rows:
+            out = _Rows(spec, q, k)
+            timeout = self._timeout(deadline)
+            stub = self._raw(session_id)
+            if unary:
                 for head, data in rawwire.parse_rows(_unary(stub.Retrieve, req, timeout, calls)):
                     out.add(head, data)
-                method = "Retrieve"
-            else:
-                req.max_records_per_message = max(1, min(self.piece_bytes, self.max_message_bytes // 2) // rb)
-                replies = (
-                    stub.Search(req, timeout=timeout)
-                    if calls is None
-                    else calls.start(lambda: stub.Search(req, timeout=timeout))
-                )
-                for msg in replies:
-                    for head, data in rawwire.parse_rows(msg, top_field=None):
-                        out.add(head, data)
-                method = "Search"
+                return out
+            replies = (
+                stub.Search(req, timeout=timeout)
+                if calls is None
+                else calls.start(lambda: stub.Search(req, timeout=timeout))
+            )
+            for msg in replies:
+                for head, data in rawwire.parse_rows(msg, top_field=None):
+                    out.add(head, data)
+            return out
+
+        try:
+            result = self._reconnecting(session_id, rows).result()
         except grpc.RpcError as err:
             raise_for_rpc_error(err)
-        result = out.result()
+        method = "Retrieve" if unary else "Search"
         self._count(GRPC, method, "received", result.records.nbytes)
         return result
 
@@ -405,7 +430,10 @@ class RetMemClient:
             reply_region=lease.region(0, nbytes),
         )
         try:
-            reply = _unary(self._stub(session_id).Retrieve, req, self._timeout(deadline), calls)
+            reply = self._reconnecting(
+                session_id,
+                lambda: _unary(self._stub(session_id).Retrieve, req, self._timeout(deadline), calls),
+            )
             out = _Rows(spec, q, k)
             for msg in reply.rows:
                 out.add_shared(msg, lease)
@@ -463,10 +491,14 @@ class RetMemClient:
         self, session_id: str, deadline: Deadline | None = None
     ) -> tuple[SessionSpec, dict[str, Any]]:
         try:
-            parts = self._stub(session_id).ExportSession(
-                pb.ExportSessionRequest(session_id=session_id), timeout=self._timeout(deadline)
+            _, spec, state = self._reconnecting(
+                session_id,
+                lambda: wire.parts_to_state(
+                    self._stub(session_id).ExportSession(
+                        pb.ExportSessionRequest(session_id=session_id), timeout=self._timeout(deadline)
+                    )
+                ),
             )
-            _, spec, state = wire.parts_to_state(parts)
         except grpc.RpcError as err:
             raise_for_rpc_error(err)
         return spec, state
@@ -475,8 +507,11 @@ class RetMemClient:
         self, session_id: str, spec: SessionSpec, state: dict[str, Any], deadline: Deadline | None = None
     ) -> int:
         try:
-            resp = self._stub(session_id).ImportSession(
-                wire.state_to_parts(session_id, spec, state), timeout=self._timeout(deadline)
+            resp = self._reconnecting(
+                session_id,
+                lambda: self._stub(session_id).ImportSession(
+                    wire.state_to_parts(session_id, spec, state), timeout=self._timeout(deadline)
+                ),
             )
         except grpc.RpcError as err:
             raise_for_rpc_error(err)

@@ -357,3 +357,31 @@ def test_a_retired_range_survives_a_restart(tmp_path: Path) -> None:
     assert again.bank.get("a").ids().tolist() == [0, 1, 2]
     assert again.append("a", *chunks(rng, spec, 12, 1)) == 1
     again.close()
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_a_restarted_server_is_reached_at_once_not_after_the_channels_reconnect_backoff(
+    tmp_path: Path, transport: str
+) -> None:
+    """The server comes back in another process while this client's channel to it is in reconnect
+    backoff (it failed to connect a few times): the first calls after it is serving succeed, reading and
+    appending, instead of failing fast until the backoff runs out."""
+    spec, data = tiny_spec(), tmp_path / "data"
+    first = ServerProcess(data)
+    first.wait_serving()
+    client = RetMemClient({"shard0": first.target}, timeout_s=20, shared_memory=transport == "shm")
+    client.create_session("s", spec)
+    client.append("s", *deterministic_chunk(spec, 0))
+    first.kill(signal.SIGKILL)
+    for _ in range(6):  # each failed connect lengthens the channel's backoff (to about 1 s)
+        with pytest.raises(MemLongError, match="failed to connect"):
+            client.info("s")
+    again = ServerProcess(data, "shard0", "grouped", "--port", str(first.port))
+    try:
+        again.wait_serving()
+        assert client.info("s").num_chunks == 1
+        client.append("s", *deterministic_chunk(spec, 1))
+        found = client.search("s", np.asarray(deterministic_chunk(spec, 1)[1], np.float32), 1)
+        assert found.ids.tolist() == [[1]]
+    finally:
+        again.kill(signal.SIGTERM)

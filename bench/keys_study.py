@@ -52,7 +52,7 @@ def _rank(scores: np.ndarray, target: int) -> int:
     return int((scores >= scores[target]).sum())
 
 
-def analyze(dump: Path) -> None:
+def analyze(dump: Path, out: Path = OUT) -> None:
     """Needle-chunk ranks under query variants, from the per-token keys and queries of --dump."""
     layer_sets = {
         "12": (12,),
@@ -86,15 +86,63 @@ def analyze(dump: Path) -> None:
         row = _summary(f"layers {name}, last {m or 'all'} query tokens, less {center} x mean", np.array(r))
         table.append({**row, "ranks": " ".join(map(str, r))})
     cols = ["reading", "top1", "top8", "median_rank", "mean_rank", "ranks"]
-    OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / "query_variants.json", {"trials": len(files), "dump": str(dump), "rows": table})
-    (OUT / "query_variants.md").write_text(
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "query_variants.json", {"trials": len(files), "dump": str(dump), "rows": table})
+    (out / "query_variants.md").write_text(
         f"Needle-chunk rank under query variants, from the {len(files)} trials of keys_study.md "
         "(chunks: mean pre-RoPE keys per KV head, the sinks left out; query: mean of the last m rotated "
         "query tokens, less a fraction of the mean over the chunk before the boundary).\n\n"
         + markdown_table(table, cols)
     )
     print(markdown_table(table[:15], cols))
+
+
+def pooling(dump: Path, out: Path = OUT, layers: tuple[int, ...] = (12, 13), center: float = 0.5) -> None:
+    """Needle-chunk rank when a chunk is represented by more than its mean key, from a --dump: the
+    query is the served one (the question's last token at `layers`, less `center` x its chunk's mean);
+    a chunk scores by its mean key (served), by its best token (max-sim: what several vectors per
+    chunk in the index would give, with every token kept), by the mean of its best m tokens, or by its
+    best of r representative tokens picked without the query (largest distance from the chunk's mean)."""
+    ranks: dict[str, list[int]] = {}
+    files = sorted(dump.glob("trial*.npz"))
+    for f in files:
+        z = np.load(f)
+        keys = torch.from_numpy(z["keys"][:, list(layers)].astype(np.float32))  # (n, l, Hkv, c, D)
+        n, nl, hkv, c, d = keys.shape
+        q_all = torch.from_numpy(z["queries"].astype(np.float32)).view(c, -1, hkv, d)[:, list(layers)]
+        q = q_all[-1] - center * q_all.mean(0)  # (l, Hkv, D)
+        valid = torch.arange(c)[None] < torch.from_numpy(z["lengths"])[:, None]  # (n, c)
+        valid[0, :4] = False  # the stream's sinks
+        per_tok = torch.einsum("nlhcd,lhd->nc", keys, q)  # (n, c): the summed logit per token
+        masked = per_tok.masked_fill(~valid, -torch.inf)
+        target = int(z["target"])
+        mean_k = (keys * valid[:, None, None, :, None]).sum(3) / valid.sum(1)[:, None, None, None]
+        variants = {
+            "mean key (served)": torch.einsum("nlhd,lhd->n", mean_k, q),
+            "best token (max-sim)": masked.max(1).values,
+        }
+        for m in (4, 16):
+            variants[f"mean of best {m} tokens"] = masked.topk(m, 1).values.mean(1)
+        spread = ((keys - mean_k[:, :, :, None]) ** 2).sum((1, 2, 4)).masked_fill(~valid, -1)  # (n, c)
+        for r in (2, 4, 8, 16):
+            reps = spread.topk(r, 1).indices  # (n, r): the chunk's most distinctive tokens
+            variants[f"best of {r} representative tokens"] = masked.gather(1, reps).max(1).values
+        for name, scores in variants.items():
+            ranks.setdefault(name, []).append(_rank(scores.numpy(), target))
+    table = [
+        {**_summary(name, np.array(r)), "ranks": " ".join(map(str, r))}
+        for name, r in sorted(ranks.items(), key=lambda kv: np.mean(kv[1]))
+    ]
+    cols = ["reading", "top1", "top8", "median_rank", "mean_rank", "ranks"]
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"pooling_{dump.name}"
+    write_json(out / f"{stem}.json", {"trials": len(files), "dump": str(dump), "rows": table})
+    (out / f"{stem}.md").write_text(
+        f"Needle-chunk rank by how a chunk is represented, from the {len(files)} trials dumped in "
+        f"{dump} (keys at layers {list(layers)}; query: the question's last token, less {center} x "
+        "the mean query of its chunk).\n\n" + markdown_table(table, cols)
+    )
+    print(markdown_table(table, cols))
 
 
 def main() -> None:
@@ -106,9 +154,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dump", default="", help="save each trial's per-token keys and question queries here")
     ap.add_argument("--analyze", default="", help="rank query variants from a --dump directory, then exit")
+    ap.add_argument("--out", default=str(OUT), help="folder the tables are written to")
+    ap.add_argument(
+        "--pooling", default="", help="rank chunk representations from a --dump directory, then exit"
+    )
     args = ap.parse_args()
+    out = Path(args.out)
     if args.analyze:
-        analyze(Path(args.analyze))
+        analyze(Path(args.analyze), out)
+        return
+    if args.pooling:
+        pooling(Path(args.pooling), out)
         return
     torch.set_num_threads(args.threads)
 
@@ -185,7 +241,7 @@ def main() -> None:
         r = np.array([row["rank"] for row in rows if row["set"] == name])
         table.append(_summary(f"layers {name}", r))
     table.append(_summary("text (MiniLM)", np.array(text_ranks)))
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "length": args.length,
         "trials": args.trials,
@@ -195,9 +251,9 @@ def main() -> None:
         "machine": machine_info(),
         "seconds": round(time.time() - t0, 1),
     }
-    write_json(OUT / "keys_study.json", {"meta": meta, "rows": table})
+    write_json(out / "keys_study.json", {"meta": meta, "rows": table})
     cols = ["reading", "top1", "top8", "median_rank", "mean_rank"]
-    (OUT / "keys_study.md").write_text(
+    (out / "keys_study.md").write_text(
         f"Needle-chunk rank among {n_chunks} stored chunks, {args.trials} passkey trials at "
         f"{args.length} tokens ({args.book}); {cfg.describe()}.\n\n" + markdown_table(table, cols)
     )

@@ -102,6 +102,7 @@ def cmd_eval_icl(args: argparse.Namespace) -> int:
         local_demos=args.local_demos,
         memory_demos=args.memory_demos,
         test_examples=args.test_examples,
+        methods=tuple(m for m in args.methods.split(",") if m),
     )
     stack, out, meta = _eval_stack(args)
     run_icl(stack, settings, on_task=lambda rows: write_icl(out, settings, rows, meta))
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     icl.add_argument("--local-demos", type=int, default=4)
     icl.add_argument("--memory-demos", type=int, default=200)
     icl.add_argument("--test-examples", type=int, default=60)
+    icl.add_argument(
+        "--methods", default="none,memory", help="none (no memory), memory; one alone to compare readings"
+    )
     icl.add_argument("--out", default="bench/results")
     add_model_args(icl)
     icl.set_defaults(func=cmd_eval_icl)

@@ -69,6 +69,7 @@ class ICLSettings:
     test_examples: int = 60
     test_pool: int = 500
     split_seed: int = 1234
+    methods: tuple[str, ...] = ("none", "memory")  # "none" reads no memory; drop it to compare readings
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -122,13 +123,15 @@ def run_icl(
     """One record per (task, method, seed) with its accuracy, plus a mean/spread record per (task, method)."""
     records: list[dict] = []
     data_dir = Path(settings.data_dir)
+    if not settings.methods or not set(settings.methods) <= {"none", "memory"}:
+        raise InvalidArgument("methods", f"none and/or memory, not {list(settings.methods)}")
     for task in settings.tasks:
         if task not in TASKS:
             raise InvalidArgument("tasks", f"unknown task {task!r}; known: {sorted(TASKS)}")
         words, field = TASKS[task]
         pool, test = load_task(data_dir, task, settings)
         label_ids = _label_tokens(stack, words)
-        per_method = {m: {k: [] for k in SCORINGS} for m in ("none", "memory")}
+        per_method = {m: {k: [] for k in SCORINGS} for m in settings.methods}
         for seed in settings.seeds:
             rng = random.Random(f"{task}:{seed}")
             demos = rng.sample(pool, settings.local_demos + settings.memory_demos)
@@ -137,7 +140,7 @@ def run_icl(
             base = stack.reader(with_memory=True)
             base.ingest(stack.encode("".join(_demo(s, words[y], field) for s, y in in_memory)))
             base.flush()  # memory holds the demonstrations; the local window starts empty
-            methods = ("none", "memory")
+            methods = settings.methods
             logps: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
             retrievals = dict.fromkeys(methods, 0)
 

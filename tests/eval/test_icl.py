@@ -3,10 +3,12 @@ the demonstrations and is retrieved from."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
 
+from memlong.errors import InvalidArgument
 from memlong.eval.common import Stack
 from memlong.eval.icl import ICLSettings, load_task, run_icl, write_icl
 from tests.factories import RecordingRetriever, TinyTokenizer, tiny_memlong
@@ -70,6 +72,28 @@ def test_both_methods_score_the_same_prompts_and_memory_is_read(tmp_path):
         "| task | method | local_demos | memory_demos | test_examples | raw | cf | batch | chance |"
         in (tmp_path / "icl.md").read_text()
     )
+
+
+def test_one_method_alone_scores_as_it_does_beside_the_other_and_unknown_ones_are_refused(tmp_path):
+    _write_task(tmp_path, "mr", 60)
+    stack = Stack(tiny_memlong(chunk=4, window=8, top_k=2), WordTokenizer(), RecordingRetriever(), "tiny")
+    both = ICLSettings(
+        data_dir=str(tmp_path),
+        tasks=("mr",),
+        seeds=(0,),
+        local_demos=1,
+        memory_demos=6,
+        test_examples=5,
+        test_pool=10,
+    )
+    memory_only = dataclasses.replace(both, methods=("memory",))
+    per_seed = [r for r in run_icl(stack, both) if r["method"] == "memory" and r["seed"] == 0]
+    alone = [r for r in run_icl(stack, memory_only) if r["seed"] == 0]
+    assert [r["method"] for r in alone] == ["memory"]
+    assert alone[0]["accuracy_raw"] == per_seed[0]["accuracy_raw"]
+    assert alone[0]["predicted_raw"] == per_seed[0]["predicted_raw"]
+    with pytest.raises(InvalidArgument, match="methods"):
+        run_icl(stack, dataclasses.replace(both, methods=("memroy",)))
 
 
 def test_a_missing_task_folder_is_a_clear_error(tmp_path):

@@ -31,7 +31,7 @@ from memlong.errors import (
     Unavailable,
     shown,
 )
-from memlong.rpc.channel import ChannelOptions, Deadline, get_channel
+from memlong.rpc.channel import ChannelOptions, Deadline, get_channel, reconnecting
 from memlong.rpc.status import raise_for_rpc_error
 from memlong.services.common.server import ServerOptions, Service, ServiceProcess, closed_on_termination
 from memlong.services.retmem.client import RetMemClient
@@ -357,10 +357,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             req = dpb.ScoreRequest(
                 session=ref, text=request.text, memory_mode=mode, return_logprobs=request.return_logprobs
             )
-            future = self._decoder(decoder).Score.future(req, timeout=self._timeout(call.deadline))
-            _cancel_with(context, future)
+
+            def score() -> dpb.ScoreResponse:
+                future = self._decoder(decoder).Score.future(req, timeout=self._timeout(call.deadline))
+                _cancel_with(context, future)
+                return future.result()
+
             try:
-                r = future.result()
+                r = reconnecting(self.config.decoders[decoder], score)
             except grpc.RpcError as err:
                 raise_for_rpc_error(err)
             except grpc.FutureCancelledError:  # the caller went away: nobody reads this answer
@@ -385,10 +389,17 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             req = dpb.GenerateRequest(
                 session=ref, prompt=request.prompt, sampling=request.sampling, memory_mode=mode
             )
-            try:
+
+            def start() -> tuple[Iterator, list]:
+                """The stream and its first token ([] if none): a decoder that cannot be reached fails
+                before any token, so the call can be made again on a fresh channel."""
                 stream = self._decoder(decoder).Generate(req, timeout=self._timeout(call.deadline))
                 _cancel_with(context, stream)
-                for t in stream:
+                return stream, list(itertools.islice(stream, 1))
+
+            try:
+                stream, first = reconnecting(self.config.decoders[decoder], start)
+                for t in itertools.chain(first, stream):
                     yield pb.GenerateResponse(token=t)
             except grpc.RpcError as err:
                 raise_for_rpc_error(err)

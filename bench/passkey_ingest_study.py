@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from passkey_read_study import READINGS, _answer
+from passkey_read_study import READINGS, _answer, reading
 from passkey_study import study_setup
 
 from memlong.data import PASSKEY_QUESTION
@@ -72,7 +72,7 @@ def main() -> None:
                         reader.ingest(part, more=True)
                 reader.cancel_prefetch()  # the fork reads the boundary itself
                 trial = reader.fork(_Recording(_copy_memory(reader.memory)), writable=True)
-                with stack.model.configured(**READINGS[args.reading]):  # answered as the read study does
+                with stack.model.configured(**reading(args.reading)):  # answered as the read study does
                     row["ingests"][name] = _answer(
                         stack, trial, seq[split:], key, settings.digits, depth // c
                     )

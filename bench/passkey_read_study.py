@@ -30,6 +30,9 @@ from memlong.eval.common import Stack, machine_info, markdown_table, write_json
 from memlong.eval.passkey import PasskeySettings, _copy_memory, _is_correct, _Recording, passkey_layout
 
 OUT = Path(__file__).parent / "results"
+# How a prompt reads, spelt out, so that a reading's name keeps its meaning when a default changes: the
+# readings below are changes from this (the defaults before session 12's), "served" is the defaults.
+PROMPT_BASE = {"prompt_query_tokens": 0, "prompt_top_k": 0, "prompt_window": False, "prompt_insert": False}
 # name -> settings while reading the last window and the question (ingest used the defaults)
 READINGS: dict[str, dict] = {
     "served": {},
@@ -63,6 +66,11 @@ READINGS: dict[str, dict] = {
     "side q32 p1": {"reader": "side", "prompt_query_tokens": 32, "prompt_top_k": 1},
     "window ins": {"prompt_window": True, "prompt_insert": True},
 }
+
+
+def reading(name: str) -> dict:
+    """The settings of reading `name`: the served defaults for "served", else PROMPT_BASE changed."""
+    return {} if name == "served" else {**PROMPT_BASE, **READINGS[name]}
 
 
 def _answer(stack: Stack, trial, tail: list[int], key: str, digits: int, needle: int) -> dict:
@@ -115,7 +123,7 @@ def study(
         tail = seq[split:]
         row = {"trial": i, "depth": depth, "key": key, "readings": {}}
         for name in readings:
-            with stack.model.configured(**READINGS[name]):
+            with stack.model.configured(**reading(name)):
                 row["readings"][name] = _answer(stack, trial, tail, key, settings.digits, depth // c)
         no_memory = trial.fork(None)
         row["readings"]["sliding"] = _answer(stack, no_memory, tail, key, settings.digits, depth // c)

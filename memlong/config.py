@@ -74,9 +74,12 @@ class MemLongConfig:
     # A given prompt's chunks within the last `local_window` tokens of its end (the window its
     # continuation reads) read memory retrieved with the prompt's query too, not with the chunk before
     # each of them: the text just before the question then sees what the question is about. False: only
-    # the prompt's last partial chunk reads it. With the served ingest, passkey at 16k answers the same
-    # either way (bench/results/passkey_read_study); with the rest of the defaults: True.
-    prompt_window: bool = True
+    # the prompt's last partial chunk reads it. Passkey answers the same either way (16k under the old
+    # ingest, bench/results/passkey_read_study; 64k with the rest of the defaults, `q32 p1` against
+    # `window q32 p1` in bench/results/noingest_study), but when the window holds the prompt's own
+    # demonstrations, reading a retrieved chunk through them costs ICL 13 points (SST-2/MR,
+    # bench/results/icl_readings): False.
+    prompt_window: bool = False
     # A given prompt's retrieved chunks read as text inserted right before where the prompt starts
     # reading them (model.Memory.anchor): each query sees them at their distance from there, in their
     # own order, and the local text before them moved back by their length. False: at `mem_position`.

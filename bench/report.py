@@ -68,13 +68,14 @@ def passkey_section() -> str:
         "needle's chunk among the retrieved.\n\n"
     )
     served = (_load("noingest_study/passkey_read_study.json") or {}).get("rows", [])
-    served = [r for r in served if r["reading"] in ("window q32 p1", "sliding")]
+    served = [r for r in served if r["reading"] in ("q32 p1", "window q32 p1", "sliding")]
     now = (
         "### Served defaults\n\nThe same trials, ingested without reading memory; the question's last 32 "
-        "tokens retrieve the best chunk, which the whole last window and the question read "
-        '(`python bench/passkey_read_study.py --no-ingest-memory --readings "window q32 p1"`, '
-        "`noingest_study/`). `needle_retrieved`: trials whose question retrieved the needle's chunk; the key's "
-        "log-probability given the prompt, teacher forced.\n\n"
+        "tokens retrieve the best chunk, which the question reads (`q32 p1`, served) or the whole last window "
+        "and the question read (`window q32 p1`, served until the window was found to cost ICL and to change "
+        'no passkey answer) (`python bench/passkey_read_study.py --no-ingest-memory --readings "q32 p1,window '
+        "q32 p1\"`, `noingest_study/`). `needle_retrieved`: trials whose question retrieved the needle's chunk; "
+        "the key's log-probability given the prompt, teacher forced.\n\n"
         + markdown_table(
             served, ["context_tokens", "reading", "trials", "correct", "needle_retrieved", "mean_key_logp"]
         )

@@ -64,8 +64,8 @@ class MemLongConfig:
     # (0: its last chunk). Shorter spans keep the question and leave out the text before it, which at
     # long lengths matches other chunks better than the one sought (bench/results/passkey_query_study),
     # With the served ingest, at 64k the last 32 tokens' other chunks steered the answer away from the key
-    # (bench/results/passkey_read_study); with an ingest that reads no memory, the last 32 tokens reading
-    # the best chunk in the whole last window answer it (bench/results/noingest_study): 32.
+    # (bench/results/passkey_read_study); with an ingest that reads no memory, the question reading the
+    # best chunk the last 32 tokens find answers it (bench/results/noingest_study): 32.
     prompt_query_tokens: int = 32
     # Chunks read for a given prompt's retrieval (0: `top_k`). Passkey at 16k answers the same with 1, 2,
     # 4 or 8 once the needle's chunk is among them (bench/results/passkey_read_study); 1 with the rest of

@@ -39,18 +39,24 @@ def test_the_test_split_is_fixed_and_disjoint_from_the_demonstrations(tmp_path):
     assert not {s for s, _ in test} & {s for s, _ in pool}
 
 
-def test_both_methods_score_the_same_prompts_and_memory_is_read(tmp_path):
+def _tiny_run(tmp_path, seeds: tuple[int, ...]) -> tuple[Stack, ICLSettings]:
+    """A tiny model and an MR-like task written under tmp_path: 1 local and 6 memory demonstrations."""
     _write_task(tmp_path, "mr", 60)
     stack = Stack(tiny_memlong(chunk=4, window=8, top_k=2), WordTokenizer(), RecordingRetriever(), "tiny")
     settings = ICLSettings(
         data_dir=str(tmp_path),
         tasks=("mr",),
-        seeds=(0, 1),
+        seeds=seeds,
         local_demos=1,
         memory_demos=6,
         test_examples=5,
         test_pool=10,
     )
+    return stack, settings
+
+
+def test_both_methods_score_the_same_prompts_and_memory_is_read(tmp_path):
+    stack, settings = _tiny_run(tmp_path, (0, 1))
     rows = run_icl(stack, settings)
     per_seed = [r for r in rows if r["seed"] != "mean"]
     assert {(r["method"], r["seed"]) for r in per_seed} == {
@@ -75,17 +81,7 @@ def test_both_methods_score_the_same_prompts_and_memory_is_read(tmp_path):
 
 
 def test_one_method_alone_scores_as_it_does_beside_the_other_and_unknown_ones_are_refused(tmp_path):
-    _write_task(tmp_path, "mr", 60)
-    stack = Stack(tiny_memlong(chunk=4, window=8, top_k=2), WordTokenizer(), RecordingRetriever(), "tiny")
-    both = ICLSettings(
-        data_dir=str(tmp_path),
-        tasks=("mr",),
-        seeds=(0,),
-        local_demos=1,
-        memory_demos=6,
-        test_examples=5,
-        test_pool=10,
-    )
+    stack, both = _tiny_run(tmp_path, (0,))
     memory_only = dataclasses.replace(both, methods=("memory",))
     per_seed = [r for r in run_icl(stack, both) if r["method"] == "memory" and r["seed"] == 0]
     alone = [r for r in run_icl(stack, memory_only) if r["seed"] == 0]
